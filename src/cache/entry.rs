@@ -1,0 +1,84 @@
+//! What is stored beside each body: the response head and facts about the entry, kept as
+//! the JSON metadata of the cacache index line, and its in-memory form.
+
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde::{Deserialize, Serialize};
+use ssri::Integrity;
+use std::path::PathBuf;
+
+/// Version of the metadata layout; entries of another version are ignored at load.
+pub const META_VERSION: u32 = 1;
+
+/// A header value as stored: text when it is UTF-8, raw bytes otherwise.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StoredValue {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+/// The JSON metadata of an index line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntryMeta {
+    pub v: u32,
+    pub lote_id: String,
+    pub status: u16,
+    pub headers: Vec<(String, StoredValue)>,
+    /// Milliseconds the origin took to produce the whole body.
+    pub gen_ms: u64,
+}
+
+impl EntryMeta {
+    pub fn new(lote_id: &str, status: StatusCode, headers: &HeaderMap, gen_ms: u64) -> Self {
+        let headers = headers
+            .iter()
+            .map(|(n, v)| {
+                let value = match std::str::from_utf8(v.as_bytes()) {
+                    Ok(s) => StoredValue::Text(s.to_string()),
+                    Err(_) => StoredValue::Bytes(v.as_bytes().to_vec()),
+                };
+                (n.as_str().to_string(), value)
+            })
+            .collect();
+        EntryMeta {
+            v: META_VERSION,
+            lote_id: lote_id.to_string(),
+            status: status.as_u16(),
+            headers,
+            gen_ms,
+        }
+    }
+
+    /// The stored head as a header map; None if any stored name or value is no longer valid.
+    pub fn header_map(&self) -> Option<HeaderMap> {
+        let mut map = HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in &self.headers {
+            let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+            let value = match value {
+                StoredValue::Text(s) => HeaderValue::from_str(s).ok()?,
+                StoredValue::Bytes(b) => HeaderValue::from_bytes(b).ok()?,
+            };
+            map.append(name, value);
+        }
+        Some(map)
+    }
+}
+
+/// One stored entry as the proxy serves it.
+#[derive(Debug)]
+pub struct Entry {
+    pub key: String,
+    pub lote_id: String,
+    pub integrity: Integrity,
+    /// The sha256 of the body, as raw bytes.
+    pub sha256: [u8; 32],
+    pub size: u64,
+    pub status: StatusCode,
+    /// End-to-end headers of the origin's response (no hop-by-hop, no Content-Length).
+    pub headers: HeaderMap,
+    /// Unix milliseconds when the entry was committed.
+    pub stored_at_ms: u128,
+    pub gen_ms: u64,
+    /// Where the content file is.
+    pub path: PathBuf,
+}

@@ -1,0 +1,128 @@
+//! What may be stored: the decision taken on the origin's response head, before any byte is
+//! written. A refusal names its reason, which becomes `Cache-Status: …; detail=<reason>`.
+
+use http::{header, HeaderMap, StatusCode};
+
+/// The outcome of looking at an origin response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storability {
+    /// Store it once the body is complete; `Some(n)` is the exact length it must have,
+    /// `None` a chunked body whose end is signalled by the framing.
+    Store { expected_len: Option<u64> },
+    /// Serve it, do not store it.
+    DontStore(String),
+}
+
+/// Decides from the status and the raw headers (before hop-by-hop removal: framing matters).
+pub fn storability(status: StatusCode, headers: &HeaderMap) -> Storability {
+    use Storability::DontStore;
+    if status != StatusCode::OK {
+        return DontStore(format!("origin-status-{}", status.as_u16()));
+    }
+    if headers.contains_key(header::SET_COOKIE) {
+        return DontStore("set-cookie".into());
+    }
+    let cc = header_tokens(headers, header::CACHE_CONTROL);
+    if cc.iter().any(|d| d == "no-store") {
+        return DontStore("origin-no-store".into());
+    }
+    if cc
+        .iter()
+        .any(|d| d == "private" || d.starts_with("private="))
+    {
+        return DontStore("origin-private".into());
+    }
+    if header_tokens(headers, header::VARY)
+        .iter()
+        .any(|v| v == "*" || v == "cookie" || v == "authorization")
+    {
+        return DontStore("vary".into());
+    }
+    if headers.contains_key(header::CONTENT_ENCODING) {
+        // Fills ask for identity; an encoded answer would be served to clients that can't read it.
+        return DontStore("content-encoding".into());
+    }
+    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+        return match len.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+            Some(n) => Storability::Store {
+                expected_len: Some(n),
+            },
+            None => DontStore("bad-length".into()),
+        };
+    }
+    let chunked = header_tokens(headers, header::TRANSFER_ENCODING)
+        .last()
+        .is_some_and(|t| t == "chunked");
+    if chunked {
+        Storability::Store { expected_len: None }
+    } else {
+        // Close-delimited: a cut body cannot be told from a complete one by framing.
+        DontStore("no-length".into())
+    }
+}
+
+/// Lower-cased, trimmed comma-separated tokens of every `name` header (parameters kept).
+fn header_tokens(headers: &HeaderMap, name: header::HeaderName) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn only_complete_framed_200s_are_stored() {
+        assert_eq!(
+            storability(StatusCode::OK, &h(&[("content-length", "10")])),
+            Storability::Store {
+                expected_len: Some(10)
+            }
+        );
+        assert_eq!(
+            storability(StatusCode::OK, &h(&[("transfer-encoding", "chunked")])),
+            Storability::Store { expected_len: None }
+        );
+        assert_eq!(
+            storability(StatusCode::OK, &h(&[])),
+            Storability::DontStore("no-length".into())
+        );
+        assert_eq!(
+            storability(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &h(&[("content-length", "1")])
+            ),
+            Storability::DontStore("origin-status-500".into())
+        );
+    }
+
+    #[test]
+    fn per_user_responses_are_not_stored() {
+        for (k, v, why) in [
+            ("set-cookie", "a=b", "set-cookie"),
+            ("cache-control", "max-age=0, no-store", "origin-no-store"),
+            ("cache-control", "private", "origin-private"),
+            ("vary", "Accept, Cookie", "vary"),
+            ("content-encoding", "gzip", "content-encoding"),
+        ] {
+            let headers = h(&[("content-length", "1"), (k, v)]);
+            assert_eq!(
+                storability(StatusCode::OK, &headers),
+                Storability::DontStore(why.into())
+            );
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! `Cache-Status` values (RFC 9211) for responses of cache routes; cache name `lotecache`.
+
+use http::{HeaderName, HeaderValue};
+
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// `lotecache; hit`
+pub fn hit() -> HeaderValue {
+    HeaderValue::from_static("lotecache; hit")
+}
+
+/// `lotecache; fwd=uri-miss; stored` — the miss is being written to the store.
+pub fn miss_stored() -> HeaderValue {
+    HeaderValue::from_static("lotecache; fwd=uri-miss; stored")
+}
+
+/// `lotecache; fwd=uri-miss; collapsed` — this request joined a fill already under way.
+pub fn collapsed() -> HeaderValue {
+    HeaderValue::from_static("lotecache; fwd=uri-miss; collapsed")
+}
+
+/// `lotecache; fwd=uri-miss; detail=<token>` — forwarded, not stored, for this reason.
+pub fn miss_not_stored(detail: &str) -> HeaderValue {
+    value(&format!("lotecache; fwd=uri-miss; detail={detail}"))
+}
+
+/// `lotecache; detail=<token>` — answered by the proxy itself, not forwarded.
+pub fn rejected(detail: &str) -> HeaderValue {
+    value(&format!("lotecache; detail={detail}"))
+}
+
+fn value(s: &str) -> HeaderValue {
+    // Details are our own tokens (ASCII); fall back rather than panic if one ever is not.
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("lotecache"))
+}

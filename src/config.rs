@@ -1,0 +1,558 @@
+//! Typed configuration: the TOML file format (`RawConfig`), command-line overrides, and
+//! validation into a ready-to-use `Config` with every error reported with its location.
+
+use regex_lite::Regex;
+use serde::Deserialize;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use toml::Spanned;
+
+/// The file format, as written by operators. Strings that need checking are `Spanned`
+/// so that each error can point at its line and column.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub origin: RawOrigin,
+    #[serde(default)]
+    pub cache: RawCache,
+    /// `None` (no `[[rules]]` in the file) means the built-in batch-results rule.
+    pub rules: Option<Vec<RawRule>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Spanned<String>>,
+    pub header_read_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOrigin {
+    pub url: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub response_timeout: Option<Spanned<String>>,
+    pub body_idle_timeout: Option<Spanned<String>>,
+    pub pool_idle_timeout: Option<Spanned<String>>,
+    pub pool_max_idle_per_host: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub dir: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: Spanned<String>,
+    pub path: Spanned<String>,
+    pub id_pattern: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub query: Option<Spanned<String>>,
+}
+
+/// The validated configuration the proxy runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub header_read_timeout: Duration,
+    pub origin: OriginConfig,
+    pub cache_dir: PathBuf,
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    /// `http://host:port`, no path.
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    pub connect_timeout: Duration,
+    /// Time allowed from sending the request to receiving the response head.
+    pub response_timeout: Duration,
+    /// Longest silence allowed between two body frames from the origin.
+    pub body_idle_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+/// How a query string on a cache route is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryPolicy {
+    /// Any query string gets `400` (the default: the legacy route takes none).
+    Reject,
+    /// The raw query string is appended to the cache key and forwarded as is.
+    Key,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuleConfig {
+    pub name: String,
+    /// Path template split at `{lote_id}`.
+    pub path_prefix: String,
+    pub path_suffix: String,
+    /// Anchored id pattern.
+    pub id_pattern: Regex,
+    /// Key template split at `{lote_id}`.
+    pub key_prefix: String,
+    pub key_suffix: String,
+    pub query: QueryPolicy,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ORIGIN: &str = "http://127.0.0.1:5000";
+pub const DEFAULT_CACHE_DIR: &str = "./lotecache-data";
+pub const DEFAULT_RULE_PATH: &str = "/download_batch_results/{lote_id}";
+pub const DEFAULT_ID_PATTERN: &str = "[A-Za-z0-9._-]{1,128}";
+pub const DEFAULT_KEY: &str = "{lote_id}_resultados.json";
+
+/// One problem in a configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `file:line:column`, `--flag`, or `file` when no finer location is known.
+    pub location: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}: {}", self.location, self.field, self.message)
+    }
+}
+
+/// Command-line values that replace the file's.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub origin: Option<String>,
+    pub cache_dir: Option<String>,
+}
+
+/// Reads, parses and validates a config file (or the built-in defaults when `path` is None),
+/// applying `overrides`. Returns every error found.
+pub fn load(
+    path: Option<&std::path::Path>,
+    overrides: &Overrides,
+) -> Result<Config, Vec<ConfigError>> {
+    let (name, text) = match path {
+        None => ("<defaults>".to_string(), String::new()),
+        Some(p) => {
+            let name = p.display().to_string();
+            match std::fs::read_to_string(p) {
+                Ok(t) => (name, t),
+                Err(e) => {
+                    return Err(vec![ConfigError {
+                        location: name,
+                        field: "file".into(),
+                        message: format!("cannot read: {e}"),
+                    }])
+                }
+            }
+        }
+    };
+    parse(&name, &text, overrides)
+}
+
+/// Parses and validates config `text`; `name` is used in error locations.
+pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Vec<ConfigError>> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let location = match e.span() {
+            Some(span) => locate(name, text, span.start),
+            None => name.to_string(),
+        };
+        vec![ConfigError {
+            location,
+            field: "syntax".into(),
+            message: e.message().trim().to_string(),
+        }]
+    })?;
+    Validator {
+        name,
+        text,
+        errors: Vec::new(),
+    }
+    .run(raw, overrides)
+}
+
+/// `name:line:column` for a byte offset into `text` (1-based, columns in characters).
+fn locate(name: &str, text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    format!("{name}:{line}:{col}")
+}
+
+struct Validator<'a> {
+    name: &'a str,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+/// A value to validate, with where it came from.
+struct Located<'v> {
+    value: &'v str,
+    location: String,
+}
+
+impl<'a> Validator<'a> {
+    /// The override if given, else the file's value, else the default.
+    fn pick<'v>(
+        &self,
+        flag: Option<&'v str>,
+        flag_name: &str,
+        file: Option<&'v Spanned<String>>,
+        default: &'v str,
+    ) -> Located<'v> {
+        if let Some(v) = flag {
+            return Located {
+                value: v,
+                location: flag_name.to_string(),
+            };
+        }
+        match file {
+            Some(s) => Located {
+                value: s.get_ref(),
+                location: locate(self.name, self.text, s.span().start),
+            },
+            None => Located {
+                value: default,
+                location: format!("{} (default)", self.name),
+            },
+        }
+    }
+
+    fn err(&mut self, at: &Located<'_>, field: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            location: at.location.clone(),
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(
+        &mut self,
+        field: &str,
+        value: Option<&Spanned<String>>,
+        default: &str,
+    ) -> Duration {
+        let at = self.pick(None, "", value, default);
+        match humantime::parse_duration(at.value) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.err(&at, field, "must be greater than zero");
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                self.err(
+                    &at,
+                    field,
+                    format!("not a duration ({e}); write e.g. \"30s\", \"5m\""),
+                );
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn run(mut self, raw: RawConfig, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
+        let listen_at = self.pick(
+            ov.listen.as_deref(),
+            "--listen",
+            raw.server.listen.as_ref(),
+            DEFAULT_LISTEN,
+        );
+        let listen = match listen_at.value.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.err(
+                    &listen_at,
+                    "server.listen",
+                    format!(
+                        "{:?} is not an address like 127.0.0.1:8080",
+                        listen_at.value
+                    ),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            }
+        };
+        let header_read_timeout = self.duration(
+            "server.header_read_timeout",
+            raw.server.header_read_timeout.as_ref(),
+            "10s",
+        );
+
+        let url_at = self.pick(
+            ov.origin.as_deref(),
+            "--origin",
+            raw.origin.url.as_ref(),
+            DEFAULT_ORIGIN,
+        );
+        let (scheme, authority) = match parse_origin_url(url_at.value) {
+            Ok(v) => v,
+            Err(msg) => {
+                self.err(&url_at, "origin.url", msg);
+                (
+                    http::uri::Scheme::HTTP,
+                    http::uri::Authority::from_static("127.0.0.1:5000"),
+                )
+            }
+        };
+        let origin = OriginConfig {
+            scheme,
+            authority,
+            connect_timeout: self.duration(
+                "origin.connect_timeout",
+                raw.origin.connect_timeout.as_ref(),
+                "5s",
+            ),
+            response_timeout: self.duration(
+                "origin.response_timeout",
+                raw.origin.response_timeout.as_ref(),
+                "120s",
+            ),
+            body_idle_timeout: self.duration(
+                "origin.body_idle_timeout",
+                raw.origin.body_idle_timeout.as_ref(),
+                "30s",
+            ),
+            pool_idle_timeout: self.duration(
+                "origin.pool_idle_timeout",
+                raw.origin.pool_idle_timeout.as_ref(),
+                "90s",
+            ),
+            pool_max_idle_per_host: raw.origin.pool_max_idle_per_host.unwrap_or(64),
+        };
+
+        let dir_at = self.pick(
+            ov.cache_dir.as_deref(),
+            "--cache-dir",
+            raw.cache.dir.as_ref(),
+            DEFAULT_CACHE_DIR,
+        );
+        if dir_at.value.trim().is_empty() {
+            self.err(&dir_at, "cache.dir", "must not be empty");
+        }
+        let cache_dir = PathBuf::from(dir_at.value);
+
+        let rules = match &raw.rules {
+            None => vec![default_rule()],
+            Some(list) => {
+                let mut names = std::collections::HashSet::new();
+                let mut out = Vec::new();
+                for r in list {
+                    if !names.insert(r.name.get_ref().clone()) {
+                        let at = self.pick(None, "", Some(&r.name), "");
+                        self.err(
+                            &at,
+                            "rules.name",
+                            format!("duplicate rule name {:?}", r.name.get_ref()),
+                        );
+                    }
+                    if let Some(rule) = self.rule(r) {
+                        out.push(rule);
+                    }
+                }
+                out
+            }
+        };
+
+        if self.errors.is_empty() {
+            Ok(Config {
+                listen,
+                header_read_timeout,
+                origin,
+                cache_dir,
+                rules,
+            })
+        } else {
+            Err(self.errors)
+        }
+    }
+
+    fn rule(&mut self, r: &RawRule) -> Option<RuleConfig> {
+        let before = self.errors.len();
+        let path_at = self.pick(None, "", Some(&r.path), "");
+        let (path_prefix, path_suffix) = match split_placeholder(path_at.value) {
+            Some((p, s)) if p.starts_with('/') && !s.contains('{') && !p.contains('{') => (p, s),
+            _ => {
+                self.err(
+                    &path_at,
+                    "rules.path",
+                    "must start with '/' and contain {lote_id} exactly once",
+                );
+                (String::new(), String::new())
+            }
+        };
+        let pat_at = self.pick(None, "", r.id_pattern.as_ref(), DEFAULT_ID_PATTERN);
+        let id_pattern = match Regex::new(&format!("^(?:{})$", pat_at.value)) {
+            Ok(re) => Some(re),
+            Err(e) => {
+                self.err(
+                    &pat_at,
+                    "rules.id_pattern",
+                    format!("invalid regular expression: {e}"),
+                );
+                None
+            }
+        };
+        let key_at = self.pick(None, "", r.key.as_ref(), DEFAULT_KEY);
+        let (key_prefix, key_suffix) = match split_placeholder(key_at.value) {
+            Some((p, s)) if !p.contains('{') && !s.contains('{') => (p, s),
+            _ => {
+                self.err(&key_at, "rules.key", "must contain {lote_id} exactly once");
+                (String::new(), String::new())
+            }
+        };
+        let q_at = self.pick(None, "", r.query.as_ref(), "reject");
+        let query = match q_at.value {
+            "reject" => QueryPolicy::Reject,
+            "key" => QueryPolicy::Key,
+            other => {
+                self.err(
+                    &q_at,
+                    "rules.query",
+                    format!("{other:?} is not one of \"reject\", \"key\""),
+                );
+                QueryPolicy::Reject
+            }
+        };
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(RuleConfig {
+            name: r.name.get_ref().clone(),
+            path_prefix,
+            path_suffix,
+            id_pattern: id_pattern?,
+            key_prefix,
+            key_suffix,
+            query,
+        })
+    }
+}
+
+/// The built-in rule: `GET|HEAD /download_batch_results/{lote_id}` → `{lote_id}_resultados.json`.
+pub fn default_rule() -> RuleConfig {
+    let (path_prefix, path_suffix) = split_placeholder(DEFAULT_RULE_PATH).expect("default path");
+    let (key_prefix, key_suffix) = split_placeholder(DEFAULT_KEY).expect("default key");
+    RuleConfig {
+        name: "batch-results".into(),
+        path_prefix,
+        path_suffix,
+        id_pattern: Regex::new(&format!("^(?:{DEFAULT_ID_PATTERN})$")).expect("default pattern"),
+        key_prefix,
+        key_suffix,
+        query: QueryPolicy::Reject,
+    }
+}
+
+/// Splits `a{lote_id}b` into `("a", "b")`; None unless the placeholder appears exactly once.
+fn split_placeholder(s: &str) -> Option<(String, String)> {
+    const P: &str = "{lote_id}";
+    let (a, b) = s.split_once(P)?;
+    if b.contains(P) {
+        return None;
+    }
+    Some((a.to_string(), b.to_string()))
+}
+
+fn parse_origin_url(s: &str) -> Result<(http::uri::Scheme, http::uri::Authority), String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| format!("{s:?} has no scheme; write http://host:port"))?;
+    if scheme != http::uri::Scheme::HTTP {
+        return Err(format!("{s:?}: only http:// origins are supported"));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{s:?} has no host"))?;
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "{s:?}: the origin URL must not have a path or query"
+        ));
+    }
+    Ok((scheme, authority))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_gives_the_documented_defaults() {
+        let c = parse("x", "", &Overrides::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.origin.authority.as_str(), "127.0.0.1:5000");
+        assert_eq!(c.cache_dir, PathBuf::from("./lotecache-data"));
+        assert_eq!(c.rules.len(), 1);
+        assert_eq!(c.rules[0].path_prefix, "/download_batch_results/");
+        assert_eq!(c.rules[0].key_suffix, "_resultados.json");
+    }
+
+    #[test]
+    fn every_semantic_error_is_reported_with_its_line() {
+        let text = "[server]\nlisten = \"nope\"\n[origin]\nurl = \"ftp://x\"\nresponse_timeout = \"soon\"\n\
+                    [[rules]]\nname = \"r\"\npath = \"/x\"\nid_pattern = \"[\"\n";
+        let errs = parse("f.toml", text, &Overrides::default()).unwrap_err();
+        let got: Vec<_> = errs
+            .iter()
+            .map(|e| (e.location.as_str(), e.field.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("f.toml:2:10", "server.listen"),
+                ("f.toml:4:7", "origin.url"),
+                ("f.toml:5:20", "origin.response_timeout"),
+                ("f.toml:8:8", "rules.path"),
+                ("f.toml:9:14", "rules.id_pattern"),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_syntax_errors_with_location() {
+        let errs = parse(
+            "f.toml",
+            "[server]\nlisten_on = \"x\"\n",
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].location, "f.toml:2:1");
+        assert!(
+            errs[0].message.contains("unknown field"),
+            "{}",
+            errs[0].message
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let ov = Overrides {
+            listen: Some("127.0.0.1:9".into()),
+            origin: None,
+            cache_dir: Some("/tmp/c".into()),
+        };
+        let c = parse("f", "[server]\nlisten = \"127.0.0.1:1\"\n", &ov).unwrap();
+        assert_eq!(c.listen.port(), 9);
+        assert_eq!(c.cache_dir, PathBuf::from("/tmp/c"));
+        let ov = Overrides {
+            listen: Some("bad".into()),
+            ..Default::default()
+        };
+        let errs = parse("f", "", &ov).unwrap_err();
+        assert_eq!(errs[0].location, "--listen");
+    }
+}

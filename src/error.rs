@@ -1,0 +1,108 @@
+//! Typed errors of the request path, and the one place where they become HTTP responses.
+
+use crate::body::{full, BoxError, ProxyBody};
+use http::{header, HeaderValue, Response, StatusCode};
+
+/// Why a request could not be answered by the origin or the store.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The batch id in the path does not match the rule's id pattern.
+    #[error("invalid lote_id")]
+    InvalidId { detail: String },
+    /// The request is malformed for a cache route (query string, body on GET, …).
+    #[error("bad request")]
+    BadRequest { detail: String },
+    /// The origin could not be connected to (refused, unresolvable, connect timeout).
+    #[error("origin unreachable")]
+    OriginUnreachable(#[source] BoxError),
+    /// The origin accepted the request but did not send a response head in time.
+    #[error("origin timed out")]
+    OriginTimeout { phase: &'static str },
+    /// The origin connection failed after the request was sent.
+    #[error("origin error")]
+    OriginFailed(#[source] BoxError),
+    /// The fill this request was waiting on ended without a response (aborted task).
+    #[error("fill aborted")]
+    FillAborted,
+}
+
+impl ProxyError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::InvalidId { .. } | ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::OriginUnreachable(_)
+            | ProxyError::OriginFailed(_)
+            | ProxyError::FillAborted => StatusCode::BAD_GATEWAY,
+            ProxyError::OriginTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A short token naming the failure, used in `Cache-Status: …; detail=` and in metrics.
+    pub fn token(&self) -> &'static str {
+        match self {
+            ProxyError::InvalidId { .. } => "invalid-lote-id",
+            ProxyError::BadRequest { .. } => "bad-request",
+            ProxyError::OriginUnreachable(_) => "origin-unreachable",
+            ProxyError::OriginTimeout { .. } => "origin-timeout",
+            ProxyError::OriginFailed(_) => "origin-error",
+            ProxyError::FillAborted => "fill-aborted",
+        }
+    }
+
+    /// Human-readable detail for the JSON body. Never contains raw request bytes unescaped:
+    /// it is serialized by serde_json, which escapes control characters.
+    pub fn detail(&self) -> String {
+        match self {
+            ProxyError::InvalidId { detail } | ProxyError::BadRequest { detail } => detail.clone(),
+            ProxyError::OriginUnreachable(e) | ProxyError::OriginFailed(e) => {
+                error_chain(e.as_ref())
+            }
+            ProxyError::OriginTimeout { phase } => {
+                format!("no {phase} from the origin within the configured timeout")
+            }
+            ProxyError::FillAborted => "the origin fetch for this entry was abandoned".to_string(),
+        }
+    }
+
+    /// Turns the error into its response: status, `{"error","detail"}` JSON body, and a log line.
+    /// `cache_status` is set on responses of cache routes.
+    pub fn to_response(&self, cache_status: Option<HeaderValue>) -> Response<ProxyBody> {
+        let status = self.status();
+        let detail = self.detail();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, %detail, status = status.as_u16(), "request failed");
+        } else {
+            tracing::info!(error = %self, %detail, status = status.as_u16(), "request rejected");
+        }
+        let body = serde_json::json!({ "error": self.to_string(), "detail": detail }).to_string();
+        let mut resp = Response::new(full(body));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(cs) = cache_status {
+            resp.headers_mut()
+                .insert(crate::cache::status::CACHE_STATUS, cs);
+        }
+        resp
+    }
+}
+
+/// `outer: inner: innermost`, so a log line says why without a debug dump.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        source = e.source();
+    }
+    out
+}

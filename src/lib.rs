@@ -1,0 +1,15 @@
+//! lotecache: a caching reverse proxy that serves saved batch results from a verified
+//! on-disk store. See README.md for the request path and the guarantees.
+
+pub mod body;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod origin;
+pub mod proxy;
+pub mod rules;
+pub mod sample_origin;
+pub mod server;
+
+pub use config::Config;
+pub use server::RunningProxy;

@@ -1,0 +1,203 @@
+//! The `lotecache` command: telemetry, configuration, serve until a signal, drain.
+
+use clap::{Parser, Subcommand};
+use lotecache::{config, sample_origin, RunningProxy};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+#[derive(Parser)]
+#[command(
+    name = "lotecache",
+    version,
+    about = "Caching reverse proxy for saved batch results"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// Config file (TOML). Without it, built-in defaults apply.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on, e.g. 127.0.0.1:8080 (overrides the file).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Origin base URL, e.g. http://127.0.0.1:5000 (overrides the file).
+        #[arg(long)]
+        origin: Option<String>,
+        /// Cache directory (overrides the file).
+        #[arg(long)]
+        cache_dir: Option<String>,
+    },
+    /// Validate a config file: prints every error with its location, or "ok".
+    CheckConfig { path: PathBuf },
+    /// Start a sample legacy origin and the proxy in front of it, show a miss then a hit.
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = config::DEFAULT_LISTEN)]
+        listen: String,
+        /// Artificial generation time of the sample origin.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        delay: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve {
+                config,
+                listen,
+                origin,
+                cache_dir,
+            } => {
+                let overrides = config::Overrides {
+                    listen,
+                    origin,
+                    cache_dir,
+                };
+                serve(config, overrides).await
+            }
+            Command::CheckConfig { path } => {
+                match config::load(Some(&path), &config::Overrides::default()) {
+                    Ok(_) => {
+                        println!("ok");
+                        ExitCode::SUCCESS
+                    }
+                    Err(errors) => print_config_errors(&errors),
+                }
+            }
+            Command::Demo { listen, delay } => demo(listen, delay).await,
+        }
+    })
+}
+
+fn print_config_errors(errors: &[config::ConfigError]) -> ExitCode {
+    for e in errors {
+        eprintln!("{e}");
+    }
+    eprintln!("{} error(s)", errors.len());
+    ExitCode::FAILURE
+}
+
+async fn serve(path: Option<PathBuf>, overrides: config::Overrides) -> ExitCode {
+    let config = match config::load(path.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(errors) => return print_config_errors(&errors),
+    };
+    let proxy = match RunningProxy::start(config).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lotecache: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    proxy.shutdown(Duration::from_secs(30)).await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn demo(listen: String, delay: Duration) -> ExitCode {
+    let origin = match sample_origin::start(([127, 0, 0, 1], 0).into(), delay).await {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("lotecache demo: cannot start the sample origin: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cache_dir = std::env::temp_dir().join(format!("lotecache-demo-{}", std::process::id()));
+    let overrides = config::Overrides {
+        listen: Some(listen),
+        origin: Some(format!("http://{}", origin.addr)),
+        cache_dir: Some(cache_dir.display().to_string()),
+    };
+    let config = match config::load(None, &overrides) {
+        Ok(c) => c,
+        Err(errors) => return print_config_errors(&errors),
+    };
+    let proxy = match RunningProxy::start(config).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lotecache demo: {e} (try --listen 127.0.0.1:0)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let url = format!(
+        "http://{}/download_batch_results/LOTE-DEMO-8mb",
+        proxy.local_addr()
+    );
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let mut bodies = Vec::new();
+    for label in ["first request (miss)", "second request (hit)"] {
+        let started = std::time::Instant::now();
+        let fetched = async {
+            let resp = client.get(url.parse()?).await?;
+            let cache_status = resp
+                .headers()
+                .get("cache-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await?
+                .to_bytes();
+            Ok::<_, Box<dyn std::error::Error>>((cache_status, body))
+        }
+        .await;
+        match fetched {
+            Ok((cs, body)) => {
+                println!(
+                    "{label:<22} {:>8.1} ms  {:>9} bytes  Cache-Status: {cs}",
+                    started.elapsed().as_secs_f64() * 1e3,
+                    body.len()
+                );
+                bodies.push(body);
+            }
+            Err(e) => {
+                eprintln!("lotecache demo: {label} failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!(
+        "bodies identical: {}   origin generations: {}",
+        bodies[0] == bodies[1],
+        origin.generations.get("LOTE-DEMO-8mb")
+    );
+    println!(
+        "\nproxy:  http://{}/download_batch_results/<lote_id>   (try {url})",
+        proxy.local_addr()
+    );
+    println!("origin: http://{}/download_batch_results/<lote_id>   (ids ending in -256kb, -16mb… set the size)", origin.addr);
+    println!("cache:  {}\nserving until Ctrl-C", cache_dir.display());
+    wait_for_signal().await;
+    proxy.shutdown(Duration::from_secs(5)).await;
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    ExitCode::SUCCESS
+}

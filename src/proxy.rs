@@ -1,0 +1,92 @@
+//! The proxy service: routes each request to the cache, to the origin untouched, or to a
+//! rejection. It is a `tower::Service`, one clone per connection carrying the peer address.
+
+use crate::body::{BoxError, ProxyBody};
+use crate::cache::{status, Cache};
+use crate::origin::{forward_request_headers, forward_response_headers, IdleTimeoutBody, Origin};
+use crate::rules::{Route, Rules};
+use futures_util::future::BoxFuture;
+use http::{Request, Response, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+/// State shared by every connection.
+pub struct Shared {
+    pub rules: Rules,
+    pub cache: Cache,
+    pub origin: Origin,
+}
+
+/// The per-connection service.
+#[derive(Clone)]
+pub struct ProxyService {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+}
+
+impl ProxyService {
+    pub fn new(shared: Arc<Shared>, peer: SocketAddr) -> Self {
+        ProxyService { shared, peer }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<ProxyBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let (shared, peer) = (self.shared.clone(), self.peer);
+        Box::pin(async move { Ok(shared.handle(req, peer).await) })
+    }
+}
+
+impl Shared {
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        match self.rules.route(&req) {
+            Route::Pass => self.pass_through(req, peer).await,
+            Route::Reject { rule, error } => {
+                tracing::info!(rule = %rule, path = ?req.uri().path(), "cache route request rejected");
+                error.to_response(Some(status::rejected(error.token())))
+            }
+            Route::Cache(target) => self.cache.handle(req, target, peer).await,
+        }
+    }
+
+    /// Forwards a request the cache does not handle: bodies stream both ways.
+    async fn pass_through(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = match self.origin.uri(path) {
+            Ok(u) => u,
+            Err(e) => return e.to_response(None),
+        };
+        parts.version = Version::HTTP_11;
+        forward_request_headers(&mut parts.headers, peer);
+        let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
+        match self.origin.send(Request::from_parts(parts, body)).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                forward_response_headers(&mut parts.headers);
+                let body =
+                    IdleTimeoutBody::new(body, self.origin.body_idle_timeout()).boxed_unsync();
+                Response::from_parts(parts, body)
+            }
+            Err(e) => e.to_response(None),
+        }
+    }
+}

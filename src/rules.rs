@@ -1,0 +1,216 @@
+//! Route rules: decide, for each request, whether it is served through the cache (and under
+//! which key), passed through untouched, or rejected.
+//!
+//! Matching runs on the path percent-decoded exactly once. A path that starts with a rule's
+//! prefix is that rule's: its id must then match the rule's pattern or the request gets `400`
+//! — it is never passed through or stored under another key. The upstream request of a cache
+//! route is rebuilt from the parsed id, never forwarded raw.
+
+use crate::config::{QueryPolicy, RuleConfig};
+use crate::error::ProxyError;
+use http::{Method, Request};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+/// What to do with one request.
+#[derive(Debug)]
+pub enum Route {
+    /// Serve through the cache.
+    Cache(CacheTarget),
+    /// Forward to the origin as is.
+    Pass,
+    /// Refuse with this error; nothing is forwarded.
+    Reject { rule: String, error: ProxyError },
+}
+
+/// A cache-route request, resolved.
+#[derive(Debug, Clone)]
+pub struct CacheTarget {
+    pub rule: String,
+    pub lote_id: String,
+    /// The store key, e.g. `L-1_resultados.json`.
+    pub key: String,
+    /// Path and query of the rebuilt upstream request.
+    pub upstream_path: String,
+}
+
+/// Bytes kept as they are when the id is put back into an upstream path.
+const ID_KEEP: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The ordered rule list.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    rules: Vec<RuleConfig>,
+}
+
+impl Rules {
+    pub fn new(rules: Vec<RuleConfig>) -> Self {
+        Rules { rules }
+    }
+
+    /// Decides the route of `req`. Only `GET` and `HEAD` are cached; other methods pass.
+    pub fn route<B>(&self, req: &Request<B>) -> Route {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return Route::Pass;
+        }
+        let decoded: Vec<u8> = percent_decode_str(req.uri().path()).collect();
+        for rule in &self.rules {
+            let Some(raw_id) = decoded
+                .strip_prefix(rule.path_prefix.as_bytes())
+                .and_then(|rest| rest.strip_suffix(rule.path_suffix.as_bytes()))
+            else {
+                continue;
+            };
+            let reject = |detail: String| Route::Reject {
+                rule: rule.name.clone(),
+                error: ProxyError::InvalidId { detail },
+            };
+            let Ok(id) = std::str::from_utf8(raw_id) else {
+                return reject("lote_id is not valid UTF-8".into());
+            };
+            if id == "." || id == ".." || !rule.id_pattern.is_match(id) {
+                return reject(format!("lote_id {id:?} does not match the allowed pattern"));
+            }
+            if has_body(req) {
+                return Route::Reject {
+                    rule: rule.name.clone(),
+                    error: ProxyError::BadRequest {
+                        detail: "a GET on a cache route must not carry a body".into(),
+                    },
+                };
+            }
+            let base_path = format!(
+                "{}{}{}",
+                rule.path_prefix,
+                utf8_percent_encode(id, ID_KEEP),
+                rule.path_suffix
+            );
+            let key = format!("{}{}{}", rule.key_prefix, id, rule.key_suffix);
+            let (key, upstream_path) = match (req.uri().query(), rule.query) {
+                (None, _) => (key, base_path),
+                (Some(q), QueryPolicy::Key) => (format!("{key}?{q}"), format!("{base_path}?{q}")),
+                (Some(_), QueryPolicy::Reject) => {
+                    return Route::Reject {
+                        rule: rule.name.clone(),
+                        error: ProxyError::BadRequest {
+                            detail: "query strings are not accepted on this route".into(),
+                        },
+                    }
+                }
+            };
+            return Route::Cache(CacheTarget {
+                rule: rule.name.clone(),
+                lote_id: id.to_string(),
+                key,
+                upstream_path,
+            });
+        }
+        Route::Pass
+    }
+}
+
+fn has_body<B>(req: &Request<B>) -> bool {
+    let h = req.headers();
+    h.contains_key(http::header::TRANSFER_ENCODING)
+        || h.get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{default_rule, QueryPolicy};
+
+    fn route(uri: &str) -> Route {
+        Rules::new(vec![default_rule()]).route(&Request::get(uri).body(()).unwrap())
+    }
+
+    #[test]
+    fn batch_path_maps_to_the_owners_file_name() {
+        match route("/download_batch_results/LOTE-2025_07.16") {
+            Route::Cache(t) => {
+                assert_eq!(t.key, "LOTE-2025_07.16_resultados.json");
+                assert_eq!(t.lote_id, "LOTE-2025_07.16");
+                assert_eq!(t.upstream_path, "/download_batch_results/LOTE-2025_07.16");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn percent_encoded_id_is_decoded_once() {
+        match route("/download_batch_results/L%2D1") {
+            Route::Cache(t) => assert_eq!(t.key, "L-1_resultados.json"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ids_outside_the_pattern_are_rejected_not_passed() {
+        for bad in [
+            "/download_batch_results/",
+            "/download_batch_results/.",
+            "/download_batch_results/..",
+            "/download_batch_results/%2e%2e",
+            "/download_batch_results/A/..%2fB",
+            "/download_batch_results/A%2F..%2FB",
+            "/download_batch_results/A;jsessionid=1",
+            "/download_batch_results/A%00",
+            "/download_batch_results/A/",
+            "/download_batch_results/%FF",
+        ] {
+            assert!(
+                matches!(route(bad), Route::Reject { .. }),
+                "{bad} was not rejected"
+            );
+        }
+        let long = format!("/download_batch_results/{}", "a".repeat(129));
+        assert!(matches!(route(&long), Route::Reject { .. }));
+    }
+
+    #[test]
+    fn other_paths_and_methods_pass_through() {
+        assert!(matches!(route("/monitoreo"), Route::Pass));
+        assert!(matches!(route("//download_batch_results/A"), Route::Pass));
+        let post = Request::post("/download_batch_results/A").body(()).unwrap();
+        assert!(matches!(
+            Rules::new(vec![default_rule()]).route(&post),
+            Route::Pass
+        ));
+    }
+
+    #[test]
+    fn query_is_rejected_by_default_and_keyed_when_configured() {
+        assert!(matches!(
+            route("/download_batch_results/A?x=1"),
+            Route::Reject { .. }
+        ));
+        let mut rule = default_rule();
+        rule.query = QueryPolicy::Key;
+        let req = Request::get("/download_batch_results/A?x=1")
+            .body(())
+            .unwrap();
+        match Rules::new(vec![rule]).route(&req) {
+            Route::Cache(t) => {
+                assert_eq!(t.key, "A_resultados.json?x=1");
+                assert_eq!(t.upstream_path, "/download_batch_results/A?x=1");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn get_with_a_body_on_a_cache_route_is_rejected() {
+        let req = Request::get("/download_batch_results/A")
+            .header("content-length", "3")
+            .body(())
+            .unwrap();
+        assert!(matches!(
+            Rules::new(vec![default_rule()]).route(&req),
+            Route::Reject { .. }
+        ));
+    }
+}
