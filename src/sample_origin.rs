@@ -176,41 +176,43 @@ pub fn batch_document(id: &str, target: usize) -> String {
         seed
     };
     let day = 1 + next() % 28;
-    let mut files = Vec::new();
-    let mut size = 400;
-    let mut pages_total = 0;
-    while size < target || files.is_empty() {
-        let n = files.len() + 1;
+    // Items are serialized straight into the output so the size is measured, not guessed.
+    let mut items: Vec<u8> = Vec::with_capacity(target + 4096);
+    let (mut count, mut pages_total) = (0u64, 0u64);
+    while items.len() + 200 < target || count == 0 {
+        count += 1;
         let pages = 1 + next() % 12;
         pages_total += pages;
         let words = 20 + (next() % 300) as usize;
         let text: Vec<&str> = (0..words)
             .map(|_| WORDS[(next() % WORDS.len() as u64) as usize])
             .collect();
-        let text = text.join(" ");
-        size += text.len() + 260;
-        files.push(json!({
+        if count > 1 {
+            items.push(b',');
+        }
+        let item = json!({
             "lote_id": id,
-            "nombre_archivo": format!("documento_{n:05}.pdf"),
+            "nombre_archivo": format!("documento_{count:05}.pdf"),
             "paginas": pages,
-            "texto_extraido": text,
+            "texto_extraido": text.join(" "),
             "confianza": 0.80 + (next() % 2000) as f64 / 10_000.0,
             "idioma": "es",
             "tiempo_procesamiento_ms": 100 + next() % 5000,
-        }));
+        });
+        serde_json::to_writer(&mut items, &item).expect("serializing to memory");
     }
-    json!({
-        "metadata": {
-            "lote_id": id,
-            "fecha_creacion": format!("2025-07-{day:02}T09:00:00Z"),
-            "fecha_procesamiento": format!("2025-07-{day:02}T09:42:17Z"),
-            "total_archivos": files.len(),
-            "total_paginas": pages_total,
-            "estado": "completado",
-        },
-        "archivos_procesados": files,
-    })
-    .to_string()
+    let metadata = json!({
+        "lote_id": id,
+        "fecha_creacion": format!("2025-07-{day:02}T09:00:00Z"),
+        "fecha_procesamiento": format!("2025-07-{day:02}T09:42:17Z"),
+        "total_archivos": count,
+        "total_paginas": pages_total,
+        "estado": "completado",
+    });
+    let mut out = format!("{{\"metadata\":{metadata},\"archivos_procesados\":[");
+    out.push_str(std::str::from_utf8(&items).expect("serde_json writes UTF-8"));
+    out.push_str("]}");
+    out
 }
 
 #[cfg(test)]

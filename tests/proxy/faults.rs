@@ -1,0 +1,254 @@
+//! Origin and store faults: nothing partial or corrupt is served as a complete response or
+//! stored.
+
+use crate::support::{batch, get, origin::*, start_proxy};
+use http::StatusCode;
+use std::time::Duration;
+
+#[tokio::test]
+async fn origin_500_and_404_are_passed_through_and_not_stored() {
+    let origin = TestOrigin::start().await;
+    origin.set("E-500", Behavior::Status(500));
+    origin.set("E-404", Behavior::Status(404));
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    for (id, code) in [("E-500", 500), ("E-404", 404)] {
+        for _ in 0..2 {
+            let got = get(proxy.local_addr(), &batch(id)).await;
+            assert_eq!(got.status.as_u16(), code);
+            assert_eq!(
+                got.cache_status(),
+                format!("lotecache; fwd=uri-miss; detail=origin-status-{code}")
+            );
+            assert_eq!(
+                got.bytes().as_ref(),
+                format!("{{\"error\":\"status {code}\"}}").as_bytes()
+            );
+        }
+        assert_eq!(origin.generations(id), 2);
+    }
+    assert!(proxy.store().is_empty());
+}
+
+#[tokio::test]
+async fn a_body_cut_short_of_its_content_length_is_an_error_and_is_not_stored() {
+    let origin = TestOrigin::start().await;
+    origin.set("E-cut", Behavior::CutShort { send: 1000 });
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    let got = get(proxy.local_addr(), &batch("E-cut")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(got.body.is_err(), "a cut body must not end cleanly");
+    assert!(proxy.store().is_empty());
+    origin.set(
+        "E-cut",
+        Behavior::Ok {
+            delay: Duration::ZERO,
+            pieces: 1,
+            gap: Duration::ZERO,
+        },
+    );
+    let again = get(proxy.local_addr(), &batch("E-cut")).await;
+    assert_eq!(again.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(again.bytes(), &document("E-cut"));
+    assert_eq!(origin.generations("E-cut"), 2);
+}
+
+#[tokio::test]
+async fn chunked_without_the_last_chunk_is_an_error_and_is_not_stored() {
+    let origin = TestOrigin::start().await;
+    origin.set("E-chunk", Behavior::ChunkedNoEnd);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    let got = get(proxy.local_addr(), &batch("E-chunk")).await;
+    assert!(
+        got.body.is_err(),
+        "an unterminated chunked body must not end cleanly"
+    );
+    assert!(proxy.store().is_empty());
+}
+
+#[tokio::test]
+async fn a_close_delimited_body_is_served_but_not_stored() {
+    let origin = TestOrigin::start().await;
+    origin.set("E-close", Behavior::CloseDelimited { send: None });
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    let got = get(proxy.local_addr(), &batch("E-close")).await;
+    assert_eq!(
+        got.cache_status(),
+        "lotecache; fwd=uri-miss; detail=no-length"
+    );
+    assert_eq!(got.bytes(), &document("E-close"));
+    let again = get(proxy.local_addr(), &batch("E-close")).await;
+    assert_eq!(
+        again.cache_status(),
+        "lotecache; fwd=uri-miss; detail=no-length"
+    );
+    assert_eq!(origin.generations("E-close"), 2);
+    assert!(proxy.store().is_empty());
+}
+
+#[tokio::test]
+async fn a_stall_mid_body_past_the_idle_timeout_is_an_error_and_is_not_stored() {
+    let origin = TestOrigin::start().await;
+    origin.set(
+        "E-stall",
+        Behavior::StallMidBody {
+            stall: Duration::from_secs(3),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    let got = get(proxy.local_addr(), &batch("E-stall")).await;
+    assert!(got.body.is_err());
+    assert!(proxy.store().is_empty());
+}
+
+#[tokio::test]
+async fn a_response_with_set_cookie_is_served_but_not_stored() {
+    let origin = TestOrigin::start().await;
+    origin.set(
+        "E-cookie",
+        Behavior::WithHeaders(vec![("set-cookie".into(), "session=abc".into())]),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    let got = get(proxy.local_addr(), &batch("E-cookie")).await;
+    assert_eq!(
+        got.cache_status(),
+        "lotecache; fwd=uri-miss; detail=set-cookie"
+    );
+    assert_eq!(got.bytes(), &document("E-cookie"));
+    assert!(proxy.store().is_empty());
+}
+
+#[tokio::test]
+async fn origin_down_gives_502_with_a_json_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port that was just free: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = start_proxy(closed, dir.path(), "").await;
+    for path in [batch("D-1"), "/monitoreo".to_string()] {
+        let got = get(proxy.local_addr(), &path).await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{path}");
+        assert_eq!(got.headers["content-type"], "application/json");
+        let body = got.json();
+        assert_eq!(body["error"], "origin unreachable");
+        assert!(
+            body["detail"].as_str().unwrap().contains("onnect"),
+            "{body}"
+        );
+    }
+    let cached = get(proxy.local_addr(), &batch("D-1")).await;
+    assert_eq!(
+        cached.cache_status(),
+        "lotecache; fwd=uri-miss; detail=origin-unreachable"
+    );
+    assert!(proxy.store().is_empty());
+}
+
+#[tokio::test]
+async fn origin_silent_before_the_head_gives_504_with_a_json_error() {
+    let origin = TestOrigin::start().await;
+    origin.set("E-hang", Behavior::Hang);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    let got = get(proxy.local_addr(), &batch("E-hang")).await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(got.json()["error"], "origin timed out");
+    assert_eq!(
+        got.cache_status(),
+        "lotecache; fwd=uri-miss; detail=origin-timeout"
+    );
+    assert!(proxy.store().is_empty());
+}
+
+/// Flips one byte in the middle of the stored content file of `key`.
+fn flip_a_byte(proxy: &lotecache::RunningProxy, key: &str) {
+    let entry = proxy.store().get(key).expect("stored");
+    let mut bytes = std::fs::read(&entry.path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&entry.path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_a_small_stored_entry_is_never_served_and_is_refetched_at_once() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    get(proxy.local_addr(), &batch("C-small")).await;
+    flip_a_byte(&proxy, "C-small_resultados.json");
+
+    let got = get(proxy.local_addr(), &batch("C-small")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(
+        got.bytes(),
+        &document("C-small"),
+        "the corrupt copy was served"
+    );
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(origin.generations("C-small"), 2);
+    let hit = get(proxy.local_addr(), &batch("C-small")).await;
+    assert_eq!(hit.cache_status(), "lotecache; hit");
+    assert_eq!(hit.bytes(), &document("C-small"));
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_a_large_stored_entry_aborts_the_response_and_the_next_request_refetches()
+{
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    get(proxy.local_addr(), &batch("C-large-3mb")).await;
+    flip_a_byte(&proxy, "C-large-3mb_resultados.json");
+
+    let got = get(proxy.local_addr(), &batch("C-large-3mb")).await;
+    assert_eq!(got.cache_status(), "lotecache; hit");
+    assert!(
+        got.body.is_err(),
+        "a corrupt entry must not end as a complete 200"
+    );
+
+    let next = get(proxy.local_addr(), &batch("C-large-3mb")).await;
+    assert_eq!(next.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(next.bytes(), &document("C-large-3mb"));
+    assert_eq!(origin.generations("C-large-3mb"), 2);
+}
+
+#[tokio::test]
+async fn deleted_or_truncated_content_is_refetched_not_served() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    get(proxy.local_addr(), &batch("C-del")).await;
+    get(proxy.local_addr(), &batch("C-trunc-2mb")).await;
+    std::fs::remove_file(&proxy.store().get("C-del_resultados.json").unwrap().path).unwrap();
+    let trunc = proxy
+        .store()
+        .get("C-trunc-2mb_resultados.json")
+        .unwrap()
+        .path
+        .clone();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&trunc)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+
+    for id in ["C-del", "C-trunc-2mb"] {
+        let got = get(proxy.local_addr(), &batch(id)).await;
+        assert_eq!(got.bytes(), &document(id));
+        assert_eq!(
+            got.cache_status(),
+            "lotecache; fwd=uri-miss; stored",
+            "{id}"
+        );
+        assert_eq!(origin.generations(id), 2);
+    }
+}

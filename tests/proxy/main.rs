@@ -1,0 +1,10 @@
+//! Integration tests: real servers on 127.0.0.1 ephemeral ports, one module per behaviour
+//! family, one binary (one link) for all of them.
+
+mod support;
+
+mod cli;
+mod faults;
+mod miss_hit;
+mod passthrough;
+mod routing;

@@ -1,0 +1,87 @@
+//! Test servers on 127.0.0.1 ephemeral ports: a raw-TCP origin that counts generations and
+//! misbehaves on demand, the proxy itself started in-process, and a small HTTP client.
+#![allow(dead_code)]
+
+pub mod origin;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use lotecache::{config, RunningProxy};
+use std::{net::SocketAddr, path::Path};
+
+/// Starts the proxy in front of `origin` with the cache in `dir`, short timeouts, and any
+/// extra TOML appended to its config.
+pub async fn start_proxy(origin: SocketAddr, dir: &Path, extra_toml: &str) -> RunningProxy {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\
+         [origin]\nurl = \"http://{origin}\"\nresponse_timeout = \"2s\"\nbody_idle_timeout = \"1s\"\nconnect_timeout = \"1s\"\n\
+         [cache]\ndir = \"{}\"\n{extra_toml}",
+        dir.display()
+    );
+    let config = config::parse("test", &text, &config::Overrides::default()).expect("test config");
+    RunningProxy::start(config).await.expect("proxy starts")
+}
+
+/// A response as the client saw it; `body` is `Err` when the body did not end cleanly.
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Result<Bytes, String>,
+}
+
+impl Got {
+    pub fn cache_status(&self) -> &str {
+        self.headers
+            .get("cache-status")
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+    pub fn bytes(&self) -> &Bytes {
+        self.body.as_ref().expect("body ended cleanly")
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.bytes()).expect("JSON body")
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
+}
+
+/// Sends `req` and reads the whole body.
+pub async fn send(req: Request<Full<Bytes>>) -> Got {
+    let resp = client().request(req).await.expect("response head");
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| format!("{e:?}"));
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(proxy: SocketAddr, path: &str) -> Got {
+    send(request(Method::GET, proxy, path)).await
+}
+
+pub fn request(method: Method, proxy: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(format!("http://{proxy}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// The path of batch `id`'s results.
+pub fn batch(id: &str) -> String {
+    format!("/download_batch_results/{id}")
+}

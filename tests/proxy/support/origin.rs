@@ -1,0 +1,305 @@
+//! A test origin speaking raw HTTP/1.1 over TCP, so that it can break framing exactly as a
+//! faulty backend would. `/download_batch_results/<id>` serves `document(id)` according to
+//! the behaviour set for that id and counts a generation; every other path echoes the
+//! request back as JSON.
+
+use bytes::Bytes;
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+};
+
+/// How the origin answers a batch.
+#[derive(Clone, Debug)]
+pub enum Behavior {
+    /// 200 with Content-Length, after `delay`, body sent in `pieces` writes `gap` apart.
+    Ok {
+        delay: Duration,
+        pieces: usize,
+        gap: Duration,
+    },
+    /// 200, chunked, complete.
+    Chunked,
+    /// 200, chunked, connection closed before the last chunk.
+    ChunkedNoEnd,
+    /// 200 with the full Content-Length, but only `send` bytes, then close.
+    CutShort { send: usize },
+    /// 200 without Content-Length or chunking, ended by closing the connection after `send`
+    /// bytes (None: the whole body).
+    CloseDelimited { send: Option<usize> },
+    /// This status with a small body.
+    Status(u16),
+    /// Accepts the request and never answers.
+    Hang,
+    /// Sends half of the body, then stalls for `stall` before the rest.
+    StallMidBody { stall: Duration },
+    /// 200 with these extra header lines.
+    WithHeaders(Vec<(String, String)>),
+}
+
+/// A request as the origin received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Default)]
+struct State {
+    behaviors: HashMap<String, Behavior>,
+    generations: HashMap<String, u64>,
+    seen: Vec<Seen>,
+}
+
+#[derive(Clone)]
+pub struct TestOrigin {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+/// The body served for batch `id`: a results document of about `size_of(id)` bytes.
+pub fn document(id: &str) -> Bytes {
+    Bytes::from(lotecache::sample_origin::batch_document(
+        id,
+        lotecache::sample_origin::target_size(id),
+    ))
+}
+
+impl TestOrigin {
+    pub async fn start() -> TestOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = TestOrigin {
+            addr: listener.local_addr().unwrap(),
+            state: Arc::default(),
+        };
+        let o = origin.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let o = o.clone();
+                tokio::spawn(async move { o.serve(stream).await });
+            }
+        });
+        origin
+    }
+
+    pub fn set(&self, id: &str, behavior: Behavior) {
+        self.state
+            .lock()
+            .unwrap()
+            .behaviors
+            .insert(id.to_string(), behavior);
+    }
+
+    /// How many times batch `id` was requested (generated).
+    pub fn generations(&self, id: &str) -> u64 {
+        self.state
+            .lock()
+            .unwrap()
+            .generations
+            .get(id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every request received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+
+    async fn serve(&self, stream: TcpStream) {
+        let mut reader = BufReader::new(stream);
+        loop {
+            let Some(req) = read_request(&mut reader).await else {
+                return;
+            };
+            self.state.lock().unwrap().seen.push(req.clone());
+            let keep = match req.target.strip_prefix("/download_batch_results/") {
+                Some(id) => {
+                    let id = id.split('?').next().unwrap().to_string();
+                    let behavior = {
+                        let mut st = self.state.lock().unwrap();
+                        *st.generations.entry(id.clone()).or_default() += 1;
+                        st.behaviors.get(&id).cloned()
+                    };
+                    let behavior = behavior.unwrap_or(Behavior::Ok {
+                        delay: Duration::ZERO,
+                        pieces: 1,
+                        gap: Duration::ZERO,
+                    });
+                    respond_batch(reader.get_mut(), &id, behavior, req.method == "HEAD").await
+                }
+                None => echo(reader.get_mut(), &req).await,
+            };
+            if !keep {
+                return;
+            }
+        }
+    }
+}
+
+async fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Seen> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).await.ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.trim_end().splitn(3, ' ');
+    let (method, target) = (parts.next()?.to_string(), parts.next()?.to_string());
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).await.ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if let Some(len) = header("content-length") {
+        body.resize(len.parse().ok()?, 0);
+        reader.read_exact(&mut body).await.ok()?;
+    } else if header("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).await.ok()?;
+            let n = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+            let mut chunk = vec![0; n + 2];
+            reader.read_exact(&mut chunk).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    Some(Seen {
+        method,
+        target,
+        headers,
+        body,
+    })
+}
+
+fn head(status: u16, extra: &str) -> String {
+    format!("HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{extra}\r\n")
+}
+
+/// Writes the answer for a batch; returns whether the connection may be reused.
+async fn respond_batch(s: &mut TcpStream, id: &str, behavior: Behavior, head_only: bool) -> bool {
+    let doc = document(id);
+    let disposition = format!("content-disposition: attachment; filename={id}_resultados.json\r\n");
+    let with_len = |extra: &str| {
+        head(
+            200,
+            &format!("{disposition}content-length: {}\r\n{extra}", doc.len()),
+        )
+    };
+    match behavior {
+        Behavior::Ok { delay, pieces, gap } => {
+            tokio::time::sleep(delay).await;
+            if s.write_all(with_len("").as_bytes()).await.is_err() {
+                return false;
+            }
+            if head_only {
+                return true;
+            }
+            let piece = doc.len().div_ceil(pieces.max(1));
+            for (i, chunk) in doc.chunks(piece).enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                if s.write_all(chunk).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+        Behavior::Chunked | Behavior::ChunkedNoEnd => {
+            let mut out =
+                head(200, &format!("{disposition}transfer-encoding: chunked\r\n")).into_bytes();
+            for chunk in doc.chunks(1000) {
+                out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                out.extend_from_slice(chunk);
+                out.extend_from_slice(b"\r\n");
+            }
+            let complete = matches!(behavior, Behavior::Chunked);
+            if complete {
+                out.extend_from_slice(b"0\r\n\r\n");
+            }
+            let _ = s.write_all(&out).await;
+            complete
+        }
+        Behavior::CutShort { send } => {
+            let _ = s.write_all(with_len("").as_bytes()).await;
+            let _ = s.write_all(&doc[..send.min(doc.len())]).await;
+            false
+        }
+        Behavior::CloseDelimited { send } => {
+            let _ = s
+                .write_all(head(200, &format!("{disposition}connection: close\r\n")).as_bytes())
+                .await;
+            let _ = s
+                .write_all(&doc[..send.unwrap_or(doc.len()).min(doc.len())])
+                .await;
+            false
+        }
+        Behavior::Status(code) => {
+            let body = format!("{{\"error\":\"status {code}\"}}");
+            let _ = s
+                .write_all(head(code, &format!("content-length: {}\r\n", body.len())).as_bytes())
+                .await;
+            let _ = s.write_all(body.as_bytes()).await;
+            true
+        }
+        Behavior::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            false
+        }
+        Behavior::StallMidBody { stall } => {
+            let _ = s.write_all(with_len("").as_bytes()).await;
+            let _ = s.write_all(&doc[..doc.len() / 2]).await;
+            tokio::time::sleep(stall).await;
+            let _ = s.write_all(&doc[doc.len() / 2..]).await;
+            true
+        }
+        Behavior::WithHeaders(extra) => {
+            let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+            let _ = s.write_all(with_len(&extra).as_bytes()).await;
+            let _ = s.write_all(&doc).await;
+            true
+        }
+    }
+}
+
+/// Answers any other request with a JSON description of what was received.
+async fn echo(s: &mut TcpStream, req: &Seen) -> bool {
+    let body = serde_json::json!({
+        "method": req.method,
+        "target": req.target,
+        "headers": req.headers,
+        "body": String::from_utf8_lossy(&req.body),
+    })
+    .to_string();
+    let out = format!(
+        "{}{body}",
+        head(
+            200,
+            &format!("x-origin: echo\r\ncontent-length: {}\r\n", body.len())
+        )
+    );
+    s.write_all(out.as_bytes()).await.is_ok()
+}
