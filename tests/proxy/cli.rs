@@ -60,25 +60,27 @@ impl Drop for Serve {
 }
 
 async fn serve(port: u16, origin: std::net::SocketAddr, dir: &std::path::Path) -> Serve {
-    let child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--origin",
-            &format!("http://{origin}"),
-        ])
-        .args(["--cache-dir", dir.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let server = Serve(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--origin",
+                &format!("http://{origin}"),
+            ])
+            .args(["--cache-dir", dir.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
         {
-            return Serve(child);
+            return server;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
