@@ -43,6 +43,9 @@ pub struct RawOrigin {
 #[serde(deny_unknown_fields)]
 pub struct RawCache {
     pub dir: Option<Spanned<String>>,
+    pub replay_buffer: Option<Spanned<String>>,
+    pub wait_timeout: Option<Spanned<String>>,
+    pub fill_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,7 +65,31 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub origin: OriginConfig,
     pub cache_dir: PathBuf,
+    pub fill: FillConfig,
     pub rules: Vec<RuleConfig>,
+}
+
+/// Limits of fills (single-flight fetches).
+#[derive(Debug, Clone)]
+pub struct FillConfig {
+    /// Bytes of a fill kept in memory for replay to joiners; past it, consumed chunks are
+    /// dropped, new requests wait for the commit, and a subscriber lagging by more is cut.
+    pub replay_buffer: u64,
+    /// Longest a request waits for a fill's response head (or, past the replay buffer, for
+    /// its commit) before it gets `504`.
+    pub wait_timeout: Duration,
+    /// Longest a fill may run in all; a fill older than this is abandoned and replaced.
+    pub fill_timeout: Duration,
+}
+
+impl Default for FillConfig {
+    fn default() -> Self {
+        FillConfig {
+            replay_buffer: 32 * 1024 * 1024,
+            wait_timeout: Duration::from_secs(130),
+            fill_timeout: Duration::from_secs(900),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -134,10 +161,7 @@ pub struct Overrides {
 
 /// Reads, parses and validates a config file (or the built-in defaults when `path` is None),
 /// applying `overrides`. Returns every error found.
-pub fn load(
-    path: Option<&std::path::Path>,
-    overrides: &Overrides,
-) -> Result<Config, Vec<ConfigError>> {
+pub fn load(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, Vec<ConfigError>> {
     let (name, text) = match path {
         None => ("<defaults>".to_string(), String::new()),
         Some(p) => {
@@ -164,30 +188,16 @@ pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Ve
             Some(span) => locate(name, text, span.start),
             None => name.to_string(),
         };
-        vec![ConfigError {
-            location,
-            field: "syntax".into(),
-            message: e.message().trim().to_string(),
-        }]
+        vec![ConfigError { location, field: "syntax".into(), message: e.message().trim().to_string() }]
     })?;
-    Validator {
-        name,
-        text,
-        errors: Vec::new(),
-    }
-    .run(raw, overrides)
+    Validator { name, text, errors: Vec::new() }.run(raw, overrides)
 }
 
 /// `name:line:column` for a byte offset into `text` (1-based, columns in characters).
 fn locate(name: &str, text: &str, offset: usize) -> String {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before
-        .rsplit('\n')
-        .next()
-        .map(|l| l.chars().count())
-        .unwrap_or(0)
-        + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
     format!("{name}:{line}:{col}")
 }
 
@@ -213,20 +223,11 @@ impl<'a> Validator<'a> {
         default: &'v str,
     ) -> Located<'v> {
         if let Some(v) = flag {
-            return Located {
-                value: v,
-                location: flag_name.to_string(),
-            };
+            return Located { value: v, location: flag_name.to_string() };
         }
         match file {
-            Some(s) => Located {
-                value: s.get_ref(),
-                location: locate(self.name, self.text, s.span().start),
-            },
-            None => Located {
-                value: default,
-                location: format!("{} (default)", self.name),
-            },
+            Some(s) => Located { value: s.get_ref(), location: locate(self.name, self.text, s.span().start) },
+            None => Located { value: default, location: format!("{} (default)", self.name) },
         }
     }
 
@@ -238,12 +239,7 @@ impl<'a> Validator<'a> {
         });
     }
 
-    fn duration(
-        &mut self,
-        field: &str,
-        value: Option<&Spanned<String>>,
-        default: &str,
-    ) -> Duration {
+    fn duration(&mut self, field: &str, value: Option<&Spanned<String>>, default: &str) -> Duration {
         let at = self.pick(None, "", value, default);
         match humantime::parse_duration(at.value) {
             Ok(d) if !d.is_zero() => d,
@@ -252,95 +248,71 @@ impl<'a> Validator<'a> {
                 Duration::from_secs(1)
             }
             Err(e) => {
-                self.err(
-                    &at,
-                    field,
-                    format!("not a duration ({e}); write e.g. \"30s\", \"5m\""),
-                );
+                self.err(&at, field, format!("not a duration ({e}); write e.g. \"30s\", \"5m\""));
                 Duration::from_secs(1)
             }
         }
     }
 
+    fn size(&mut self, field: &str, value: Option<&Spanned<String>>, default: &str) -> u64 {
+        let at = self.pick(None, "", value, default);
+        match at.value.parse::<bytesize::ByteSize>() {
+            Ok(b) if b.as_u64() > 0 => b.as_u64(),
+            Ok(_) => {
+                self.err(&at, field, "must be greater than zero");
+                1
+            }
+            Err(e) => {
+                self.err(&at, field, format!("not a size ({e}); write e.g. \"32MiB\", \"1GB\""));
+                1
+            }
+        }
+    }
+
     fn run(mut self, raw: RawConfig, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
-        let listen_at = self.pick(
-            ov.listen.as_deref(),
-            "--listen",
-            raw.server.listen.as_ref(),
-            DEFAULT_LISTEN,
-        );
+        let listen_at = self.pick(ov.listen.as_deref(), "--listen", raw.server.listen.as_ref(), DEFAULT_LISTEN);
         let listen = match listen_at.value.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
                 self.err(
                     &listen_at,
                     "server.listen",
-                    format!(
-                        "{:?} is not an address like 127.0.0.1:8080",
-                        listen_at.value
-                    ),
+                    format!("{:?} is not an address like 127.0.0.1:8080", listen_at.value),
                 );
                 SocketAddr::from(([127, 0, 0, 1], 8080))
             }
         };
-        let header_read_timeout = self.duration(
-            "server.header_read_timeout",
-            raw.server.header_read_timeout.as_ref(),
-            "10s",
-        );
+        let header_read_timeout =
+            self.duration("server.header_read_timeout", raw.server.header_read_timeout.as_ref(), "10s");
 
-        let url_at = self.pick(
-            ov.origin.as_deref(),
-            "--origin",
-            raw.origin.url.as_ref(),
-            DEFAULT_ORIGIN,
-        );
+        let url_at = self.pick(ov.origin.as_deref(), "--origin", raw.origin.url.as_ref(), DEFAULT_ORIGIN);
         let (scheme, authority) = match parse_origin_url(url_at.value) {
             Ok(v) => v,
             Err(msg) => {
                 self.err(&url_at, "origin.url", msg);
-                (
-                    http::uri::Scheme::HTTP,
-                    http::uri::Authority::from_static("127.0.0.1:5000"),
-                )
+                (http::uri::Scheme::HTTP, http::uri::Authority::from_static("127.0.0.1:5000"))
             }
         };
         let origin = OriginConfig {
             scheme,
             authority,
-            connect_timeout: self.duration(
-                "origin.connect_timeout",
-                raw.origin.connect_timeout.as_ref(),
-                "5s",
-            ),
-            response_timeout: self.duration(
-                "origin.response_timeout",
-                raw.origin.response_timeout.as_ref(),
-                "120s",
-            ),
-            body_idle_timeout: self.duration(
-                "origin.body_idle_timeout",
-                raw.origin.body_idle_timeout.as_ref(),
-                "30s",
-            ),
-            pool_idle_timeout: self.duration(
-                "origin.pool_idle_timeout",
-                raw.origin.pool_idle_timeout.as_ref(),
-                "90s",
-            ),
+            connect_timeout: self.duration("origin.connect_timeout", raw.origin.connect_timeout.as_ref(), "5s"),
+            response_timeout: self.duration("origin.response_timeout", raw.origin.response_timeout.as_ref(), "120s"),
+            body_idle_timeout: self.duration("origin.body_idle_timeout", raw.origin.body_idle_timeout.as_ref(), "30s"),
+            pool_idle_timeout: self.duration("origin.pool_idle_timeout", raw.origin.pool_idle_timeout.as_ref(), "90s"),
             pool_max_idle_per_host: raw.origin.pool_max_idle_per_host.unwrap_or(64),
         };
 
-        let dir_at = self.pick(
-            ov.cache_dir.as_deref(),
-            "--cache-dir",
-            raw.cache.dir.as_ref(),
-            DEFAULT_CACHE_DIR,
-        );
+        let dir_at = self.pick(ov.cache_dir.as_deref(), "--cache-dir", raw.cache.dir.as_ref(), DEFAULT_CACHE_DIR);
         if dir_at.value.trim().is_empty() {
             self.err(&dir_at, "cache.dir", "must not be empty");
         }
         let cache_dir = PathBuf::from(dir_at.value);
+        let fill = FillConfig {
+            replay_buffer: self.size("cache.replay_buffer", raw.cache.replay_buffer.as_ref(), "32MiB"),
+            wait_timeout: self.duration("cache.wait_timeout", raw.cache.wait_timeout.as_ref(), "130s"),
+            fill_timeout: self.duration("cache.fill_timeout", raw.cache.fill_timeout.as_ref(), "15m"),
+        };
 
         let rules = match &raw.rules {
             None => vec![default_rule()],
@@ -350,11 +322,7 @@ impl<'a> Validator<'a> {
                 for r in list {
                     if !names.insert(r.name.get_ref().clone()) {
                         let at = self.pick(None, "", Some(&r.name), "");
-                        self.err(
-                            &at,
-                            "rules.name",
-                            format!("duplicate rule name {:?}", r.name.get_ref()),
-                        );
+                        self.err(&at, "rules.name", format!("duplicate rule name {:?}", r.name.get_ref()));
                     }
                     if let Some(rule) = self.rule(r) {
                         out.push(rule);
@@ -365,13 +333,7 @@ impl<'a> Validator<'a> {
         };
 
         if self.errors.is_empty() {
-            Ok(Config {
-                listen,
-                header_read_timeout,
-                origin,
-                cache_dir,
-                rules,
-            })
+            Ok(Config { listen, header_read_timeout, origin, cache_dir, fill, rules })
         } else {
             Err(self.errors)
         }
@@ -383,11 +345,7 @@ impl<'a> Validator<'a> {
         let (path_prefix, path_suffix) = match split_placeholder(path_at.value) {
             Some((p, s)) if p.starts_with('/') && !s.contains('{') && !p.contains('{') => (p, s),
             _ => {
-                self.err(
-                    &path_at,
-                    "rules.path",
-                    "must start with '/' and contain {lote_id} exactly once",
-                );
+                self.err(&path_at, "rules.path", "must start with '/' and contain {lote_id} exactly once");
                 (String::new(), String::new())
             }
         };
@@ -395,11 +353,7 @@ impl<'a> Validator<'a> {
         let id_pattern = match Regex::new(&format!("^(?:{})$", pat_at.value)) {
             Ok(re) => Some(re),
             Err(e) => {
-                self.err(
-                    &pat_at,
-                    "rules.id_pattern",
-                    format!("invalid regular expression: {e}"),
-                );
+                self.err(&pat_at, "rules.id_pattern", format!("invalid regular expression: {e}"));
                 None
             }
         };
@@ -416,11 +370,7 @@ impl<'a> Validator<'a> {
             "reject" => QueryPolicy::Reject,
             "key" => QueryPolicy::Key,
             other => {
-                self.err(
-                    &q_at,
-                    "rules.query",
-                    format!("{other:?} is not one of \"reject\", \"key\""),
-                );
+                self.err(&q_at, "rules.query", format!("{other:?} is not one of \"reject\", \"key\""));
                 QueryPolicy::Reject
             }
         };
@@ -466,21 +416,13 @@ fn split_placeholder(s: &str) -> Option<(String, String)> {
 
 fn parse_origin_url(s: &str) -> Result<(http::uri::Scheme, http::uri::Authority), String> {
     let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
-    let scheme = uri
-        .scheme()
-        .cloned()
-        .ok_or_else(|| format!("{s:?} has no scheme; write http://host:port"))?;
+    let scheme = uri.scheme().cloned().ok_or_else(|| format!("{s:?} has no scheme; write http://host:port"))?;
     if scheme != http::uri::Scheme::HTTP {
         return Err(format!("{s:?}: only http:// origins are supported"));
     }
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or_else(|| format!("{s:?} has no host"))?;
+    let authority = uri.authority().cloned().ok_or_else(|| format!("{s:?} has no host"))?;
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!(
-            "{s:?}: the origin URL must not have a path or query"
-        ));
+        return Err(format!("{s:?}: the origin URL must not have a path or query"));
     }
     Ok((scheme, authority))
 }
@@ -496,6 +438,8 @@ mod tests {
         assert_eq!(c.origin.authority.as_str(), "127.0.0.1:5000");
         assert_eq!(c.cache_dir, PathBuf::from("./lotecache-data"));
         assert_eq!(c.rules.len(), 1);
+        assert_eq!(c.fill.replay_buffer, 32 * 1024 * 1024);
+        assert_eq!(c.fill.fill_timeout, Duration::from_secs(900));
         assert_eq!(c.rules[0].path_prefix, "/download_batch_results/");
         assert_eq!(c.rules[0].key_suffix, "_resultados.json");
     }
@@ -505,10 +449,7 @@ mod tests {
         let text = "[server]\nlisten = \"nope\"\n[origin]\nurl = \"ftp://x\"\nresponse_timeout = \"soon\"\n\
                     [[rules]]\nname = \"r\"\npath = \"/x\"\nid_pattern = \"[\"\n";
         let errs = parse("f.toml", text, &Overrides::default()).unwrap_err();
-        let got: Vec<_> = errs
-            .iter()
-            .map(|e| (e.location.as_str(), e.field.as_str()))
-            .collect();
+        let got: Vec<_> = errs.iter().map(|e| (e.location.as_str(), e.field.as_str())).collect();
         assert_eq!(
             got,
             vec![
@@ -523,35 +464,19 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_syntax_errors_with_location() {
-        let errs = parse(
-            "f.toml",
-            "[server]\nlisten_on = \"x\"\n",
-            &Overrides::default(),
-        )
-        .unwrap_err();
+        let errs = parse("f.toml", "[server]\nlisten_on = \"x\"\n", &Overrides::default()).unwrap_err();
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].location, "f.toml:2:1");
-        assert!(
-            errs[0].message.contains("unknown field"),
-            "{}",
-            errs[0].message
-        );
+        assert!(errs[0].message.contains("unknown field"), "{}", errs[0].message);
     }
 
     #[test]
     fn flags_override_the_file() {
-        let ov = Overrides {
-            listen: Some("127.0.0.1:9".into()),
-            origin: None,
-            cache_dir: Some("/tmp/c".into()),
-        };
+        let ov = Overrides { listen: Some("127.0.0.1:9".into()), origin: None, cache_dir: Some("/tmp/c".into()) };
         let c = parse("f", "[server]\nlisten = \"127.0.0.1:1\"\n", &ov).unwrap();
         assert_eq!(c.listen.port(), 9);
         assert_eq!(c.cache_dir, PathBuf::from("/tmp/c"));
-        let ov = Overrides {
-            listen: Some("bad".into()),
-            ..Default::default()
-        };
+        let ov = Overrides { listen: Some("bad".into()), ..Default::default() };
         let errs = parse("f", "", &ov).unwrap_err();
         assert_eq!(errs[0].location, "--listen");
     }

@@ -24,6 +24,9 @@ pub enum ProxyError {
     /// The fill this request was waiting on ended without a response (aborted task).
     #[error("fill aborted")]
     FillAborted,
+    /// This request waited longer than `cache.wait_timeout` for a fill.
+    #[error("timed out waiting for the origin fetch")]
+    WaitTimeout,
 }
 
 impl ProxyError {
@@ -31,10 +34,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::InvalidId { .. } | ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            ProxyError::OriginUnreachable(_)
-            | ProxyError::OriginFailed(_)
-            | ProxyError::FillAborted => StatusCode::BAD_GATEWAY,
-            ProxyError::OriginTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::OriginUnreachable(_) | ProxyError::OriginFailed(_) | ProxyError::FillAborted => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::OriginTimeout { .. } | ProxyError::WaitTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -47,6 +50,7 @@ impl ProxyError {
             ProxyError::OriginTimeout { .. } => "origin-timeout",
             ProxyError::OriginFailed(_) => "origin-error",
             ProxyError::FillAborted => "fill-aborted",
+            ProxyError::WaitTimeout => "wait-timeout",
         }
     }
 
@@ -55,13 +59,14 @@ impl ProxyError {
     pub fn detail(&self) -> String {
         match self {
             ProxyError::InvalidId { detail } | ProxyError::BadRequest { detail } => detail.clone(),
-            ProxyError::OriginUnreachable(e) | ProxyError::OriginFailed(e) => {
-                error_chain(e.as_ref())
-            }
+            ProxyError::OriginUnreachable(e) | ProxyError::OriginFailed(e) => error_chain(e.as_ref()),
             ProxyError::OriginTimeout { phase } => {
                 format!("no {phase} from the origin within the configured timeout")
             }
             ProxyError::FillAborted => "the origin fetch for this entry was abandoned".to_string(),
+            ProxyError::WaitTimeout => {
+                "the fetch this request joined did not answer within cache.wait_timeout".to_string()
+            }
         }
     }
 
@@ -78,15 +83,10 @@ impl ProxyError {
         let body = serde_json::json!({ "error": self.to_string(), "detail": detail }).to_string();
         let mut resp = Response::new(full(body));
         *resp.status_mut() = status;
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        resp.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(cs) = cache_status {
-            resp.headers_mut()
-                .insert(crate::cache::status::CACHE_STATUS, cs);
+            resp.headers_mut().insert(crate::cache::status::CACHE_STATUS, cs);
         }
         resp
     }

@@ -5,11 +5,7 @@ use lotecache::{config, sample_origin, RunningProxy};
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 #[derive(Parser)]
-#[command(
-    name = "lotecache",
-    version,
-    about = "Caching reverse proxy for saved batch results"
-)]
+#[command(name = "lotecache", version, about = "Caching reverse proxy for saved batch results")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -54,34 +50,20 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve {
-                config,
-                listen,
-                origin,
-                cache_dir,
-            } => {
-                let overrides = config::Overrides {
-                    listen,
-                    origin,
-                    cache_dir,
-                };
+            Command::Serve { config, listen, origin, cache_dir } => {
+                let overrides = config::Overrides { listen, origin, cache_dir };
                 serve(config, overrides).await
             }
-            Command::CheckConfig { path } => {
-                match config::load(Some(&path), &config::Overrides::default()) {
-                    Ok(_) => {
-                        println!("ok");
-                        ExitCode::SUCCESS
-                    }
-                    Err(errors) => print_config_errors(&errors),
+            Command::CheckConfig { path } => match config::load(Some(&path), &config::Overrides::default()) {
+                Ok(_) => {
+                    println!("ok");
+                    ExitCode::SUCCESS
                 }
-            }
+                Err(errors) => print_config_errors(&errors),
+            },
             Command::Demo { listen, delay } => demo(listen, delay).await,
         }
     })
@@ -114,8 +96,7 @@ async fn serve(path: Option<PathBuf>, overrides: config::Overrides) -> ExitCode 
 }
 
 async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -147,10 +128,7 @@ async fn demo(listen: String, delay: Duration) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let url = format!(
-        "http://{}/download_batch_results/LOTE-DEMO-8mb",
-        proxy.local_addr()
-    );
+    let url = format!("http://{}/download_batch_results/LOTE-DEMO-8mb", proxy.local_addr());
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
     let mut bodies = Vec::new();
@@ -158,15 +136,9 @@ async fn demo(listen: String, delay: Duration) -> ExitCode {
         let started = std::time::Instant::now();
         let fetched = async {
             let resp = client.get(url.parse()?).await?;
-            let cache_status = resp
-                .headers()
-                .get("cache-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_string();
-            let body = http_body_util::BodyExt::collect(resp.into_body())
-                .await?
-                .to_bytes();
+            let cache_status =
+                resp.headers().get("cache-status").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+            let body = http_body_util::BodyExt::collect(resp.into_body()).await?.to_bytes();
             Ok::<_, Box<dyn std::error::Error>>((cache_status, body))
         }
         .await;
@@ -190,11 +162,11 @@ async fn demo(listen: String, delay: Duration) -> ExitCode {
         bodies[0] == bodies[1],
         origin.generations.get("LOTE-DEMO-8mb")
     );
+    println!("\nproxy:  http://{}/download_batch_results/<lote_id>   (try {url})", proxy.local_addr());
     println!(
-        "\nproxy:  http://{}/download_batch_results/<lote_id>   (try {url})",
-        proxy.local_addr()
+        "origin: http://{}/download_batch_results/<lote_id>   (ids ending in -256kb, -16mb… set the size)",
+        origin.addr
     );
-    println!("origin: http://{}/download_batch_results/<lote_id>   (ids ending in -256kb, -16mb… set the size)", origin.addr);
     println!("cache:  {}\nserving until Ctrl-C", cache_dir.display());
     wait_for_signal().await;
     proxy.shutdown(Duration::from_secs(5)).await;

@@ -48,9 +48,7 @@ impl Origin {
             .authority(self.config.authority.clone())
             .path_and_query(path_and_query)
             .build()
-            .map_err(|e| ProxyError::BadRequest {
-                detail: format!("cannot build the upstream URI: {e}"),
-            })
+            .map_err(|e| ProxyError::BadRequest { detail: format!("cannot build the upstream URI: {e}") })
     }
 
     /// The longest silence allowed between two body frames.
@@ -62,9 +60,7 @@ impl Origin {
     /// the configured response timeout.
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
         match tokio::time::timeout(self.config.response_timeout, self.client.request(req)).await {
-            Err(_) => Err(ProxyError::OriginTimeout {
-                phase: "response head",
-            }),
+            Err(_) => Err(ProxyError::OriginTimeout { phase: "response head" }),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => Err(ProxyError::OriginUnreachable(Box::new(e))),
             Ok(Err(e)) => Err(ProxyError::OriginFailed(Box::new(e))),
@@ -150,11 +146,7 @@ pub struct IdleTimeoutBody<B> {
 
 impl<B> IdleTimeoutBody<B> {
     pub fn new(inner: B, idle: Duration) -> Self {
-        IdleTimeoutBody {
-            inner,
-            idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
-        }
+        IdleTimeoutBody { inner, idle, sleep: Box::pin(tokio::time::sleep(idle)) }
     }
 }
 
@@ -166,10 +158,7 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
@@ -202,19 +191,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));

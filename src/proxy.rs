@@ -66,11 +66,7 @@ impl Shared {
     /// Forwards a request the cache does not handle: bodies stream both ways.
     async fn pass_through(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         parts.uri = match self.origin.uri(path) {
             Ok(u) => u,
             Err(e) => return e.to_response(None),
@@ -82,8 +78,7 @@ impl Shared {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 forward_response_headers(&mut parts.headers);
-                let body =
-                    IdleTimeoutBody::new(body, self.origin.body_idle_timeout()).boxed_unsync();
+                let body = IdleTimeoutBody::new(body, self.origin.body_idle_timeout()).boxed_unsync();
                 Response::from_parts(parts, body)
             }
             Err(e) => e.to_response(None),

@@ -34,11 +34,7 @@ pub struct CacheTarget {
 }
 
 /// Bytes kept as they are when the id is put back into an upstream path.
-const ID_KEEP: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+const ID_KEEP: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 /// The ordered rule list.
 #[derive(Debug, Clone)]
@@ -64,10 +60,8 @@ impl Rules {
             else {
                 continue;
             };
-            let reject = |detail: String| Route::Reject {
-                rule: rule.name.clone(),
-                error: ProxyError::InvalidId { detail },
-            };
+            let reject =
+                |detail: String| Route::Reject { rule: rule.name.clone(), error: ProxyError::InvalidId { detail } };
             let Ok(id) = std::str::from_utf8(raw_id) else {
                 return reject("lote_id is not valid UTF-8".into());
             };
@@ -77,17 +71,10 @@ impl Rules {
             if has_body(req) {
                 return Route::Reject {
                     rule: rule.name.clone(),
-                    error: ProxyError::BadRequest {
-                        detail: "a GET on a cache route must not carry a body".into(),
-                    },
+                    error: ProxyError::BadRequest { detail: "a GET on a cache route must not carry a body".into() },
                 };
             }
-            let base_path = format!(
-                "{}{}{}",
-                rule.path_prefix,
-                utf8_percent_encode(id, ID_KEEP),
-                rule.path_suffix
-            );
+            let base_path = format!("{}{}{}", rule.path_prefix, utf8_percent_encode(id, ID_KEEP), rule.path_suffix);
             let key = format!("{}{}{}", rule.key_prefix, id, rule.key_suffix);
             let (key, upstream_path) = match (req.uri().query(), rule.query) {
                 (None, _) => (key, base_path),
@@ -95,18 +82,11 @@ impl Rules {
                 (Some(_), QueryPolicy::Reject) => {
                     return Route::Reject {
                         rule: rule.name.clone(),
-                        error: ProxyError::BadRequest {
-                            detail: "query strings are not accepted on this route".into(),
-                        },
+                        error: ProxyError::BadRequest { detail: "query strings are not accepted on this route".into() },
                     }
                 }
             };
-            return Route::Cache(CacheTarget {
-                rule: rule.name.clone(),
-                lote_id: id.to_string(),
-                key,
-                upstream_path,
-            });
+            return Route::Cache(CacheTarget { rule: rule.name.clone(), lote_id: id.to_string(), key, upstream_path });
         }
         Route::Pass
     }
@@ -115,8 +95,7 @@ impl Rules {
 fn has_body<B>(req: &Request<B>) -> bool {
     let h = req.headers();
     h.contains_key(http::header::TRANSFER_ENCODING)
-        || h.get(http::header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
+        || h.get(http::header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0")
 }
 
 #[cfg(test)]
@@ -162,10 +141,7 @@ mod tests {
             "/download_batch_results/A/",
             "/download_batch_results/%FF",
         ] {
-            assert!(
-                matches!(route(bad), Route::Reject { .. }),
-                "{bad} was not rejected"
-            );
+            assert!(matches!(route(bad), Route::Reject { .. }), "{bad} was not rejected");
         }
         let long = format!("/download_batch_results/{}", "a".repeat(129));
         assert!(matches!(route(&long), Route::Reject { .. }));
@@ -176,23 +152,15 @@ mod tests {
         assert!(matches!(route("/monitoreo"), Route::Pass));
         assert!(matches!(route("//download_batch_results/A"), Route::Pass));
         let post = Request::post("/download_batch_results/A").body(()).unwrap();
-        assert!(matches!(
-            Rules::new(vec![default_rule()]).route(&post),
-            Route::Pass
-        ));
+        assert!(matches!(Rules::new(vec![default_rule()]).route(&post), Route::Pass));
     }
 
     #[test]
     fn query_is_rejected_by_default_and_keyed_when_configured() {
-        assert!(matches!(
-            route("/download_batch_results/A?x=1"),
-            Route::Reject { .. }
-        ));
+        assert!(matches!(route("/download_batch_results/A?x=1"), Route::Reject { .. }));
         let mut rule = default_rule();
         rule.query = QueryPolicy::Key;
-        let req = Request::get("/download_batch_results/A?x=1")
-            .body(())
-            .unwrap();
+        let req = Request::get("/download_batch_results/A?x=1").body(()).unwrap();
         match Rules::new(vec![rule]).route(&req) {
             Route::Cache(t) => {
                 assert_eq!(t.key, "A_resultados.json?x=1");
@@ -204,13 +172,7 @@ mod tests {
 
     #[test]
     fn get_with_a_body_on_a_cache_route_is_rejected() {
-        let req = Request::get("/download_batch_results/A")
-            .header("content-length", "3")
-            .body(())
-            .unwrap();
-        assert!(matches!(
-            Rules::new(vec![default_rule()]).route(&req),
-            Route::Reject { .. }
-        ));
+        let req = Request::get("/download_batch_results/A").header("content-length", "3").body(()).unwrap();
+        assert!(matches!(Rules::new(vec![default_rule()]).route(&req), Route::Reject { .. }));
     }
 }

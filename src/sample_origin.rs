@@ -26,23 +26,13 @@ pub struct Generations(Mutex<HashMap<String, u64>>);
 
 impl Generations {
     pub fn get(&self, id: &str) -> u64 {
-        self.0
-            .lock()
-            .expect("generations")
-            .get(id)
-            .copied()
-            .unwrap_or(0)
+        self.0.lock().expect("generations").get(id).copied().unwrap_or(0)
     }
     pub fn total(&self) -> u64 {
         self.0.lock().expect("generations").values().sum()
     }
     fn bump(&self, id: &str) {
-        *self
-            .0
-            .lock()
-            .expect("generations")
-            .entry(id.to_string())
-            .or_default() += 1;
+        *self.0.lock().expect("generations").entry(id.to_string()).or_default() += 1;
     }
 }
 
@@ -67,10 +57,8 @@ pub async fn start(listen: SocketAddr, delay: Duration) -> std::io::Result<Sampl
             let gens = gens.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| handle(req, gens.clone(), delay));
-                let _ = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let _ =
+                    http1::Builder::new().timer(TokioTimer::new()).serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
@@ -84,8 +72,7 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let path = req.uri().path();
     let Some(id) = path.strip_prefix("/download_batch_results/") else {
-        let body = json!({ "servicio": "lotecache sample origin", "generaciones": gens.total() })
-            .to_string();
+        let body = json!({ "servicio": "lotecache sample origin", "generaciones": gens.total() }).to_string();
         return Ok(json_response(StatusCode::OK, body, None));
     };
     let id = id.to_string();
@@ -93,23 +80,14 @@ async fn handle(
     tokio::time::sleep(delay).await;
     let target = target_size(&id);
     let id2 = id.clone();
-    let body = tokio::task::spawn_blocking(move || batch_document(&id2, target))
-        .await
-        .unwrap_or_default();
+    let body = tokio::task::spawn_blocking(move || batch_document(&id2, target)).await.unwrap_or_default();
     Ok(json_response(StatusCode::OK, body, Some(&id)))
 }
 
-fn json_response(
-    status: StatusCode,
-    body: String,
-    attachment: Option<&str>,
-) -> Response<ProxyBody> {
+fn json_response(status: StatusCode, body: String, attachment: Option<&str>) -> Response<ProxyBody> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        "application/json".parse().expect("static"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
     if let Some(id) = attachment {
         if let Ok(v) = format!("attachment; filename={id}_resultados.json").parse() {
             resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
@@ -131,9 +109,7 @@ pub fn target_size(id: &str) -> usize {
     } else {
         return 4 * 1024;
     };
-    num.parse::<usize>()
-        .map(|n| (n * mult).min(256 * 1024 * 1024))
-        .unwrap_or(4 * 1024)
+    num.parse::<usize>().map(|n| (n * mult).min(256 * 1024 * 1024)).unwrap_or(4 * 1024)
 }
 
 const WORDS: &[&str] = &[
@@ -166,9 +142,7 @@ const WORDS: &[&str] = &[
 
 /// The results document of batch `id`, about `target` bytes, identical on every call.
 pub fn batch_document(id: &str, target: usize) -> String {
-    let mut seed = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
+    let mut seed = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     let mut next = move || {
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -184,9 +158,7 @@ pub fn batch_document(id: &str, target: usize) -> String {
         let pages = 1 + next() % 12;
         pages_total += pages;
         let words = 20 + (next() % 300) as usize;
-        let text: Vec<&str> = (0..words)
-            .map(|_| WORDS[(next() % WORDS.len() as u64) as usize])
-            .collect();
+        let text: Vec<&str> = (0..words).map(|_| WORDS[(next() % WORDS.len() as u64) as usize]).collect();
         if count > 1 {
             items.push(b',');
         }
@@ -221,23 +193,12 @@ mod tests {
 
     #[test]
     fn documents_are_deterministic_and_sized_by_the_id() {
-        assert_eq!(
-            batch_document("A-256kb", target_size("A-256kb")),
-            batch_document("A-256kb", 256 * 1024)
-        );
+        assert_eq!(batch_document("A-256kb", target_size("A-256kb")), batch_document("A-256kb", 256 * 1024));
         let doc = batch_document("A-256kb", target_size("A-256kb"));
-        assert!(
-            doc.len() >= 256 * 1024 && doc.len() < 300 * 1024,
-            "{}",
-            doc.len()
-        );
+        assert!(doc.len() >= 256 * 1024 && doc.len() < 300 * 1024, "{}", doc.len());
         let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
         assert_eq!(v["metadata"]["lote_id"], "A-256kb");
-        assert!(v["archivos_procesados"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|f| f["lote_id"] == "A-256kb"));
+        assert!(v["archivos_procesados"].as_array().unwrap().iter().all(|f| f["lote_id"] == "A-256kb"));
         assert_eq!(target_size("plain"), 4096);
         assert_eq!(target_size("x-2mb"), 2 * 1024 * 1024);
     }

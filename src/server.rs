@@ -18,10 +18,7 @@ pub enum StartError {
     #[error("cannot open the cache directory: {0}")]
     Store(#[from] crate::cache::store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
 }
 
 /// A running proxy.
@@ -39,34 +36,17 @@ impl RunningProxy {
         let origin = Origin::new(config.origin.clone());
         let shared = Arc::new(Shared {
             rules: Rules::new(config.rules.clone()),
-            cache: Cache::new(store, origin.clone()),
+            cache: Cache::new(store, origin.clone(), config.fill.clone()),
             origin,
         });
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Listen {
-                    addr: config.listen,
-                    source,
-                })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(
-            listener,
-            shared.clone(),
-            config.header_read_timeout,
-            stopped,
-        ));
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), config.header_read_timeout, stopped));
         tracing::info!(listen = %local_addr, origin = %config.origin.authority, cache_dir = %config.cache_dir.display(), "lotecache serving");
-        Ok(RunningProxy {
-            local_addr,
-            shared,
-            stop,
-            task,
-        })
+        Ok(RunningProxy { local_addr, shared, stop, task })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -78,15 +58,17 @@ impl RunningProxy {
         &self.shared.cache.store
     }
 
+    /// The cache: store and fills in flight.
+    pub fn cache(&self) -> &Cache {
+        &self.shared.cache
+    }
+
     /// Stops accepting, lets open connections finish their responses for up to `grace`.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop.send(true);
         let mut task = self.task;
         if tokio::time::timeout(grace, &mut task).await.is_err() {
-            tracing::warn!(
-                ?grace,
-                "connections still open after the grace period; closing them"
-            );
+            tracing::warn!(?grace, "connections still open after the grace period; closing them");
             task.abort();
         }
     }
@@ -100,10 +82,7 @@ async fn accept_loop(
 ) {
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
-        .keep_alive(true);
+    builder.timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
     loop {
         tokio::select! {
             accepted = listener.accept() => {

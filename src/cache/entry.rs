@@ -40,13 +40,7 @@ impl EntryMeta {
                 (n.as_str().to_string(), value)
             })
             .collect();
-        EntryMeta {
-            v: META_VERSION,
-            lote_id: lote_id.to_string(),
-            status: status.as_u16(),
-            headers,
-            gen_ms,
-        }
+        EntryMeta { v: META_VERSION, lote_id: lote_id.to_string(), status: status.as_u16(), headers, gen_ms }
     }
 
     /// The stored head as a header map; None if any stored name or value is no longer valid.

@@ -1,17 +1,22 @@
 //! Fills: fetching one entry from the origin in a detached task, fanning its bytes out to
-//! every request waiting for it, and committing it to the store.
+//! every request waiting for it (single-flight), and committing it to the store.
 //!
-//! A fill publishes into a `watch` channel holding an append-only list of chunks. Each
-//! subscriber keeps its own cursor: it replays from the start, then follows live, never
-//! lags and never blocks the fill. The fill is owned by no client: any client may leave
-//! at any time. The last chunk is held back from subscribers until the fill has seen the
-//! origin body end correctly, so a failed fill never looks like a complete response.
+//! A fill publishes into a `watch` channel holding a list of chunks. Each subscriber has a
+//! cursor of its own: it replays from the start, then follows live; it never blocks the fill
+//! and never skips data. The fill is owned by no client: any client may leave at any time.
+//! The last chunk is held back until the fill has ended correctly (and, when storing, the
+//! commit was attempted), so a failed fill never looks like a complete response.
+//!
+//! Memory is bounded by `replay_buffer` per fill: past it, chunks every subscriber has read
+//! are dropped, the fill stops taking new subscribers (they wait for the commit and read
+//! from disk), and a subscriber lagging by more than the buffer is cut with an error.
 
-use super::entry::EntryMeta;
+use super::entry::{Entry, EntryMeta};
 use super::policy::{storability, Storability};
 use super::status;
 use super::store::Store;
 use crate::body::{BoxError, ProxyBody};
+use crate::config::FillConfig;
 use crate::error::ProxyError;
 use crate::origin::{forward_response_headers, IdleTimeoutBody, Origin};
 use bytes::Bytes;
@@ -19,11 +24,14 @@ use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    collections::{HashMap, VecDeque},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex, OnceLock, Weak,
+    },
     time::Instant,
 };
-use tokio::sync::watch;
+use tokio::{sync::watch, task::AbortHandle};
 
 /// The response head of a fill, as sent to subscribers.
 #[derive(Debug)]
@@ -46,31 +54,104 @@ pub enum FillEnd {
     Failed(Arc<ProxyError>),
 }
 
+/// A subscriber's position, visible to the fill so that it can drop what all have read.
+#[derive(Default)]
+struct Cursor {
+    /// Absolute index of the next chunk to send.
+    next: AtomicUsize,
+    /// Bytes sent so far.
+    read: AtomicU64,
+    /// Set by the fill when this subscriber fell more than the replay buffer behind.
+    cut: AtomicBool,
+}
+
 /// Everything subscribers see of a fill.
-#[derive(Debug)]
 pub struct FillState {
     pub head: Option<Arc<FillHead>>,
-    pub chunks: Vec<Bytes>,
+    chunks: VecDeque<Bytes>,
+    /// Absolute index of `chunks[0]`.
+    base: usize,
+    retained: u64,
+    total: u64,
+    /// Chunks were dropped: the fill can no longer be replayed from the start.
+    closed: bool,
     pub end: FillEnd,
+    cursors: Vec<Weak<Cursor>>,
+}
+
+impl FillState {
+    fn push(&mut self, data: Bytes, replay_buffer: u64) {
+        self.total += data.len() as u64;
+        self.retained += data.len() as u64;
+        self.chunks.push_back(data);
+        if self.retained > replay_buffer {
+            self.trim(replay_buffer);
+        }
+    }
+
+    /// Cuts subscribers lagging by more than `limit`, then drops every chunk all the
+    /// others have read.
+    fn trim(&mut self, limit: u64) {
+        self.closed = true;
+        self.cursors.retain(|c| c.strong_count() > 0);
+        let mut keep_from = self.base + self.chunks.len();
+        for cursor in self.cursors.iter().filter_map(Weak::upgrade) {
+            if cursor.cut.load(Relaxed) {
+                continue;
+            }
+            if self.total - cursor.read.load(Relaxed) > limit {
+                cursor.cut.store(true, Relaxed);
+                tracing::warn!(lag_limit = limit, "subscriber fell too far behind its fill; cutting it");
+                continue;
+            }
+            keep_from = keep_from.min(cursor.next.load(Relaxed));
+        }
+        while self.base < keep_from {
+            let Some(chunk) = self.chunks.pop_front() else { break };
+            self.retained -= chunk.len() as u64;
+            self.base += 1;
+        }
+    }
 }
 
 /// One fill in flight.
 pub struct Fill {
     state: watch::Sender<FillState>,
+    abort: OnceLock<AbortHandle>,
+    started: Instant,
 }
 
 impl Fill {
     fn new() -> Arc<Fill> {
         let (state, _) = watch::channel(FillState {
             head: None,
-            chunks: Vec::new(),
+            chunks: VecDeque::new(),
+            base: 0,
+            retained: 0,
+            total: 0,
+            closed: false,
             end: FillEnd::Open,
+            cursors: Vec::new(),
         });
-        Arc::new(Fill { state })
+        Arc::new(Fill { state, abort: OnceLock::new(), started: Instant::now() })
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<FillState> {
-        self.state.subscribe()
+    /// A subscription replaying from the start, unless the fill already dropped chunks.
+    fn try_subscribe(&self) -> Option<Subscription> {
+        let cursor = Arc::new(Cursor::default());
+        let mut added = false;
+        self.state.send_if_modified(|s| {
+            if !s.closed {
+                s.cursors.push(Arc::downgrade(&cursor));
+                added = true;
+            }
+            false // nobody needs waking for a new subscriber
+        });
+        added.then(|| Subscription { rx: self.state.subscribe(), cursor })
+    }
+
+    fn is_open(&self) -> bool {
+        matches!(self.state.borrow().end, FillEnd::Open)
     }
 
     fn fail(&self, err: ProxyError) {
@@ -83,20 +164,28 @@ impl Fill {
     }
 }
 
+/// A request's view of a fill: the state, and its own cursor.
+pub struct Subscription {
+    pub rx: watch::Receiver<FillState>,
+    cursor: Arc<Cursor>,
+}
+
 /// The registry of fills in flight, by cache key.
-#[derive(Default)]
 pub struct Fills {
     inflight: Mutex<HashMap<String, Arc<Fill>>>,
+    config: FillConfig,
 }
 
 /// What a request found when it looked for its key.
 pub enum Lookup {
-    /// The entry was committed meanwhile.
-    Stored(Arc<super::entry::Entry>),
-    /// A fill was already running; this request joins it.
-    Joined(Arc<Fill>),
+    /// The entry is in the store.
+    Stored(Arc<Entry>),
     /// This request started the fill.
-    Started(Arc<Fill>),
+    Started(Subscription),
+    /// A fill was already running; this request joined it from the start.
+    Joined(Subscription),
+    /// A fill is running but past its replay buffer: wait for it to end, then look again.
+    Closed(watch::Receiver<FillState>),
 }
 
 /// What a fill needs to run.
@@ -108,9 +197,17 @@ pub struct FillJob {
 }
 
 impl Fills {
-    /// Joins the fill for `job.key`, or starts one. The store is re-checked under the
-    /// registry lock: a fill publishes its entry before leaving the registry, so a request
-    /// never sees neither and starts a second generation.
+    pub fn new(config: FillConfig) -> Self {
+        Fills { inflight: Mutex::default(), config }
+    }
+
+    pub fn config(&self) -> &FillConfig {
+        &self.config
+    }
+
+    /// Joins the fill for `key`, or starts one. The store is checked under the registry
+    /// lock: a fill publishes its entry before it ends, so a request never sees neither and
+    /// starts a second generation. A fill older than `fill_timeout` is abandoned and replaced.
     pub fn join_or_start(
         self: &Arc<Self>,
         store: &Arc<Store>,
@@ -123,17 +220,31 @@ impl Fills {
             return Lookup::Stored(entry);
         }
         if let Some(fill) = inflight.get(key) {
-            return Lookup::Joined(fill.clone());
+            if fill.started.elapsed() > self.config.fill_timeout {
+                tracing::warn!(key, age = ?fill.started.elapsed(), "abandoning a fill older than fill_timeout");
+                abort_fill(fill);
+            } else if fill.is_open() {
+                return match fill.try_subscribe() {
+                    Some(sub) => Lookup::Joined(sub),
+                    None => Lookup::Closed(fill.state.subscribe()),
+                };
+            }
+            // Ended without storing: start afresh (the old task never removes a newer fill).
         }
         let fill = Fill::new();
+        let sub = fill.try_subscribe().expect("a new fill takes subscribers");
         inflight.insert(key.to_string(), fill.clone());
-        let guard = FillGuard {
-            fills: self.clone(),
-            key: key.to_string(),
-            fill: fill.clone(),
-        };
-        tokio::spawn(run(guard, store.clone(), origin.clone(), job()));
-        Lookup::Started(fill)
+        let guard = FillGuard { fills: self.clone(), key: key.to_string(), fill: fill.clone() };
+        let task = tokio::spawn(run(guard, store.clone(), origin.clone(), job(), self.config.clone()));
+        let _ = fill.abort.set(task.abort_handle());
+        Lookup::Started(sub)
+    }
+
+    /// Aborts the fill of `key`, if one runs; its subscribers get an error. Returns whether
+    /// there was one.
+    pub fn abort(&self, key: &str) -> bool {
+        let fill = self.inflight.lock().expect("fills lock").get(key).cloned();
+        fill.map(|f| abort_fill(&f)).is_some()
     }
 
     /// Number of fills in flight.
@@ -143,6 +254,13 @@ impl Fills {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+fn abort_fill(fill: &Fill) {
+    fill.fail(ProxyError::FillAborted);
+    if let Some(handle) = fill.abort.get() {
+        handle.abort();
     }
 }
 
@@ -157,29 +275,28 @@ struct FillGuard {
 impl Drop for FillGuard {
     fn drop(&mut self) {
         self.fill.fail(ProxyError::FillAborted);
-        let mut inflight = self
-            .fills
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if inflight
-            .get(&self.key)
-            .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
-        {
+        let mut inflight = self.fills.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &self.fill)) {
             inflight.remove(&self.key);
         }
     }
 }
 
 /// The fill task: fetch, fan out, write, commit.
-async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob) {
+async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob, config: FillConfig) {
     let fill = guard.fill.clone();
     let started = Instant::now();
-    let response = match origin.send(job.request).await {
-        Ok(r) => r,
-        Err(e) => {
+    let deadline = tokio::time::Instant::now() + config.fill_timeout;
+    let too_old = || ProxyError::OriginTimeout { phase: "complete response (cache.fill_timeout)" };
+    let response = match tokio::time::timeout_at(deadline, origin.send(job.request)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
             tracing::warn!(key = %job.key, error = %e, detail = %e.detail(), "fill failed before the response head");
             fill.fail(e);
+            return;
+        }
+        Err(_) => {
+            fill.fail(too_old());
             return;
         }
     };
@@ -197,11 +314,7 @@ async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob) 
         h
     };
     fill.state.send_modify(|s| {
-        s.head = Some(Arc::new(FillHead {
-            status: parts.status,
-            headers: parts.headers,
-            cache_status,
-        }))
+        s.head = Some(Arc::new(FillHead { status: parts.status, headers: parts.headers, cache_status }))
     });
 
     let mut writer = match &decision {
@@ -219,7 +332,16 @@ async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob) 
     };
 
     let mut body = IdleTimeoutBody::new(body, origin.body_idle_timeout());
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!(key = %job.key, "fill exceeded cache.fill_timeout; abandoned, nothing stored");
+                fill.fail(too_old());
+                return;
+            }
+        };
         let data = match frame {
             Ok(frame) => match frame.into_data() {
                 Ok(data) => data,
@@ -231,7 +353,7 @@ async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob) 
                 return;
             }
         };
-        fill.state.send_modify(|s| s.chunks.push(data.clone()));
+        fill.state.send_modify(|s| s.push(data.clone(), config.replay_buffer));
         if let Some(w) = writer.as_mut() {
             if let Err(e) = w.write(&data).await {
                 // A cache-side failure never cuts the client's stream: stop storing, keep serving.
@@ -258,9 +380,7 @@ async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob) 
 }
 
 /// Waits for the fill's response head, or its failure.
-pub async fn wait_head(
-    rx: &mut watch::Receiver<FillState>,
-) -> Result<Arc<FillHead>, Arc<ProxyError>> {
+pub async fn wait_head(rx: &mut watch::Receiver<FillState>) -> Result<Arc<FillHead>, Arc<ProxyError>> {
     loop {
         {
             let s = rx.borrow_and_update();
@@ -277,7 +397,17 @@ pub async fn wait_head(
     }
 }
 
-/// The fill ended in failure after this subscriber's response had started.
+/// Waits until the fill has ended, however it ended.
+pub async fn wait_end(mut rx: watch::Receiver<FillState>) {
+    while matches!(rx.borrow_and_update().end, FillEnd::Open) {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The fill ended in failure after this subscriber's response had started, or this
+/// subscriber fell too far behind.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream fill failed: {0}")]
 pub struct FillFailed(String);
@@ -289,40 +419,96 @@ enum Step {
     Wait,
 }
 
-/// The body a subscriber streams: replay from the start, then live; the last chunk is
-/// released only once the fill is complete.
-pub fn subscriber_body(rx: watch::Receiver<FillState>) -> ProxyBody {
-    let stream = futures_util::stream::unfold(Some((rx, 0usize)), |state| async move {
-        let (mut rx, cursor) = state?;
-        loop {
-            let step = {
-                let s = rx.borrow_and_update();
-                match &s.end {
-                    FillEnd::Failed(e) => Step::Fail(format!("{e}: {}", e.detail())),
-                    FillEnd::Complete if cursor < s.chunks.len() => {
-                        Step::Chunk(s.chunks[cursor].clone())
-                    }
-                    FillEnd::Complete => Step::End,
-                    FillEnd::Open if cursor + 1 < s.chunks.len() => {
-                        Step::Chunk(s.chunks[cursor].clone())
-                    }
-                    FillEnd::Open => Step::Wait,
-                }
-            };
-            match step {
-                Step::Chunk(b) => {
-                    return Some((Ok::<_, BoxError>(Frame::data(b)), Some((rx, cursor + 1))))
-                }
-                Step::End => return None,
-                Step::Fail(msg) => return Some((Err(Box::new(FillFailed(msg)) as BoxError), None)),
-                Step::Wait => {
-                    if rx.changed().await.is_err() && matches!(rx.borrow().end, FillEnd::Open) {
-                        let err = Box::new(FillFailed("fill task ended without finishing".into()));
-                        return Some((Err(err as BoxError), None));
+impl Subscription {
+    /// The next thing to do for this subscriber, decided under the state's read lock.
+    fn step(&mut self) -> Step {
+        let s = self.rx.borrow_and_update();
+        if let FillEnd::Failed(e) = &s.end {
+            return Step::Fail(format!("{e}: {}", e.detail()));
+        }
+        if self.cursor.cut.load(Relaxed) {
+            return Step::Fail("this download fell more than cache.replay_buffer behind the origin".into());
+        }
+        let next = self.cursor.next.load(Relaxed);
+        let Some(idx) = next.checked_sub(s.base) else {
+            return Step::Fail("replay data no longer available".into());
+        };
+        let complete = matches!(s.end, FillEnd::Complete);
+        // While the fill is open, the newest chunk is held back.
+        let releasable = if complete { idx < s.chunks.len() } else { idx + 1 < s.chunks.len() };
+        if releasable {
+            let chunk = s.chunks[idx].clone();
+            self.cursor.next.store(next + 1, Relaxed);
+            self.cursor.read.fetch_add(chunk.len() as u64, Relaxed);
+            Step::Chunk(chunk)
+        } else if complete {
+            Step::End
+        } else {
+            Step::Wait
+        }
+    }
+
+    /// The body this subscriber streams: replay from the start, then live.
+    pub fn into_body(self) -> ProxyBody {
+        let stream = futures_util::stream::unfold(Some(self), |state| async move {
+            let mut sub = state?;
+            loop {
+                match sub.step() {
+                    Step::Chunk(b) => return Some((Ok::<_, BoxError>(Frame::data(b)), Some(sub))),
+                    Step::End => return None,
+                    Step::Fail(msg) => return Some((Err(Box::new(FillFailed(msg)) as BoxError), None)),
+                    Step::Wait => {
+                        if sub.rx.changed().await.is_err() && matches!(sub.rx.borrow().end, FillEnd::Open) {
+                            let err = Box::new(FillFailed("fill task ended without finishing".into()));
+                            return Some((Err(err as BoxError), None));
+                        }
                     }
                 }
             }
-        }
-    });
-    StreamBody::new(stream).boxed_unsync()
+        });
+        StreamBody::new(stream).boxed_unsync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trimming_drops_only_what_every_live_subscriber_has_read_and_cuts_laggards() {
+        let fill = Fill::new();
+        let fast = fill.try_subscribe().unwrap();
+        let slow = fill.try_subscribe().unwrap();
+        let push = |n: u8| fill.state.send_modify(|s| s.push(Bytes::from(vec![n; 10]), 25));
+        push(0);
+        push(1);
+        fast.cursor.next.store(2, Relaxed);
+        fast.cursor.read.store(20, Relaxed);
+        push(2); // 30 bytes retained > 25: trim; slow lags 30 > 25 and is cut
+        assert!(slow.cursor.cut.load(Relaxed));
+        assert!(!fast.cursor.cut.load(Relaxed));
+        let s = fill.state.borrow();
+        assert_eq!((s.base, s.chunks.len(), s.retained), (2, 1, 10));
+        assert!(s.closed);
+        drop(s);
+        assert!(fill.try_subscribe().is_none(), "a trimmed fill takes no new subscribers");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_fill_task_releases_its_waiters_with_an_error() {
+        let fills = Arc::new(Fills::new(FillConfig::default()));
+        let fill = Fill::new();
+        let mut sub = fill.try_subscribe().unwrap();
+        fills.inflight.lock().unwrap().insert("k".into(), fill.clone());
+        let guard = FillGuard { fills: fills.clone(), key: "k".into(), fill };
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("fill task bug");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let err = wait_head(&mut sub.rx).await.unwrap_err();
+        assert!(matches!(*err, ProxyError::FillAborted));
+        assert!(fills.is_empty(), "the registry entry is removed");
+        assert!(matches!(sub.step(), Step::Fail(_)));
+    }
 }

@@ -9,11 +9,12 @@ pub mod status;
 pub mod store;
 
 use crate::body::{empty, full, ProxyBody};
+use crate::config::FillConfig;
 use crate::error::ProxyError;
 use crate::origin::{forward_request_headers, Origin};
 use crate::rules::CacheTarget;
 use entry::Entry;
-use fill::{subscriber_body, wait_head, FillJob, Fills, Lookup};
+use fill::{wait_end, wait_head, FillJob, Fills, Lookup, Subscription};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use std::{net::SocketAddr, sync::Arc};
 use store::Store;
@@ -38,74 +39,49 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn new(store: Arc<Store>, origin: Origin) -> Self {
-        Cache {
-            store,
-            fills: Arc::new(Fills::default()),
-            origin,
-        }
+    pub fn new(store: Arc<Store>, origin: Origin, fill: FillConfig) -> Self {
+        Cache { store, fills: Arc::new(Fills::new(fill)), origin }
     }
 
     /// Answers a request on a cache route.
-    pub async fn handle<B>(
-        &self,
-        req: Request<B>,
-        target: CacheTarget,
-        peer: SocketAddr,
-    ) -> Response<ProxyBody> {
+    pub async fn handle<B>(&self, req: Request<B>, target: CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
         let head_only = req.method() == Method::HEAD;
         if let Some(entry) = self.store.get(&target.key) {
             if let Some(resp) = self.serve_hit(entry, head_only).await {
                 return resp;
             }
         }
-        let lookup = self
-            .fills
-            .join_or_start(&self.store, &self.origin, &target.key, || {
-                self.fill_job(&req, &target, peer)
-            });
-        let (fill, collapsed) = match lookup {
-            Lookup::Stored(entry) => match self.serve_hit(entry, head_only).await {
-                Some(resp) => return resp,
-                // Evicted between commit and now: start over once.
-                None => {
-                    match self
-                        .fills
-                        .join_or_start(&self.store, &self.origin, &target.key, || {
-                            self.fill_job(&req, &target, peer)
-                        }) {
-                        Lookup::Stored(_) => {
-                            return ProxyError::FillAborted
-                                .to_response(Some(status::miss_not_stored("store-race")))
+        let wait_timeout = self.fills.config().wait_timeout;
+        let mut waited = false;
+        // A few rounds at most: a stored entry may be evicted under us, and a fill past its
+        // replay buffer is waited for, then looked up again.
+        for _ in 0..3 {
+            let lookup =
+                self.fills.join_or_start(&self.store, &self.origin, &target.key, || self.fill_job(&req, &target, peer));
+            match lookup {
+                Lookup::Stored(entry) => {
+                    if let Some(mut resp) = self.serve_hit(entry, head_only).await {
+                        if waited {
+                            resp.headers_mut().insert(status::CACHE_STATUS, status::collapsed());
                         }
-                        Lookup::Joined(f) => (f, true),
-                        Lookup::Started(f) => (f, false),
+                        return resp;
                     }
                 }
-            },
-            Lookup::Joined(f) => (f, true),
-            Lookup::Started(f) => (f, false),
-        };
-
-        let mut rx = fill.subscribe();
-        let head = match wait_head(&mut rx).await {
-            Ok(h) => h,
-            Err(e) => return e.to_response(Some(status::miss_not_stored(e.token()))),
-        };
-        let mut resp = Response::new(if head_only {
-            empty()
-        } else {
-            subscriber_body(rx)
-        });
-        *resp.status_mut() = head.status;
-        *resp.headers_mut() = head.headers.clone();
-        let cs = if collapsed {
-            status::collapsed()
-        } else {
-            head.cache_status.clone()
-        };
-        resp.headers_mut().insert(status::CACHE_STATUS, cs);
-        resp
+                Lookup::Started(sub) => return respond_from_fill(sub, head_only, None, wait_timeout).await,
+                Lookup::Joined(sub) => {
+                    return respond_from_fill(sub, head_only, Some(status::collapsed()), wait_timeout).await
+                }
+                Lookup::Closed(rx) => {
+                    waited = true;
+                    if tokio::time::timeout(wait_timeout, wait_end(rx)).await.is_err() {
+                        let err = ProxyError::WaitTimeout;
+                        return err.to_response(Some(status::miss_not_stored(err.token())));
+                    }
+                }
+            }
+        }
+        let err = ProxyError::FillAborted;
+        err.to_response(Some(status::miss_not_stored(err.token())))
     }
 
     /// Serves a stored entry; None if it turned out unreadable (it is then evicted and the
@@ -144,17 +120,34 @@ impl Cache {
         let mut request = Request::new(empty());
         *request.method_mut() = Method::GET;
         // The path was built by the rules from a validated id; it always forms a valid URI.
-        *request.uri_mut() = self
-            .origin
-            .uri(&target.upstream_path)
-            .expect("rebuilt upstream path is a valid URI");
+        *request.uri_mut() = self.origin.uri(&target.upstream_path).expect("rebuilt upstream path is a valid URI");
         *request.headers_mut() = headers;
-        FillJob {
-            key: target.key.clone(),
-            lote_id: target.lote_id.clone(),
-            request,
-        }
+        FillJob { key: target.key.clone(), lote_id: target.lote_id.clone(), request }
     }
+}
+
+/// Streams a fill's response to one request; `cache_status` overrides the fill's own.
+async fn respond_from_fill(
+    mut sub: Subscription,
+    head_only: bool,
+    cache_status: Option<HeaderValue>,
+    wait_timeout: std::time::Duration,
+) -> Response<ProxyBody> {
+    let head = match tokio::time::timeout(wait_timeout, wait_head(&mut sub.rx)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return e.to_response(Some(status::miss_not_stored(e.token()))),
+        Err(_) => {
+            let err = ProxyError::WaitTimeout;
+            return err.to_response(Some(status::miss_not_stored(err.token())));
+        }
+    };
+    // A HEAD request drops its subscription here, so it pins no replay data.
+    let mut resp = Response::new(if head_only { empty() } else { sub.into_body() });
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers.clone();
+    let cs = cache_status.unwrap_or_else(|| head.cache_status.clone());
+    resp.headers_mut().insert(status::CACHE_STATUS, cs);
+    resp
 }
 
 /// The stored head, plus exact `Content-Length`, `Age`, `Via` and `Cache-Status`.

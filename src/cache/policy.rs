@@ -26,16 +26,10 @@ pub fn storability(status: StatusCode, headers: &HeaderMap) -> Storability {
     if cc.iter().any(|d| d == "no-store") {
         return DontStore("origin-no-store".into());
     }
-    if cc
-        .iter()
-        .any(|d| d == "private" || d.starts_with("private="))
-    {
+    if cc.iter().any(|d| d == "private" || d.starts_with("private=")) {
         return DontStore("origin-private".into());
     }
-    if header_tokens(headers, header::VARY)
-        .iter()
-        .any(|v| v == "*" || v == "cookie" || v == "authorization")
-    {
+    if header_tokens(headers, header::VARY).iter().any(|v| v == "*" || v == "cookie" || v == "authorization") {
         return DontStore("vary".into());
     }
     if headers.contains_key(header::CONTENT_ENCODING) {
@@ -44,15 +38,11 @@ pub fn storability(status: StatusCode, headers: &HeaderMap) -> Storability {
     }
     if let Some(len) = headers.get(header::CONTENT_LENGTH) {
         return match len.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
-            Some(n) => Storability::Store {
-                expected_len: Some(n),
-            },
+            Some(n) => Storability::Store { expected_len: Some(n) },
             None => DontStore("bad-length".into()),
         };
     }
-    let chunked = header_tokens(headers, header::TRANSFER_ENCODING)
-        .last()
-        .is_some_and(|t| t == "chunked");
+    let chunked = header_tokens(headers, header::TRANSFER_ENCODING).last().is_some_and(|t| t == "chunked");
     if chunked {
         Storability::Store { expected_len: None }
     } else {
@@ -78,33 +68,22 @@ mod tests {
     use super::*;
 
     fn h(pairs: &[(&str, &str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap())).collect()
     }
 
     #[test]
     fn only_complete_framed_200s_are_stored() {
         assert_eq!(
             storability(StatusCode::OK, &h(&[("content-length", "10")])),
-            Storability::Store {
-                expected_len: Some(10)
-            }
+            Storability::Store { expected_len: Some(10) }
         );
         assert_eq!(
             storability(StatusCode::OK, &h(&[("transfer-encoding", "chunked")])),
             Storability::Store { expected_len: None }
         );
+        assert_eq!(storability(StatusCode::OK, &h(&[])), Storability::DontStore("no-length".into()));
         assert_eq!(
-            storability(StatusCode::OK, &h(&[])),
-            Storability::DontStore("no-length".into())
-        );
-        assert_eq!(
-            storability(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &h(&[("content-length", "1")])
-            ),
+            storability(StatusCode::INTERNAL_SERVER_ERROR, &h(&[("content-length", "1")])),
             Storability::DontStore("origin-status-500".into())
         );
     }
@@ -119,10 +98,7 @@ mod tests {
             ("content-encoding", "gzip", "content-encoding"),
         ] {
             let headers = h(&[("content-length", "1"), (k, v)]);
-            assert_eq!(
-                storability(StatusCode::OK, &headers),
-                Storability::DontStore(why.into())
-            );
+            assert_eq!(storability(StatusCode::OK, &headers), Storability::DontStore(why.into()));
         }
     }
 }

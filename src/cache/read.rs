@@ -62,10 +62,7 @@ pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadE
         let mut buf = Vec::with_capacity(e.size as usize);
         file.read_to_end(&mut buf)?;
         if buf.len() as u64 != e.size {
-            return Err(ReadError::WrongSize {
-                actual: buf.len() as u64,
-                expected: e.size,
-            });
+            return Err(ReadError::WrongSize { actual: buf.len() as u64, expected: e.size });
         }
         if Sha256::digest(&buf).as_slice() != e.sha256 {
             return Err(ReadError::DigestMismatch);
@@ -82,9 +79,7 @@ pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadE
 
 /// Checks that the content file is there with the indexed size (for `HEAD` answers).
 pub async fn check_present(entry: Arc<Entry>) -> Result<(), ReadError> {
-    tokio::task::spawn_blocking(move || open_checked(&entry).map(drop))
-        .await
-        .map_err(io::Error::other)?
+    tokio::task::spawn_blocking(move || open_checked(&entry).map(drop)).await.map_err(io::Error::other)?
 }
 
 enum Opened {
@@ -99,10 +94,7 @@ fn open_checked(e: &Entry) -> Result<File, ReadError> {
     })?;
     let actual = file.metadata()?.len();
     if actual != e.size {
-        return Err(ReadError::WrongSize {
-            actual,
-            expected: e.size,
-        });
+        return Err(ReadError::WrongSize { actual, expected: e.size });
     }
     Ok(file)
 }
@@ -123,11 +115,7 @@ pub struct CorruptEntry {
 }
 
 fn verifying_stream(store: Arc<Store>, entry: Arc<Entry>, file: File) -> ProxyBody {
-    let start = Some(Reading {
-        file,
-        hasher: Sha256::new(),
-        remaining: entry.size,
-    });
+    let start = Some(Reading { file, hasher: Sha256::new(), remaining: entry.size });
     let stream = futures_util::stream::unfold(start, move |state| {
         let (store, entry) = (store.clone(), entry.clone());
         async move {
@@ -140,10 +128,7 @@ fn verifying_stream(store: Arc<Store>, entry: Arc<Entry>, file: File) -> ProxyBo
                 Ok((chunk, next)) => Some((Ok::<_, BoxError>(Frame::data(chunk)), next)),
                 Err(err) => {
                     store.evict(&entry, err.reason()).await;
-                    let err = CorruptEntry {
-                        key: entry.key.clone(),
-                        source: err,
-                    };
+                    let err = CorruptEntry { key: entry.key.clone(), source: err };
                     Some((Err(Box::new(err) as BoxError), None))
                 }
             }
@@ -157,10 +142,7 @@ fn read_step(mut r: Reading, expected: &[u8; 32]) -> Result<(Bytes, Option<Readi
     let n = r.remaining.min(CHUNK) as usize;
     let mut buf = vec![0u8; n];
     r.file.read_exact(&mut buf).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => ReadError::WrongSize {
-            actual: 0,
-            expected: r.remaining,
-        },
+        io::ErrorKind::UnexpectedEof => ReadError::WrongSize { actual: 0, expected: r.remaining },
         _ => ReadError::Io(e),
     })?;
     r.hasher.update(&buf);

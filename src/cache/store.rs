@@ -45,9 +45,7 @@ impl Store {
     /// Opens (creating if needed) the store at `dir` and loads the index into memory,
     /// dropping entries whose content file is missing or has the wrong size.
     pub async fn open(dir: PathBuf) -> Result<Arc<Store>, StoreError> {
-        tokio::task::spawn_blocking(move || Store::open_sync(dir))
-            .await
-            .map_err(io::Error::other)?
+        tokio::task::spawn_blocking(move || Store::open_sync(dir)).await.map_err(io::Error::other)?
     }
 
     fn open_sync(dir: PathBuf) -> Result<Arc<Store>, StoreError> {
@@ -80,11 +78,7 @@ impl Store {
             }
         }
         tracing::info!(dir = %dir.display(), entries = map.len(), skipped, missing, "store opened");
-        Ok(Arc::new(Store {
-            dir,
-            index: RwLock::new(map),
-            index_write: Mutex::new(()),
-        }))
+        Ok(Arc::new(Store { dir, index: RwLock::new(map), index_write: Mutex::new(()) }))
     }
 
     pub fn dir(&self) -> &Path {
@@ -107,14 +101,8 @@ impl Store {
 
     /// Starts writing a new body. Nothing is visible until [`PendingWrite::commit`].
     pub async fn begin(&self) -> Result<PendingWrite, StoreError> {
-        let writer = cacache::WriteOpts::new()
-            .algorithm(Algorithm::Sha256)
-            .open_hash(&self.dir)
-            .await?;
-        Ok(PendingWrite {
-            writer: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, writer),
-            written: 0,
-        })
+        let writer = cacache::WriteOpts::new().algorithm(Algorithm::Sha256).open_hash(&self.dir).await?;
+        Ok(PendingWrite { writer: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, writer), written: 0 })
     }
 
     /// Removes `entry` because it can no longer be served (corrupt or missing content):
@@ -126,10 +114,7 @@ impl Store {
             {
                 let _w = this.index_write.lock().expect("index write lock");
                 let mut index = this.index.write().expect("index lock");
-                if index
-                    .get(&entry.key)
-                    .is_some_and(|cur| Arc::ptr_eq(cur, &entry))
-                {
+                if index.get(&entry.key).is_some_and(|cur| Arc::ptr_eq(cur, &entry)) {
                     index.remove(&entry.key);
                     drop(index);
                     cacache::index::delete(&this.dir, &entry.key)?;
@@ -172,10 +157,7 @@ impl PendingWrite {
     ) -> Result<Arc<Entry>, StoreError> {
         if let Some(expected) = expected_len {
             if expected != self.written {
-                return Err(StoreError::Length {
-                    got: self.written,
-                    expected,
-                });
+                return Err(StoreError::Length { got: self.written, expected });
             }
         }
         self.writer.flush().await?;
@@ -187,9 +169,7 @@ impl PendingWrite {
             sync_file_and_dirs(&path, &store.dir)?;
             let stored_at_ms = now_ms();
             let meta_json = serde_json::to_value(&meta).map_err(io::Error::other)?;
-            let headers = meta
-                .header_map()
-                .ok_or_else(|| io::Error::other("unstorable header"))?;
+            let headers = meta.header_map().ok_or_else(|| io::Error::other("unstorable header"))?;
             let entry = Arc::new(Entry {
                 key: key.clone(),
                 lote_id: meta.lote_id,
@@ -209,11 +189,7 @@ impl PendingWrite {
                 .metadata(meta_json);
             let _w = store.index_write.lock().expect("index write lock");
             cacache::index::insert(&store.dir, &key, opts)?;
-            store
-                .index
-                .write()
-                .expect("index lock")
-                .insert(key, entry.clone());
+            store.index.write().expect("index lock").insert(key, entry.clone());
             Ok(entry)
         })
         .await
@@ -224,11 +200,7 @@ impl PendingWrite {
 /// Where cacache keeps the content of `sri` (its `content-v2` layout).
 pub fn content_path(dir: &Path, sri: &Integrity) -> PathBuf {
     let (algo, hex) = sri.to_hex();
-    dir.join("content-v2")
-        .join(algo.to_string())
-        .join(&hex[0..2])
-        .join(&hex[2..4])
-        .join(&hex[4..])
+    dir.join("content-v2").join(algo.to_string()).join(&hex[0..2]).join(&hex[2..4]).join(&hex[4..])
 }
 
 fn sha256_of(sri: &Integrity) -> Option<[u8; 32]> {
@@ -276,10 +248,7 @@ fn sync_file_and_dirs(file: &Path, root: &Path) -> io::Result<()> {
 }
 
 pub fn now_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -300,10 +269,7 @@ mod tests {
         let mut w = store.begin().await.unwrap();
         w.write(b"hello ").await.unwrap();
         w.write(b"world").await.unwrap();
-        let entry = w
-            .commit(&store, "L1_resultados.json", meta(), Some(11))
-            .await
-            .unwrap();
+        let entry = w.commit(&store, "L1_resultados.json", meta(), Some(11)).await.unwrap();
         assert_eq!(std::fs::read(&entry.path).unwrap(), b"hello world");
         assert_eq!(entry.integrity, Integrity::from(b"hello world"));
 
@@ -338,10 +304,6 @@ mod tests {
         assert_eq!(std::fs::read(&e.path).unwrap(), b"two");
         reopened.evict(&e, "test").await;
         assert!(reopened.get("k").is_none());
-        assert!(Store::open(dir.path().to_path_buf())
-            .await
-            .unwrap()
-            .get("k")
-            .is_none());
+        assert!(Store::open(dir.path().to_path_buf()).await.unwrap().get("k").is_none());
     }
 }

@@ -9,16 +9,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_lotecache");
 #[test]
 fn check_config_accepts_the_shipped_config() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/lotecache.toml");
-    let out = Command::new(BIN)
-        .args(["check-config", path])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "ok",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(BIN).args(["check-config", path]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success());
 }
 
@@ -26,15 +18,8 @@ fn check_config_accepts_the_shipped_config() {
 fn check_config_prints_every_error_with_its_location_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
-        "[server]\nlisten = \"x\"\n[origin]\nurl = \"ftp://o\"\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
+    std::fs::write(&path, "[server]\nlisten = \"x\"\n[origin]\nurl = \"ftp://o\"\n").unwrap();
+    let out = Command::new(BIN).args(["check-config", path.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:2:10: server.listen:"), "{err}");
@@ -43,11 +28,7 @@ fn check_config_prints_every_error_with_its_location_and_exits_1() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 struct Serve(Child);
@@ -62,13 +43,7 @@ impl Drop for Serve {
 async fn serve(port: u16, origin: std::net::SocketAddr, dir: &std::path::Path) -> Serve {
     let server = Serve(
         Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--origin",
-                &format!("http://{origin}"),
-            ])
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--origin", &format!("http://{origin}")])
             .args(["--cache-dir", dir.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -76,10 +51,7 @@ async fn serve(port: u16, origin: std::net::SocketAddr, dir: &std::path::Path) -
             .unwrap(),
     );
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             return server;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;

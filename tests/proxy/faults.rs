@@ -16,14 +16,8 @@ async fn origin_500_and_404_are_passed_through_and_not_stored() {
         for _ in 0..2 {
             let got = get(proxy.local_addr(), &batch(id)).await;
             assert_eq!(got.status.as_u16(), code);
-            assert_eq!(
-                got.cache_status(),
-                format!("lotecache; fwd=uri-miss; detail=origin-status-{code}")
-            );
-            assert_eq!(
-                got.bytes().as_ref(),
-                format!("{{\"error\":\"status {code}\"}}").as_bytes()
-            );
+            assert_eq!(got.cache_status(), format!("lotecache; fwd=uri-miss; detail=origin-status-{code}"));
+            assert_eq!(got.bytes().as_ref(), format!("{{\"error\":\"status {code}\"}}").as_bytes());
         }
         assert_eq!(origin.generations(id), 2);
     }
@@ -40,14 +34,7 @@ async fn a_body_cut_short_of_its_content_length_is_an_error_and_is_not_stored() 
     assert_eq!(got.status, StatusCode::OK);
     assert!(got.body.is_err(), "a cut body must not end cleanly");
     assert!(proxy.store().is_empty());
-    origin.set(
-        "E-cut",
-        Behavior::Ok {
-            delay: Duration::ZERO,
-            pieces: 1,
-            gap: Duration::ZERO,
-        },
-    );
+    origin.set("E-cut", Behavior::Ok { delay: Duration::ZERO, pieces: 1, gap: Duration::ZERO });
     let again = get(proxy.local_addr(), &batch("E-cut")).await;
     assert_eq!(again.cache_status(), "lotecache; fwd=uri-miss; stored");
     assert_eq!(again.bytes(), &document("E-cut"));
@@ -61,10 +48,7 @@ async fn chunked_without_the_last_chunk_is_an_error_and_is_not_stored() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = start_proxy(origin.addr, dir.path(), "").await;
     let got = get(proxy.local_addr(), &batch("E-chunk")).await;
-    assert!(
-        got.body.is_err(),
-        "an unterminated chunked body must not end cleanly"
-    );
+    assert!(got.body.is_err(), "an unterminated chunked body must not end cleanly");
     assert!(proxy.store().is_empty());
 }
 
@@ -75,16 +59,10 @@ async fn a_close_delimited_body_is_served_but_not_stored() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = start_proxy(origin.addr, dir.path(), "").await;
     let got = get(proxy.local_addr(), &batch("E-close")).await;
-    assert_eq!(
-        got.cache_status(),
-        "lotecache; fwd=uri-miss; detail=no-length"
-    );
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; detail=no-length");
     assert_eq!(got.bytes(), &document("E-close"));
     let again = get(proxy.local_addr(), &batch("E-close")).await;
-    assert_eq!(
-        again.cache_status(),
-        "lotecache; fwd=uri-miss; detail=no-length"
-    );
+    assert_eq!(again.cache_status(), "lotecache; fwd=uri-miss; detail=no-length");
     assert_eq!(origin.generations("E-close"), 2);
     assert!(proxy.store().is_empty());
 }
@@ -92,12 +70,7 @@ async fn a_close_delimited_body_is_served_but_not_stored() {
 #[tokio::test]
 async fn a_stall_mid_body_past_the_idle_timeout_is_an_error_and_is_not_stored() {
     let origin = TestOrigin::start().await;
-    origin.set(
-        "E-stall",
-        Behavior::StallMidBody {
-            stall: Duration::from_secs(3),
-        },
-    );
+    origin.set("E-stall", Behavior::StallMidBody { stall: Duration::from_secs(3) });
     let dir = tempfile::tempdir().unwrap();
     let proxy = start_proxy(origin.addr, dir.path(), "").await;
     let got = get(proxy.local_addr(), &batch("E-stall")).await;
@@ -108,17 +81,11 @@ async fn a_stall_mid_body_past_the_idle_timeout_is_an_error_and_is_not_stored() 
 #[tokio::test]
 async fn a_response_with_set_cookie_is_served_but_not_stored() {
     let origin = TestOrigin::start().await;
-    origin.set(
-        "E-cookie",
-        Behavior::WithHeaders(vec![("set-cookie".into(), "session=abc".into())]),
-    );
+    origin.set("E-cookie", Behavior::WithHeaders(vec![("set-cookie".into(), "session=abc".into())]));
     let dir = tempfile::tempdir().unwrap();
     let proxy = start_proxy(origin.addr, dir.path(), "").await;
     let got = get(proxy.local_addr(), &batch("E-cookie")).await;
-    assert_eq!(
-        got.cache_status(),
-        "lotecache; fwd=uri-miss; detail=set-cookie"
-    );
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; detail=set-cookie");
     assert_eq!(got.bytes(), &document("E-cookie"));
     assert!(proxy.store().is_empty());
 }
@@ -127,10 +94,7 @@ async fn a_response_with_set_cookie_is_served_but_not_stored() {
 async fn origin_down_gives_502_with_a_json_error() {
     let dir = tempfile::tempdir().unwrap();
     // A port that was just free: nothing listens there.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let proxy = start_proxy(closed, dir.path(), "").await;
     for path in [batch("D-1"), "/monitoreo".to_string()] {
         let got = get(proxy.local_addr(), &path).await;
@@ -138,16 +102,10 @@ async fn origin_down_gives_502_with_a_json_error() {
         assert_eq!(got.headers["content-type"], "application/json");
         let body = got.json();
         assert_eq!(body["error"], "origin unreachable");
-        assert!(
-            body["detail"].as_str().unwrap().contains("onnect"),
-            "{body}"
-        );
+        assert!(body["detail"].as_str().unwrap().contains("onnect"), "{body}");
     }
     let cached = get(proxy.local_addr(), &batch("D-1")).await;
-    assert_eq!(
-        cached.cache_status(),
-        "lotecache; fwd=uri-miss; detail=origin-unreachable"
-    );
+    assert_eq!(cached.cache_status(), "lotecache; fwd=uri-miss; detail=origin-unreachable");
     assert!(proxy.store().is_empty());
 }
 
@@ -160,10 +118,7 @@ async fn origin_silent_before_the_head_gives_504_with_a_json_error() {
     let got = get(proxy.local_addr(), &batch("E-hang")).await;
     assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(got.json()["error"], "origin timed out");
-    assert_eq!(
-        got.cache_status(),
-        "lotecache; fwd=uri-miss; detail=origin-timeout"
-    );
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; detail=origin-timeout");
     assert!(proxy.store().is_empty());
 }
 
@@ -186,11 +141,7 @@ async fn a_flipped_byte_in_a_small_stored_entry_is_never_served_and_is_refetched
 
     let got = get(proxy.local_addr(), &batch("C-small")).await;
     assert_eq!(got.status, StatusCode::OK);
-    assert_eq!(
-        got.bytes(),
-        &document("C-small"),
-        "the corrupt copy was served"
-    );
+    assert_eq!(got.bytes(), &document("C-small"), "the corrupt copy was served");
     assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored");
     assert_eq!(origin.generations("C-small"), 2);
     let hit = get(proxy.local_addr(), &batch("C-small")).await;
@@ -199,8 +150,7 @@ async fn a_flipped_byte_in_a_small_stored_entry_is_never_served_and_is_refetched
 }
 
 #[tokio::test]
-async fn a_flipped_byte_in_a_large_stored_entry_aborts_the_response_and_the_next_request_refetches()
-{
+async fn a_flipped_byte_in_a_large_stored_entry_aborts_the_response_and_the_next_request_refetches() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = start_proxy(origin.addr, dir.path(), "").await;
@@ -209,10 +159,7 @@ async fn a_flipped_byte_in_a_large_stored_entry_aborts_the_response_and_the_next
 
     let got = get(proxy.local_addr(), &batch("C-large-3mb")).await;
     assert_eq!(got.cache_status(), "lotecache; hit");
-    assert!(
-        got.body.is_err(),
-        "a corrupt entry must not end as a complete 200"
-    );
+    assert!(got.body.is_err(), "a corrupt entry must not end as a complete 200");
 
     let next = get(proxy.local_addr(), &batch("C-large-3mb")).await;
     assert_eq!(next.cache_status(), "lotecache; fwd=uri-miss; stored");
@@ -228,27 +175,13 @@ async fn deleted_or_truncated_content_is_refetched_not_served() {
     get(proxy.local_addr(), &batch("C-del")).await;
     get(proxy.local_addr(), &batch("C-trunc-2mb")).await;
     std::fs::remove_file(&proxy.store().get("C-del_resultados.json").unwrap().path).unwrap();
-    let trunc = proxy
-        .store()
-        .get("C-trunc-2mb_resultados.json")
-        .unwrap()
-        .path
-        .clone();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&trunc)
-        .unwrap()
-        .set_len(100)
-        .unwrap();
+    let trunc = proxy.store().get("C-trunc-2mb_resultados.json").unwrap().path.clone();
+    std::fs::OpenOptions::new().write(true).open(&trunc).unwrap().set_len(100).unwrap();
 
     for id in ["C-del", "C-trunc-2mb"] {
         let got = get(proxy.local_addr(), &batch(id)).await;
         assert_eq!(got.bytes(), &document(id));
-        assert_eq!(
-            got.cache_status(),
-            "lotecache; fwd=uri-miss; stored",
-            "{id}"
-        );
+        assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored", "{id}");
         assert_eq!(origin.generations(id), 2);
     }
 }

@@ -22,10 +22,7 @@ async fn miss_then_hit_serves_identical_bytes_and_headers_with_one_generation() 
     for h in ["content-type", "content-disposition", "content-length"] {
         assert_eq!(hit.headers.get(h), miss.headers.get(h), "header {h}");
     }
-    assert_eq!(
-        hit.headers["content-disposition"],
-        "attachment; filename=L-1_resultados.json"
-    );
+    assert_eq!(hit.headers["content-disposition"], "attachment; filename=L-1_resultados.json");
     assert_eq!(origin.generations("L-1"), 1);
 }
 
@@ -53,10 +50,7 @@ async fn large_hits_stream_with_exact_content_length() {
     let hit = get(proxy.local_addr(), &batch("L-3-3mb")).await;
     assert_eq!(hit.cache_status(), "lotecache; hit");
     assert_eq!(hit.bytes(), &document("L-3-3mb"));
-    assert_eq!(
-        hit.headers["content-length"],
-        miss.bytes().len().to_string()
-    );
+    assert_eq!(hit.headers["content-length"], miss.bytes().len().to_string());
     assert_eq!(origin.generations("L-3-3mb"), 1);
 }
 
@@ -69,10 +63,7 @@ async fn head_on_a_hit_answers_from_the_stored_head() {
     let head = send(request(Method::HEAD, proxy.local_addr(), &batch("L-4"))).await;
     assert_eq!(head.status, StatusCode::OK);
     assert_eq!(head.cache_status(), "lotecache; hit");
-    assert_eq!(
-        head.headers["content-length"],
-        miss.bytes().len().to_string()
-    );
+    assert_eq!(head.headers["content-length"], miss.bytes().len().to_string());
     assert_eq!(head.headers["content-type"], "application/json");
     assert!(head.bytes().is_empty());
     assert_eq!(origin.generations("L-4"), 1);
@@ -85,10 +76,7 @@ async fn head_on_a_miss_fills_the_whole_entry_with_a_get() {
     let proxy = start_proxy(origin.addr, dir.path(), "").await;
     let head = send(request(Method::HEAD, proxy.local_addr(), &batch("L-5"))).await;
     assert_eq!(head.status, StatusCode::OK);
-    assert_eq!(
-        head.headers["content-length"],
-        document("L-5").len().to_string()
-    );
+    assert_eq!(head.headers["content-length"], document("L-5").len().to_string());
     assert!(head.bytes().is_empty());
     // The fill goes on without a body reader; the entry appears complete.
     for _ in 0..100 {
@@ -100,10 +88,7 @@ async fn head_on_a_miss_fills_the_whole_entry_with_a_get() {
     let hit = get(proxy.local_addr(), &batch("L-5")).await;
     assert_eq!(hit.cache_status(), "lotecache; hit");
     assert_eq!(hit.bytes(), &document("L-5"));
-    assert_eq!(
-        origin.seen().iter().filter(|s| s.method == "HEAD").count(),
-        0
-    );
+    assert_eq!(origin.seen().iter().filter(|s| s.method == "HEAD").count(), 0);
     assert_eq!(origin.generations("L-5"), 1);
 }
 
@@ -119,31 +104,19 @@ async fn a_complete_chunked_body_is_stored() {
     let hit = get(proxy.local_addr(), &batch("L-6")).await;
     assert_eq!(hit.cache_status(), "lotecache; hit");
     assert_eq!(hit.bytes(), &document("L-6"));
-    assert_eq!(
-        hit.headers["content-length"],
-        document("L-6").len().to_string()
-    );
+    assert_eq!(hit.headers["content-length"], document("L-6").len().to_string());
     assert_eq!(origin.generations("L-6"), 1);
 }
 
 #[tokio::test]
 async fn a_client_that_disconnects_mid_miss_still_leaves_a_complete_entry() {
     let origin = TestOrigin::start().await;
-    origin.set(
-        "L-7-2mb",
-        Behavior::Ok {
-            delay: Duration::ZERO,
-            pieces: 8,
-            gap: Duration::from_millis(60),
-        },
-    );
+    origin.set("L-7-2mb", Behavior::Ok { delay: Duration::ZERO, pieces: 8, gap: Duration::from_millis(60) });
     let dir = tempfile::tempdir().unwrap();
     let proxy = start_proxy(origin.addr, dir.path(), "").await;
 
-    let resp = crate::support::client()
-        .request(request(Method::GET, proxy.local_addr(), &batch("L-7-2mb")))
-        .await
-        .unwrap();
+    let resp =
+        crate::support::client().request(request(Method::GET, proxy.local_addr(), &batch("L-7-2mb"))).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     drop(resp); // the client leaves after the head, with most of the body still to come
 

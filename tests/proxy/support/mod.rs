@@ -34,10 +34,7 @@ pub struct Got {
 
 impl Got {
     pub fn cache_status(&self) -> &str {
-        self.headers
-            .get("cache-status")
-            .map(|v| v.to_str().unwrap())
-            .unwrap_or("")
+        self.headers.get("cache-status").map(|v| v.to_str().unwrap()).unwrap_or("")
     }
     pub fn bytes(&self) -> &Bytes {
         self.body.as_ref().expect("body ended cleanly")
@@ -48,25 +45,15 @@ impl Got {
 }
 
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build_http()
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http()
 }
 
 /// Sends `req` and reads the whole body.
 pub async fn send(req: Request<Full<Bytes>>) -> Got {
     let resp = client().request(req).await.expect("response head");
     let (parts, body) = resp.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| format!("{e:?}"));
-    Got {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    let body = body.collect().await.map(|c| c.to_bytes()).map_err(|e| format!("{e:?}"));
+    Got { status: parts.status, headers: parts.headers, body }
 }
 
 pub async fn get(proxy: SocketAddr, path: &str) -> Got {
@@ -74,11 +61,7 @@ pub async fn get(proxy: SocketAddr, path: &str) -> Got {
 }
 
 pub fn request(method: Method, proxy: SocketAddr, path: &str) -> Request<Full<Bytes>> {
-    Request::builder()
-        .method(method)
-        .uri(format!("http://{proxy}{path}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap()
+    Request::builder().method(method).uri(format!("http://{proxy}{path}")).body(Full::new(Bytes::new())).unwrap()
 }
 
 /// The path of batch `id`'s results.

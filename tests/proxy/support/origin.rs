@@ -19,11 +19,7 @@ use tokio::{
 #[derive(Clone, Debug)]
 pub enum Behavior {
     /// 200 with Content-Length, after `delay`, body sent in `pieces` writes `gap` apart.
-    Ok {
-        delay: Duration,
-        pieces: usize,
-        gap: Duration,
-    },
+    Ok { delay: Duration, pieces: usize, gap: Duration },
     /// 200, chunked, complete.
     Chunked,
     /// 200, chunked, connection closed before the last chunk.
@@ -67,19 +63,13 @@ pub struct TestOrigin {
 
 /// The body served for batch `id`: a results document of about `size_of(id)` bytes.
 pub fn document(id: &str) -> Bytes {
-    Bytes::from(lotecache::sample_origin::batch_document(
-        id,
-        lotecache::sample_origin::target_size(id),
-    ))
+    Bytes::from(lotecache::sample_origin::batch_document(id, lotecache::sample_origin::target_size(id)))
 }
 
 impl TestOrigin {
     pub async fn start() -> TestOrigin {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin = TestOrigin {
-            addr: listener.local_addr().unwrap(),
-            state: Arc::default(),
-        };
+        let origin = TestOrigin { addr: listener.local_addr().unwrap(), state: Arc::default() };
         let o = origin.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -91,22 +81,12 @@ impl TestOrigin {
     }
 
     pub fn set(&self, id: &str, behavior: Behavior) {
-        self.state
-            .lock()
-            .unwrap()
-            .behaviors
-            .insert(id.to_string(), behavior);
+        self.state.lock().unwrap().behaviors.insert(id.to_string(), behavior);
     }
 
     /// How many times batch `id` was requested (generated).
     pub fn generations(&self, id: &str) -> u64 {
-        self.state
-            .lock()
-            .unwrap()
-            .generations
-            .get(id)
-            .copied()
-            .unwrap_or(0)
+        self.state.lock().unwrap().generations.get(id).copied().unwrap_or(0)
     }
 
     /// Every request received so far.
@@ -129,11 +109,8 @@ impl TestOrigin {
                         *st.generations.entry(id.clone()).or_default() += 1;
                         st.behaviors.get(&id).cloned()
                     };
-                    let behavior = behavior.unwrap_or(Behavior::Ok {
-                        delay: Duration::ZERO,
-                        pieces: 1,
-                        gap: Duration::ZERO,
-                    });
+                    let behavior =
+                        behavior.unwrap_or(Behavior::Ok { delay: Duration::ZERO, pieces: 1, gap: Duration::ZERO });
                     respond_batch(reader.get_mut(), &id, behavior, req.method == "HEAD").await
                 }
                 None => echo(reader.get_mut(), &req).await,
@@ -163,12 +140,7 @@ async fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Seen> {
         let (k, v) = h.split_once(':')?;
         headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let mut body = Vec::new();
     if let Some(len) = header("content-length") {
         body.resize(len.parse().ok()?, 0);
@@ -186,12 +158,7 @@ async fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Seen> {
             body.extend_from_slice(&chunk[..n]);
         }
     }
-    Some(Seen {
-        method,
-        target,
-        headers,
-        body,
-    })
+    Some(Seen { method, target, headers, body })
 }
 
 fn head(status: u16, extra: &str) -> String {
@@ -202,12 +169,7 @@ fn head(status: u16, extra: &str) -> String {
 async fn respond_batch(s: &mut TcpStream, id: &str, behavior: Behavior, head_only: bool) -> bool {
     let doc = document(id);
     let disposition = format!("content-disposition: attachment; filename={id}_resultados.json\r\n");
-    let with_len = |extra: &str| {
-        head(
-            200,
-            &format!("{disposition}content-length: {}\r\n{extra}", doc.len()),
-        )
-    };
+    let with_len = |extra: &str| head(200, &format!("{disposition}content-length: {}\r\n{extra}", doc.len()));
     match behavior {
         Behavior::Ok { delay, pieces, gap } => {
             tokio::time::sleep(delay).await;
@@ -229,8 +191,7 @@ async fn respond_batch(s: &mut TcpStream, id: &str, behavior: Behavior, head_onl
             true
         }
         Behavior::Chunked | Behavior::ChunkedNoEnd => {
-            let mut out =
-                head(200, &format!("{disposition}transfer-encoding: chunked\r\n")).into_bytes();
+            let mut out = head(200, &format!("{disposition}transfer-encoding: chunked\r\n")).into_bytes();
             for chunk in doc.chunks(1000) {
                 out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
                 out.extend_from_slice(chunk);
@@ -249,19 +210,13 @@ async fn respond_batch(s: &mut TcpStream, id: &str, behavior: Behavior, head_onl
             false
         }
         Behavior::CloseDelimited { send } => {
-            let _ = s
-                .write_all(head(200, &format!("{disposition}connection: close\r\n")).as_bytes())
-                .await;
-            let _ = s
-                .write_all(&doc[..send.unwrap_or(doc.len()).min(doc.len())])
-                .await;
+            let _ = s.write_all(head(200, &format!("{disposition}connection: close\r\n")).as_bytes()).await;
+            let _ = s.write_all(&doc[..send.unwrap_or(doc.len()).min(doc.len())]).await;
             false
         }
         Behavior::Status(code) => {
             let body = format!("{{\"error\":\"status {code}\"}}");
-            let _ = s
-                .write_all(head(code, &format!("content-length: {}\r\n", body.len())).as_bytes())
-                .await;
+            let _ = s.write_all(head(code, &format!("content-length: {}\r\n", body.len())).as_bytes()).await;
             let _ = s.write_all(body.as_bytes()).await;
             true
         }
@@ -294,12 +249,6 @@ async fn echo(s: &mut TcpStream, req: &Seen) -> bool {
         "body": String::from_utf8_lossy(&req.body),
     })
     .to_string();
-    let out = format!(
-        "{}{body}",
-        head(
-            200,
-            &format!("x-origin: echo\r\ncontent-length: {}\r\n", body.len())
-        )
-    );
+    let out = format!("{}{body}", head(200, &format!("x-origin: echo\r\ncontent-length: {}\r\n", body.len())));
     s.write_all(out.as_bytes()).await.is_ok()
 }
