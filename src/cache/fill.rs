@@ -90,16 +90,18 @@ impl FillState {
     }
 
     /// Cuts subscribers lagging by more than `limit`, then drops every chunk all the
-    /// others have read.
+    /// others have read. The newest chunk does not count as lag: no subscriber can have
+    /// read it yet.
     fn trim(&mut self, limit: u64) {
         self.closed = true;
         self.cursors.retain(|c| c.strong_count() > 0);
+        let readable = self.total - self.chunks.back().map_or(0, |c| c.len() as u64);
         let mut keep_from = self.base + self.chunks.len();
         for cursor in self.cursors.iter().filter_map(Weak::upgrade) {
             if cursor.cut.load(Relaxed) {
                 continue;
             }
-            if self.total - cursor.read.load(Relaxed) > limit {
+            if readable.saturating_sub(cursor.read.load(Relaxed)) > limit {
                 cursor.cut.store(true, Relaxed);
                 tracing::warn!(lag_limit = limit, "subscriber fell too far behind its fill; cutting it");
                 continue;
@@ -354,6 +356,8 @@ async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob, 
             }
         };
         fill.state.send_modify(|s| s.push(data.clone(), config.replay_buffer));
+        // Let subscribers on this worker take the chunk before the next one arrives.
+        tokio::task::yield_now().await;
         if let Some(w) = writer.as_mut() {
             if let Err(e) = w.write(&data).await {
                 // A cache-side failure never cuts the client's stream: stop storing, keep serving.
@@ -479,12 +483,12 @@ mod tests {
         let fill = Fill::new();
         let fast = fill.try_subscribe().unwrap();
         let slow = fill.try_subscribe().unwrap();
-        let push = |n: u8| fill.state.send_modify(|s| s.push(Bytes::from(vec![n; 10]), 25));
+        let push = |n: u8| fill.state.send_modify(|s| s.push(Bytes::from(vec![n; 10]), 15));
         push(0);
         push(1);
         fast.cursor.next.store(2, Relaxed);
         fast.cursor.read.store(20, Relaxed);
-        push(2); // 30 bytes retained > 25: trim; slow lags 30 > 25 and is cut
+        push(2); // 30 bytes retained > 15: trim; slow lags 20 readable bytes > 15 and is cut
         assert!(slow.cursor.cut.load(Relaxed));
         assert!(!fast.cursor.cut.load(Relaxed));
         let s = fill.state.borrow();

@@ -8,3 +8,4 @@ mod faults;
 mod miss_hit;
 mod passthrough;
 mod routing;
+mod single_flight;

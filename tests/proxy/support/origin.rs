@@ -37,6 +37,8 @@ pub enum Behavior {
     StallMidBody { stall: Duration },
     /// 200 with these extra header lines.
     WithHeaders(Vec<(String, String)>),
+    /// Waits, then behaves as the inner behaviour.
+    Delayed(Duration, Box<Behavior>),
 }
 
 /// A request as the origin received it.
@@ -166,7 +168,11 @@ fn head(status: u16, extra: &str) -> String {
 }
 
 /// Writes the answer for a batch; returns whether the connection may be reused.
-async fn respond_batch(s: &mut TcpStream, id: &str, behavior: Behavior, head_only: bool) -> bool {
+async fn respond_batch(s: &mut TcpStream, id: &str, mut behavior: Behavior, head_only: bool) -> bool {
+    while let Behavior::Delayed(delay, inner) = behavior {
+        tokio::time::sleep(delay).await;
+        behavior = *inner;
+    }
     let doc = document(id);
     let disposition = format!("content-disposition: attachment; filename={id}_resultados.json\r\n");
     let with_len = |extra: &str| head(200, &format!("{disposition}content-length: {}\r\n{extra}", doc.len()));
@@ -231,6 +237,7 @@ async fn respond_batch(s: &mut TcpStream, id: &str, behavior: Behavior, head_onl
             let _ = s.write_all(&doc[doc.len() / 2..]).await;
             true
         }
+        Behavior::Delayed(..) => unreachable!("unwrapped above"),
         Behavior::WithHeaders(extra) => {
             let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
             let _ = s.write_all(with_len(&extra).as_bytes()).await;
