@@ -30,6 +30,15 @@ enum Command {
     },
     /// Validate a config file: prints every error with its location, or "ok".
     CheckConfig { path: PathBuf },
+    /// Run only the sample legacy origin (for benchmarks and trials): every
+    /// `/download_batch_results/<id>` is regenerated after `--delay`; any other path returns
+    /// generation counts as JSON.
+    SampleOrigin {
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        delay: Duration,
+    },
     /// Start a sample legacy origin and the proxy in front of it, show a miss then a hit.
     Demo {
         /// Where the proxy listens.
@@ -65,6 +74,17 @@ fn main() -> ExitCode {
                 Err(errors) => print_config_errors(&errors),
             },
             Command::Demo { listen, delay } => demo(listen, delay).await,
+            Command::SampleOrigin { listen, delay } => match sample_origin::start(listen, delay).await {
+                Ok(origin) => {
+                    tracing::info!(listen = %origin.addr, ?delay, "sample origin serving");
+                    wait_for_signal().await;
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lotecache sample-origin: cannot listen on {listen}: {e}");
+                    ExitCode::FAILURE
+                }
+            },
         }
     })
 }

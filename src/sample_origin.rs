@@ -72,8 +72,10 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let path = req.uri().path();
     let Some(id) = path.strip_prefix("/download_batch_results/") else {
-        let body = json!({ "servicio": "lotecache sample origin", "generaciones": gens.total() }).to_string();
-        return Ok(json_response(StatusCode::OK, body, None));
+        // Any other path: generation counts, for benchmarks and the curious.
+        let by_id = gens.0.lock().expect("generations").clone();
+        let body = json!({ "service": "lotecache sample origin", "generations": gens.total(), "by_id": by_id });
+        return Ok(json_response(StatusCode::OK, body.to_string(), None));
     };
     let id = id.to_string();
     gens.bump(&id);
