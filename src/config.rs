@@ -1,8 +1,10 @@
 //! Typed configuration: the TOML file format (`RawConfig`), command-line overrides, and
 //! validation into a ready-to-use `Config` with every error reported with its location.
 
+use crate::cache::validate::{parse_pointer, Assertion, Check, OnFail, Validation};
 use regex_lite::Regex;
 use serde::Deserialize;
+use std::sync::Arc;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use toml::Spanned;
 
@@ -56,6 +58,22 @@ pub struct RawRule {
     pub id_pattern: Option<Spanned<String>>,
     pub key: Option<Spanned<String>>,
     pub query: Option<Spanned<String>>,
+    /// The body must be valid JSON before it is stored.
+    pub json: Option<bool>,
+    #[serde(default, rename = "assert")]
+    pub asserts: Vec<RawAssert>,
+}
+
+/// `[[rules.assert]]`: a check on the values at a JSON pointer before storing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAssert {
+    pub pointer: Spanned<String>,
+    pub equals: Option<String>,
+    pub one_of: Option<Vec<String>>,
+    #[serde(default)]
+    pub optional: bool,
+    pub on_fail: Option<Spanned<String>>,
 }
 
 /// The validated configuration the proxy runs with.
@@ -127,6 +145,8 @@ pub struct RuleConfig {
     pub key_prefix: String,
     pub key_suffix: String,
     pub query: QueryPolicy,
+    /// Checks a document must pass before it is stored (inactive when empty).
+    pub validation: Arc<Validation>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -374,6 +394,7 @@ impl<'a> Validator<'a> {
                 QueryPolicy::Reject
             }
         };
+        let validation = self.validation(r);
         if self.errors.len() > before {
             return None;
         }
@@ -385,7 +406,45 @@ impl<'a> Validator<'a> {
             key_prefix,
             key_suffix,
             query,
+            validation: Arc::new(validation),
         })
+    }
+
+    fn validation(&mut self, r: &RawRule) -> Validation {
+        let mut asserts = Vec::new();
+        for a in &r.asserts {
+            let at = self.pick(None, "", Some(&a.pointer), "");
+            let segments = match parse_pointer(at.value) {
+                Ok(s) => s,
+                Err(msg) => {
+                    self.err(&at, "rules.assert.pointer", msg);
+                    continue;
+                }
+            };
+            let check = match (&a.equals, &a.one_of) {
+                (Some(t), None) => Check::Equals(t.clone()),
+                (None, Some(list)) if !list.is_empty() => Check::OneOf(list.clone()),
+                _ => {
+                    self.err(&at, "rules.assert", "give exactly one of `equals` or a non-empty `one_of`");
+                    continue;
+                }
+            };
+            let fail_at = self.pick(None, "", a.on_fail.as_ref(), "abort");
+            let on_fail = match fail_at.value {
+                "abort" => OnFail::Abort,
+                "dont-store" => OnFail::DontStore,
+                other => {
+                    self.err(
+                        &fail_at,
+                        "rules.assert.on_fail",
+                        format!("{other:?} is not one of \"abort\", \"dont-store\""),
+                    );
+                    continue;
+                }
+            };
+            asserts.push(Assertion { pointer: at.value.to_string(), segments, check, optional: a.optional, on_fail });
+        }
+        Validation { json: r.json.unwrap_or(false), asserts }
     }
 }
 
@@ -401,6 +460,7 @@ pub fn default_rule() -> RuleConfig {
         key_prefix,
         key_suffix,
         query: QueryPolicy::Reject,
+        validation: Arc::new(Validation::default()),
     }
 }
 

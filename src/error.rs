@@ -24,6 +24,10 @@ pub enum ProxyError {
     /// The fill this request was waiting on ended without a response (aborted task).
     #[error("fill aborted")]
     FillAborted,
+    /// The origin's document failed the route's validation in a way that forbids serving it
+    /// (not JSON, or another batch's data).
+    #[error("origin sent an invalid document")]
+    InvalidDocument { token: String, reason: String },
     /// This request waited longer than `cache.wait_timeout` for a fill.
     #[error("timed out waiting for the origin fetch")]
     WaitTimeout,
@@ -34,16 +38,18 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::InvalidId { .. } | ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            ProxyError::OriginUnreachable(_) | ProxyError::OriginFailed(_) | ProxyError::FillAborted => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::OriginUnreachable(_)
+            | ProxyError::OriginFailed(_)
+            | ProxyError::FillAborted
+            | ProxyError::InvalidDocument { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::OriginTimeout { .. } | ProxyError::WaitTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
     /// A short token naming the failure, used in `Cache-Status: …; detail=` and in metrics.
-    pub fn token(&self) -> &'static str {
-        match self {
+    pub fn token(&self) -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed(match self {
+            ProxyError::InvalidDocument { token, .. } => return std::borrow::Cow::Owned(token.clone()),
             ProxyError::InvalidId { .. } => "invalid-lote-id",
             ProxyError::BadRequest { .. } => "bad-request",
             ProxyError::OriginUnreachable(_) => "origin-unreachable",
@@ -51,7 +57,7 @@ impl ProxyError {
             ProxyError::OriginFailed(_) => "origin-error",
             ProxyError::FillAborted => "fill-aborted",
             ProxyError::WaitTimeout => "wait-timeout",
-        }
+        })
     }
 
     /// Human-readable detail for the JSON body. Never contains raw request bytes unescaped:
@@ -59,6 +65,7 @@ impl ProxyError {
     pub fn detail(&self) -> String {
         match self {
             ProxyError::InvalidId { detail } | ProxyError::BadRequest { detail } => detail.clone(),
+            ProxyError::InvalidDocument { reason, .. } => reason.clone(),
             ProxyError::OriginUnreachable(e) | ProxyError::OriginFailed(e) => error_chain(e.as_ref()),
             ProxyError::OriginTimeout { phase } => {
                 format!("no {phase} from the origin within the configured timeout")

@@ -57,7 +57,7 @@ impl Shared {
             Route::Pass => self.pass_through(req, peer).await,
             Route::Reject { rule, error } => {
                 tracing::info!(rule = %rule, path = ?req.uri().path(), "cache route request rejected");
-                error.to_response(Some(status::rejected(error.token())))
+                error.to_response(Some(status::rejected(&error.token())))
             }
             Route::Cache(target) => self.cache.handle(req, target, peer).await,
         }

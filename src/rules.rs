@@ -31,6 +31,8 @@ pub struct CacheTarget {
     pub key: String,
     /// Path and query of the rebuilt upstream request.
     pub upstream_path: String,
+    /// What a document must pass before it is stored (None: no validation).
+    pub validation: Option<std::sync::Arc<crate::cache::validate::Validation>>,
 }
 
 /// Bytes kept as they are when the id is put back into an upstream path.
@@ -86,7 +88,14 @@ impl Rules {
                     }
                 }
             };
-            return Route::Cache(CacheTarget { rule: rule.name.clone(), lote_id: id.to_string(), key, upstream_path });
+            let validation = rule.validation.is_active().then(|| rule.validation.clone());
+            return Route::Cache(CacheTarget {
+                rule: rule.name.clone(),
+                lote_id: id.to_string(),
+                key,
+                upstream_path,
+                validation,
+            });
         }
         Route::Pass
     }

@@ -75,4 +75,22 @@ pub struct Entry {
     pub gen_ms: u64,
     /// Where the content file is.
     pub path: PathBuf,
+    /// Strong `ETag`, derived from the digest.
+    pub etag: HeaderValue,
+    /// `Repr-Digest` (RFC 9530) of the body.
+    pub repr_digest: HeaderValue,
+}
+
+/// The `ETag` and `Repr-Digest` values for a body with this sha256.
+pub fn validators(sha256: &[u8; 32], integrity: &Integrity) -> (HeaderValue, HeaderValue) {
+    let etag = HeaderValue::from_str(&format!("\"sha256-{}\"", hex::encode(sha256))).expect("hex is a valid header");
+    // ssri keeps each digest as standard base64, which is what RFC 9530 byte sequences use.
+    let b64 = integrity
+        .hashes
+        .iter()
+        .find(|h| h.algorithm == ssri::Algorithm::Sha256)
+        .map(|h| h.digest.as_str())
+        .unwrap_or_default();
+    let digest = HeaderValue::from_str(&format!("sha-256=:{b64}:")).unwrap_or_else(|_| HeaderValue::from_static(""));
+    (etag, digest)
 }

@@ -15,12 +15,13 @@ use super::entry::{Entry, EntryMeta};
 use super::policy::{storability, Storability};
 use super::status;
 use super::store::Store;
+use super::validate::{OnFail, StreamingValidator, Verdict};
 use crate::body::{BoxError, ProxyBody};
 use crate::config::FillConfig;
 use crate::error::ProxyError;
 use crate::origin::{forward_response_headers, IdleTimeoutBody, Origin};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use std::{
@@ -32,6 +33,9 @@ use std::{
     time::Instant,
 };
 use tokio::{sync::watch, task::AbortHandle};
+
+/// `Repr-Digest` (RFC 9530).
+pub const REPR_DIGEST: HeaderName = HeaderName::from_static("repr-digest");
 
 /// The response head of a fill, as sent to subscribers.
 #[derive(Debug)]
@@ -196,6 +200,8 @@ pub struct FillJob {
     pub lote_id: String,
     /// The rebuilt upstream request (GET, absolute URI, empty body).
     pub request: Request<ProxyBody>,
+    /// Checks the document must pass before it is stored, if the route has any.
+    pub validation: Option<Arc<super::validate::Validation>>,
 }
 
 impl Fills {
@@ -284,40 +290,67 @@ impl Drop for FillGuard {
     }
 }
 
-/// The fill task: fetch, fan out, write, commit.
+/// The fill task: fetch, fan out, validate, write, commit.
 async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob, config: FillConfig) {
     let fill = guard.fill.clone();
+    let key = job.key.clone();
+    if let Err(e) = fetch(&fill, &store, &origin, job, &config).await {
+        tracing::warn!(key = %key, error = %e, detail = %e.detail(), "fill failed; nothing stored");
+        fill.fail(e);
+    }
+    drop(guard);
+}
+
+/// A response head not yet published to subscribers (validated routes publish it once the
+/// verdict is known, so that `Cache-Status`, `ETag` and the status itself tell the truth).
+struct HeldHead {
+    status: StatusCode,
+    headers: HeaderMap,
+}
+
+impl Fill {
+    fn publish_head(&self, status: StatusCode, headers: HeaderMap, cache_status: HeaderValue) {
+        self.state.send_modify(|s| s.head = Some(Arc::new(FillHead { status, headers, cache_status })));
+    }
+}
+
+async fn fetch(
+    fill: &Fill,
+    store: &Arc<Store>,
+    origin: &Origin,
+    job: FillJob,
+    config: &FillConfig,
+) -> Result<(), ProxyError> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + config.fill_timeout;
     let too_old = || ProxyError::OriginTimeout { phase: "complete response (cache.fill_timeout)" };
-    let response = match tokio::time::timeout_at(deadline, origin.send(job.request)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            tracing::warn!(key = %job.key, error = %e, detail = %e.detail(), "fill failed before the response head");
-            fill.fail(e);
-            return;
-        }
-        Err(_) => {
-            fill.fail(too_old());
-            return;
-        }
-    };
+    let response = tokio::time::timeout_at(deadline, origin.send(job.request)).await.map_err(|_| too_old())??;
     let (mut parts, body) = response.into_parts();
-    let decision = storability(parts.status, &parts.headers);
+    let json_checked = job.validation.as_ref().is_some_and(|v| v.json);
+    let decision = storability(parts.status, &parts.headers, json_checked);
     forward_response_headers(&mut parts.headers);
-    let cache_status = match &decision {
-        Storability::Store { .. } => status::miss_stored(),
-        Storability::DontStore(reason) => status::miss_not_stored(reason),
-    };
     let stored_headers = {
         let mut h = parts.headers.clone();
         h.remove(http::header::CONTENT_LENGTH);
         h.remove(http::header::VIA);
+        h.remove(http::header::ETAG); // ours, from the digest, replaces the origin's
         h
     };
-    fill.state.send_modify(|s| {
-        s.head = Some(Arc::new(FillHead { status: parts.status, headers: parts.headers, cache_status }))
-    });
+
+    // Validation applies to what would be stored.
+    let validator = match (&decision, &job.validation) {
+        (Storability::Store { .. }, Some(v)) => Some(StreamingValidator::spawn(v.clone(), job.lote_id.clone())),
+        _ => None,
+    };
+    let mut held = None;
+    match (&decision, &validator) {
+        (_, Some(_)) => held = Some(HeldHead { status: parts.status, headers: parts.headers }),
+        (Storability::Store { .. }, None) => fill.publish_head(parts.status, parts.headers, status::miss_stored()),
+        (Storability::DontStore(reason), None) => {
+            tracing::info!(key = %job.key, reason = %reason, "origin response will not be stored");
+            fill.publish_head(parts.status, parts.headers, status::miss_not_stored(reason));
+        }
+    }
 
     let mut writer = match &decision {
         Storability::Store { .. } => match store.begin().await {
@@ -327,37 +360,30 @@ async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob, 
                 None
             }
         },
-        Storability::DontStore(reason) => {
-            tracing::info!(key = %job.key, reason = %reason, "origin response will not be stored");
-            None
-        }
+        Storability::DontStore(_) => None,
     };
 
     let mut body = IdleTimeoutBody::new(body, origin.body_idle_timeout());
     loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break,
-            Err(_) => {
-                tracing::warn!(key = %job.key, "fill exceeded cache.fill_timeout; abandoned, nothing stored");
-                fill.fail(too_old());
-                return;
-            }
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| too_old())? {
+            Some(frame) => frame.map_err(ProxyError::OriginFailed)?,
+            None => break,
         };
-        let data = match frame {
-            Ok(frame) => match frame.into_data() {
-                Ok(data) => data,
-                Err(_) => continue, // trailers: not part of the stored body
-            },
-            Err(e) => {
-                tracing::warn!(key = %job.key, error = %crate::error::error_chain(e.as_ref()), "origin body failed; nothing stored");
-                fill.fail(ProxyError::OriginFailed(e));
-                return;
+        let Ok(data) = frame.into_data() else { continue }; // trailers are not part of the body
+        let mut retained = 0;
+        fill.state.send_modify(|s| {
+            s.push(data.clone(), config.replay_buffer);
+            retained = s.retained;
+        });
+        if let Some(v) = &validator {
+            v.feed(data.clone());
+        }
+        // A document too large to hold whole: start streaming; the last chunk stays held.
+        if retained >= config.replay_buffer / 2 {
+            if let Some(h) = held.take() {
+                fill.publish_head(h.status, h.headers, status::miss_pending());
             }
-        };
-        fill.state.send_modify(|s| s.push(data.clone(), config.replay_buffer));
-        // Let subscribers on this worker take the chunk before the next one arrives.
-        tokio::task::yield_now().await;
+        }
         if let Some(w) = writer.as_mut() {
             if let Err(e) = w.write(&data).await {
                 // A cache-side failure never cuts the client's stream: stop storing, keep serving.
@@ -365,22 +391,55 @@ async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob, 
                 writer = None;
             }
         }
+        // Let subscribers on this worker take the chunk before the next one arrives.
+        tokio::task::yield_now().await;
     }
     let gen_ms = started.elapsed().as_millis() as u64;
+
+    let mut cache_status = match &decision {
+        Storability::Store { .. } => status::miss_stored(),
+        Storability::DontStore(reason) => status::miss_not_stored(reason),
+    };
+    if let Some(v) = validator {
+        if let Verdict::Invalid { token, reason, on_fail } = v.finish().await {
+            tracing::warn!(key = %job.key, lote_id = %job.lote_id, %reason, ?on_fail, "document failed validation; not stored");
+            metrics::counter!("lotecache_validation_failures_total", "reason" => token.clone()).increment(1);
+            if on_fail == OnFail::Abort {
+                return Err(ProxyError::InvalidDocument { token, reason });
+            }
+            writer = None;
+            cache_status = status::miss_not_stored(&token);
+        }
+    }
+
     // The final chunk is released after the commit attempt: a download that completed as
     // "stored" is on disk by then, and the next request is a hit. A failed commit still
     // completes the client's response.
-    if let (Some(w), Storability::Store { expected_len }) = (writer, decision) {
+    let mut stored = None;
+    if let (Some(w), Storability::Store { expected_len }) = (writer, &decision) {
         let meta = EntryMeta::new(&job.lote_id, StatusCode::OK, &stored_headers, gen_ms);
-        match w.commit(&store, &job.key, meta, expected_len).await {
+        match w.commit(store, &job.key, meta, *expected_len).await {
             Ok(entry) => {
-                tracing::info!(key = %job.key, lote_id = %job.lote_id, size = entry.size, gen_ms, "entry stored")
+                tracing::info!(key = %job.key, lote_id = %job.lote_id, size = entry.size, gen_ms, "entry stored");
+                stored = Some(entry);
             }
-            Err(e) => tracing::warn!(key = %job.key, error = %e, "commit failed; nothing stored"),
+            Err(e) => {
+                tracing::warn!(key = %job.key, error = %e, "commit failed; nothing stored");
+                cache_status = status::miss_not_stored("store-error");
+            }
         }
+    } else if matches!(decision, Storability::Store { .. }) && cache_status == status::miss_stored() {
+        cache_status = status::miss_not_stored("store-error");
+    }
+    if let Some(mut h) = held {
+        if let Some(entry) = &stored {
+            h.headers.insert(http::header::ETAG, entry.etag.clone());
+            h.headers.insert(REPR_DIGEST, entry.repr_digest.clone());
+        }
+        fill.publish_head(h.status, h.headers, cache_status);
     }
     fill.state.send_modify(|s| s.end = FillEnd::Complete);
-    drop(guard);
+    Ok(())
 }
 
 /// Waits for the fill's response head, or its failure.

@@ -7,6 +7,7 @@ pub mod policy;
 pub mod read;
 pub mod status;
 pub mod store;
+pub mod validate;
 
 use crate::body::{empty, full, ProxyBody};
 use crate::config::FillConfig;
@@ -46,8 +47,10 @@ impl Cache {
     /// Answers a request on a cache route.
     pub async fn handle<B>(&self, req: Request<B>, target: CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
         let head_only = req.method() == Method::HEAD;
+        let inm = req.headers().get(header::IF_NONE_MATCH).cloned();
+        let inm = inm.as_ref();
         if let Some(entry) = self.store.get(&target.key) {
-            if let Some(resp) = self.serve_hit(entry, head_only).await {
+            if let Some(resp) = self.serve_hit(entry, head_only, inm).await {
                 return resp;
             }
         }
@@ -60,7 +63,7 @@ impl Cache {
                 self.fills.join_or_start(&self.store, &self.origin, &target.key, || self.fill_job(&req, &target, peer));
             match lookup {
                 Lookup::Stored(entry) => {
-                    if let Some(mut resp) = self.serve_hit(entry, head_only).await {
+                    if let Some(mut resp) = self.serve_hit(entry, head_only, inm).await {
                         if waited {
                             resp.headers_mut().insert(status::CACHE_STATUS, status::collapsed());
                         }
@@ -75,39 +78,49 @@ impl Cache {
                     waited = true;
                     if tokio::time::timeout(wait_timeout, wait_end(rx)).await.is_err() {
                         let err = ProxyError::WaitTimeout;
-                        return err.to_response(Some(status::miss_not_stored(err.token())));
+                        return err.to_response(Some(status::miss_not_stored(&err.token())));
                     }
                 }
             }
         }
         let err = ProxyError::FillAborted;
-        err.to_response(Some(status::miss_not_stored(err.token())))
+        err.to_response(Some(status::miss_not_stored(&err.token())))
     }
 
     /// Serves a stored entry; None if it turned out unreadable (it is then evicted and the
-    /// caller fetches it again).
-    async fn serve_hit(&self, entry: Arc<Entry>, head_only: bool) -> Option<Response<ProxyBody>> {
-        let body = if head_only {
-            match read::check_present(entry.clone()).await {
-                Ok(()) => empty(),
-                Err(e) => {
-                    self.store.evict(&entry, e.reason()).await;
-                    return None;
-                }
-            }
+    /// caller fetches it again). `HEAD` and `304` answers verify the content too, so no
+    /// answer vouches for an entry that could not be served.
+    async fn serve_hit(
+        &self,
+        entry: Arc<Entry>,
+        head_only: bool,
+        if_none_match: Option<&HeaderValue>,
+    ) -> Option<Response<ProxyBody>> {
+        let not_modified = if_none_match.is_some_and(|v| etag_matches(v, &entry.etag));
+        let body = if head_only || not_modified {
+            read::verify(entry.clone()).await.map(|()| empty())
         } else {
-            match read::open(self.store.clone(), entry.clone()).await {
-                Ok(read::HitBody::Whole(bytes)) => full(bytes),
-                Ok(read::HitBody::Stream(body)) => body,
-                Err(e) => {
-                    self.store.evict(&entry, e.reason()).await;
-                    return None;
-                }
+            read::open(self.store.clone(), entry.clone()).await.map(|opened| match opened {
+                read::HitBody::Whole(bytes) => full(bytes),
+                read::HitBody::Stream(body) => body,
+            })
+        };
+        let body = match body {
+            Ok(b) => b,
+            Err(e) => {
+                metrics::counter!("lotecache_integrity_failures_total", "reason" => e.reason()).increment(1);
+                self.store.evict(&entry, e.reason()).await;
+                return None;
             }
         };
         let mut resp = Response::new(body);
-        *resp.status_mut() = entry.status;
         *resp.headers_mut() = hit_headers(&entry);
+        if not_modified {
+            *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+        } else {
+            *resp.status_mut() = entry.status;
+        }
         Some(resp)
     }
 
@@ -122,7 +135,12 @@ impl Cache {
         // The path was built by the rules from a validated id; it always forms a valid URI.
         *request.uri_mut() = self.origin.uri(&target.upstream_path).expect("rebuilt upstream path is a valid URI");
         *request.headers_mut() = headers;
-        FillJob { key: target.key.clone(), lote_id: target.lote_id.clone(), request }
+        FillJob {
+            key: target.key.clone(),
+            lote_id: target.lote_id.clone(),
+            request,
+            validation: target.validation.clone(),
+        }
     }
 }
 
@@ -135,10 +153,10 @@ async fn respond_from_fill(
 ) -> Response<ProxyBody> {
     let head = match tokio::time::timeout(wait_timeout, wait_head(&mut sub.rx)).await {
         Ok(Ok(h)) => h,
-        Ok(Err(e)) => return e.to_response(Some(status::miss_not_stored(e.token()))),
+        Ok(Err(e)) => return e.to_response(Some(status::miss_not_stored(&e.token()))),
         Err(_) => {
             let err = ProxyError::WaitTimeout;
-            return err.to_response(Some(status::miss_not_stored(err.token())));
+            return err.to_response(Some(status::miss_not_stored(&err.token())));
         }
     };
     // A HEAD request drops its subscription here, so it pins no replay data.
@@ -150,10 +168,20 @@ async fn respond_from_fill(
     resp
 }
 
-/// The stored head, plus exact `Content-Length`, `Age`, `Via` and `Cache-Status`.
+/// `If-None-Match` (weak comparison, RFC 9110 §13.1.2) against our strong `etag`.
+fn etag_matches(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {
+    let Ok(list) = if_none_match.to_str() else { return false };
+    let ours = etag.to_str().unwrap_or_default();
+    list.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == ours)
+}
+
+/// The stored head, plus exact `Content-Length`, `ETag`, `Repr-Digest`, `Age`, `Via` and
+/// `Cache-Status`.
 fn hit_headers(entry: &Entry) -> HeaderMap {
     let mut h = entry.headers.clone();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.size));
+    h.insert(header::ETAG, entry.etag.clone());
+    h.insert(fill::REPR_DIGEST, entry.repr_digest.clone());
     let age_s = (store::now_ms().saturating_sub(entry.stored_at_ms) / 1000) as u64;
     h.insert(header::AGE, HeaderValue::from(age_s));
     h.append(header::VIA, HeaderValue::from_static(crate::origin::VIA));

@@ -14,7 +14,9 @@ pub enum Storability {
 }
 
 /// Decides from the status and the raw headers (before hop-by-hop removal: framing matters).
-pub fn storability(status: StatusCode, headers: &HeaderMap) -> Storability {
+/// `json_checked`: the body will be parsed as JSON before storing, which tells a complete
+/// close-delimited body from a cut one.
+pub fn storability(status: StatusCode, headers: &HeaderMap, json_checked: bool) -> Storability {
     use Storability::DontStore;
     if status != StatusCode::OK {
         return DontStore(format!("origin-status-{}", status.as_u16()));
@@ -43,7 +45,7 @@ pub fn storability(status: StatusCode, headers: &HeaderMap) -> Storability {
         };
     }
     let chunked = header_tokens(headers, header::TRANSFER_ENCODING).last().is_some_and(|t| t == "chunked");
-    if chunked {
+    if chunked || json_checked {
         Storability::Store { expected_len: None }
     } else {
         // Close-delimited: a cut body cannot be told from a complete one by framing.
@@ -74,16 +76,17 @@ mod tests {
     #[test]
     fn only_complete_framed_200s_are_stored() {
         assert_eq!(
-            storability(StatusCode::OK, &h(&[("content-length", "10")])),
+            storability(StatusCode::OK, &h(&[("content-length", "10")]), false),
             Storability::Store { expected_len: Some(10) }
         );
         assert_eq!(
-            storability(StatusCode::OK, &h(&[("transfer-encoding", "chunked")])),
+            storability(StatusCode::OK, &h(&[("transfer-encoding", "chunked")]), false),
             Storability::Store { expected_len: None }
         );
-        assert_eq!(storability(StatusCode::OK, &h(&[])), Storability::DontStore("no-length".into()));
+        assert_eq!(storability(StatusCode::OK, &h(&[]), false), Storability::DontStore("no-length".into()));
+        assert_eq!(storability(StatusCode::OK, &h(&[]), true), Storability::Store { expected_len: None });
         assert_eq!(
-            storability(StatusCode::INTERNAL_SERVER_ERROR, &h(&[("content-length", "1")])),
+            storability(StatusCode::INTERNAL_SERVER_ERROR, &h(&[("content-length", "1")]), false),
             Storability::DontStore("origin-status-500".into())
         );
     }
@@ -98,7 +101,7 @@ mod tests {
             ("content-encoding", "gzip", "content-encoding"),
         ] {
             let headers = h(&[("content-length", "1"), (k, v)]);
-            assert_eq!(storability(StatusCode::OK, &headers), Storability::DontStore(why.into()));
+            assert_eq!(storability(StatusCode::OK, &headers, true), Storability::DontStore(why.into()));
         }
     }
 }

@@ -77,9 +77,33 @@ pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadE
     })
 }
 
-/// Checks that the content file is there with the indexed size (for `HEAD` answers).
-pub async fn check_present(entry: Arc<Entry>) -> Result<(), ReadError> {
-    tokio::task::spawn_blocking(move || open_checked(&entry).map(drop)).await.map_err(io::Error::other)?
+/// Hashes the whole content file and checks it against the entry (for answers that send
+/// no body: `HEAD`, `304`; and for offline scrubs).
+pub async fn verify(entry: Arc<Entry>) -> Result<(), ReadError> {
+    tokio::task::spawn_blocking(move || verify_sync(&entry)).await.map_err(io::Error::other)?
+}
+
+/// Blocking form of [`verify`].
+pub fn verify_sync(entry: &Entry) -> Result<(), ReadError> {
+    let mut file = open_checked(entry)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    if total != entry.size {
+        return Err(ReadError::WrongSize { actual: total, expected: entry.size });
+    }
+    if hasher.finalize().as_slice() != entry.sha256 {
+        return Err(ReadError::DigestMismatch);
+    }
+    Ok(())
 }
 
 enum Opened {

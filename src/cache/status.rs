@@ -14,6 +14,12 @@ pub fn miss_stored() -> HeaderValue {
     HeaderValue::from_static("lotecache; fwd=uri-miss; stored")
 }
 
+/// `lotecache; fwd=uri-miss` — fetched; whether it is stored depends on validation that
+/// ends after this head was sent (documents larger than half the replay buffer).
+pub fn miss_pending() -> HeaderValue {
+    HeaderValue::from_static("lotecache; fwd=uri-miss")
+}
+
 /// `lotecache; fwd=uri-miss; collapsed` — this request joined a fill already under way.
 pub fn collapsed() -> HeaderValue {
     HeaderValue::from_static("lotecache; fwd=uri-miss; collapsed")

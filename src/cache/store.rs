@@ -6,7 +6,7 @@
 //! content path follows cacache's `content-v2/{algo}/{hex[0..2]}/{hex[2..4]}/{rest}` layout,
 //! which a test pins.
 
-use super::entry::{Entry, EntryMeta, META_VERSION};
+use super::entry::{validators, Entry, EntryMeta, META_VERSION};
 use ssri::{Algorithm, Integrity};
 use std::{
     collections::HashMap,
@@ -30,11 +30,18 @@ pub enum StoreError {
     Length { got: u64, expected: u64 },
     #[error("content digest is not sha256")]
     Algorithm,
+    #[error("cache directory {dir} is in use by another lotecache process{holder}; stop it first or use another --cache-dir")]
+    Locked { dir: String, holder: String },
 }
+
+/// Name of the lock file that marks a cache directory as owned by one process.
+pub const LOCK_FILE: &str = "lotecache.lock";
 
 /// The store of one cache directory.
 pub struct Store {
     dir: PathBuf,
+    /// Held (flock) for the store's lifetime: one process owns a cache directory.
+    _lock: std::fs::File,
     index: RwLock<HashMap<String, Arc<Entry>>>,
     /// Serializes index-line appends with the matching in-memory update, so the two never
     /// disagree on which entry of a key is the latest.
@@ -51,21 +58,11 @@ impl Store {
     fn open_sync(dir: PathBuf) -> Result<Arc<Store>, StoreError> {
         // cacache creates index-v5 on first insert; listing a store without it is an error.
         std::fs::create_dir_all(dir.join("index-v5"))?;
+        let lock = lock_dir(&dir)?;
+        let swept = sweep_tmp(&dir);
+        let loaded = load_entries(&dir);
         let mut map = HashMap::new();
-        let (mut skipped, mut missing) = (0usize, 0usize);
-        for md in cacache::index::ls(&dir) {
-            let md = match md {
-                Ok(md) => md,
-                Err(e) => {
-                    tracing::warn!(error = %e, "unreadable index bucket skipped");
-                    skipped += 1;
-                    continue;
-                }
-            };
-            let Some(entry) = entry_from_index(&dir, md) else {
-                skipped += 1;
-                continue;
-            };
+        for entry in loaded.entries {
             match std::fs::metadata(&entry.path) {
                 Ok(m) if m.len() == entry.size => {
                     map.insert(entry.key.clone(), Arc::new(entry));
@@ -73,12 +70,11 @@ impl Store {
                 _ => {
                     tracing::warn!(key = %entry.key, "content missing or wrong size; entry dropped");
                     let _ = cacache::index::delete(&dir, &entry.key);
-                    missing += 1;
                 }
             }
         }
-        tracing::info!(dir = %dir.display(), entries = map.len(), skipped, missing, "store opened");
-        Ok(Arc::new(Store { dir, index: RwLock::new(map), index_write: Mutex::new(()) }))
+        tracing::info!(dir = %dir.display(), entries = map.len(), skipped = loaded.skipped, swept, "store opened");
+        Ok(Arc::new(Store { dir, _lock: lock, index: RwLock::new(map), index_write: Mutex::new(()) }))
     }
 
     pub fn dir(&self) -> &Path {
@@ -170,7 +166,10 @@ impl PendingWrite {
             let stored_at_ms = now_ms();
             let meta_json = serde_json::to_value(&meta).map_err(io::Error::other)?;
             let headers = meta.header_map().ok_or_else(|| io::Error::other("unstorable header"))?;
+            let (etag, repr_digest) = validators(&sha256, &integrity);
             let entry = Arc::new(Entry {
+                etag,
+                repr_digest,
                 key: key.clone(),
                 lote_id: meta.lote_id,
                 integrity: integrity.clone(),
@@ -189,6 +188,7 @@ impl PendingWrite {
                 .metadata(meta_json);
             let _w = store.index_write.lock().expect("index write lock");
             cacache::index::insert(&store.dir, &key, opts)?;
+            sync_file_and_dirs(&bucket_path(&store.dir, &key), &store.dir)?;
             store.index.write().expect("index lock").insert(key, entry.clone());
             Ok(entry)
         })
@@ -213,14 +213,86 @@ fn sha256_of(sri: &Integrity) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// Entries read from a cache directory's index, without touching anything.
+pub struct Loaded {
+    pub entries: Vec<Entry>,
+    /// Index lines that could not be read or are not ours.
+    pub skipped: usize,
+}
+
+/// Reads every live entry of the index at `dir` (read-only: safe beside a running server).
+pub fn load_entries(dir: &Path) -> Loaded {
+    let mut out = Loaded { entries: Vec::new(), skipped: 0 };
+    if !dir.join("index-v5").is_dir() {
+        return out;
+    }
+    for md in cacache::index::ls(dir) {
+        match md.ok().and_then(|md| entry_from_index(dir, md)) {
+            Some(e) => out.entries.push(e),
+            None => out.skipped += 1,
+        }
+    }
+    out.entries.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// Takes the directory's lock file, or says who holds it.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+    if let Err(e) = file.try_lock() {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        let holder = match pid.trim() {
+            "" => String::new(),
+            p => format!(" (pid {p})"),
+        };
+        return match e {
+            std::fs::TryLockError::WouldBlock => Err(StoreError::Locked { dir: dir.display().to_string(), holder }),
+            std::fs::TryLockError::Error(e) => Err(e.into()),
+        };
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+/// Removes cacache temp files left by a crash (safe: we hold the lock, so no writer is live).
+fn sweep_tmp(dir: &Path) -> usize {
+    let Ok(read) = std::fs::read_dir(dir.join("tmp")) else { return 0 };
+    let mut swept = 0;
+    for e in read.flatten() {
+        if std::fs::remove_file(e.path()).is_ok() {
+            swept += 1;
+        }
+    }
+    if swept > 0 {
+        tracing::warn!(swept, "removed temp files left by an interrupted write");
+    }
+    swept
+}
+
+/// Where cacache keeps the index bucket of `key`.
+fn bucket_path(dir: &Path, key: &str) -> PathBuf {
+    use sha1::Digest as _;
+    let h = hex::encode(sha1::Sha1::digest(key.as_bytes()));
+    dir.join("index-v5").join(&h[0..2]).join(&h[2..4]).join(&h[4..])
+}
+
 fn entry_from_index(dir: &Path, md: cacache::Metadata) -> Option<Entry> {
     let meta: EntryMeta = serde_json::from_value(md.metadata).ok()?;
     if meta.v != META_VERSION {
         return None;
     }
+    let sha256 = sha256_of(&md.integrity)?;
+    let (etag, repr_digest) = validators(&sha256, &md.integrity);
     Some(Entry {
+        etag,
+        repr_digest,
         path: content_path(dir, &md.integrity),
-        sha256: sha256_of(&md.integrity)?,
+        sha256,
         status: http::StatusCode::from_u16(meta.status).ok()?,
         headers: meta.header_map()?,
         key: md.key,
@@ -273,11 +345,43 @@ mod tests {
         assert_eq!(std::fs::read(&entry.path).unwrap(), b"hello world");
         assert_eq!(entry.integrity, Integrity::from(b"hello world"));
 
+        drop(store);
         let reopened = Store::open(dir.path().to_path_buf()).await.unwrap();
         let e = reopened.get("L1_resultados.json").unwrap();
         assert_eq!(e.size, 11);
         assert_eq!(e.lote_id, "L1");
         assert_eq!(e.headers["content-type"], "application/json");
+    }
+
+    #[tokio::test]
+    async fn the_index_bucket_path_is_the_one_cacache_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_path_buf()).await.unwrap();
+        let mut w = store.begin().await.unwrap();
+        w.write(b"x").await.unwrap();
+        w.commit(&store, "L9_resultados.json", meta(), None).await.unwrap();
+        let bucket = std::fs::read_to_string(bucket_path(dir.path(), "L9_resultados.json")).unwrap();
+        assert!(bucket.contains("L9_resultados.json"));
+    }
+
+    #[tokio::test]
+    async fn a_second_store_on_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path().to_path_buf()).await.unwrap();
+        let err = Store::open(dir.path().to_path_buf()).await.err().expect("second open refused");
+        assert!(err.to_string().contains("in use by another lotecache process"), "{err}");
+        assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
+        drop(first);
+        Store::open(dir.path().to_path_buf()).await.expect("free again once the first is gone");
+    }
+
+    #[tokio::test]
+    async fn temp_files_left_by_a_crash_are_swept_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        std::fs::write(dir.path().join("tmp/.tmpabc"), b"partial").unwrap();
+        let _store = Store::open(dir.path().to_path_buf()).await.unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[tokio::test]
@@ -299,11 +403,13 @@ mod tests {
             w.write(body).await.unwrap();
             w.commit(&store, "k", meta(), None).await.unwrap();
         }
+        drop(store);
         let reopened = Store::open(dir.path().to_path_buf()).await.unwrap();
         let e = reopened.get("k").unwrap();
         assert_eq!(std::fs::read(&e.path).unwrap(), b"two");
         reopened.evict(&e, "test").await;
         assert!(reopened.get("k").is_none());
+        drop(reopened);
         assert!(Store::open(dir.path().to_path_buf()).await.unwrap().get("k").is_none());
     }
 }
