@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod cache;
+pub mod cachectl;
 pub mod config;
 pub mod error;
 pub mod origin;

@@ -28,6 +28,11 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<String>,
     },
+    /// Offline operations on a cache directory.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Validate a config file: prints every error with its location, or "ok".
     CheckConfig { path: PathBuf },
     /// Run only the sample legacy origin (for benchmarks and trials): every
@@ -47,6 +52,44 @@ enum Command {
         /// Artificial generation time of the sample origin.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         delay: Duration,
+    },
+}
+
+/// Where a `cache` command finds the store.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Cache directory.
+    #[arg(long, conflicts_with = "config")]
+    cache_dir: Option<PathBuf>,
+    /// Take the cache directory from this config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+impl StoreArgs {
+    fn dir(&self) -> Result<PathBuf, ExitCode> {
+        if let Some(d) = &self.cache_dir {
+            return Ok(d.clone());
+        }
+        match config::load(self.config.as_deref(), &config::Overrides::default()) {
+            Ok(c) => Ok(c.cache_dir),
+            Err(errors) => Err(print_config_errors(&errors)),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Re-hash every entry against its digest; exit 0 only if all are good.
+    Verify {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Remove the bad entries (the server must be stopped: this takes the directory lock).
+        #[arg(long)]
+        remove: bool,
     },
 }
 
@@ -74,6 +117,7 @@ fn main() -> ExitCode {
                 Err(errors) => print_config_errors(&errors),
             },
             Command::Demo { listen, delay } => demo(listen, delay).await,
+            Command::Cache { command: CacheCommand::Verify { store, remove } } => cache_verify(store, remove).await,
             Command::SampleOrigin { listen, delay } => match sample_origin::start(listen, delay).await {
                 Ok(origin) => {
                     tracing::info!(listen = %origin.addr, ?delay, "sample origin serving");
@@ -95,6 +139,40 @@ fn print_config_errors(errors: &[config::ConfigError]) -> ExitCode {
     }
     eprintln!("{} error(s)", errors.len());
     ExitCode::FAILURE
+}
+
+async fn cache_verify(args: StoreArgs, remove: bool) -> ExitCode {
+    let dir = match args.dir() {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    use std::io::IsTerminal;
+    let progress = !args.json && std::io::stderr().is_terminal();
+    let report = match lotecache::cachectl::verify(&dir, remove, progress).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lotecache cache verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+    } else {
+        println!("verified {} entries ({} bytes) in {}", report.checked, report.bytes, report.dir);
+        for b in &report.bad {
+            println!("  BAD  {} (lote {}): {}", b.key, b.lote_id, b.reason);
+        }
+        if report.unreadable > 0 {
+            println!("  {} index line(s) could not be read", report.unreadable);
+        }
+        let removed = if remove { format!(", {} removed", report.removed) } else { String::new() };
+        println!("{} good, {} bad{removed}", report.checked - report.bad.len(), report.bad.len());
+    }
+    if report.all_good() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 async fn serve(path: Option<PathBuf>, overrides: config::Overrides) -> ExitCode {

@@ -151,6 +151,7 @@ fn verifying_stream(store: Arc<Store>, entry: Arc<Entry>, file: File) -> ProxyBo
             match step {
                 Ok((chunk, next)) => Some((Ok::<_, BoxError>(Frame::data(chunk)), next)),
                 Err(err) => {
+                    metrics::counter!("lotecache_integrity_failures_total", "reason" => err.reason()).increment(1);
                     store.evict(&entry, err.reason()).await;
                     let err = CorruptEntry { key: entry.key.clone(), source: err };
                     Some((Err(Box::new(err) as BoxError), None))

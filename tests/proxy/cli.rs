@@ -1,10 +1,8 @@
 //! The `lotecache` binary: `check-config`, and `serve` with flags in front of an origin.
 
+use crate::support::process::{serve, BIN};
 use crate::support::{batch, get, origin::*};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-const BIN: &str = env!("CARGO_BIN_EXE_lotecache");
+use std::process::Command;
 
 #[test]
 fn check_config_accepts_the_shipped_config() {
@@ -27,45 +25,12 @@ fn check_config_prints_every_error_with_its_location_and_exits_1() {
     assert!(err.contains("2 error(s)"), "{err}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn serve(port: u16, origin: std::net::SocketAddr, dir: &std::path::Path) -> Serve {
-    let server = Serve(
-        Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--origin", &format!("http://{origin}")])
-            .args(["--cache-dir", dir.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return server;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("lotecache serve did not start listening");
-}
-
 #[tokio::test]
 async fn serve_with_flags_shows_one_generation_a_hit_and_a_hit_after_restart() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let server = serve(port, origin.addr, dir.path()).await;
+    let server = serve(origin.addr, dir.path(), &[]).await;
+    let addr = server.addr();
     let first = get(addr, &batch("S-1")).await;
     let second = get(addr, &batch("S-1")).await;
     assert_eq!(second.cache_status(), "lotecache; hit");
@@ -73,8 +38,8 @@ async fn serve_with_flags_shows_one_generation_a_hit_and_a_hit_after_restart() {
     assert_eq!(origin.generations("S-1"), 1);
     drop(server);
 
-    let _server = serve(port, origin.addr, dir.path()).await;
-    let third = get(addr, &batch("S-1")).await;
+    let server = serve(origin.addr, dir.path(), &[]).await;
+    let third = get(server.addr(), &batch("S-1")).await;
     assert_eq!(third.cache_status(), "lotecache; hit");
     assert_eq!(third.bytes(), first.bytes());
     assert_eq!(origin.generations("S-1"), 1);

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod origin;
+pub mod process;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
@@ -67,4 +68,19 @@ pub fn request(method: Method, proxy: SocketAddr, path: &str) -> Request<Full<By
 /// The path of batch `id`'s results.
 pub fn batch(id: &str) -> String {
     format!("/download_batch_results/{id}")
+}
+
+/// The `[[rules]]` part of the shipped `config/lotecache.toml`, to append to a test config.
+pub fn shipped_rules() -> String {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/lotecache.toml")).unwrap();
+    text[text.find("\n[[rules]]").expect("the shipped config has rules") + 1..].to_string()
+}
+
+/// The integrity oracle: a `200` whose body ended cleanly must be exactly the batch's document.
+pub fn assert_intact(got: &Got, id: &str) {
+    if got.status == StatusCode::OK {
+        if let Ok(body) = &got.body {
+            assert!(body == &origin::document(id), "a clean 200 for {id} carried other bytes ({} bytes)", body.len());
+        }
+    }
 }

@@ -37,6 +37,8 @@ pub enum Behavior {
     StallMidBody { stall: Duration },
     /// 200 with these extra header lines.
     WithHeaders(Vec<(String, String)>),
+    /// 200 with Content-Length and this body instead of the batch's document.
+    Custom(Bytes),
     /// Waits, then behaves as the inner behaviour.
     Delayed(Duration, Box<Behavior>),
 }
@@ -238,6 +240,10 @@ async fn respond_batch(s: &mut TcpStream, id: &str, mut behavior: Behavior, head
             true
         }
         Behavior::Delayed(..) => unreachable!("unwrapped above"),
+        Behavior::Custom(body) => {
+            let head = head(200, &format!("{disposition}content-length: {}\r\n", body.len()));
+            s.write_all(head.as_bytes()).await.is_ok() && s.write_all(&body).await.is_ok()
+        }
         Behavior::WithHeaders(extra) => {
             let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
             let _ = s.write_all(with_len(&extra).as_bytes()).await;
