@@ -1,9 +1,16 @@
 //! Offline operations on a cache directory, for the `lotecache cache …` commands. Reads are
-//! verified like the server's: a tool never reports or exports an entry it has not hashed.
+//! verified like the server's: a tool never exports an entry it has not hashed. Commands
+//! that change the store take its lock (the server must be stopped; its admin API does the
+//! same while it runs); the others only read.
 
-use crate::cache::{read, store};
+use crate::cache::{entry::Entry, read, store};
 use serde::Serialize;
-use std::path::Path;
+use sha2::Digest;
+use std::{
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 /// One entry that failed verification.
 #[derive(Debug, Serialize)]
@@ -59,7 +66,7 @@ pub async fn verify(dir: &Path, remove: bool, show_progress: bool) -> Result<Ver
 
     let mut removed = 0;
     if remove && !bad.is_empty() {
-        let store = store::Store::open(dir.to_path_buf()).await?;
+        let store = open_locked(dir).await?;
         for b in &bad {
             // Entries with missing content were already dropped by opening the store.
             if let Some(entry) = store.get(&b.key) {
@@ -76,4 +83,216 @@ pub async fn verify(dir: &Path, remove: bool, show_progress: bool) -> Result<Ver
         bad,
         removed,
     })
+}
+
+fn io_err(e: impl std::fmt::Display) -> store::StoreError {
+    store::StoreError::Io(std::io::Error::other(e.to_string()))
+}
+
+/// Opens the store for a change: takes its lock, so this fails while a server runs.
+async fn open_locked(dir: &Path) -> Result<Arc<store::Store>, store::StoreError> {
+    store::Store::open(dir.to_path_buf(), 0, Arc::default()).await
+}
+
+fn progress_bar(total: u64, show: bool) -> indicatif::ProgressBar {
+    let bar = if show { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("static template"));
+    bar
+}
+
+/// Every live entry (read-only).
+pub fn ls(dir: &Path) -> Vec<Entry> {
+    store::load_entries(dir).entries
+}
+
+/// What a cache directory holds.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub dir: String,
+    pub entries: usize,
+    /// Bytes of live entries.
+    pub bytes: u64,
+    pub content_files: usize,
+    pub content_bytes: u64,
+    /// Content no live entry references (what `cache gc` would remove).
+    pub unreferenced_files: usize,
+    pub unreferenced_bytes: u64,
+    /// Temp files of interrupted writes (swept at the next start).
+    pub tmp_files: usize,
+}
+
+/// Counts entries and files (read-only).
+pub fn stats(dir: &Path) -> Stats {
+    let entries = ls(dir);
+    let live: std::collections::HashSet<PathBuf> = entries.iter().map(|e| e.path.clone()).collect();
+    let mut s = Stats {
+        dir: dir.display().to_string(),
+        entries: entries.len(),
+        bytes: entries.iter().map(|e| e.size).sum(),
+        content_files: 0,
+        content_bytes: 0,
+        unreferenced_files: 0,
+        unreferenced_bytes: 0,
+        tmp_files: std::fs::read_dir(dir.join("tmp")).map(|d| d.count()).unwrap_or(0),
+    };
+    let mut stack = vec![dir.join("content-v2")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            s.content_files += 1;
+            s.content_bytes += len;
+            if !live.contains(&path) {
+                s.unreferenced_files += 1;
+                s.unreferenced_bytes += len;
+            }
+        }
+    }
+    s
+}
+
+/// Removes entries (takes the lock).
+pub async fn purge(dir: &Path, which: store::Purge) -> Result<Vec<String>, store::StoreError> {
+    open_locked(dir).await?.purge(which).await
+}
+
+/// Collects unreferenced content and compacts the index (takes the lock; with no writer
+/// possible, no grace period is needed).
+pub async fn gc(dir: &Path) -> Result<store::GcReport, store::StoreError> {
+    let store = open_locked(dir).await?;
+    store.set_gc_grace(std::time::Duration::ZERO);
+    store.gc().await
+}
+
+/// What `cache export` did.
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    pub dir: String,
+    pub exported: Vec<String>,
+    pub bad: Vec<BadEntry>,
+}
+
+/// The file name an entry is exported under: its key (by default the owner's
+/// `<lote_id>_resultados.json`), with anything a file name cannot hold replaced.
+pub fn export_name(key: &str) -> String {
+    key.chars().map(|c| if c == '/' || c == '\\' || c == '\0' || c.is_control() { '_' } else { c }).collect()
+}
+
+/// Writes each entry as `<key>` in `out`: copied while hashing into a temp file, checked
+/// against the digest, fsynced, then renamed into place. A bad entry is reported and not
+/// written; an existing file is replaced only by a verified one.
+pub async fn export(dir: &Path, out: &Path, show_progress: bool) -> Result<ExportReport, store::StoreError> {
+    let (dir, out) = (dir.to_path_buf(), out.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&out)?;
+        let entries = ls(&dir);
+        let bar = progress_bar(entries.len() as u64, show_progress);
+        let mut report = ExportReport { dir: out.display().to_string(), exported: Vec::new(), bad: Vec::new() };
+        for e in &entries {
+            let name = export_name(&e.key);
+            bar.set_message(name.clone());
+            match export_one(e, &out, &name) {
+                Ok(()) => report.exported.push(name),
+                Err(reason) => report.bad.push(BadEntry { key: e.key.clone(), lote_id: e.lote_id.clone(), reason }),
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        if let Ok(d) = std::fs::File::open(&out) {
+            let _ = d.sync_all();
+        }
+        Ok(report)
+    })
+    .await
+    .map_err(io_err)?
+}
+
+fn export_one(e: &Entry, out: &Path, name: &str) -> Result<(), String> {
+    let tmp = out.join(format!(".{name}.partial"));
+    let result = (|| {
+        let mut src = std::fs::File::open(&e.path).map_err(|err| format!("cannot open content: {err}"))?;
+        let mut dst = std::fs::File::create(&tmp).map_err(|err| format!("cannot write {}: {err}", tmp.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = src.read(&mut buf).map_err(|err| format!("read failed: {err}"))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            dst.write_all(&buf[..n]).map_err(|err| format!("write failed: {err}"))?;
+            total += n as u64;
+        }
+        if total != e.size || hasher.finalize().as_slice() != e.sha256 {
+            return Err("content digest mismatch".to_string());
+        }
+        dst.sync_all().map_err(|err| format!("fsync failed: {err}"))?;
+        std::fs::rename(&tmp, out.join(name)).map_err(|err| format!("rename failed: {err}"))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// What `cache warm` did, by outcome.
+#[derive(Debug, Default, Serialize)]
+pub struct WarmReport {
+    pub requested: usize,
+    pub hit: usize,
+    pub stored: usize,
+    /// Answered but not stored (the detail says why in the proxy's logs and metrics).
+    pub not_stored: usize,
+    pub failed: Vec<String>,
+}
+
+/// Requests each id through the proxy at `via` (path from `template`, `{lote_id}` replaced),
+/// at most `concurrency` at a time, reading each body to the end.
+pub async fn warm(ids: Vec<String>, via: &str, template: &str, concurrency: usize, show_progress: bool) -> WarmReport {
+    use futures_util::StreamExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let bar = progress_bar(ids.len() as u64, show_progress);
+    let base = via.trim_end_matches('/').to_string();
+    let mut report = WarmReport { requested: ids.len(), ..Default::default() };
+    let results = futures_util::stream::iter(ids)
+        .map(|id| {
+            let url = format!("{base}{}", template.replace("{lote_id}", &id));
+            let client = client.clone();
+            async move {
+                let outcome = async {
+                    let resp = client
+                        .get(url.parse().map_err(|e| format!("bad URL {url}: {e}"))?)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let status = resp.status();
+                    let cs = resp.headers().get("cache-status").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                    http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| e.to_string())?;
+                    if !status.is_success() {
+                        return Err(format!("status {status}"));
+                    }
+                    Ok(cs)
+                }
+                .await;
+                (id, outcome)
+            }
+        })
+        .buffer_unordered(concurrency.max(1));
+    futures_util::pin_mut!(results);
+    while let Some((id, outcome)) = results.next().await {
+        match outcome {
+            Ok(cs) if cs.contains("; hit") => report.hit += 1,
+            Ok(cs) if cs.ends_with("; stored") || cs.contains("collapsed") => report.stored += 1,
+            Ok(_) => report.not_stored += 1,
+            Err(e) => report.failed.push(format!("{id}: {e}")),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    report
 }

@@ -19,6 +19,10 @@ pub struct RawConfig {
     pub origin: RawOrigin,
     #[serde(default)]
     pub cache: RawCache,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub log: RawLog,
     /// `None` (no `[[rules]]` in the file) means the built-in batch-results rule.
     pub rules: Option<Vec<RawRule>>,
 }
@@ -43,7 +47,24 @@ pub struct RawOrigin {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<Spanned<String>>,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawCache {
+    pub max_size: Option<Spanned<String>>,
+    pub gc_interval: Option<Spanned<String>>,
+    pub gc_grace: Option<Spanned<String>>,
     pub dir: Option<Spanned<String>>,
     pub replay_buffer: Option<Spanned<String>>,
     pub wait_timeout: Option<Spanned<String>>,
@@ -60,6 +81,10 @@ pub struct RawRule {
     pub query: Option<Spanned<String>>,
     /// The body must be valid JSON before it is stored.
     pub json: Option<bool>,
+    /// Entries older than this are refetched (absent: kept until purged or evicted).
+    pub ttl: Option<Spanned<String>>,
+    /// Serve an expired entry when the origin fails or answers 5xx.
+    pub stale_if_error: Option<bool>,
     #[serde(default, rename = "assert")]
     pub asserts: Vec<RawAssert>,
 }
@@ -83,8 +108,35 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub origin: OriginConfig,
     pub cache_dir: PathBuf,
+    /// Cap on the bytes of live entries (0: none).
+    pub max_size: u64,
+    pub gc_interval: Duration,
+    /// Content files younger than this are never collected.
+    pub gc_grace: Duration,
     pub fill: FillConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
     pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for mutating endpoints (`LOTECACHE_ADMIN_TOKEN` overrides the file).
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. `info` or `lotecache=debug` (`RUST_LOG` overrides it).
+    pub level: String,
+    pub format: LogFormat,
 }
 
 /// Limits of fills (single-flight fetches).
@@ -145,6 +197,8 @@ pub struct RuleConfig {
     pub key_prefix: String,
     pub key_suffix: String,
     pub query: QueryPolicy,
+    pub ttl: Option<Duration>,
+    pub stale_if_error: bool,
     /// Checks a document must pass before it is stored (inactive when empty).
     pub validation: Arc<Validation>,
 }
@@ -152,6 +206,7 @@ pub struct RuleConfig {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ORIGIN: &str = "http://127.0.0.1:5000";
 pub const DEFAULT_CACHE_DIR: &str = "./lotecache-data";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 pub const DEFAULT_RULE_PATH: &str = "/download_batch_results/{lote_id}";
 pub const DEFAULT_ID_PATTERN: &str = "[A-Za-z0-9._-]{1,128}";
 pub const DEFAULT_KEY: &str = "{lote_id}_resultados.json";
@@ -177,6 +232,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub origin: Option<String>,
     pub cache_dir: Option<String>,
+    pub admin_listen: Option<String>,
+    pub log_format: Option<String>,
 }
 
 /// Reads, parses and validates a config file (or the built-in defaults when `path` is None),
@@ -198,7 +255,13 @@ pub fn load(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Con
             }
         }
     };
-    parse(&name, &text, overrides)
+    let mut config = parse(&name, &text, overrides)?;
+    if let Ok(token) = std::env::var("LOTECACHE_ADMIN_TOKEN") {
+        if !token.is_empty() {
+            config.admin.token = Some(token);
+        }
+    }
+    Ok(config)
 }
 
 /// Parses and validates config `text`; `name` is used in error locations.
@@ -328,6 +391,36 @@ impl<'a> Validator<'a> {
             self.err(&dir_at, "cache.dir", "must not be empty");
         }
         let cache_dir = PathBuf::from(dir_at.value);
+        let max_size = match &raw.cache.max_size {
+            None => 0,
+            Some(v) => self.size("cache.max_size", Some(v), "0"),
+        };
+        let gc_interval = self.duration("cache.gc_interval", raw.cache.gc_interval.as_ref(), "10m");
+        let gc_grace = self.duration("cache.gc_grace", raw.cache.gc_grace.as_ref(), "2m");
+        let admin_at =
+            self.pick(ov.admin_listen.as_deref(), "--admin-listen", raw.admin.listen.as_ref(), DEFAULT_ADMIN_LISTEN);
+        let admin_listen = match admin_at.value.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.err(
+                    &admin_at,
+                    "admin.listen",
+                    format!("{:?} is not an address like 127.0.0.1:9091", admin_at.value),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 9091))
+            }
+        };
+        let admin = AdminConfig { listen: admin_listen, token: raw.admin.token.clone().filter(|t| !t.is_empty()) };
+        let format_at = self.pick(ov.log_format.as_deref(), "--log-format", raw.log.format.as_ref(), "text");
+        let format = match format_at.value {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                self.err(&format_at, "log.format", format!("{other:?} is not one of \"text\", \"json\""));
+                LogFormat::Text
+            }
+        };
+        let log = LogConfig { level: raw.log.level.clone().unwrap_or_else(|| "info".into()), format };
         let fill = FillConfig {
             replay_buffer: self.size("cache.replay_buffer", raw.cache.replay_buffer.as_ref(), "32MiB"),
             wait_timeout: self.duration("cache.wait_timeout", raw.cache.wait_timeout.as_ref(), "130s"),
@@ -353,7 +446,19 @@ impl<'a> Validator<'a> {
         };
 
         if self.errors.is_empty() {
-            Ok(Config { listen, header_read_timeout, origin, cache_dir, fill, rules })
+            Ok(Config {
+                listen,
+                header_read_timeout,
+                origin,
+                cache_dir,
+                max_size,
+                gc_interval,
+                gc_grace,
+                fill,
+                admin,
+                log,
+                rules,
+            })
         } else {
             Err(self.errors)
         }
@@ -395,6 +500,7 @@ impl<'a> Validator<'a> {
             }
         };
         let validation = self.validation(r);
+        let ttl = r.ttl.as_ref().map(|t| self.duration("rules.ttl", Some(t), "1s"));
         if self.errors.len() > before {
             return None;
         }
@@ -406,6 +512,8 @@ impl<'a> Validator<'a> {
             key_prefix,
             key_suffix,
             query,
+            ttl,
+            stale_if_error: r.stale_if_error.unwrap_or(true),
             validation: Arc::new(validation),
         })
     }
@@ -460,6 +568,8 @@ pub fn default_rule() -> RuleConfig {
         key_prefix,
         key_suffix,
         query: QueryPolicy::Reject,
+        ttl: None,
+        stale_if_error: true,
         validation: Arc::new(Validation::default()),
     }
 }
@@ -532,7 +642,8 @@ mod tests {
 
     #[test]
     fn flags_override_the_file() {
-        let ov = Overrides { listen: Some("127.0.0.1:9".into()), origin: None, cache_dir: Some("/tmp/c".into()) };
+        let ov =
+            Overrides { listen: Some("127.0.0.1:9".into()), cache_dir: Some("/tmp/c".into()), ..Default::default() };
         let c = parse("f", "[server]\nlisten = \"127.0.0.1:1\"\n", &ov).unwrap();
         assert_eq!(c.listen.port(), 9);
         assert_eq!(c.cache_dir, PathBuf::from("/tmp/c"));

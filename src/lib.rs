@@ -1,11 +1,14 @@
 //! lotecache: a caching reverse proxy that serves saved batch results from a verified
 //! on-disk store. See README.md for the request path and the guarantees.
 
+pub mod access_log;
+pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod cachectl;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod origin;
 pub mod proxy;
 pub mod rules;

@@ -27,6 +27,12 @@ enum Command {
         /// Cache directory (overrides the file).
         #[arg(long)]
         cache_dir: Option<String>,
+        /// Admin listener address, e.g. 127.0.0.1:9091 (overrides the file).
+        #[arg(long)]
+        admin_listen: Option<String>,
+        /// Log format: text or json (overrides the file).
+        #[arg(long)]
+        log_format: Option<String>,
     },
     /// Offline operations on a cache directory.
     Cache {
@@ -83,6 +89,57 @@ impl StoreArgs {
 
 #[derive(Subcommand)]
 enum CacheCommand {
+    /// List entries: key, lote id, size, stored at, digest.
+    Ls {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Entries, bytes, content files, unreferenced content, temp files.
+    Stats {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove entries by lote id, by key, or all (server stopped; while it runs use the
+    /// admin API's POST /purge).
+    Purge {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The batch whose entries to remove.
+        #[arg(required_unless_present_any = ["key", "all"])]
+        lote_id: Option<String>,
+        #[arg(long, conflicts_with_all = ["lote_id", "all"])]
+        key: Option<String>,
+        #[arg(long, conflicts_with_all = ["lote_id", "key"])]
+        all: bool,
+    },
+    /// Remove content no entry references and compact the index (server stopped).
+    Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Write every entry, verified, as <dir>/<lote_id>_resultados.json (atomically).
+    Export {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Destination directory (created if missing).
+        dir: PathBuf,
+    },
+    /// Request each batch listed in FILE (one id per line) through the proxy.
+    Warm {
+        /// File of lote ids, one per line ('#' comments and blank lines skipped).
+        file: PathBuf,
+        /// Base URL of the proxy, e.g. http://127.0.0.1:8080.
+        #[arg(long)]
+        via: String,
+        /// Requests at a time.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Path of a batch on the proxy.
+        #[arg(long, default_value = config::DEFAULT_RULE_PATH)]
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-hash every entry against its digest; exit 0 only if all are good.
     Verify {
         #[command(flatten)]
@@ -93,20 +150,27 @@ enum CacheCommand {
     },
 }
 
+/// Logs to stderr; `RUST_LOG` overrides the configured level.
+fn init_logging(log: &config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.format {
+        config::LogFormat::Json => builder.json().init(),
+        config::LogFormat::Text => builder.init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        init_logging(&config::LogConfig { level: "info".into(), format: config::LogFormat::Text });
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve { config, listen, origin, cache_dir } => {
-                let overrides = config::Overrides { listen, origin, cache_dir };
+            Command::Serve { config, listen, origin, cache_dir, admin_listen, log_format } => {
+                let overrides = config::Overrides { listen, origin, cache_dir, admin_listen, log_format };
                 serve(config, overrides).await
             }
             Command::CheckConfig { path } => match config::load(Some(&path), &config::Overrides::default()) {
@@ -117,7 +181,7 @@ fn main() -> ExitCode {
                 Err(errors) => print_config_errors(&errors),
             },
             Command::Demo { listen, delay } => demo(listen, delay).await,
-            Command::Cache { command: CacheCommand::Verify { store, remove } } => cache_verify(store, remove).await,
+            Command::Cache { command } => cache_command(command).await,
             Command::SampleOrigin { listen, delay } => match sample_origin::start(listen, delay).await {
                 Ok(origin) => {
                     tracing::info!(listen = %origin.addr, ?delay, "sample origin serving");
@@ -139,6 +203,163 @@ fn print_config_errors(errors: &[config::ConfigError]) -> ExitCode {
     }
     eprintln!("{} error(s)", errors.len());
     ExitCode::FAILURE
+}
+
+/// Prints `value` as JSON, or `human` otherwise.
+fn output(json: bool, value: &impl serde::Serialize, human: impl FnOnce()) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value).expect("output serializes"));
+    } else {
+        human();
+    }
+}
+
+async fn cache_command(command: CacheCommand) -> ExitCode {
+    use lotecache::cachectl;
+    use std::io::IsTerminal;
+    let progress = |json: bool| !json && std::io::stderr().is_terminal();
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        eprintln!("lotecache cache {what}: {e}");
+        ExitCode::from(2)
+    };
+    match command {
+        CacheCommand::Ls { store } => {
+            let dir = match store.dir() {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            let entries = cachectl::ls(&dir);
+            let list: Vec<_> = entries.iter().map(lotecache::admin::entry_json).collect();
+            output(store.json, &list, || {
+                println!("{:<48} {:<32} {:>12}  {:<24}  sha256", "key", "lote_id", "bytes", "stored at");
+                for e in &list {
+                    println!(
+                        "{:<48} {:<32} {:>12}  {:<24}  {}",
+                        e["key"].as_str().unwrap_or(""),
+                        e["lote_id"].as_str().unwrap_or(""),
+                        e["size"],
+                        e["stored_at"].as_str().unwrap_or(""),
+                        &e["sha256"].as_str().unwrap_or("")[..16]
+                    );
+                }
+                println!("{} entries", list.len());
+            });
+            ExitCode::SUCCESS
+        }
+        CacheCommand::Stats { store } => {
+            let dir = match store.dir() {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            let s = cachectl::stats(&dir);
+            output(store.json, &s, || {
+                println!("store            {}", s.dir);
+                println!("entries          {} ({} bytes)", s.entries, s.bytes);
+                println!("content files    {} ({} bytes)", s.content_files, s.content_bytes);
+                println!(
+                    "unreferenced     {} ({} bytes; `cache gc` removes them)",
+                    s.unreferenced_files, s.unreferenced_bytes
+                );
+                println!("temp files       {}", s.tmp_files);
+            });
+            ExitCode::SUCCESS
+        }
+        CacheCommand::Purge { store, lote_id, key, all } => {
+            let dir = match store.dir() {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            let which = match (lote_id, key, all) {
+                (_, _, true) => lotecache::cache::store::Purge::All,
+                (_, Some(k), _) => lotecache::cache::store::Purge::Key(k),
+                (Some(id), _, _) => lotecache::cache::store::Purge::LoteId(id),
+                _ => unreachable!("clap requires one of them"),
+            };
+            match cachectl::purge(&dir, which).await {
+                Ok(removed) => {
+                    output(store.json, &serde_json::json!({ "removed": removed }), || {
+                        removed.iter().for_each(|k| println!("removed {k}"));
+                        println!("{} entries removed", removed.len());
+                    });
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(
+                    "purge",
+                    &format!("{e}\n(while the server runs, purge through its admin API: curl -X POST -H 'Authorization: Bearer $TOKEN' http://127.0.0.1:9091/purge -d '{{\"lote_id\":\"...\"}}')"),
+                ),
+            }
+        }
+        CacheCommand::Gc { store } => {
+            let dir = match store.dir() {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            match cachectl::gc(&dir).await {
+                Ok(r) => {
+                    output(store.json, &r, || {
+                        println!(
+                            "removed {} unreferenced content files ({} bytes), compacted {} index buckets",
+                            r.removed_files, r.removed_bytes, r.compacted_buckets
+                        )
+                    });
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail("gc", &e),
+            }
+        }
+        CacheCommand::Export { store, dir: out } => {
+            let dir = match store.dir() {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            match cachectl::export(&dir, &out, progress(store.json)).await {
+                Ok(r) => {
+                    output(store.json, &r, || {
+                        for b in &r.bad {
+                            println!("  BAD  {} (lote {}): {} — not exported", b.key, b.lote_id, b.reason);
+                        }
+                        println!("exported {} files to {}, {} bad", r.exported.len(), r.dir, r.bad.len());
+                    });
+                    if r.bad.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => fail("export", &e),
+            }
+        }
+        CacheCommand::Warm { file, via, concurrency, path, json } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => return fail("warm", &format!("cannot read {}: {e}", file.display())),
+            };
+            let ids: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect();
+            let r = cachectl::warm(ids, &via, &path, concurrency, progress(json)).await;
+            output(json, &r, || {
+                r.failed.iter().for_each(|f| println!("  FAILED {f}"));
+                println!(
+                    "{} requested: {} hits, {} stored, {} not stored, {} failed",
+                    r.requested,
+                    r.hit,
+                    r.stored,
+                    r.not_stored,
+                    r.failed.len()
+                );
+            });
+            if r.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        CacheCommand::Verify { store, remove } => cache_verify(store, remove).await,
+    }
 }
 
 async fn cache_verify(args: StoreArgs, remove: bool) -> ExitCode {
@@ -180,6 +401,7 @@ async fn serve(path: Option<PathBuf>, overrides: config::Overrides) -> ExitCode 
         Ok(c) => c,
         Err(errors) => return print_config_errors(&errors),
     };
+    init_logging(&config.log);
     let proxy = match RunningProxy::start(config).await {
         Ok(p) => p,
         Err(e) => {
@@ -187,8 +409,22 @@ async fn serve(path: Option<PathBuf>, overrides: config::Overrides) -> ExitCode 
             return ExitCode::FAILURE;
         }
     };
-    wait_for_signal().await;
-    tracing::info!("shutting down");
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = wait_for_signal() => break,
+            _ = hup.recv() => match config::load(path.as_deref(), &overrides) {
+                Ok(new) => proxy.reload(new),
+                Err(errors) => {
+                    for e in &errors {
+                        tracing::error!(error = %e, "config reload rejected");
+                    }
+                    tracing::error!(errors = errors.len(), "invalid config file; keeping the running configuration");
+                }
+            },
+        }
+    }
+    tracing::info!("shutting down: no new connections, finishing responses and fills");
     proxy.shutdown(Duration::from_secs(30)).await;
     ExitCode::SUCCESS
 }
@@ -211,6 +447,8 @@ async fn demo(listen: String, delay: Duration) -> ExitCode {
     };
     let cache_dir = std::env::temp_dir().join(format!("lotecache-demo-{}", std::process::id()));
     let overrides = config::Overrides {
+        admin_listen: Some("127.0.0.1:0".into()),
+        log_format: None,
         listen: Some(listen),
         origin: Some(format!("http://{}", origin.addr)),
         cache_dir: Some(cache_dir.display().to_string()),

@@ -5,12 +5,17 @@
 use crate::body::{BoxError, ProxyBody};
 use crate::config::OriginConfig;
 use crate::error::ProxyError;
+use crate::metrics::Metrics;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::sync::{
+    atomic::{AtomicU64, Ordering::Relaxed},
+    Arc,
+};
 use std::{
     net::SocketAddr,
     pin::Pin,
@@ -26,10 +31,13 @@ pub const VIA: &str = "1.1 lotecache";
 pub struct Origin {
     client: Client<HttpConnector, ProxyBody>,
     config: OriginConfig,
+    metrics: Arc<Metrics>,
+    /// Unix ms of the last response head received from the origin (readiness).
+    last_ok_ms: Arc<AtomicU64>,
 }
 
 impl Origin {
-    pub fn new(config: OriginConfig) -> Self {
+    pub fn new(config: OriginConfig, metrics: Arc<Metrics>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -38,7 +46,24 @@ impl Origin {
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Origin { client, config }
+        Origin { client, config, metrics, last_ok_ms: Arc::default() }
+    }
+
+    /// Whether the origin answered within `recent`, or accepts a TCP connection now.
+    pub async fn reachable(&self, recent: Duration) -> bool {
+        let last = self.last_ok_ms.load(Relaxed) as u128;
+        if last > 0 && crate::cache::store::now_ms().saturating_sub(last) < recent.as_millis() {
+            return true;
+        }
+        let addr = self.config.authority.as_str().to_string();
+        matches!(
+            tokio::time::timeout(self.config.connect_timeout, tokio::net::TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.config.authority
     }
 
     /// The absolute URI of `path_and_query` on the origin.
@@ -59,12 +84,24 @@ impl Origin {
     /// Sends `req` (already rewritten, absolute URI) and waits for the response head, at most
     /// the configured response timeout.
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(self.config.response_timeout, self.client.request(req)).await {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(self.config.response_timeout, self.client.request(req)).await {
             Err(_) => Err(ProxyError::OriginTimeout { phase: "response head" }),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => Err(ProxyError::OriginUnreachable(Box::new(e))),
             Ok(Err(e)) => Err(ProxyError::OriginFailed(Box::new(e))),
+        };
+        match &result {
+            Ok(resp) => {
+                self.metrics.origin_latency.observe(started.elapsed().as_secs_f64());
+                self.last_ok_ms.store(crate::cache::store::now_ms() as u64, Relaxed);
+                if resp.status().is_server_error() {
+                    self.metrics.origin_errors.with_label_values(&["status-5xx"]).inc();
+                }
+            }
+            Err(e) => self.metrics.origin_errors.with_label_values(&[&e.token()]).inc(),
         }
+        result
     }
 }
 

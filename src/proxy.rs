@@ -1,14 +1,18 @@
 //! The proxy service: routes each request to the cache, to the origin untouched, or to a
 //! rejection. It is a `tower::Service`, one clone per connection carrying the peer address.
 
+use crate::access_log::{self, AccessLog};
 use crate::body::{BoxError, ProxyBody};
 use crate::cache::{status, Cache};
+use crate::metrics::Metrics;
 use crate::origin::{forward_request_headers, forward_response_headers, IdleTimeoutBody, Origin};
 use crate::rules::{Route, Rules};
+use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use std::time::Instant;
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -18,9 +22,11 @@ use std::{
 
 /// State shared by every connection.
 pub struct Shared {
-    pub rules: Rules,
+    /// Replaced on reload; a request keeps the rules it started with.
+    pub rules: ArcSwap<Rules>,
     pub cache: Cache,
     pub origin: Origin,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The per-connection service.
@@ -51,16 +57,55 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     }
 }
 
+/// The request outcome a `Cache-Status` value stands for (metrics and logs).
+fn outcome(cache_status: &str) -> &'static str {
+    if cache_status.contains("fwd=stale") {
+        "stale"
+    } else if cache_status.starts_with("lotecache; hit") {
+        "hit"
+    } else if cache_status.contains("collapsed") {
+        "collapsed"
+    } else if cache_status.contains("fwd=uri-miss") {
+        "miss"
+    } else if cache_status.starts_with("lotecache; detail=") {
+        "rejected"
+    } else {
+        "error"
+    }
+}
+
 impl Shared {
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        match self.rules.route(&req) {
-            Route::Pass => self.pass_through(req, peer).await,
+        let started = Instant::now();
+        let route = self.rules.load().route(&req);
+        let (resp, lote_id) = match route {
+            Route::Pass => {
+                self.metrics.requests.with_label_values(&["pass"]).inc();
+                return self.pass_through(req, peer).await;
+            }
             Route::Reject { rule, error } => {
                 tracing::info!(rule = %rule, path = ?req.uri().path(), "cache route request rejected");
-                error.to_response(Some(status::rejected(&error.token())))
+                (error.to_response(Some(status::rejected(&error.token()))), String::new())
             }
-            Route::Cache(target) => self.cache.handle(req, target, peer).await,
-        }
+            Route::Cache(target) => {
+                let lote_id = target.lote_id.clone();
+                (self.cache.handle(req, target, peer).await, lote_id)
+            }
+        };
+        let cache_status = resp.headers().get(status::CACHE_STATUS).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let outcome = outcome(cache_status);
+        self.metrics.requests.with_label_values(&[outcome]).inc();
+        let forwarded = matches!(outcome, "miss" | "collapsed" | "stale");
+        let log = AccessLog {
+            lote_id,
+            status: resp.status().as_u16(),
+            cache_status: cache_status.to_string(),
+            outcome,
+            started,
+            origin_ms: forwarded.then(|| started.elapsed().as_millis() as u64),
+        };
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, access_log::wrap(body, log))
     }
 
     /// Forwards a request the cache does not handle: bodies stream both ways.

@@ -33,6 +33,10 @@ pub struct CacheTarget {
     pub upstream_path: String,
     /// What a document must pass before it is stored (None: no validation).
     pub validation: Option<std::sync::Arc<crate::cache::validate::Validation>>,
+    /// Entries older than this are refetched.
+    pub ttl: Option<std::time::Duration>,
+    /// Serve an expired entry when the origin fails or answers 5xx.
+    pub stale_if_error: bool,
 }
 
 /// Bytes kept as they are when the id is put back into an upstream path.
@@ -95,6 +99,8 @@ impl Rules {
                 key,
                 upstream_path,
                 validation,
+                ttl: rule.ttl,
+                stale_if_error: rule.stale_if_error,
             });
         }
         Route::Pass

@@ -1,16 +1,29 @@
-//! Building the proxy from a `Config` and serving it: the listener, one HTTP/1.1 connection
-//! task per client, and graceful shutdown. Tests start it in-process on `127.0.0.1:0`.
+//! Building the proxy from a `Config` and running it: the proxy and admin listeners, one
+//! HTTP/1.1 connection task per client, the periodic garbage collector, hot reload, and
+//! graceful shutdown. Tests start it in-process on `127.0.0.1:0`.
 
+use crate::admin::Admin;
+use crate::body::ProxyBody;
 use crate::cache::{store::Store, Cache};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::origin::Origin;
 use crate::proxy::{ProxyService, Shared};
 use crate::rules::Rules;
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,33 +37,75 @@ pub enum StartError {
 /// A running proxy.
 pub struct RunningProxy {
     local_addr: SocketAddr,
+    admin_addr: SocketAddr,
     shared: Arc<Shared>,
+    admin: Arc<Admin>,
+    config: Mutex<Config>,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })
 }
 
 impl RunningProxy {
-    /// Opens the store, binds the listener and starts serving.
+    /// Opens the store, binds the listeners and starts serving.
     pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
-        let store = Store::open(config.cache_dir.clone()).await?;
-        let origin = Origin::new(config.origin.clone());
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open(config.cache_dir.clone(), config.max_size, metrics.clone()).await?;
+        store.set_gc_grace(config.gc_grace);
+        let origin = Origin::new(config.origin.clone(), metrics.clone());
         let shared = Arc::new(Shared {
-            rules: Rules::new(config.rules.clone()),
-            cache: Cache::new(store, origin.clone(), config.fill.clone()),
+            rules: ArcSwap::from_pointee(Rules::new(config.rules.clone())),
+            cache: Cache::new(store.clone(), origin.clone(), config.fill.clone()),
             origin,
+            metrics,
         });
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let listener = bind(config.listen).await?;
+        let admin_listener = bind(config.admin.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let admin_addr =
+            admin_listener.local_addr().map_err(|source| StartError::Listen { addr: config.admin.listen, source })?;
+        let admin = Admin::new(shared.clone(), config.admin.token.clone());
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), config.header_read_timeout, stopped));
-        tracing::info!(listen = %local_addr, origin = %config.origin.authority, cache_dir = %config.cache_dir.display(), "lotecache serving");
-        Ok(RunningProxy { local_addr, shared, stop, task })
+
+        let proxy_shared = shared.clone();
+        let proxy_task =
+            tokio::spawn(accept_loop(listener, config.header_read_timeout, stopped.clone(), move |peer| {
+                TowerToHyperService::new(ProxyService::new(proxy_shared.clone(), peer))
+            }));
+        let admin_state = admin.clone();
+        let admin_task =
+            tokio::spawn(accept_loop(admin_listener, config.header_read_timeout, stopped.clone(), move |_| {
+                let admin = admin_state.clone();
+                hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
+                })
+            }));
+        let gc_task = tokio::spawn(gc_loop(store, config.gc_interval, stopped));
+        tracing::info!(
+            listen = %local_addr, admin = %admin_addr, origin = %config.origin.authority,
+            cache_dir = %config.cache_dir.display(), rules = config.rules.len(), "lotecache serving"
+        );
+        Ok(RunningProxy {
+            local_addr,
+            admin_addr,
+            shared,
+            admin,
+            config: Mutex::new(config),
+            stop,
+            tasks: vec![proxy_task, admin_task, gc_task],
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// The store (tests and tools inspect it).
@@ -63,23 +118,72 @@ impl RunningProxy {
         &self.shared.cache
     }
 
-    /// Stops accepting, lets open connections finish their responses for up to `grace`.
-    pub async fn shutdown(self, grace: Duration) {
-        let _ = self.stop.send(true);
-        let mut task = self.task;
-        if tokio::time::timeout(grace, &mut task).await.is_err() {
-            tracing::warn!(?grace, "connections still open after the grace period; closing them");
-            task.abort();
+    /// Applies a new configuration without dropping connections: rules, fill limits,
+    /// `max_size`, GC grace and the admin token change at once; listen addresses, the cache
+    /// directory and the origin need a restart (a warning says so).
+    pub fn reload(&self, new: Config) {
+        let mut current = self.config.lock().expect("config lock");
+        let needs_restart = [
+            ("server.listen", current.listen != new.listen),
+            ("admin.listen", current.admin.listen != new.admin.listen),
+            ("cache.dir", current.cache_dir != new.cache_dir),
+            ("origin", format!("{:?}", current.origin) != format!("{:?}", new.origin)),
+        ];
+        for (field, changed) in needs_restart {
+            if changed {
+                tracing::warn!(field, "changed in the config file; takes effect after a restart");
+            }
         }
+        self.shared.rules.store(Arc::new(Rules::new(new.rules.clone())));
+        self.shared.cache.fills.set_config(new.fill.clone());
+        self.shared.cache.store.set_max_size(new.max_size);
+        self.shared.cache.store.set_gc_grace(new.gc_grace);
+        self.admin.set_token(new.admin.token.clone());
+        tracing::info!(rules = new.rules.len(), "configuration reloaded");
+        *current = new;
+    }
+
+    /// Stops accepting, lets open responses and fills finish for up to `grace`, then aborts
+    /// what is left (an aborted fill deletes its temp file).
+    pub async fn shutdown(self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        let _ = self.stop.send(true);
+        for mut task in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+        let fills = &self.shared.cache.fills;
+        while !fills.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !fills.is_empty() {
+            tracing::warn!(fills = fills.len(), ?grace, "fills still running after the grace period; aborting them");
+            fills.abort_all();
+            for _ in 0..100 {
+                if fills.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        tracing::info!("stopped");
     }
 }
 
-async fn accept_loop(
+/// Accepts connections until `stopped`, then lets open connections finish.
+async fn accept_loop<M, S, F>(
     listener: TcpListener,
-    shared: Arc<Shared>,
     header_read_timeout: Duration,
     mut stopped: watch::Receiver<bool>,
-) {
+    make_service: M,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible, Future = F>
+        + Send
+        + 'static,
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
@@ -96,8 +200,7 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(ProxyService::new(shared.clone(), peer));
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), make_service(peer)));
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -109,4 +212,18 @@ async fn accept_loop(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Runs the garbage collector every `interval` until stopped.
+async fn gc_loop(store: Arc<Store>, interval: Duration, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {
+                if let Err(e) = store.gc().await {
+                    tracing::warn!(error = %e, "garbage collection failed");
+                }
+            }
+            _ = stopped.changed() => return,
+        }
+    }
 }

@@ -5,6 +5,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use ssri::Integrity;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Version of the metadata layout; entries of another version are ignored at load.
 pub const META_VERSION: u32 = 1;
@@ -79,6 +80,18 @@ pub struct Entry {
     pub etag: HeaderValue,
     /// `Repr-Digest` (RFC 9530) of the body.
     pub repr_digest: HeaderValue,
+    /// Hits served since the process started.
+    pub hits: AtomicU64,
+    /// Unix milliseconds of the last hit (the commit time until the first hit): the LRU clock.
+    pub last_hit_ms: AtomicU64,
+}
+
+impl Entry {
+    /// Records a hit now.
+    pub fn touch(&self) {
+        self.hits.fetch_add(1, Relaxed);
+        self.last_hit_ms.store(super::store::now_ms() as u64, Relaxed);
+    }
 }
 
 /// The `ETag` and `Repr-Digest` values for a body with this sha256.

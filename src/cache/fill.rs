@@ -19,7 +19,9 @@ use super::validate::{OnFail, StreamingValidator, Verdict};
 use crate::body::{BoxError, ProxyBody};
 use crate::config::FillConfig;
 use crate::error::ProxyError;
+use crate::metrics::Metrics;
 use crate::origin::{forward_response_headers, IdleTimeoutBody, Origin};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use http_body::Frame;
@@ -179,7 +181,9 @@ pub struct Subscription {
 /// The registry of fills in flight, by cache key.
 pub struct Fills {
     inflight: Mutex<HashMap<String, Arc<Fill>>>,
-    config: FillConfig,
+    /// Replaced on reload; each fill keeps the limits it started with.
+    config: ArcSwap<FillConfig>,
+    metrics: Arc<Metrics>,
 }
 
 /// What a request found when it looked for its key.
@@ -205,12 +209,16 @@ pub struct FillJob {
 }
 
 impl Fills {
-    pub fn new(config: FillConfig) -> Self {
-        Fills { inflight: Mutex::default(), config }
+    pub fn new(config: FillConfig, metrics: Arc<Metrics>) -> Self {
+        Fills { inflight: Mutex::default(), config: ArcSwap::from_pointee(config), metrics }
     }
 
-    pub fn config(&self) -> &FillConfig {
-        &self.config
+    pub fn config(&self) -> Arc<FillConfig> {
+        self.config.load_full()
+    }
+
+    pub fn set_config(&self, config: FillConfig) {
+        self.config.store(Arc::new(config));
     }
 
     /// Joins the fill for `key`, or starts one. The store is checked under the registry
@@ -221,14 +229,16 @@ impl Fills {
         store: &Arc<Store>,
         origin: &Origin,
         key: &str,
+        is_fresh: impl Fn(&Entry) -> bool,
         job: impl FnOnce() -> FillJob,
     ) -> Lookup {
+        let config = self.config.load_full();
         let mut inflight = self.inflight.lock().expect("fills lock");
-        if let Some(entry) = store.get(key) {
+        if let Some(entry) = store.get(key).filter(|e| is_fresh(e)) {
             return Lookup::Stored(entry);
         }
         if let Some(fill) = inflight.get(key) {
-            if fill.started.elapsed() > self.config.fill_timeout {
+            if fill.started.elapsed() > config.fill_timeout {
                 tracing::warn!(key, age = ?fill.started.elapsed(), "abandoning a fill older than fill_timeout");
                 abort_fill(fill);
             } else if fill.is_open() {
@@ -243,7 +253,8 @@ impl Fills {
         let sub = fill.try_subscribe().expect("a new fill takes subscribers");
         inflight.insert(key.to_string(), fill.clone());
         let guard = FillGuard { fills: self.clone(), key: key.to_string(), fill: fill.clone() };
-        let task = tokio::spawn(run(guard, store.clone(), origin.clone(), job(), self.config.clone()));
+        self.metrics.fills_in_flight.inc();
+        let task = tokio::spawn(run(guard, store.clone(), origin.clone(), job(), (*config).clone()));
         let _ = fill.abort.set(task.abort_handle());
         Lookup::Started(sub)
     }
@@ -253,6 +264,12 @@ impl Fills {
     pub fn abort(&self, key: &str) -> bool {
         let fill = self.inflight.lock().expect("fills lock").get(key).cloned();
         fill.map(|f| abort_fill(&f)).is_some()
+    }
+
+    /// Aborts every fill in flight (shutdown past its grace period).
+    pub fn abort_all(&self) {
+        let fills: Vec<_> = self.inflight.lock().expect("fills lock").values().cloned().collect();
+        fills.iter().for_each(|f| abort_fill(f));
     }
 
     /// Number of fills in flight.
@@ -283,6 +300,7 @@ struct FillGuard {
 impl Drop for FillGuard {
     fn drop(&mut self) {
         self.fill.fail(ProxyError::FillAborted);
+        self.fills.metrics.fills_in_flight.dec();
         let mut inflight = self.fills.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if inflight.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &self.fill)) {
             inflight.remove(&self.key);
@@ -296,6 +314,7 @@ async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob, 
     let key = job.key.clone();
     if let Err(e) = fetch(&fill, &store, &origin, job, &config).await {
         tracing::warn!(key = %key, error = %e, detail = %e.detail(), "fill failed; nothing stored");
+        store.metrics().not_stored.with_label_values(&[&e.token()]).inc();
         fill.fail(e);
     }
     drop(guard);
@@ -348,6 +367,7 @@ async fn fetch(
         (Storability::Store { .. }, None) => fill.publish_head(parts.status, parts.headers, status::miss_stored()),
         (Storability::DontStore(reason), None) => {
             tracing::info!(key = %job.key, reason = %reason, "origin response will not be stored");
+            store.metrics().not_stored.with_label_values(&[reason]).inc();
             fill.publish_head(parts.status, parts.headers, status::miss_not_stored(reason));
         }
     }
@@ -403,11 +423,12 @@ async fn fetch(
     if let Some(v) = validator {
         if let Verdict::Invalid { token, reason, on_fail } = v.finish().await {
             tracing::warn!(key = %job.key, lote_id = %job.lote_id, %reason, ?on_fail, "document failed validation; not stored");
-            metrics::counter!("lotecache_validation_failures_total", "reason" => token.clone()).increment(1);
+            store.metrics().validation_failures.with_label_values(&[&token]).inc();
             if on_fail == OnFail::Abort {
                 return Err(ProxyError::InvalidDocument { token, reason });
             }
             writer = None;
+            store.metrics().not_stored.with_label_values(&[&token]).inc();
             cache_status = status::miss_not_stored(&token);
         }
     }
@@ -425,10 +446,12 @@ async fn fetch(
             }
             Err(e) => {
                 tracing::warn!(key = %job.key, error = %e, "commit failed; nothing stored");
+                store.metrics().not_stored.with_label_values(&["store-error"]).inc();
                 cache_status = status::miss_not_stored("store-error");
             }
         }
     } else if matches!(decision, Storability::Store { .. }) && cache_status == status::miss_stored() {
+        store.metrics().not_stored.with_label_values(&["store-error"]).inc();
         cache_status = status::miss_not_stored("store-error");
     }
     if let Some(mut h) = held {
@@ -559,7 +582,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_fill_task_releases_its_waiters_with_an_error() {
-        let fills = Arc::new(Fills::new(FillConfig::default()));
+        let fills = Arc::new(Fills::new(FillConfig::default(), Arc::default()));
         let fill = Fill::new();
         let mut sub = fill.try_subscribe().unwrap();
         fills.inflight.lock().unwrap().insert("k".into(), fill.clone());

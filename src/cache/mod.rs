@@ -41,7 +41,8 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(store: Arc<Store>, origin: Origin, fill: FillConfig) -> Self {
-        Cache { store, fills: Arc::new(Fills::new(fill)), origin }
+        let fills = Arc::new(Fills::new(fill, store.metrics().clone()));
+        Cache { store, fills, origin }
     }
 
     /// Answers a request on a cache route.
@@ -49,8 +50,14 @@ impl Cache {
         let head_only = req.method() == Method::HEAD;
         let inm = req.headers().get(header::IF_NONE_MATCH).cloned();
         let inm = inm.as_ref();
+        let is_fresh =
+            |e: &Entry| target.ttl.is_none_or(|ttl| store::now_ms().saturating_sub(e.stored_at_ms) < ttl.as_millis());
+        // An expired entry is kept aside: it is served if the refetch fails (stale-if-error).
+        let mut stale = None;
         if let Some(entry) = self.store.get(&target.key) {
-            if let Some(resp) = self.serve_hit(entry, head_only, inm).await {
+            if !is_fresh(&entry) {
+                stale = target.stale_if_error.then_some(entry);
+            } else if let Some(resp) = self.serve_hit(entry, head_only, inm).await {
                 return resp;
             }
         }
@@ -59,9 +66,10 @@ impl Cache {
         // A few rounds at most: a stored entry may be evicted under us, and a fill past its
         // replay buffer is waited for, then looked up again.
         for _ in 0..3 {
-            let lookup =
-                self.fills.join_or_start(&self.store, &self.origin, &target.key, || self.fill_job(&req, &target, peer));
-            match lookup {
+            let lookup = self
+                .fills
+                .join_or_start(&self.store, &self.origin, &target.key, is_fresh, || self.fill_job(&req, &target, peer));
+            let (sub, collapsed) = match lookup {
                 Lookup::Stored(entry) => {
                     if let Some(mut resp) = self.serve_hit(entry, head_only, inm).await {
                         if waited {
@@ -69,19 +77,33 @@ impl Cache {
                         }
                         return resp;
                     }
+                    continue;
                 }
-                Lookup::Started(sub) => return respond_from_fill(sub, head_only, None, wait_timeout).await,
-                Lookup::Joined(sub) => {
-                    return respond_from_fill(sub, head_only, Some(status::collapsed()), wait_timeout).await
-                }
+                Lookup::Started(sub) => (sub, None),
+                Lookup::Joined(sub) => (sub, Some(status::collapsed())),
                 Lookup::Closed(rx) => {
                     waited = true;
                     if tokio::time::timeout(wait_timeout, wait_end(rx)).await.is_err() {
                         let err = ProxyError::WaitTimeout;
                         return err.to_response(Some(status::miss_not_stored(&err.token())));
                     }
+                    continue;
                 }
-            }
+            };
+            return match respond_from_fill(sub, head_only, collapsed, wait_timeout).await {
+                Ok(resp) => resp,
+                Err((origin_status, resp)) => match stale.take() {
+                    Some(entry) => match self.serve_hit(entry, head_only, inm).await {
+                        Some(mut stale_resp) => {
+                            tracing::warn!(key = %target.key, origin_status, "origin failed; serving the expired entry");
+                            stale_resp.headers_mut().insert(status::CACHE_STATUS, status::stale(origin_status));
+                            stale_resp
+                        }
+                        None => resp,
+                    },
+                    None => resp,
+                },
+            };
         }
         let err = ProxyError::FillAborted;
         err.to_response(Some(status::miss_not_stored(&err.token())))
@@ -98,7 +120,7 @@ impl Cache {
     ) -> Option<Response<ProxyBody>> {
         let not_modified = if_none_match.is_some_and(|v| etag_matches(v, &entry.etag));
         let body = if head_only || not_modified {
-            read::verify(entry.clone()).await.map(|()| empty())
+            read::verify(&self.store, entry.clone()).await.map(|()| empty())
         } else {
             read::open(self.store.clone(), entry.clone()).await.map(|opened| match opened {
                 read::HitBody::Whole(bytes) => full(bytes),
@@ -108,11 +130,13 @@ impl Cache {
         let body = match body {
             Ok(b) => b,
             Err(e) => {
-                metrics::counter!("lotecache_integrity_failures_total", "reason" => e.reason()).increment(1);
+                self.store.metrics().integrity_failures.with_label_values(&[e.reason()]).inc();
                 self.store.evict(&entry, e.reason()).await;
                 return None;
             }
         };
+        entry.touch();
+        self.store.metrics().origin_seconds_saved.inc_by(entry.gen_ms as f64 / 1000.0);
         let mut resp = Response::new(body);
         *resp.headers_mut() = hit_headers(&entry);
         if not_modified {
@@ -145,27 +169,37 @@ impl Cache {
 }
 
 /// Streams a fill's response to one request; `cache_status` overrides the fill's own.
+/// `Err` carries the origin's failure (its status, and the response to send when no stale
+/// entry can stand in): a fill error before the head, or a 5xx head.
 async fn respond_from_fill(
     mut sub: Subscription,
     head_only: bool,
     cache_status: Option<HeaderValue>,
     wait_timeout: std::time::Duration,
-) -> Response<ProxyBody> {
+) -> Result<Response<ProxyBody>, (u16, Response<ProxyBody>)> {
     let head = match tokio::time::timeout(wait_timeout, wait_head(&mut sub.rx)).await {
         Ok(Ok(h)) => h,
-        Ok(Err(e)) => return e.to_response(Some(status::miss_not_stored(&e.token()))),
+        Ok(Err(e)) => {
+            let resp = e.to_response(Some(status::miss_not_stored(&e.token())));
+            return Err((resp.status().as_u16(), resp));
+        }
         Err(_) => {
             let err = ProxyError::WaitTimeout;
-            return err.to_response(Some(status::miss_not_stored(&err.token())));
+            return Err((err.status().as_u16(), err.to_response(Some(status::miss_not_stored(&err.token())))));
         }
     };
+    let server_error = head.status.is_server_error();
     // A HEAD request drops its subscription here, so it pins no replay data.
     let mut resp = Response::new(if head_only { empty() } else { sub.into_body() });
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers.clone();
     let cs = cache_status.unwrap_or_else(|| head.cache_status.clone());
     resp.headers_mut().insert(status::CACHE_STATUS, cs);
-    resp
+    if server_error {
+        Err((head.status.as_u16(), resp))
+    } else {
+        Ok(resp)
+    }
 }
 
 /// `If-None-Match` (weak comparison, RFC 9110 §13.1.2) against our strong `etag`.

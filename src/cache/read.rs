@@ -5,7 +5,7 @@
 //! corrupt entry ends in an aborted response, never a clean `200`.
 
 use super::entry::Entry;
-use super::store::Store;
+use super::store::{ReadGuard, Store};
 use crate::body::{BoxError, ProxyBody};
 use bytes::Bytes;
 use http_body::Frame;
@@ -53,6 +53,7 @@ pub enum HitBody {
 
 /// Opens `entry` for serving. On `Err` nothing was sent; the caller evicts and refetches.
 pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadError> {
+    let reading = store.reading(&entry.path);
     let e = entry.clone();
     let opened = tokio::task::spawn_blocking(move || -> Result<Opened, ReadError> {
         let mut file = open_checked(&e)?;
@@ -73,14 +74,17 @@ pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadE
     .map_err(io::Error::other)??;
     Ok(match opened {
         Opened::Whole(b) => HitBody::Whole(b),
-        Opened::File(file) => HitBody::Stream(verifying_stream(store, entry, file)),
+        Opened::File(file) => HitBody::Stream(verifying_stream(store, entry, file, reading)),
     })
 }
 
 /// Hashes the whole content file and checks it against the entry (for answers that send
-/// no body: `HEAD`, `304`; and for offline scrubs).
-pub async fn verify(entry: Arc<Entry>) -> Result<(), ReadError> {
-    tokio::task::spawn_blocking(move || verify_sync(&entry)).await.map_err(io::Error::other)?
+/// no body: `HEAD`, `304`).
+pub async fn verify(store: &Arc<Store>, entry: Arc<Entry>) -> Result<(), ReadError> {
+    let guard = store.reading(&entry.path);
+    let result = tokio::task::spawn_blocking(move || verify_sync(&entry)).await.map_err(io::Error::other)?;
+    drop(guard);
+    result
 }
 
 /// Blocking form of [`verify`].
@@ -128,6 +132,8 @@ struct Reading {
     file: File,
     hasher: Sha256,
     remaining: u64,
+    /// Keeps the content file from the collector until the stream is dropped.
+    _guard: ReadGuard,
 }
 
 /// A corrupt entry was detected while streaming it; the response is aborted.
@@ -138,8 +144,8 @@ pub struct CorruptEntry {
     source: ReadError,
 }
 
-fn verifying_stream(store: Arc<Store>, entry: Arc<Entry>, file: File) -> ProxyBody {
-    let start = Some(Reading { file, hasher: Sha256::new(), remaining: entry.size });
+fn verifying_stream(store: Arc<Store>, entry: Arc<Entry>, file: File, guard: ReadGuard) -> ProxyBody {
+    let start = Some(Reading { file, hasher: Sha256::new(), remaining: entry.size, _guard: guard });
     let stream = futures_util::stream::unfold(start, move |state| {
         let (store, entry) = (store.clone(), entry.clone());
         async move {
@@ -151,7 +157,7 @@ fn verifying_stream(store: Arc<Store>, entry: Arc<Entry>, file: File) -> ProxyBo
             match step {
                 Ok((chunk, next)) => Some((Ok::<_, BoxError>(Frame::data(chunk)), next)),
                 Err(err) => {
-                    metrics::counter!("lotecache_integrity_failures_total", "reason" => err.reason()).increment(1);
+                    store.metrics().integrity_failures.with_label_values(&[err.reason()]).inc();
                     store.evict(&entry, err.reason()).await;
                     let err = CorruptEntry { key: entry.key.clone(), source: err };
                     Some((Err(Box::new(err) as BoxError), None))

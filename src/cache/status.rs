@@ -39,3 +39,9 @@ fn value(s: &str) -> HeaderValue {
     // Details are our own tokens (ASCII); fall back rather than panic if one ever is not.
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("lotecache"))
 }
+
+/// `lotecache; hit; fwd=stale; fwd-status=<code>; detail=stale-if-error` — an expired entry
+/// served because the refetch failed.
+pub fn stale(origin_status: u16) -> HeaderValue {
+    value(&format!("lotecache; hit; fwd=stale; fwd-status={origin_status}; detail=stale-if-error"))
+}

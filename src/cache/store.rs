@@ -3,22 +3,31 @@
 //!
 //! cacache specifics confined here: content is written with `open_hash` + `commit` (no key),
 //! fsynced by us (cacache never fsyncs), and only then indexed with `index::insert`; the
-//! content path follows cacache's `content-v2/{algo}/{hex[0..2]}/{hex[2..4]}/{rest}` layout,
-//! which a test pins.
+//! content path follows cacache's `content-v2/{algo}/{hex[0..2]}/{hex[2..4]}/{rest}` layout
+//! and the index bucket its `index-v5/{sha1[0..2]}/{sha1[2..4]}/{rest}` one (tests pin both).
+//! Removing an entry writes a tombstone and keeps the content; the garbage collector here
+//! removes content no live entry references, and compacts buckets.
 
 use super::entry::{validators, Entry, EntryMeta, META_VERSION};
+use crate::metrics::Metrics;
 use ssri::{Algorithm, Integrity};
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 use tokio::io::AsyncWriteExt;
 
 /// Capacity of the buffer in front of cacache's writer (it spawns a blocking task per write).
 const WRITE_BUFFER: usize = 256 * 1024;
+/// Default for content files younger than which nothing is collected: a commit renames
+/// its file into place a moment before it indexes it.
+const GC_GRACE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -43,19 +52,36 @@ pub struct Store {
     /// Held (flock) for the store's lifetime: one process owns a cache directory.
     _lock: std::fs::File,
     index: RwLock<HashMap<String, Arc<Entry>>>,
-    /// Serializes index-line appends with the matching in-memory update, so the two never
+    /// Serializes index-file mutations with the matching in-memory update, so the two never
     /// disagree on which entry of a key is the latest.
     index_write: Mutex<()>,
+    /// Bytes of live entries.
+    bytes: AtomicU64,
+    /// Size cap in bytes (0: none). Changes on reload.
+    max_size: AtomicU64,
+    /// Content files younger than this (ms) are never collected.
+    gc_grace_ms: AtomicU64,
+    /// Content files being read right now, with their reader counts: never collected.
+    readers: Mutex<HashMap<PathBuf, usize>>,
+    metrics: Arc<Metrics>,
+}
+
+/// What a garbage collection did.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct GcReport {
+    pub removed_files: usize,
+    pub removed_bytes: u64,
+    pub compacted_buckets: usize,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `dir` and loads the index into memory,
-    /// dropping entries whose content file is missing or has the wrong size.
-    pub async fn open(dir: PathBuf) -> Result<Arc<Store>, StoreError> {
-        tokio::task::spawn_blocking(move || Store::open_sync(dir)).await.map_err(io::Error::other)?
+    /// Opens (creating if needed) the store at `dir`: takes its lock, sweeps temp files left
+    /// by a crash, loads the index into memory (dropping entries whose content is missing).
+    pub async fn open(dir: PathBuf, max_size: u64, metrics: Arc<Metrics>) -> Result<Arc<Store>, StoreError> {
+        tokio::task::spawn_blocking(move || Store::open_sync(dir, max_size, metrics)).await.map_err(io::Error::other)?
     }
 
-    fn open_sync(dir: PathBuf) -> Result<Arc<Store>, StoreError> {
+    fn open_sync(dir: PathBuf, max_size: u64, metrics: Arc<Metrics>) -> Result<Arc<Store>, StoreError> {
         // cacache creates index-v5 on first insert; listing a store without it is an error.
         std::fs::create_dir_all(dir.join("index-v5"))?;
         let lock = lock_dir(&dir)?;
@@ -73,17 +99,41 @@ impl Store {
                 }
             }
         }
-        tracing::info!(dir = %dir.display(), entries = map.len(), skipped = loaded.skipped, swept, "store opened");
-        Ok(Arc::new(Store { dir, _lock: lock, index: RwLock::new(map), index_write: Mutex::new(()) }))
+        let bytes: u64 = map.values().map(|e| e.size).sum();
+        metrics.store_bytes.set(bytes as i64);
+        metrics.store_entries.set(map.len() as i64);
+        tracing::info!(dir = %dir.display(), entries = map.len(), bytes, skipped = loaded.skipped, swept, "store opened");
+        Ok(Arc::new(Store {
+            dir,
+            _lock: lock,
+            index: RwLock::new(map),
+            index_write: Mutex::new(()),
+            bytes: AtomicU64::new(bytes),
+            max_size: AtomicU64::new(max_size),
+            gc_grace_ms: AtomicU64::new(GC_GRACE.as_millis() as u64),
+            readers: Mutex::default(),
+            metrics,
+        }))
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// The live entry under `key`, from memory.
     pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
         self.index.read().expect("index lock").get(key).cloned()
+    }
+
+    /// Every live entry, sorted by key.
+    pub fn entries(&self) -> Vec<Arc<Entry>> {
+        let mut v: Vec<_> = self.index.read().expect("index lock").values().cloned().collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
     }
 
     /// Number of live entries.
@@ -95,10 +145,64 @@ impl Store {
         self.len() == 0
     }
 
+    /// Bytes of live entries.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Relaxed)
+    }
+
+    pub fn set_max_size(&self, max_size: u64) {
+        self.max_size.store(max_size, Relaxed);
+    }
+
+    pub fn set_gc_grace(&self, grace: Duration) {
+        self.gc_grace_ms.store(grace.as_millis() as u64, Relaxed);
+    }
+
     /// Starts writing a new body. Nothing is visible until [`PendingWrite::commit`].
     pub async fn begin(&self) -> Result<PendingWrite, StoreError> {
         let writer = cacache::WriteOpts::new().algorithm(Algorithm::Sha256).open_hash(&self.dir).await?;
         Ok(PendingWrite { writer: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, writer), written: 0 })
+    }
+
+    /// Marks `path` as being read until the guard drops: the collector leaves it alone.
+    pub fn reading(self: &Arc<Self>, path: &Path) -> ReadGuard {
+        *self.readers.lock().expect("readers lock").entry(path.to_path_buf()).or_default() += 1;
+        ReadGuard { store: self.clone(), path: path.to_path_buf() }
+    }
+
+    /// Publishes `entry` in memory (caller holds `index_write`), keeping byte counts.
+    fn publish(&self, entry: Arc<Entry>) {
+        let mut index = self.index.write().expect("index lock");
+        let size = entry.size;
+        if let Some(old) = index.insert(entry.key.clone(), entry) {
+            self.bytes.fetch_sub(old.size, Relaxed);
+        }
+        self.bytes.fetch_add(size, Relaxed);
+        self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
+        self.metrics.store_entries.set(index.len() as i64);
+    }
+
+    /// Removes `key` from memory and the index if its live entry is `expect` (or any, when
+    /// None). Runs blocking; the caller is on a blocking thread.
+    fn unpublish_sync(&self, key: &str, expect: Option<&Arc<Entry>>, reason: &'static str) -> Result<bool, StoreError> {
+        let _w = self.index_write.lock().expect("index write lock");
+        let mut index = self.index.write().expect("index lock");
+        let matches = match (index.get(key), expect) {
+            (Some(cur), Some(e)) => Arc::ptr_eq(cur, e),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !matches {
+            return Ok(false);
+        }
+        let old = index.remove(key).expect("present");
+        self.bytes.fetch_sub(old.size, Relaxed);
+        self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
+        self.metrics.store_entries.set(index.len() as i64);
+        self.metrics.evictions.with_label_values(&[reason]).inc();
+        drop(index);
+        cacache::index::delete(&self.dir, key)?;
+        Ok(true)
     }
 
     /// Removes `entry` because it can no longer be served (corrupt or missing content):
@@ -107,15 +211,7 @@ impl Store {
         tracing::warn!(key = %entry.key, lote_id = %entry.lote_id, reason, "evicting entry");
         let (this, entry) = (self.clone(), entry.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            {
-                let _w = this.index_write.lock().expect("index write lock");
-                let mut index = this.index.write().expect("index lock");
-                if index.get(&entry.key).is_some_and(|cur| Arc::ptr_eq(cur, &entry)) {
-                    index.remove(&entry.key);
-                    drop(index);
-                    cacache::index::delete(&this.dir, &entry.key)?;
-                }
-            }
+            this.unpublish_sync(&entry.key, Some(&entry), "corrupt")?;
             match std::fs::remove_file(&entry.path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
                 _ => Ok(()),
@@ -124,6 +220,132 @@ impl Store {
         .await;
         if let Ok(Err(e)) | Err(e) = result.map_err(|e| StoreError::Io(io::Error::other(e))) {
             tracing::error!(error = %e, "eviction failed");
+        }
+    }
+
+    /// Removes the entries selected by `which` (content is left to the collector). Returns
+    /// the removed keys.
+    pub async fn purge(self: &Arc<Self>, which: Purge) -> Result<Vec<String>, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let keys: Vec<String> = {
+                let index = this.index.read().expect("index lock");
+                match &which {
+                    Purge::All => index.keys().cloned().collect(),
+                    Purge::Key(k) => index.contains_key(k).then(|| k.clone()).into_iter().collect(),
+                    Purge::LoteId(id) => index.values().filter(|e| &e.lote_id == id).map(|e| e.key.clone()).collect(),
+                }
+            };
+            let mut removed = Vec::new();
+            for k in keys {
+                if this.unpublish_sync(&k, None, "purge")? {
+                    removed.push(k);
+                }
+            }
+            if !removed.is_empty() {
+                tracing::info!(count = removed.len(), ?which, "purged");
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(|e| StoreError::Io(io::Error::other(e)))?
+    }
+
+    /// Keeps live bytes under `max_size` by removing least-recently-used entries; `keep` is
+    /// the entry just committed, removed last (and only if it alone is over the cap).
+    fn enforce_max_size_sync(&self, keep: &Arc<Entry>) -> Result<(), StoreError> {
+        let max = self.max_size.load(Relaxed);
+        if max == 0 {
+            return Ok(());
+        }
+        while self.bytes.load(Relaxed) > max {
+            let victim = {
+                let index = self.index.read().expect("index lock");
+                index.values().filter(|e| !Arc::ptr_eq(e, keep)).min_by_key(|e| e.last_hit_ms.load(Relaxed)).cloned()
+            };
+            match victim {
+                Some(v) => {
+                    tracing::info!(key = %v.key, size = v.size, "evicting least recently used entry (max_size)");
+                    self.unpublish_sync(&v.key, Some(&v), "lru")?;
+                }
+                None => {
+                    tracing::warn!(key = %keep.key, size = keep.size, max, "entry larger than max_size; not kept");
+                    self.unpublish_sync(&keep.key, Some(keep), "too-large")?;
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes content files no live entry references (and none is reading, and none was
+    /// just written), and compacts index buckets to their latest line.
+    pub async fn gc(self: &Arc<Self>) -> Result<GcReport, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.gc_sync()).await.map_err(|e| StoreError::Io(io::Error::other(e)))?
+    }
+
+    fn gc_sync(&self) -> Result<GcReport, StoreError> {
+        let mut report = GcReport::default();
+        {
+            // Buckets change only under index_write: compact them there.
+            let _w = self.index_write.lock().expect("index write lock");
+            report.compacted_buckets = compact_buckets(&self.dir)?;
+        }
+        let live: HashSet<PathBuf> = self.index.read().expect("index lock").values().map(|e| e.path.clone()).collect();
+        let now = SystemTime::now();
+        let grace = Duration::from_millis(self.gc_grace_ms.load(Relaxed));
+        for file in walk_files(&self.dir.join("content-v2")) {
+            if live.contains(&file) || self.readers.lock().expect("readers lock").contains_key(&file) {
+                continue;
+            }
+            let Ok(meta) = std::fs::metadata(&file) else { continue };
+            let young = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).is_none_or(|age| age < grace);
+            if young {
+                continue;
+            }
+            // Re-check under the write lock: an entry may have been committed meanwhile.
+            let _w = self.index_write.lock().expect("index write lock");
+            let referenced = self.index.read().expect("index lock").values().any(|e| e.path == file);
+            if referenced || self.readers.lock().expect("readers lock").contains_key(&file) {
+                continue;
+            }
+            if std::fs::remove_file(&file).is_ok() {
+                report.removed_files += 1;
+                report.removed_bytes += meta.len();
+            }
+        }
+        self.metrics.gc_removed_files.inc_by(report.removed_files as u64);
+        if report.removed_files > 0 || report.compacted_buckets > 0 {
+            tracing::info!(?report, "garbage collected");
+        }
+        Ok(report)
+    }
+}
+
+/// Which entries a purge removes.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purge {
+    All,
+    Key(String),
+    LoteId(String),
+}
+
+/// Keeps a content file safe from the collector while it is read.
+pub struct ReadGuard {
+    store: Arc<Store>,
+    path: PathBuf,
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        let mut readers = self.store.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = readers.get_mut(&self.path) {
+            *n -= 1;
+            if *n == 0 {
+                readers.remove(&self.path);
+            }
         }
     }
 }
@@ -142,8 +364,9 @@ impl PendingWrite {
     }
 
     /// Makes the body durable and visible under `key`: commit the content, fsync it and its
-    /// directories, then append the index line and publish the entry in memory. If
-    /// `expected_len` is given and differs from what was written, nothing is stored.
+    /// directories, then append the index line (fsynced too) and publish the entry in
+    /// memory; then keep the store under its size cap. If `expected_len` is given and differs
+    /// from what was written, nothing is stored.
     pub async fn commit(
         mut self,
         store: &Arc<Store>,
@@ -180,16 +403,22 @@ impl PendingWrite {
                 stored_at_ms,
                 gen_ms: meta.gen_ms,
                 path,
+                hits: AtomicU64::new(0),
+                last_hit_ms: AtomicU64::new(stored_at_ms as u64),
             });
             let opts = cacache::WriteOpts::new()
                 .integrity(integrity)
                 .size(size as usize)
                 .time(stored_at_ms)
                 .metadata(meta_json);
-            let _w = store.index_write.lock().expect("index write lock");
-            cacache::index::insert(&store.dir, &key, opts)?;
-            sync_file_and_dirs(&bucket_path(&store.dir, &key), &store.dir)?;
-            store.index.write().expect("index lock").insert(key, entry.clone());
+            {
+                let _w = store.index_write.lock().expect("index write lock");
+                cacache::index::insert(&store.dir, &key, opts)?;
+                sync_file_and_dirs(&bucket_path(&store.dir, &key), &store.dir)?;
+                store.publish(entry.clone());
+            }
+            store.metrics.stored.inc();
+            store.enforce_max_size_sync(&entry)?;
             Ok(entry)
         })
         .await
@@ -281,6 +510,63 @@ fn bucket_path(dir: &Path, key: &str) -> PathBuf {
     dir.join("index-v5").join(&h[0..2]).join(&h[2..4]).join(&h[4..])
 }
 
+/// Every regular file below `dir`.
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(read) = std::fs::read_dir(&d) else { continue };
+        for e in read.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => out.push(e.path()),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Rewrites each bucket holding more than one line as its latest valid line per key
+/// (removing buckets whose keys are all tombstoned). Caller holds `index_write`.
+fn compact_buckets(dir: &Path) -> io::Result<usize> {
+    use sha2::Digest as _;
+    let mut compacted = 0;
+    for bucket in walk_files(&dir.join("index-v5")) {
+        let text = std::fs::read_to_string(&bucket)?;
+        let lines: Vec<&str> = text.split('\n').filter(|l| !l.is_empty()).collect();
+        if lines.len() <= 1 {
+            continue;
+        }
+        // Latest valid line per key, in first-seen order of keys.
+        let mut latest: Vec<(String, &str, bool)> = Vec::new();
+        for line in &lines {
+            let Some((hash, json)) = line.split_once('\t') else { continue };
+            if hex::encode(sha2::Sha256::digest(json.as_bytes())) != hash {
+                continue; // torn or damaged: cacache skips it too
+            }
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else { continue };
+            let Some(key) = v["key"].as_str() else { continue };
+            let live = !v["integrity"].is_null();
+            match latest.iter_mut().find(|(k, _, _)| k == key) {
+                Some(slot) => *slot = (key.to_string(), line, live),
+                None => latest.push((key.to_string(), line, live)),
+            }
+        }
+        let kept: String = latest.iter().filter(|(_, _, live)| *live).map(|(_, l, _)| format!("\n{l}")).collect();
+        if kept.is_empty() {
+            std::fs::remove_file(&bucket)?;
+        } else {
+            let tmp = bucket.with_extension("compact");
+            std::fs::write(&tmp, kept)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &bucket)?;
+        }
+        compacted += 1;
+    }
+    Ok(compacted)
+}
+
 fn entry_from_index(dir: &Path, md: cacache::Metadata) -> Option<Entry> {
     let meta: EntryMeta = serde_json::from_value(md.metadata).ok()?;
     if meta.v != META_VERSION {
@@ -301,6 +587,8 @@ fn entry_from_index(dir: &Path, md: cacache::Metadata) -> Option<Entry> {
         size: md.size as u64,
         stored_at_ms: md.time,
         gen_ms: meta.gen_ms,
+        hits: AtomicU64::new(0),
+        last_hit_ms: AtomicU64::new(md.time as u64),
     })
 }
 
@@ -337,7 +625,7 @@ mod tests {
     #[tokio::test]
     async fn committed_content_lives_at_the_computed_cacache_path_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().to_path_buf()).await.unwrap();
+        let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
         let mut w = store.begin().await.unwrap();
         w.write(b"hello ").await.unwrap();
         w.write(b"world").await.unwrap();
@@ -346,7 +634,7 @@ mod tests {
         assert_eq!(entry.integrity, Integrity::from(b"hello world"));
 
         drop(store);
-        let reopened = Store::open(dir.path().to_path_buf()).await.unwrap();
+        let reopened = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
         let e = reopened.get("L1_resultados.json").unwrap();
         assert_eq!(e.size, 11);
         assert_eq!(e.lote_id, "L1");
@@ -356,7 +644,7 @@ mod tests {
     #[tokio::test]
     async fn the_index_bucket_path_is_the_one_cacache_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().to_path_buf()).await.unwrap();
+        let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
         let mut w = store.begin().await.unwrap();
         w.write(b"x").await.unwrap();
         w.commit(&store, "L9_resultados.json", meta(), None).await.unwrap();
@@ -367,12 +655,12 @@ mod tests {
     #[tokio::test]
     async fn a_second_store_on_the_same_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Store::open(dir.path().to_path_buf()).await.unwrap();
-        let err = Store::open(dir.path().to_path_buf()).await.err().expect("second open refused");
+        let first = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        let err = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.err().expect("second open refused");
         assert!(err.to_string().contains("in use by another lotecache process"), "{err}");
         assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
         drop(first);
-        Store::open(dir.path().to_path_buf()).await.expect("free again once the first is gone");
+        Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.expect("free again once the first is gone");
     }
 
     #[tokio::test]
@@ -380,14 +668,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         std::fs::write(dir.path().join("tmp/.tmpabc"), b"partial").unwrap();
-        let _store = Store::open(dir.path().to_path_buf()).await.unwrap();
+        let _store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[tokio::test]
     async fn a_length_mismatch_stores_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().to_path_buf()).await.unwrap();
+        let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
         let mut w = store.begin().await.unwrap();
         w.write(b"abc").await.unwrap();
         assert!(w.commit(&store, "k", meta(), Some(4)).await.is_err());
@@ -397,19 +685,19 @@ mod tests {
     #[tokio::test]
     async fn latest_write_wins_and_eviction_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().to_path_buf()).await.unwrap();
+        let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
         for body in [&b"one"[..], b"two"] {
             let mut w = store.begin().await.unwrap();
             w.write(body).await.unwrap();
             w.commit(&store, "k", meta(), None).await.unwrap();
         }
         drop(store);
-        let reopened = Store::open(dir.path().to_path_buf()).await.unwrap();
+        let reopened = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
         let e = reopened.get("k").unwrap();
         assert_eq!(std::fs::read(&e.path).unwrap(), b"two");
         reopened.evict(&e, "test").await;
         assert!(reopened.get("k").is_none());
         drop(reopened);
-        assert!(Store::open(dir.path().to_path_buf()).await.unwrap().get("k").is_none());
+        assert!(Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap().get("k").is_none());
     }
 }

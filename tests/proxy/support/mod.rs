@@ -16,9 +16,15 @@ use std::{net::SocketAddr, path::Path};
 /// Starts the proxy in front of `origin` with the cache in `dir`, short timeouts, and any
 /// extra TOML appended to its config.
 pub async fn start_proxy(origin: SocketAddr, dir: &Path, extra_toml: &str) -> RunningProxy {
+    start_proxy_admin(origin, dir, "", extra_toml).await
+}
+
+/// As [`start_proxy`], with extra lines for the `[admin]` section (e.g. a token).
+pub async fn start_proxy_admin(origin: SocketAddr, dir: &Path, admin_toml: &str, extra_toml: &str) -> RunningProxy {
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\
          [origin]\nurl = \"http://{origin}\"\nresponse_timeout = \"2s\"\nbody_idle_timeout = \"1s\"\nconnect_timeout = \"1s\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n{admin_toml}\n\
          [cache]\ndir = \"{}\"\n{extra_toml}",
         dir.display()
     );

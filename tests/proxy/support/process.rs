@@ -42,7 +42,7 @@ pub async fn serve(origin: std::net::SocketAddr, dir: &Path, extra: &[&str]) -> 
     let server = Serve {
         child: Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--origin", &format!("http://{origin}")])
-            .args(["--cache-dir", dir.to_str().unwrap()])
+            .args(["--cache-dir", dir.to_str().unwrap(), "--admin-listen", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

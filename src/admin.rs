@@ -1,0 +1,210 @@
+//! The admin listener, separate from the proxy port: health, readiness, Prometheus metrics,
+//! entry listing and inspection, and (with a bearer token) removal, purge and GC.
+
+use crate::body::{full, ProxyBody};
+use crate::cache::{entry::Entry, store::Purge};
+use crate::proxy::Shared;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::{
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::{Duration, UNIX_EPOCH},
+};
+use subtle::ConstantTimeEq;
+
+/// How recently the origin must have answered for `/readyz` to skip a connect probe.
+const ORIGIN_RECENT: Duration = Duration::from_secs(30);
+const MAX_BODY: usize = 64 * 1024;
+
+/// The admin API's state.
+pub struct Admin {
+    shared: Arc<Shared>,
+    /// Bearer token for mutating endpoints; None refuses them. Replaced on reload.
+    token: ArcSwap<Option<String>>,
+}
+
+impl Admin {
+    pub fn new(shared: Arc<Shared>, token: Option<String>) -> Arc<Admin> {
+        Arc::new(Admin { shared, token: ArcSwap::from_pointee(token) })
+    }
+
+    pub fn set_token(&self, token: Option<String>) {
+        self.token.store(Arc::new(token));
+    }
+
+    /// Answers one admin request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        let segments: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
+        match (&method, segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => reply(StatusCode::OK, json!({ "status": "ok" })),
+            (&Method::GET, ["readyz"]) => self.readyz().await,
+            (&Method::GET, ["metrics"]) => {
+                let mut resp = Response::new(full(self.shared.metrics.render()));
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8".parse().expect("static"));
+                resp
+            }
+            (&Method::GET, ["entries"]) => self.list(req.uri().query().unwrap_or("")),
+            (&Method::GET, ["entries", key]) => match self.shared.cache.store.get(&decode(key)) {
+                Some(e) => reply(StatusCode::OK, entry_json(&e)),
+                None => error(StatusCode::NOT_FOUND, "no such entry", &format!("no entry under key {:?}", decode(key))),
+            },
+            (&Method::DELETE, ["entries", key]) => {
+                if let Err(resp) = self.authorize(&req) {
+                    return resp;
+                }
+                self.purge(Purge::Key(decode(key))).await
+            }
+            (&Method::POST, ["purge"]) => {
+                if let Err(resp) = self.authorize(&req) {
+                    return resp;
+                }
+                match read_json(req).await {
+                    Ok(v) => match purge_request(&v) {
+                        Some(which) => self.purge(which).await,
+                        None => error(
+                            StatusCode::BAD_REQUEST,
+                            "bad purge request",
+                            r#"send {"lote_id": "..."}, {"key": "..."} or {"all": true}"#,
+                        ),
+                    },
+                    Err(detail) => error(StatusCode::BAD_REQUEST, "bad purge request", &detail),
+                }
+            }
+            (&Method::POST, ["gc"]) => {
+                if let Err(resp) = self.authorize(&req) {
+                    return resp;
+                }
+                match self.shared.cache.store.gc().await {
+                    Ok(report) => reply(StatusCode::OK, serde_json::to_value(report).expect("report")),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "gc failed", &e.to_string()),
+                }
+            }
+            (_, ["healthz" | "readyz" | "metrics" | "entries" | "purge" | "gc", ..]) => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", &format!("{method} is not supported here"))
+            }
+            _ => error(StatusCode::NOT_FOUND, "not found", "see README.md, Operations, for the admin endpoints"),
+        }
+    }
+
+    async fn readyz(&self) -> Response<ProxyBody> {
+        let origin = self.shared.origin.reachable(ORIGIN_RECENT).await;
+        let body = json!({
+            "ready": origin,
+            "store": "open",
+            "origin": if origin { "reachable" } else { "unreachable" },
+            "fills_in_flight": self.shared.cache.fills.len(),
+        });
+        reply(if origin { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
+    }
+
+    fn list(&self, query: &str) -> Response<ProxyBody> {
+        let param = |name: &str| {
+            query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        let offset = param("offset").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+        let limit = param("limit").and_then(|v| v.parse::<usize>().ok()).unwrap_or(100).clamp(1, 1000);
+        let all = self.shared.cache.store.entries();
+        let page: Vec<Value> = all.iter().skip(offset).take(limit).map(|e| entry_json(e)).collect();
+        reply(StatusCode::OK, json!({ "total": all.len(), "offset": offset, "limit": limit, "entries": page }))
+    }
+
+    async fn purge(&self, which: Purge) -> Response<ProxyBody> {
+        match self.shared.cache.store.purge(which.clone()).await {
+            Ok(removed) if removed.is_empty() && matches!(which, Purge::Key(_)) => {
+                error(StatusCode::NOT_FOUND, "no such entry", "nothing was removed")
+            }
+            Ok(removed) => reply(StatusCode::OK, json!({ "removed": removed })),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "purge failed", &e.to_string()),
+        }
+    }
+
+    /// Mutating endpoints need `Authorization: Bearer <token>`; the token is compared in
+    /// constant time (digests of equal length), and refused outright when none is set.
+    fn authorize(&self, req: &Request<Incoming>) -> Result<(), Response<ProxyBody>> {
+        let token = self.token.load();
+        let Some(expected) = token.as_ref() else {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "admin token not configured",
+                "set LOTECACHE_ADMIN_TOKEN, or admin.token in the config file, to enable this endpoint",
+            ));
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok: bool = Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(expected.as_bytes())).into();
+        if ok && !given.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(path = %req.uri().path(), "admin request with a missing or wrong token");
+        let mut resp = error(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <admin token>");
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+        Err(resp)
+    }
+}
+
+fn purge_request(v: &Value) -> Option<Purge> {
+    if let Some(id) = v.get("lote_id").and_then(Value::as_str) {
+        return Some(Purge::LoteId(id.to_string()));
+    }
+    if let Some(key) = v.get("key").and_then(Value::as_str) {
+        return Some(Purge::Key(key.to_string()));
+    }
+    (v.get("all") == Some(&Value::Bool(true))).then_some(Purge::All)
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<Value, String> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("cannot read the body: {e}"))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| format!("the body is not JSON: {e}"))
+}
+
+fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
+
+fn rfc3339(ms: u128) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms as u64)).to_string()
+}
+
+/// An entry as the admin API and `cache ls --json` show it.
+pub fn entry_json(e: &Entry) -> Value {
+    let hits = e.hits.load(Relaxed);
+    json!({
+        "key": e.key,
+        "lote_id": e.lote_id,
+        "size": e.size,
+        "sha256": hex::encode(e.sha256),
+        "etag": e.etag.to_str().unwrap_or_default(),
+        "stored_at": rfc3339(e.stored_at_ms),
+        "last_hit": (hits > 0).then(|| rfc3339(e.last_hit_ms.load(Relaxed) as u128)),
+        "hits": hits,
+        "generation_ms": e.gen_ms,
+    })
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
+    resp
+}
+
+fn error(status: StatusCode, error: &str, detail: &str) -> Response<ProxyBody> {
+    tracing::info!(status = status.as_u16(), error, detail, "admin request refused");
+    reply(status, json!({ "error": error, "detail": detail }))
+}

@@ -1,0 +1,103 @@
+//! Prometheus metrics of one proxy instance (its own registry, so several instances in one
+//! process — tests — never mix their counts). Names are documented in README.md.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by outcome: hit, miss, collapsed, stale, pass, rejected, error.
+    pub requests: IntCounterVec,
+    pub stored: IntCounter,
+    /// Cache-route responses not stored, by reason (origin-status-500, validation:…, …).
+    pub not_stored: IntCounterVec,
+    pub validation_failures: IntCounterVec,
+    /// Stored entries that failed verification on read, by reason.
+    pub integrity_failures: IntCounterVec,
+    /// Entries removed, by reason: lru, purge, corrupt, too-large.
+    pub evictions: IntCounterVec,
+    pub store_bytes: IntGauge,
+    pub store_entries: IntGauge,
+    pub fills_in_flight: IntGauge,
+    /// Time from sending a request to the origin to its response head.
+    pub origin_latency: Histogram,
+    /// Origin failures by kind: unreachable, timeout, error, status-5xx.
+    pub origin_errors: IntCounterVec,
+    /// Sum of the recorded generation time of each hit's entry.
+    pub origin_seconds_saved: prometheus::Counter,
+    pub gc_removed_files: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone())).expect("metric names are unique");
+            c
+        }
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            reg(&registry, IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
+        };
+        let requests = counter_vec("lotecache_requests_total", "Requests by outcome", "outcome");
+        let not_stored =
+            counter_vec("lotecache_not_stored_total", "Cache-route responses not stored, by reason", "reason");
+        let validation_failures =
+            counter_vec("lotecache_validation_failures_total", "Documents that failed validation", "reason");
+        let integrity_failures =
+            counter_vec("lotecache_integrity_failures_total", "Stored entries that failed verification", "reason");
+        let evictions = counter_vec("lotecache_evictions_total", "Entries removed from the store", "reason");
+        let origin_errors = counter_vec("lotecache_origin_errors_total", "Origin failures by kind", "kind");
+        Metrics {
+            stored: reg(&registry, IntCounter::new("lotecache_stored_total", "Entries stored").expect("valid")),
+            store_bytes: reg(
+                &registry,
+                IntGauge::new("lotecache_store_bytes", "Bytes of live entries").expect("valid"),
+            ),
+            store_entries: reg(&registry, IntGauge::new("lotecache_store_entries", "Live entries").expect("valid")),
+            fills_in_flight: reg(
+                &registry,
+                IntGauge::new("lotecache_fills_in_flight", "Origin fetches in progress").expect("valid"),
+            ),
+            origin_latency: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("lotecache_origin_response_seconds", "Origin time to response head")
+                        .buckets(vec![0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]),
+                )
+                .expect("valid"),
+            ),
+            origin_seconds_saved: reg(
+                &registry,
+                prometheus::Counter::new(
+                    "lotecache_origin_seconds_saved_total",
+                    "Generation time the origin was spared by hits",
+                )
+                .expect("valid"),
+            ),
+            gc_removed_files: reg(
+                &registry,
+                IntCounter::new("lotecache_gc_removed_files_total", "Unreferenced content files removed")
+                    .expect("valid"),
+            ),
+            registry,
+            requests,
+            not_stored,
+            validation_failures,
+            integrity_failures,
+            evictions,
+            origin_errors,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding to memory");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
