@@ -7,6 +7,7 @@ mod cli;
 mod faults;
 mod integrity;
 mod miss_hit;
+mod operations;
 mod passthrough;
 mod routing;
 mod single_flight;

@@ -33,6 +33,8 @@ pub enum Behavior {
     Status(u16),
     /// Accepts the request and never answers.
     Hang,
+    /// Closes the connection without answering.
+    Refuse,
     /// Sends half of the body, then stalls for `stall` before the rest.
     StallMidBody { stall: Duration },
     /// 200 with these extra header lines.
@@ -228,6 +230,7 @@ async fn respond_batch(s: &mut TcpStream, id: &str, mut behavior: Behavior, head
             let _ = s.write_all(body.as_bytes()).await;
             true
         }
+        Behavior::Refuse => false,
         Behavior::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             false

@@ -18,6 +18,28 @@ impl Serve {
         ([127, 0, 0, 1], self.port).into()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (HUP, TERM, …).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill").args([&format!("-{name}"), &self.pid().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit on its own; its exit code.
+    pub fn wait_exit(mut self, within: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// SIGKILL, no chance to clean up.
     pub fn kill9(mut self) {
         let _ = self.child.kill();
@@ -38,14 +60,23 @@ pub fn free_port() -> u16 {
 
 /// Starts `lotecache serve` with these arguments on a free port and waits until it listens.
 pub async fn serve(origin: std::net::SocketAddr, dir: &Path, extra: &[&str]) -> Serve {
+    serve_logging(origin, dir, extra, None).await
+}
+
+/// As [`serve`], writing the process's logs (stderr) to `log`.
+pub async fn serve_logging(origin: std::net::SocketAddr, dir: &Path, extra: &[&str], log: Option<&Path>) -> Serve {
     let port = free_port();
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+        None => Stdio::null(),
+    };
     let server = Serve {
         child: Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--origin", &format!("http://{origin}")])
             .args(["--cache-dir", dir.to_str().unwrap(), "--admin-listen", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap(),
         port,
