@@ -57,14 +57,14 @@ impl Admin {
                 None => error(StatusCode::NOT_FOUND, "no such entry", &format!("no entry under key {:?}", decode(key))),
             },
             (&Method::DELETE, ["entries", key]) => {
-                if let Err(resp) = self.authorize(&req) {
-                    return resp;
+                if let Some(refusal) = self.refuse_unauthorized(&req) {
+                    return refusal;
                 }
                 self.purge(Purge::Key(decode(key))).await
             }
             (&Method::POST, ["purge"]) => {
-                if let Err(resp) = self.authorize(&req) {
-                    return resp;
+                if let Some(refusal) = self.refuse_unauthorized(&req) {
+                    return refusal;
                 }
                 match read_json(req).await {
                     Ok(v) => match purge_request(&v) {
@@ -79,8 +79,8 @@ impl Admin {
                 }
             }
             (&Method::POST, ["gc"]) => {
-                if let Err(resp) = self.authorize(&req) {
-                    return resp;
+                if let Some(refusal) = self.refuse_unauthorized(&req) {
+                    return refusal;
                 }
                 match self.shared.cache.store.gc().await {
                     Ok(report) => reply(StatusCode::OK, serde_json::to_value(report).expect("report")),
@@ -128,10 +128,11 @@ impl Admin {
 
     /// Mutating endpoints need `Authorization: Bearer <token>`; the token is compared in
     /// constant time (digests of equal length), and refused outright when none is set.
-    fn authorize(&self, req: &Request<Incoming>) -> Result<(), Response<ProxyBody>> {
+    /// The refusal to send, or None when the request carries the right token.
+    fn refuse_unauthorized(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
         let token = self.token.load();
         let Some(expected) = token.as_ref() else {
-            return Err(error(
+            return Some(error(
                 StatusCode::FORBIDDEN,
                 "admin token not configured",
                 "set LOTECACHE_ADMIN_TOKEN, or admin.token in the config file, to enable this endpoint",
@@ -145,12 +146,12 @@ impl Admin {
             .unwrap_or("");
         let ok: bool = Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(expected.as_bytes())).into();
         if ok && !given.is_empty() {
-            return Ok(());
+            return None;
         }
         tracing::warn!(path = %req.uri().path(), "admin request with a missing or wrong token");
         let mut resp = error(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <admin token>");
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
-        Err(resp)
+        Some(resp)
     }
 }
 
