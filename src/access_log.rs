@@ -20,6 +20,8 @@ pub struct AccessLog {
     pub started: Instant,
     /// Time waiting for the origin before the response head (forwarded requests only).
     pub origin_ms: Option<u64>,
+    /// The response's Content-Length: hyper stops polling a body once that much is sent.
+    pub content_length: Option<u64>,
 }
 
 /// Wraps `body` so that `log` is written when it ends, fails, or is dropped by the client.
@@ -84,8 +86,9 @@ impl Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
-        // Bodies hyper stops polling at Content-Length end here too: complete if all was sent.
-        let complete = self.inner.size_hint().exact() == Some(0) || self.inner.is_end_stream();
+        // hyper stops polling a body once Content-Length bytes are out: that is complete too.
+        let all_sent = self.log.as_ref().and_then(|l| l.content_length).is_some_and(|n| n == self.bytes);
+        let complete = all_sent || self.inner.is_end_stream();
         self.finish(if complete { "complete" } else { "client-gone" });
     }
 }

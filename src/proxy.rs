@@ -103,6 +103,11 @@ impl Shared {
             outcome,
             started,
             origin_ms: forwarded.then(|| started.elapsed().as_millis() as u64),
+            content_length: resp
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
         };
         let (parts, body) = resp.into_parts();
         Response::from_parts(parts, access_log::wrap(body, log))

@@ -404,4 +404,5 @@ async fn json_logs_have_one_access_line_per_cache_request() {
     assert_eq!(hit["end"], "complete");
     assert!(hit["total_ms"].is_u64());
     assert!(access[0]["fields"]["origin_ms"].is_u64());
+    assert_eq!(access[0]["fields"]["end"], "complete");
 }

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Lints the deploy files with what this machine has: the systemd unit with systemd-analyze
+# (ExecStart pointed at the built binary, since /usr/local/bin is not installed here), the
+# compose file as YAML with its expected structure. Usage: bash deploy/lint.sh BINARY PYTHON
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/debug/lotecache}
+PY=${2:-python3}
+
+if command -v systemd-analyze >/dev/null; then
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  sed "s|/usr/local/bin/lotecache|$(realpath "$BIN")|" deploy/lotecache.service > "$tmp/lotecache.service"
+  systemd-analyze verify "$tmp/lotecache.service"
+  echo "deploy/lotecache.service: ok (systemd-analyze verify)"
+else
+  echo "deploy/lotecache.service: systemd-analyze not available, skipped"
+fi
+
+"$PY" - <<'PYEOF'
+import yaml
+doc = yaml.safe_load(open("deploy/compose.yaml"))
+services = doc["services"]
+assert set(services) == {"legacy", "lotecache"}, services
+assert "ports" not in services["legacy"], "the backend must not be published"
+assert any(str(p).endswith("8080:8080") for p in services["lotecache"]["ports"])
+assert services["lotecache"]["build"]["dockerfile"] == "deploy/Dockerfile"
+print("deploy/compose.yaml: ok (YAML, backend unpublished, lotecache on 8080)")
+PYEOF
+
+for f in deploy/Dockerfile examples/legacy-backend/Dockerfile; do
+  grep -q '^FROM ' "$f" && grep -q '^CMD \[' "$f" || { echo "$f: missing FROM or exec-form CMD" >&2; exit 1; }
+  echo "$f: ok (FROM and exec-form CMD present)"
+done

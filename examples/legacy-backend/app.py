@@ -1,0 +1,100 @@
+"""Stand-in for the legacy OCR platform's backend (CO-01): a Monitoring page with the
+"Historial de Lotes" table, and the route behind its "Descargar JSON" button, which
+regenerates the batch's whole results JSON from the database on every call, slowly, exactly
+as the legacy code does. lotecache sits in front of it; nothing here knows about caching.
+
+    python seed.py && gunicorn -w 2 -b 127.0.0.1:5000 app:app
+
+Environment: LEGACY_DB (SQLite file, default ./legacy.db), GEN_DELAY (seconds of artificial
+generation work per download, default 1.0).
+"""
+import json
+import os
+import sqlite3
+import time
+
+from flask import Flask, Response, abort, jsonify, render_template
+
+app = Flask(__name__)
+DB = os.environ.get("LEGACY_DB", "legacy.db")
+GEN_DELAY = float(os.environ.get("GEN_DELAY", "1.0"))
+
+
+def db():
+    conn = sqlite3.connect(DB, timeout=10)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def get_batch_data(lote_id):
+    """Queries the batch and its processed files (the legacy 'internal source')."""
+    with db() as conn:
+        lote = conn.execute("SELECT * FROM lotes WHERE lote_id = ?", (lote_id,)).fetchone()
+        if lote is None:
+            return None
+        files = conn.execute("SELECT * FROM archivos WHERE lote_id = ? ORDER BY rowid", (lote_id,)).fetchall()
+        # Every generation is counted, so tests can see how often the work was redone.
+        conn.execute("INSERT INTO generaciones VALUES (?, 1) "
+                     "ON CONFLICT(lote_id) DO UPDATE SET n = n + 1", (lote_id,))
+    return lote, files
+
+
+def build_json_from_data(data):
+    """Compiles the results JSON: metadata plus every processed file, each with its lote_id."""
+    lote, files = data
+    time.sleep(GEN_DELAY)  # stands in for the expensive part of the real generation
+    document = {
+        "metadata": {
+            "lote_id": lote["lote_id"],
+            "fecha_creacion": lote["fecha_creacion"],
+            "fecha_procesamiento": lote["fecha_procesamiento"],
+            "total_archivos": len(files),
+            "total_paginas": sum(f["paginas"] for f in files),
+            "estado": lote["estado"],
+        },
+        "archivos_procesados": [
+            {
+                "lote_id": f["lote_id"],
+                "nombre_archivo": f["nombre_archivo"],
+                "paginas": f["paginas"],
+                "texto_extraido": f["texto_extraido"],
+                "confianza": f["confianza"],
+                "idioma": f["idioma"],
+            }
+            for f in files
+        ],
+    }
+    return json.dumps(document, ensure_ascii=False, indent=2)
+
+
+@app.route("/download_batch_results/<string:lote_id>", methods=["GET"])
+def download_batch_results(lote_id):
+    data = get_batch_data(lote_id)
+    if data is None:
+        abort(404)
+    body = build_json_from_data(data)
+    return Response(body, mimetype="application/json",
+                    headers={"Content-Disposition": f"attachment; filename={lote_id}_resultados.json"})
+
+
+@app.route("/monitoreo")
+def monitoreo():
+    with db() as conn:
+        lotes = conn.execute(
+            "SELECT l.lote_id, l.fecha_creacion, l.estado, COUNT(a.rowid) AS archivos "
+            "FROM lotes l LEFT JOIN archivos a ON a.lote_id = l.lote_id "
+            "GROUP BY l.lote_id ORDER BY l.lote_id").fetchall()
+    return render_template("monitoreo.html", lotes=lotes)
+
+
+@app.route("/api/generaciones")
+def generaciones():
+    """How many times each batch's JSON was generated (for tests and curious operators)."""
+    with db() as conn:
+        rows = conn.execute("SELECT lote_id, n FROM generaciones").fetchall()
+    return jsonify({r["lote_id"]: r["n"] for r in rows})
+
+
+@app.route("/")
+def index():
+    return '<a href="/monitoreo">Monitoreo</a>'

@@ -1,0 +1,167 @@
+"""End to end, where users live: the real Flask backend under gunicorn, lotecache in front of
+it with the shipped config, and headless Chromium on the Monitoring page clicking
+"Descargar JSON". Everything listens on 127.0.0.1 ephemeral ports."""
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BACKEND = ROOT / "examples" / "legacy-backend"
+ARTIFACTS = ROOT / "target" / "e2e-artifacts"
+LOTECACHE = os.environ.get("LOTECACHE_BIN", str(ROOT / "target" / "debug" / "lotecache"))
+
+FINISHED = "LOTE-2025-07-002"
+IN_PROCESS = "LOTE-2025-07-005"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, seconds=20):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port} after {seconds}s")
+
+
+def get_json(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    db = tmp / "legacy.db"
+    subprocess.run([sys.executable, str(BACKEND / "seed.py"), str(db)], check=True)
+    backend_port, proxy_port, admin_port = free_port(), free_port(), free_port()
+    env = dict(os.environ, LEGACY_DB=str(db), GEN_DELAY="0.5")
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{backend_port}", "app:app"],
+        cwd=BACKEND, env=env, stdout=open(tmp / "backend.log", "w"), stderr=subprocess.STDOUT)
+    proxy = subprocess.Popen(
+        [LOTECACHE, "serve", "--config", str(ROOT / "config" / "lotecache.toml"),
+         "--listen", f"127.0.0.1:{proxy_port}", "--origin", f"http://127.0.0.1:{backend_port}",
+         "--cache-dir", str(tmp / "cache"), "--admin-listen", f"127.0.0.1:{admin_port}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp / "lotecache.log", "w"))
+    try:
+        wait_port(backend_port, backend)
+        wait_port(proxy_port, proxy)
+        yield {
+            "proxy": f"http://127.0.0.1:{proxy_port}",
+            "backend": f"http://127.0.0.1:{backend_port}",
+            "admin": f"http://127.0.0.1:{admin_port}",
+            "tmp": tmp,
+        }
+    finally:
+        for p in (proxy, backend):
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def browser(stack):
+    downloads = stack["tmp"] / "downloads"
+    downloads.mkdir()
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={stack['tmp'] / 'profile'}", "--window-size=1200,800"]:
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False,
+                                              # a second download from one page needs this permission
+                                              "profile.default_content_setting_values.automatic_downloads": 1})
+    service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    driver = webdriver.Chrome(service=service, options=options)
+    # Each download saved under its own GUID name: two downloads of one batch never collide.
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior",
+                           {"behavior": "allowAndName", "downloadPath": str(downloads), "eventsEnabled": True})
+    driver.downloads = downloads
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def click_download(driver, lote_id, timeout=30):
+    """Clicks the row's "Descargar JSON" button and returns the bytes of the new download."""
+    before = set(driver.downloads.iterdir())
+    row = driver.find_element(By.CSS_SELECTOR, f'tr[data-lote-id="{lote_id}"]')
+    button = row.find_element(By.TAG_NAME, "button")
+    assert button.text == "Descargar JSON"
+    button.click()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        new = [p for p in set(driver.downloads.iterdir()) - before
+               if not p.name.endswith(".crdownload") and not p.name.startswith(".")]
+        if new and not any(p.name.endswith(".crdownload") for p in driver.downloads.iterdir()):
+            assert len(new) == 1, new
+            return new[0].read_bytes()
+        time.sleep(0.1)
+    raise AssertionError(f"no download of {lote_id} within {timeout}s")
+
+
+def assert_batch(body, lote_id):
+    doc = json.loads(body)
+    assert doc["metadata"]["lote_id"] == lote_id
+    assert doc["archivos_procesados"], "a batch has processed files"
+    assert all(f["lote_id"] == lote_id for f in doc["archivos_procesados"])
+    return doc
+
+
+def test_descargar_json_on_the_monitoring_page_through_lotecache(stack, browser):
+    browser.get(stack["proxy"] + "/monitoreo")
+    assert browser.find_element(By.TAG_NAME, "h2").text == "Historial de Lotes"
+    rows = browser.find_elements(By.CSS_SELECTOR, "#historial-lotes tbody tr")
+    assert len(rows) == 6
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "monitoreo.png"))
+
+    # A finished batch, twice: generated once, the second click is served from the store.
+    first = click_download(browser, FINISHED)
+    second = click_download(browser, FINISHED)
+    assert first == second, "both downloads must be byte-identical"
+    assert_batch(first, FINISHED)
+    status, entry = get_json(f"{stack['admin']}/entries/{FINISHED}_resultados.json")
+    assert status == 200 and entry["hits"] == 1, entry
+    assert entry["size"] == len(first)
+
+    # A batch still being processed, twice: generated each time, never frozen into the store.
+    proc1 = click_download(browser, IN_PROCESS)
+    proc2 = click_download(browser, IN_PROCESS)
+    assert assert_batch(proc1, IN_PROCESS)["metadata"]["estado"] == "en_proceso"
+    assert_batch(proc2, IN_PROCESS)
+    status, _ = get_json(f"{stack['admin']}/entries/{IN_PROCESS}_resultados.json")
+    assert status == 404, "an en_proceso batch must never be stored"
+
+    _, generations = get_json(stack["backend"] + "/api/generaciones")
+    assert generations == {FINISHED: 1, IN_PROCESS: 2}, generations

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every test suite, in order: Rust unit and integration tests (one build, reused after),
+# the browser end-to-end test (installs chromium, chromedriver and a Python virtualenv when
+# missing), then the deploy files' lint. This is the test command README.md gives and
+# .ci/run runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo test --locked"
+cargo test --locked
+
+echo "== end-to-end: Flask + gunicorn + lotecache + headless Chromium"
+bash tests/e2e/run.sh
+
+echo "== deploy files"
+if ! command -v systemd-analyze >/dev/null && command -v apt-get >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null 2>&1 || true
+fi
+bash deploy/lint.sh target/debug/lotecache target/e2e-venv/bin/python
