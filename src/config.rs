@@ -32,6 +32,8 @@ pub struct RawConfig {
 pub struct RawServer {
     pub listen: Option<Spanned<String>>,
     pub header_read_timeout: Option<Spanned<String>>,
+    pub max_header_bytes: Option<Spanned<String>>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,8 +87,21 @@ pub struct RawRule {
     pub ttl: Option<Spanned<String>>,
     /// Serve an expired entry when the origin fails or answers 5xx.
     pub stale_if_error: Option<bool>,
+    /// Who may get a stored entry: "public", or "auth" with `[rules.auth]`.
+    pub access: Option<Spanned<String>>,
+    pub auth: Option<RawAuth>,
+    /// Response headers that do not prevent storing on this route.
+    pub ignore_response: Option<Vec<Spanned<String>>>,
     #[serde(default, rename = "assert")]
     pub asserts: Vec<RawAssert>,
+}
+
+/// `[rules.auth]`: the backend URL that decides, per request, whether a client may get a batch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub url: Spanned<String>,
+    pub timeout: Option<Spanned<String>>,
 }
 
 /// `[[rules.assert]]`: a check on the values at a JSON pointer before storing.
@@ -106,6 +121,10 @@ pub struct RawAssert {
 pub struct Config {
     pub listen: SocketAddr,
     pub header_read_timeout: Duration,
+    /// Largest request head accepted (then 431).
+    pub max_header_bytes: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
     pub origin: OriginConfig,
     pub cache_dir: PathBuf,
     /// Cap on the bytes of live entries (0: none).
@@ -117,6 +136,29 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub rules: Vec<RuleConfig>,
+}
+
+/// Who may be served a stored entry of a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessPolicy {
+    /// No policy written: requests carrying `Cookie` or `Authorization` bypass the cache.
+    CredentialsBypass,
+    /// Anyone who can reach the proxy (written explicitly as `access = "public"`).
+    Public,
+    /// Every request is checked first with a sub-request to `url` (`{lote_id}` replaced),
+    /// carrying the client's `Cookie` and `Authorization`: 2xx allows, 401/403 is returned.
+    Auth { url: String, timeout: Duration },
+}
+
+/// Response headers a rule stores despite (the default refuses to store them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IgnoreResponse {
+    /// Store despite `Set-Cookie` (the cookie itself is never stored).
+    pub set_cookie: bool,
+    /// Store despite `Cache-Control: private` / `no-store`.
+    pub cache_control: bool,
+    /// Store despite `Vary: *`, `Cookie` or `Authorization`.
+    pub vary: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +241,8 @@ pub struct RuleConfig {
     pub query: QueryPolicy,
     pub ttl: Option<Duration>,
     pub stale_if_error: bool,
+    pub access: AccessPolicy,
+    pub ignore: IgnoreResponse,
     /// Checks a document must pass before it is stored (inactive when empty).
     pub validation: Arc<Validation>,
 }
@@ -367,6 +411,9 @@ impl<'a> Validator<'a> {
         };
         let header_read_timeout =
             self.duration("server.header_read_timeout", raw.server.header_read_timeout.as_ref(), "10s");
+        let max_header_bytes =
+            (self.size("server.max_header_bytes", raw.server.max_header_bytes.as_ref(), "64KiB") as usize).max(8192);
+        let max_connections = raw.server.max_connections.unwrap_or(10_000).max(1);
 
         let url_at = self.pick(ov.origin.as_deref(), "--origin", raw.origin.url.as_ref(), DEFAULT_ORIGIN);
         let (scheme, authority) = match parse_origin_url(url_at.value) {
@@ -449,6 +496,8 @@ impl<'a> Validator<'a> {
             Ok(Config {
                 listen,
                 header_read_timeout,
+                max_header_bytes,
+                max_connections,
                 origin,
                 cache_dir,
                 max_size,
@@ -501,6 +550,23 @@ impl<'a> Validator<'a> {
         };
         let validation = self.validation(r);
         let ttl = r.ttl.as_ref().map(|t| self.duration("rules.ttl", Some(t), "1s"));
+        let access = self.access(r);
+        let mut ignore = IgnoreResponse::default();
+        for name in r.ignore_response.iter().flatten() {
+            match name.get_ref().to_ascii_lowercase().as_str() {
+                "set-cookie" => ignore.set_cookie = true,
+                "cache-control" => ignore.cache_control = true,
+                "vary" => ignore.vary = true,
+                other => {
+                    let at = self.pick(None, "", Some(name), "");
+                    self.err(
+                        &at,
+                        "rules.ignore_response",
+                        format!("{other:?} is not one of \"set-cookie\", \"cache-control\", \"vary\""),
+                    );
+                }
+            }
+        }
         if self.errors.len() > before {
             return None;
         }
@@ -514,8 +580,43 @@ impl<'a> Validator<'a> {
             query,
             ttl,
             stale_if_error: r.stale_if_error.unwrap_or(true),
+            access,
+            ignore,
             validation: Arc::new(validation),
         })
+    }
+
+    fn access(&mut self, r: &RawRule) -> AccessPolicy {
+        let written = r.access.as_ref().map(|a| (a.get_ref().as_str(), self.pick(None, "", Some(a), "")));
+        match (written, &r.auth) {
+            (None, None) => AccessPolicy::CredentialsBypass,
+            (Some(("public", _)), None) => AccessPolicy::Public,
+            (Some(("auth", _)) | None, Some(auth)) => {
+                let at = self.pick(None, "", Some(&auth.url), "");
+                let ok = at
+                    .value
+                    .parse::<http::Uri>()
+                    .ok()
+                    .is_some_and(|u| u.scheme() == Some(&http::uri::Scheme::HTTP) && u.authority().is_some());
+                if !ok {
+                    self.err(&at, "rules.auth.url", "must be an absolute http:// URL ({lote_id} is replaced)");
+                }
+                let timeout = self.duration("rules.auth.timeout", auth.timeout.as_ref(), "5s");
+                AccessPolicy::Auth { url: at.value.to_string(), timeout }
+            }
+            (Some(("auth", at)), None) => {
+                self.err(&at, "rules.access", "\"auth\" needs a [rules.auth] table with its url");
+                AccessPolicy::CredentialsBypass
+            }
+            (Some(("public", at)), Some(_)) => {
+                self.err(&at, "rules.access", "\"public\" contradicts the [rules.auth] table");
+                AccessPolicy::Public
+            }
+            (Some((other, at)), _) => {
+                self.err(&at, "rules.access", format!("{other:?} is not one of \"public\", \"auth\""));
+                AccessPolicy::CredentialsBypass
+            }
+        }
     }
 
     fn validation(&mut self, r: &RawRule) -> Validation {
@@ -570,6 +671,8 @@ pub fn default_rule() -> RuleConfig {
         query: QueryPolicy::Reject,
         ttl: None,
         stale_if_error: true,
+        access: AccessPolicy::CredentialsBypass,
+        ignore: IgnoreResponse::default(),
         validation: Arc::new(Validation::default()),
     }
 }
@@ -638,6 +741,21 @@ mod tests {
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].location, "f.toml:2:1");
         assert!(errs[0].message.contains("unknown field"), "{}", errs[0].message);
+    }
+
+    #[test]
+    fn access_policies_are_written_explicitly() {
+        let rule = |extra: &str| format!("[[rules]]\nname = \"r\"\npath = \"/d/{{lote_id}}\"\n{extra}");
+        let access = |extra: &str| parse("f", &rule(extra), &Overrides::default()).map(|c| c.rules[0].access.clone());
+        assert_eq!(access("").unwrap(), AccessPolicy::CredentialsBypass);
+        assert_eq!(access("access = \"public\"\n").unwrap(), AccessPolicy::Public);
+        assert!(matches!(
+            access("[rules.auth]\nurl = \"http://127.0.0.1:5000/acceso/{lote_id}\"\n").unwrap(),
+            AccessPolicy::Auth { .. }
+        ));
+        assert_eq!(access("access = \"auth\"\n").unwrap_err()[0].field, "rules.access");
+        assert_eq!(access("access = \"open\"\n").unwrap_err()[0].field, "rules.access");
+        assert_eq!(access("[rules.auth]\nurl = \"/relative\"\n").unwrap_err()[0].field, "rules.auth.url");
     }
 
     #[test]

@@ -28,6 +28,12 @@ pub enum ProxyError {
     /// (not JSON, or another batch's data).
     #[error("origin sent an invalid document")]
     InvalidDocument { token: String, reason: String },
+    /// The route's access check could not be run or answered something else than 2xx/401/403.
+    #[error("access check failed")]
+    AccessCheckFailed { detail: String },
+    /// The client's request body broke its own framing (bad chunk size, cut short).
+    #[error("malformed request body")]
+    MalformedBody { detail: String },
     /// This request waited longer than `cache.wait_timeout` for a fill.
     #[error("timed out waiting for the origin fetch")]
     WaitTimeout,
@@ -37,7 +43,10 @@ impl ProxyError {
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::InvalidId { .. } | ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::InvalidId { .. } | ProxyError::BadRequest { .. } | ProxyError::MalformedBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::AccessCheckFailed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::OriginUnreachable(_)
             | ProxyError::OriginFailed(_)
             | ProxyError::FillAborted
@@ -57,6 +66,8 @@ impl ProxyError {
             ProxyError::OriginFailed(_) => "origin-error",
             ProxyError::FillAborted => "fill-aborted",
             ProxyError::WaitTimeout => "wait-timeout",
+            ProxyError::AccessCheckFailed { .. } => "access-check-failed",
+            ProxyError::MalformedBody { .. } => "malformed-body",
         })
     }
 
@@ -66,6 +77,7 @@ impl ProxyError {
         match self {
             ProxyError::InvalidId { detail } | ProxyError::BadRequest { detail } => detail.clone(),
             ProxyError::InvalidDocument { reason, .. } => reason.clone(),
+            ProxyError::AccessCheckFailed { detail } | ProxyError::MalformedBody { detail } => detail.clone(),
             ProxyError::OriginUnreachable(e) | ProxyError::OriginFailed(e) => error_chain(e.as_ref()),
             ProxyError::OriginTimeout { phase } => {
                 format!("no {phase} from the origin within the configured timeout")
@@ -82,10 +94,12 @@ impl ProxyError {
     pub fn to_response(&self, cache_status: Option<HeaderValue>) -> Response<ProxyBody> {
         let status = self.status();
         let detail = self.detail();
+        // Details can hold client input: escaped for the log line, JSON-escaped in the body.
+        let logged = detail.escape_debug().to_string();
         if status.is_server_error() {
-            tracing::warn!(error = %self, %detail, status = status.as_u16(), "request failed");
+            tracing::warn!(error = %self, detail = %logged, status = status.as_u16(), "request failed");
         } else {
-            tracing::info!(error = %self, %detail, status = status.as_u16(), "request rejected");
+            tracing::info!(error = %self, detail = %logged, status = status.as_u16(), "request rejected");
         }
         let body = serde_json::json!({ "error": self.to_string(), "detail": detail }).to_string();
         let mut resp = Response::new(full(body));

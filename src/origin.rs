@@ -66,6 +66,20 @@ impl Origin {
         &self.config.authority
     }
 
+    /// A request to any absolute URI with this client (access checks), within `timeout`.
+    pub async fn subrequest(
+        &self,
+        req: Request<ProxyBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Err(_) => Err(ProxyError::OriginTimeout { phase: "access check" }),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.is_connect() => Err(ProxyError::OriginUnreachable(Box::new(e))),
+            Ok(Err(e)) => Err(ProxyError::OriginFailed(Box::new(e))),
+        }
+    }
+
     /// The absolute URI of `path_and_query` on the origin.
     pub fn uri(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
         Uri::builder()
@@ -87,7 +101,11 @@ impl Origin {
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(self.config.response_timeout, self.client.request(req)).await {
             Err(_) => Err(ProxyError::OriginTimeout { phase: "response head" }),
-            Ok(Ok(resp)) => Ok(resp),
+            // Dropping the response discards its connection: it never returns to the pool.
+            Ok(Ok(resp)) => match framing_problem(resp.headers()) {
+                Some(problem) => Err(ProxyError::OriginFailed(Box::new(MalformedResponse(problem)))),
+                None => Ok(resp),
+            },
             Ok(Err(e)) if e.is_connect() => Err(ProxyError::OriginUnreachable(Box::new(e))),
             Ok(Err(e)) => Err(ProxyError::OriginFailed(Box::new(e))),
         };
@@ -117,6 +135,45 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Request headers that override routing, method or origin identity in some backends
+/// (IIS, Symfony, Flask extensions): dropped from every forwarded request.
+const CLIENT_UNTRUSTED: [&str; 8] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "forwarded",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-forwarded-server",
+    "x-forwarded-port",
+];
+
+/// Why an origin response's framing is refused (502, connection discarded), if it is:
+/// several Content-Length values, Content-Length with Transfer-Encoding, or a
+/// Transfer-Encoding other than exactly `chunked`.
+pub fn framing_problem(headers: &HeaderMap) -> Option<&'static str> {
+    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if lengths.len() > 1 || lengths.iter().any(|v| v.as_bytes().contains(&b',')) {
+        return Some("several Content-Length values");
+    }
+    let te: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if te.is_empty() {
+        return None;
+    }
+    if !lengths.is_empty() {
+        return Some("Content-Length with Transfer-Encoding");
+    }
+    if te.len() > 1 || !te[0].as_bytes().eq_ignore_ascii_case(b"chunked") {
+        return Some("a Transfer-Encoding other than chunked");
+    }
+    None
+}
+
+/// The origin answered with framing we refuse to pass on.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed response framing from the origin: {0}")]
+pub struct MalformedResponse(pub &'static str);
+
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
@@ -137,6 +194,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `Via` appended.
 pub fn forward_request_headers(headers: &mut HeaderMap, peer: SocketAddr) {
     strip_hop_by_hop(headers);
+    // Headers some frameworks trust for routing or identity: never from a client.
+    for name in CLIENT_UNTRUSTED {
+        headers.remove(name);
+    }
     let peer_ip = peer.ip().to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_ip}"),
@@ -235,6 +296,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn origin_framing_is_checked() {
+        let h = |pairs: &[(&str, &str)]| -> HeaderMap {
+            pairs.iter().map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap())).collect()
+        };
+        assert_eq!(framing_problem(&h(&[("content-length", "5")])), None);
+        assert_eq!(framing_problem(&h(&[("transfer-encoding", "chunked")])), None);
+        assert!(framing_problem(&h(&[("content-length", "5, 7")])).is_some());
+        assert!(framing_problem(&h(&[("transfer-encoding", "gzip, chunked")])).is_some());
+        assert!(framing_problem(&h(&[("transfer-encoding", "chunked"), ("content-length", "5")])).is_some());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use crate::access_log::{self, AccessLog};
 use crate::body::{BoxError, ProxyBody};
 use crate::cache::{status, Cache};
+use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::origin::{forward_request_headers, forward_response_headers, IdleTimeoutBody, Origin};
 use crate::rules::{Route, Rules};
@@ -57,6 +58,30 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     }
 }
 
+/// Why a request's target is ambiguous, if it is: several `Host` headers, or an
+/// absolute-form URI naming another host than `Host` (a front end and the origin could
+/// disagree on which site is meant).
+fn ambiguous_target<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some("several Host headers");
+    }
+    match (req.uri().authority(), host) {
+        (Some(authority), Some(host)) if !authority.as_str().eq_ignore_ascii_case(host.to_str().unwrap_or("")) => {
+            Some("the request target names another host than the Host header")
+        }
+        _ => None,
+    }
+}
+
+/// Marks a refusal so hyper closes the connection after it: nothing after a malformed
+/// request on the same connection is trusted.
+fn closing(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    resp
+}
+
 /// The request outcome a `Cache-Status` value stands for (metrics and logs).
 fn outcome(cache_status: &str) -> &'static str {
     if cache_status.contains("fwd=stale") {
@@ -77,6 +102,11 @@ fn outcome(cache_status: &str) -> &'static str {
 impl Shared {
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
+        if let Some(problem) = ambiguous_target(&req) {
+            self.metrics.requests.with_label_values(&["rejected"]).inc();
+            let err = ProxyError::BadRequest { detail: problem.into() };
+            return closing(err.to_response(None));
+        }
         let route = self.rules.load().route(&req);
         let (resp, lote_id) = match route {
             Route::Pass => {
@@ -85,7 +115,7 @@ impl Shared {
             }
             Route::Reject { rule, error } => {
                 tracing::info!(rule = %rule, path = ?req.uri().path(), "cache route request rejected");
-                (error.to_response(Some(status::rejected(&error.token()))), String::new())
+                (closing(error.to_response(Some(status::rejected(&error.token())))), String::new())
             }
             Route::Cache(target) => {
                 let lote_id = target.lote_id.clone();
@@ -123,7 +153,15 @@ impl Shared {
         };
         parts.version = Version::HTTP_11;
         forward_request_headers(&mut parts.headers, peer);
-        let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
+        // Remember a failure of the client's own body, to answer 400 rather than 502.
+        let body_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let seen = body_error.clone();
+        let body = body
+            .map_err(move |e| -> BoxError {
+                *seen.lock().expect("body error slot") = Some(e.to_string());
+                Box::new(e)
+            })
+            .boxed_unsync();
         match self.origin.send(Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
@@ -131,7 +169,10 @@ impl Shared {
                 let body = IdleTimeoutBody::new(body, self.origin.body_idle_timeout()).boxed_unsync();
                 Response::from_parts(parts, body)
             }
-            Err(e) => e.to_response(None),
+            Err(e) => match body_error.lock().expect("body error slot").take() {
+                Some(detail) => closing(ProxyError::MalformedBody { detail }.to_response(None)),
+                None => e.to_response(None),
+            },
         }
     }
 }

@@ -37,10 +37,17 @@ pub struct CacheTarget {
     pub ttl: Option<std::time::Duration>,
     /// Serve an expired entry when the origin fails or answers 5xx.
     pub stale_if_error: bool,
+    pub access: crate::config::AccessPolicy,
+    pub ignore: crate::config::IgnoreResponse,
 }
 
 /// Bytes kept as they are when the id is put back into an upstream path.
 const ID_KEEP: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// `id` as it goes into an upstream URL path.
+pub fn encode_id(id: &str) -> String {
+    utf8_percent_encode(id, ID_KEEP).to_string()
+}
 
 /// The ordered rule list.
 #[derive(Debug, Clone)]
@@ -72,7 +79,7 @@ impl Rules {
                 return reject("lote_id is not valid UTF-8".into());
             };
             if id == "." || id == ".." || !rule.id_pattern.is_match(id) {
-                return reject(format!("lote_id {id:?} does not match the allowed pattern"));
+                return reject(format!("lote_id \"{id}\" does not match the allowed pattern"));
             }
             if has_body(req) {
                 return Route::Reject {
@@ -101,6 +108,8 @@ impl Rules {
                 validation,
                 ttl: rule.ttl,
                 stale_if_error: rule.stale_if_error,
+                access: rule.access.clone(),
+                ignore: rule.ignore,
             });
         }
         Route::Pass

@@ -71,19 +71,24 @@ impl RunningProxy {
         let (stop, stopped) = watch::channel(false);
 
         let proxy_shared = shared.clone();
-        let proxy_task =
-            tokio::spawn(accept_loop(listener, config.header_read_timeout, stopped.clone(), move |peer| {
-                TowerToHyperService::new(ProxyService::new(proxy_shared.clone(), peer))
-            }));
+        let limits = Limits {
+            header_read_timeout: config.header_read_timeout,
+            max_header_bytes: config.max_header_bytes,
+            max_connections: config.max_connections,
+        };
+        let proxy_task = tokio::spawn(accept_loop(listener, limits, stopped.clone(), move |peer| {
+            TowerToHyperService::new(ProxyService::new(proxy_shared.clone(), peer))
+        }));
         let admin_state = admin.clone();
-        let admin_task =
-            tokio::spawn(accept_loop(admin_listener, config.header_read_timeout, stopped.clone(), move |_| {
-                let admin = admin_state.clone();
-                hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
-                })
-            }));
+        // The admin port serves operators and probes: a few connections are plenty.
+        let admin_limits = Limits { max_connections: 64, ..limits };
+        let admin_task = tokio::spawn(accept_loop(admin_listener, admin_limits, stopped.clone(), move |_| {
+            let admin = admin_state.clone();
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            })
+        }));
         let gc_task = tokio::spawn(gc_loop(store, config.gc_interval, stopped));
         tracing::info!(
             listen = %local_addr, admin = %admin_addr, origin = %config.origin.authority,
@@ -171,10 +176,19 @@ impl RunningProxy {
     }
 }
 
-/// Accepts connections until `stopped`, then lets open connections finish.
+/// Per-listener limits.
+#[derive(Clone, Copy)]
+struct Limits {
+    header_read_timeout: Duration,
+    max_header_bytes: usize,
+    max_connections: usize,
+}
+
+/// Accepts connections until `stopped`, then lets open connections finish. At most
+/// `max_connections` are served at once: past that, new ones wait in the listen backlog.
 async fn accept_loop<M, S, F>(
     listener: TcpListener,
-    header_read_timeout: Duration,
+    limits: Limits,
     mut stopped: watch::Receiver<bool>,
     make_service: M,
 ) where
@@ -186,8 +200,17 @@ async fn accept_loop<M, S, F>(
 {
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = stopped.changed() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -205,6 +228,7 @@ async fn accept_loop<M, S, F>(
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             _ = stopped.changed() => break,

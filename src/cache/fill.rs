@@ -206,6 +206,8 @@ pub struct FillJob {
     pub request: Request<ProxyBody>,
     /// Checks the document must pass before it is stored, if the route has any.
     pub validation: Option<Arc<super::validate::Validation>>,
+    /// Response headers this route stores despite.
+    pub ignore: crate::config::IgnoreResponse,
 }
 
 impl Fills {
@@ -346,13 +348,14 @@ async fn fetch(
     let response = tokio::time::timeout_at(deadline, origin.send(job.request)).await.map_err(|_| too_old())??;
     let (mut parts, body) = response.into_parts();
     let json_checked = job.validation.as_ref().is_some_and(|v| v.json);
-    let decision = storability(parts.status, &parts.headers, json_checked);
+    let decision = storability(parts.status, &parts.headers, json_checked, job.ignore);
     forward_response_headers(&mut parts.headers);
     let stored_headers = {
         let mut h = parts.headers.clone();
         h.remove(http::header::CONTENT_LENGTH);
         h.remove(http::header::VIA);
         h.remove(http::header::ETAG); // ours, from the digest, replaces the origin's
+        h.remove(http::header::SET_COOKIE); // one client's cookie is never replayed to another
         h
     };
 

@@ -10,9 +10,10 @@ pub mod store;
 pub mod validate;
 
 use crate::body::{empty, full, ProxyBody};
+use crate::config::AccessPolicy;
 use crate::config::FillConfig;
 use crate::error::ProxyError;
-use crate::origin::{forward_request_headers, Origin};
+use crate::origin::{forward_request_headers, forward_response_headers, IdleTimeoutBody, Origin};
 use crate::rules::CacheTarget;
 use entry::Entry;
 use fill::{wait_end, wait_head, FillJob, Fills, Lookup, Subscription};
@@ -48,6 +49,19 @@ impl Cache {
     /// Answers a request on a cache route.
     pub async fn handle<B>(&self, req: Request<B>, target: CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
         let head_only = req.method() == Method::HEAD;
+        match &target.access {
+            AccessPolicy::Public => {}
+            AccessPolicy::CredentialsBypass => {
+                if carries_credentials(req.headers()) {
+                    return self.bypass(&req, &target, peer).await;
+                }
+            }
+            AccessPolicy::Auth { url, timeout } => {
+                if let Some(refusal) = self.check_access(req.headers(), &target, url, *timeout, peer).await {
+                    return refusal;
+                }
+            }
+        }
         let inm = req.headers().get(header::IF_NONE_MATCH).cloned();
         let inm = inm.as_ref();
         let is_fresh =
@@ -148,6 +162,83 @@ impl Cache {
         Some(resp)
     }
 
+    /// A credentialed request on a rule with no access policy: forwarded as is (rebuilt URI),
+    /// answered by the origin, never stored, never joined to another user's fetch.
+    async fn bypass<B>(&self, req: &Request<B>, target: &CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
+        let mut headers = req.headers().clone();
+        forward_request_headers(&mut headers, peer);
+        let mut upstream = Request::new(empty());
+        *upstream.method_mut() = req.method().clone();
+        *upstream.uri_mut() = self.origin.uri(&target.upstream_path).expect("rebuilt upstream path is a valid URI");
+        *upstream.headers_mut() = headers;
+        let cs = status::bypass("credentials");
+        match self.origin.send(upstream).await {
+            Ok(resp) => with_cache_status(self.relay(resp), cs),
+            Err(e) => e.to_response(Some(cs)),
+        }
+    }
+
+    /// Runs the rule's access check for this request: None when allowed; otherwise the
+    /// response to send (the backend's 401/403 as it sent it, or 502 when the check failed).
+    async fn check_access(
+        &self,
+        client: &HeaderMap,
+        target: &CacheTarget,
+        url: &str,
+        timeout: std::time::Duration,
+        peer: SocketAddr,
+    ) -> Option<Response<ProxyBody>> {
+        let id = crate::rules::encode_id(&target.lote_id);
+        let mut headers = HeaderMap::new();
+        for name in [header::COOKIE, header::AUTHORIZATION] {
+            for v in client.get_all(&name) {
+                headers.append(name.clone(), v.clone());
+            }
+        }
+        forward_request_headers(&mut headers, peer);
+        if let Ok(v) = HeaderValue::from_str(&target.lote_id) {
+            headers.insert("x-lote-id", v);
+        }
+        let mut check = Request::new(empty());
+        *check.headers_mut() = headers;
+        let denied = status::rejected("access-denied");
+        match url.replace("{lote_id}", &id).parse() {
+            Ok(uri) => *check.uri_mut() = uri,
+            Err(e) => {
+                let err = ProxyError::AccessCheckFailed { detail: format!("bad access check URL: {e}") };
+                return Some(err.to_response(Some(status::rejected(&err.token()))));
+            }
+        }
+        match self.origin.subrequest(check, timeout).await {
+            Ok(resp) if resp.status().is_success() => {
+                // Read the (small) answer to the end so its connection returns to the pool.
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                None
+            }
+            Ok(resp) if matches!(resp.status().as_u16(), 401 | 403) => {
+                tracing::info!(lote_id = %target.lote_id, status = resp.status().as_u16(), "access check refused the request");
+                Some(with_cache_status(self.relay(resp), denied))
+            }
+            Ok(resp) => {
+                let err =
+                    ProxyError::AccessCheckFailed { detail: format!("the access check answered {}", resp.status()) };
+                Some(err.to_response(Some(status::rejected(&err.token()))))
+            }
+            Err(e) => {
+                let err = ProxyError::AccessCheckFailed { detail: e.detail() };
+                Some(err.to_response(Some(status::rejected(&err.token()))))
+            }
+        }
+    }
+
+    /// An origin response passed on as it came (hop-by-hop removed, body streamed).
+    fn relay(&self, resp: Response<hyper::body::Incoming>) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        forward_response_headers(&mut parts.headers);
+        let body = http_body_util::BodyExt::boxed_unsync(IdleTimeoutBody::new(body, self.origin.body_idle_timeout()));
+        Response::from_parts(parts, body)
+    }
+
     fn fill_job<B>(&self, req: &Request<B>, target: &CacheTarget, peer: SocketAddr) -> FillJob {
         let mut headers = req.headers().clone();
         for h in NOT_FORWARDED_ON_FILL {
@@ -164,6 +255,7 @@ impl Cache {
             lote_id: target.lote_id.clone(),
             request,
             validation: target.validation.clone(),
+            ignore: target.ignore,
         }
     }
 }
@@ -200,6 +292,16 @@ async fn respond_from_fill(
     } else {
         Ok(resp)
     }
+}
+
+/// Whether a request carries credentials that could make the origin's answer personal.
+fn carries_credentials(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::COOKIE) || headers.contains_key(header::AUTHORIZATION)
+}
+
+fn with_cache_status(mut resp: Response<ProxyBody>, cs: HeaderValue) -> Response<ProxyBody> {
+    resp.headers_mut().insert(status::CACHE_STATUS, cs);
+    resp
 }
 
 /// `If-None-Match` (weak comparison, RFC 9110 §13.1.2) against our strong `etag`.

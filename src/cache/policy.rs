@@ -1,6 +1,7 @@
 //! What may be stored: the decision taken on the origin's response head, before any byte is
 //! written. A refusal names its reason, which becomes `Cache-Status: …; detail=<reason>`.
 
+use crate::config::IgnoreResponse;
 use http::{header, HeaderMap, StatusCode};
 
 /// The outcome of looking at an origin response head.
@@ -16,22 +17,25 @@ pub enum Storability {
 /// Decides from the status and the raw headers (before hop-by-hop removal: framing matters).
 /// `json_checked`: the body will be parsed as JSON before storing, which tells a complete
 /// close-delimited body from a cut one.
-pub fn storability(status: StatusCode, headers: &HeaderMap, json_checked: bool) -> Storability {
+pub fn storability(status: StatusCode, headers: &HeaderMap, json_checked: bool, ignore: IgnoreResponse) -> Storability {
     use Storability::DontStore;
     if status != StatusCode::OK {
         return DontStore(format!("origin-status-{}", status.as_u16()));
     }
-    if headers.contains_key(header::SET_COOKIE) {
+    if headers.contains_key(header::SET_COOKIE) && !ignore.set_cookie {
         return DontStore("set-cookie".into());
     }
     let cc = header_tokens(headers, header::CACHE_CONTROL);
-    if cc.iter().any(|d| d == "no-store") {
-        return DontStore("origin-no-store".into());
+    if !ignore.cache_control {
+        if cc.iter().any(|d| d == "no-store") {
+            return DontStore("origin-no-store".into());
+        }
+        if cc.iter().any(|d| d == "private" || d.starts_with("private=")) {
+            return DontStore("origin-private".into());
+        }
     }
-    if cc.iter().any(|d| d == "private" || d.starts_with("private=")) {
-        return DontStore("origin-private".into());
-    }
-    if header_tokens(headers, header::VARY).iter().any(|v| v == "*" || v == "cookie" || v == "authorization") {
+    let vary = header_tokens(headers, header::VARY);
+    if !ignore.vary && vary.iter().any(|v| v == "*" || v == "cookie" || v == "authorization") {
         return DontStore("vary".into());
     }
     if headers.contains_key(header::CONTENT_ENCODING) {
@@ -76,17 +80,28 @@ mod tests {
     #[test]
     fn only_complete_framed_200s_are_stored() {
         assert_eq!(
-            storability(StatusCode::OK, &h(&[("content-length", "10")]), false),
+            storability(StatusCode::OK, &h(&[("content-length", "10")]), false, IgnoreResponse::default()),
             Storability::Store { expected_len: Some(10) }
         );
         assert_eq!(
-            storability(StatusCode::OK, &h(&[("transfer-encoding", "chunked")]), false),
+            storability(StatusCode::OK, &h(&[("transfer-encoding", "chunked")]), false, IgnoreResponse::default()),
             Storability::Store { expected_len: None }
         );
-        assert_eq!(storability(StatusCode::OK, &h(&[]), false), Storability::DontStore("no-length".into()));
-        assert_eq!(storability(StatusCode::OK, &h(&[]), true), Storability::Store { expected_len: None });
         assert_eq!(
-            storability(StatusCode::INTERNAL_SERVER_ERROR, &h(&[("content-length", "1")]), false),
+            storability(StatusCode::OK, &h(&[]), false, IgnoreResponse::default()),
+            Storability::DontStore("no-length".into())
+        );
+        assert_eq!(
+            storability(StatusCode::OK, &h(&[]), true, IgnoreResponse::default()),
+            Storability::Store { expected_len: None }
+        );
+        assert_eq!(
+            storability(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &h(&[("content-length", "1")]),
+                false,
+                IgnoreResponse::default()
+            ),
             Storability::DontStore("origin-status-500".into())
         );
     }
@@ -101,7 +116,18 @@ mod tests {
             ("content-encoding", "gzip", "content-encoding"),
         ] {
             let headers = h(&[("content-length", "1"), (k, v)]);
-            assert_eq!(storability(StatusCode::OK, &headers, true), Storability::DontStore(why.into()));
+            assert_eq!(
+                storability(StatusCode::OK, &headers, true, IgnoreResponse::default()),
+                Storability::DontStore(why.into())
+            );
         }
+    }
+
+    #[test]
+    fn a_route_may_store_despite_named_headers() {
+        let all = IgnoreResponse { set_cookie: true, cache_control: true, vary: true };
+        let headers =
+            h(&[("content-length", "1"), ("set-cookie", "a=b"), ("cache-control", "private"), ("vary", "Cookie")]);
+        assert_eq!(storability(StatusCode::OK, &headers, false, all), Storability::Store { expected_len: Some(1) });
     }
 }

@@ -45,3 +45,8 @@ fn value(s: &str) -> HeaderValue {
 pub fn stale(origin_status: u16) -> HeaderValue {
     value(&format!("lotecache; hit; fwd=stale; fwd-status={origin_status}; detail=stale-if-error"))
 }
+
+/// `lotecache; fwd=bypass; detail=<reason>` — not served from or stored in the cache.
+pub fn bypass(detail: &str) -> HeaderValue {
+    value(&format!("lotecache; fwd=bypass; detail={detail}"))
+}

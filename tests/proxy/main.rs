@@ -10,4 +10,5 @@ mod miss_hit;
 mod operations;
 mod passthrough;
 mod routing;
+mod security;
 mod single_flight;

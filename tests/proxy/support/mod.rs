@@ -4,6 +4,7 @@
 
 pub mod origin;
 pub mod process;
+pub mod raw;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};

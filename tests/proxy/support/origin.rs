@@ -41,6 +41,8 @@ pub enum Behavior {
     WithHeaders(Vec<(String, String)>),
     /// 200 with Content-Length and this body instead of the batch's document.
     Custom(Bytes),
+    /// These exact bytes as the response (malformed framing on purpose), then close.
+    RawResponse(Vec<u8>),
     /// Waits, then behaves as the inner behaviour.
     Delayed(Duration, Box<Behavior>),
 }
@@ -119,6 +121,7 @@ impl TestOrigin {
                         behavior.unwrap_or(Behavior::Ok { delay: Duration::ZERO, pieces: 1, gap: Duration::ZERO });
                     respond_batch(reader.get_mut(), &id, behavior, req.method == "HEAD").await
                 }
+                None if req.target.starts_with("/auth/") => auth(reader.get_mut(), &req).await,
                 None => echo(reader.get_mut(), &req).await,
             };
             if !keep {
@@ -231,6 +234,10 @@ async fn respond_batch(s: &mut TcpStream, id: &str, mut behavior: Behavior, head
             true
         }
         Behavior::Refuse => false,
+        Behavior::RawResponse(bytes) => {
+            let _ = s.write_all(&bytes).await;
+            false
+        }
         Behavior::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             false
@@ -254,6 +261,23 @@ async fn respond_batch(s: &mut TcpStream, id: &str, mut behavior: Behavior, head
             true
         }
     }
+}
+
+/// An access check: cookie `user=ok` may (204), `user=nope` may not (403), none is 401.
+async fn auth(s: &mut TcpStream, req: &Seen) -> bool {
+    let cookie = req.headers.iter().find(|(k, _)| k == "cookie").map(|(_, v)| v.as_str()).unwrap_or("");
+    let out = if cookie.contains("user=ok") {
+        "HTTP/1.1 204 No Content\r\n\r\n".to_string()
+    } else if cookie.contains("user=nope") {
+        let body = r#"{"error":"forbidden","detail":"no access to this batch"}"#;
+        format!(
+            "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    } else {
+        "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Cookie realm=\"ocr\"\r\ncontent-length: 0\r\n\r\n".to_string()
+    };
+    s.write_all(out.as_bytes()).await.is_ok()
 }
 
 /// Answers any other request with a JSON description of what was received.

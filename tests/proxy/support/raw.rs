@@ -1,0 +1,44 @@
+//! Raw HTTP/1.1 over TCP, for what a well-behaved client library would never send.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What came back on a raw connection.
+pub struct RawReply {
+    pub bytes: Vec<u8>,
+    /// The server closed the connection (EOF) before the read timeout.
+    pub closed: bool,
+}
+
+impl RawReply {
+    /// The status code of the first response, if any.
+    pub fn status(&self) -> Option<u16> {
+        let text = String::from_utf8_lossy(&self.bytes);
+        text.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse().ok())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    /// How many responses (status lines) came back.
+    pub fn responses(&self) -> usize {
+        self.text().matches("HTTP/1.1 ").count()
+    }
+}
+
+/// Sends `request` as is and reads until the server closes or `wait` passes in silence.
+pub async fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> RawReply {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(wait, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return RawReply { bytes, closed: true },
+            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+            Err(_) => return RawReply { bytes, closed: false },
+        }
+    }
+}
