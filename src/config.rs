@@ -58,12 +58,16 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub level: Option<String>,
+    pub access: Option<bool>,
     pub format: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCache {
+    pub memory_tier: Option<Spanned<String>>,
+    pub memory_object_max: Option<Spanned<String>>,
+    pub scrub_rate: Option<Spanned<String>>,
     pub max_size: Option<Spanned<String>>,
     pub gc_interval: Option<Spanned<String>>,
     pub gc_grace: Option<Spanned<String>>,
@@ -129,6 +133,11 @@ pub struct Config {
     pub cache_dir: PathBuf,
     /// Cap on the bytes of live entries (0: none).
     pub max_size: u64,
+    /// Bytes of verified small bodies kept in memory, and the largest body kept.
+    pub memory_tier: u64,
+    pub memory_object_max: u64,
+    /// Bytes per second the scrubber re-hashes (0: off).
+    pub scrub_rate: u64,
     pub gc_interval: Duration,
     /// Content files younger than this are never collected.
     pub gc_grace: Duration,
@@ -178,6 +187,8 @@ pub enum LogFormat {
 pub struct LogConfig {
     /// A tracing filter, e.g. `info` or `lotecache=debug` (`RUST_LOG` overrides it).
     pub level: String,
+    /// One line per cache-route request (target `lotecache::access`).
+    pub access: bool,
     pub format: LogFormat,
 }
 
@@ -396,6 +407,14 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// A size where `"0"` (or `"off"`) means off.
+    fn size_or_zero(&mut self, field: &str, value: Option<&Spanned<String>>, default: &str) -> u64 {
+        match value.map(|v| v.get_ref().trim()) {
+            Some("0") | Some("off") => 0,
+            _ => self.size(field, value, default),
+        }
+    }
+
     fn run(mut self, raw: RawConfig, ov: &Overrides) -> Result<Config, Vec<ConfigError>> {
         let listen_at = self.pick(ov.listen.as_deref(), "--listen", raw.server.listen.as_ref(), DEFAULT_LISTEN);
         let listen = match listen_at.value.parse::<SocketAddr>() {
@@ -442,6 +461,9 @@ impl<'a> Validator<'a> {
             None => 0,
             Some(v) => self.size("cache.max_size", Some(v), "0"),
         };
+        let memory_tier = self.size_or_zero("cache.memory_tier", raw.cache.memory_tier.as_ref(), "32MiB");
+        let memory_object_max = self.size("cache.memory_object_max", raw.cache.memory_object_max.as_ref(), "1MiB");
+        let scrub_rate = self.size_or_zero("cache.scrub_rate", raw.cache.scrub_rate.as_ref(), "4MiB");
         let gc_interval = self.duration("cache.gc_interval", raw.cache.gc_interval.as_ref(), "10m");
         let gc_grace = self.duration("cache.gc_grace", raw.cache.gc_grace.as_ref(), "2m");
         let admin_at =
@@ -467,7 +489,11 @@ impl<'a> Validator<'a> {
                 LogFormat::Text
             }
         };
-        let log = LogConfig { level: raw.log.level.clone().unwrap_or_else(|| "info".into()), format };
+        let log = LogConfig {
+            level: raw.log.level.clone().unwrap_or_else(|| "info".into()),
+            access: raw.log.access.unwrap_or(true),
+            format,
+        };
         let fill = FillConfig {
             replay_buffer: self.size("cache.replay_buffer", raw.cache.replay_buffer.as_ref(), "32MiB"),
             wait_timeout: self.duration("cache.wait_timeout", raw.cache.wait_timeout.as_ref(), "130s"),
@@ -501,6 +527,9 @@ impl<'a> Validator<'a> {
                 origin,
                 cache_dir,
                 max_size,
+                memory_tier,
+                memory_object_max,
+                scrub_rate,
                 gc_interval,
                 gc_grace,
                 fill,

@@ -150,22 +150,30 @@ enum CacheCommand {
     },
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the configured level.
-fn init_logging(log: &config::LogConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// Logs to stderr through a background writer (request threads never wait on the
+/// terminal or journald); `RUST_LOG` overrides the configured level. Keep the guard alive:
+/// dropping it flushes what is queued.
+fn init_logging(log: &config::LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if !log.access {
+        filter = filter.add_directive("lotecache::access=off".parse().expect("static directive"));
+    }
+    let (writer, guard) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     match log.format {
         config::LogFormat::Json => builder.json().init(),
         config::LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve { .. }) {
-        init_logging(&config::LogConfig { level: "info".into(), format: config::LogFormat::Text });
-    }
+    let _log_guard = (!matches!(cli.command, Command::Serve { .. })).then(|| {
+        init_logging(&config::LogConfig { level: "info".into(), access: true, format: config::LogFormat::Text })
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {
         match cli.command {
@@ -401,7 +409,7 @@ async fn serve(path: Option<PathBuf>, overrides: config::Overrides) -> ExitCode 
         Ok(c) => c,
         Err(errors) => return print_config_errors(&errors),
     };
-    init_logging(&config.log);
+    let _log_guard = init_logging(&config.log);
     let proxy = match RunningProxy::start(config).await {
         Ok(p) => p,
         Err(e) => {

@@ -55,6 +55,7 @@ impl RunningProxy {
         let metrics = Arc::new(Metrics::new());
         let store = Store::open(config.cache_dir.clone(), config.max_size, metrics.clone()).await?;
         store.set_gc_grace(config.gc_grace);
+        store.set_memory_tier(config.memory_tier, config.memory_object_max);
         let origin = Origin::new(config.origin.clone(), metrics.clone());
         let shared = Arc::new(Shared {
             rules: ArcSwap::from_pointee(Rules::new(config.rules.clone())),
@@ -89,6 +90,8 @@ impl RunningProxy {
                 async move { Ok::<_, Infallible>(admin.handle(req).await) }
             })
         }));
+        let scrub_task =
+            tokio::spawn(crate::cache::read::scrub_loop(store.clone(), config.scrub_rate, stopped.clone()));
         let gc_task = tokio::spawn(gc_loop(store, config.gc_interval, stopped));
         tracing::info!(
             listen = %local_addr, admin = %admin_addr, origin = %config.origin.authority,
@@ -101,7 +104,7 @@ impl RunningProxy {
             admin,
             config: Mutex::new(config),
             stop,
-            tasks: vec![proxy_task, admin_task, gc_task],
+            tasks: vec![proxy_task, admin_task, gc_task, scrub_task],
         })
     }
 
@@ -143,6 +146,7 @@ impl RunningProxy {
         self.shared.cache.fills.set_config(new.fill.clone());
         self.shared.cache.store.set_max_size(new.max_size);
         self.shared.cache.store.set_gc_grace(new.gc_grace);
+        self.shared.cache.store.set_memory_tier(new.memory_tier, new.memory_object_max);
         self.admin.set_token(new.admin.token.clone());
         tracing::info!(rules = new.rules.len(), "configuration reloaded");
         *current = new;

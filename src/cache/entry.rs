@@ -1,6 +1,7 @@
 //! What is stored beside each body: the response head and facts about the entry, kept as
 //! the JSON metadata of the cacache index line, and its in-memory form.
 
+use arc_swap::ArcSwapOption;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use ssri::Integrity;
@@ -84,6 +85,41 @@ pub struct Entry {
     pub hits: AtomicU64,
     /// Unix milliseconds of the last hit (the commit time until the first hit): the LRU clock.
     pub last_hit_ms: AtomicU64,
+    /// The content file as it was when last hashed and found good (and, for small entries,
+    /// its verified bytes). A hit that finds the file unchanged skips hashing.
+    pub verified: ArcSwapOption<Verified>,
+}
+
+/// What identifies a content file's state: any write, truncation, replacement or `touch`
+/// changes at least one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Fingerprint {
+    pub fn of(m: &std::fs::Metadata) -> Fingerprint {
+        use std::os::unix::fs::MetadataExt;
+        Fingerprint {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+        }
+    }
+}
+
+/// A successful verification of an entry's content file.
+#[derive(Debug)]
+pub struct Verified {
+    pub fingerprint: Fingerprint,
+    /// The verified body, kept in memory (small entries, while the memory tier has room).
+    pub body: Option<bytes::Bytes>,
 }
 
 impl Entry {

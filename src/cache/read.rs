@@ -1,19 +1,29 @@
-//! Verified reads of stored content. Every byte served as part of a complete response has
-//! been hashed and matched against the entry's sha256: small bodies are verified whole before
-//! the response head is sent (a corrupt one is evicted and refetched transparently); large
-//! bodies are streamed and the last chunk is held back until the digest matches, so a
-//! corrupt entry ends in an aborted response, never a clean `200`.
+//! Verified reads of stored content. The rule: every byte served as part of a complete
+//! response was verified against the entry's sha256 since the content file last changed.
+//!
+//! - A content file is hashed on its first read; if it matches, its fingerprint (device,
+//!   inode, size, mtime, ctime) is remembered. Later reads that find the same fingerprint skip
+//!   hashing; any change to the file makes the next read hash it again.
+//! - Small bodies are then kept in memory (the memory tier); a hit from memory costs one
+//!   `stat` of the file, to notice that it changed.
+//! - A read that is hashing holds back its last chunk until the digest matches; a read that is
+//!   not re-checks the file's fingerprint on its descriptor before the last chunk. Either way a
+//!   corrupt or changed file ends in an aborted response, never a clean `200`, and is evicted.
+//! - Small bodies are read whole before the response starts, so a bad one is evicted and
+//!   refetched within the same request.
+//! - Silent media corruption (which changes no fingerprint) is found by the scrubber, which
+//!   re-hashes every file at a configured rate.
 
-use super::entry::Entry;
+use super::entry::{Entry, Fingerprint};
 use super::store::{ReadGuard, Store};
 use crate::body::{BoxError, ProxyBody};
 use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use sha2::{Digest, Sha256};
-use std::{fs::File, io, io::Read, sync::Arc};
+use std::{fs::File, io, io::Read, sync::Arc, time::Duration};
 
-/// Bodies up to this size are read and verified whole before the response starts.
+/// Bodies up to this size are read (and verified when needed) whole before the response starts.
 pub const WHOLE_MAX: u64 = 1024 * 1024;
 /// Read size when streaming larger bodies.
 const CHUNK: u64 = 256 * 1024;
@@ -27,6 +37,8 @@ pub enum ReadError {
     WrongSize { actual: u64, expected: u64 },
     #[error("content digest mismatch")]
     DigestMismatch,
+    #[error("content file changed while it was read")]
+    Changed,
     #[error("content read failed: {0}")]
     Io(#[from] io::Error),
 }
@@ -38,6 +50,7 @@ impl ReadError {
             ReadError::Missing => "content-missing",
             ReadError::WrongSize { .. } => "content-size",
             ReadError::DigestMismatch => "digest-mismatch",
+            ReadError::Changed => "content-changed",
             ReadError::Io(_) => "read-error",
         }
     }
@@ -45,51 +58,90 @@ impl ReadError {
 
 /// An opened entry, ready to serve.
 pub enum HitBody {
-    /// Small body, already verified.
+    /// Small body, verified.
     Whole(Bytes),
-    /// Large body: verifying stream, last chunk held until the digest matches.
+    /// Large body: a stream that fails rather than end with unverified bytes.
     Stream(ProxyBody),
+}
+
+/// Whether `entry` was verified in exactly this file state.
+fn trusted(entry: &Entry, fp: &Fingerprint) -> bool {
+    entry.verified.load().as_ref().is_some_and(|v| v.fingerprint == *fp)
 }
 
 /// Opens `entry` for serving. On `Err` nothing was sent; the caller evicts and refetches.
 pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadError> {
+    // Memory tier: one stat (no task hop) proves the file is as it was when verified.
+    if let Some(v) = entry.verified.load_full() {
+        if let Some(body) = &v.body {
+            match std::fs::metadata(&entry.path) {
+                Ok(m) if Fingerprint::of(&m) == v.fingerprint => return Ok(HitBody::Whole(body.clone())),
+                _ => store.forget_verified(&entry),
+            }
+        }
+    }
     let reading = store.reading(&entry.path);
-    let e = entry.clone();
+    let (s, e) = (store.clone(), entry.clone());
     let opened = tokio::task::spawn_blocking(move || -> Result<Opened, ReadError> {
-        let mut file = open_checked(&e)?;
+        let (mut file, fp) = open_checked(&e)?;
+        let trusted = trusted(&e, &fp);
         if e.size > WHOLE_MAX {
-            return Ok(Opened::File(file));
+            return Ok(Opened::File { file, fp, trusted });
         }
         let mut buf = Vec::with_capacity(e.size as usize);
-        file.read_to_end(&mut buf)?;
+        (&mut file).take(e.size + 1).read_to_end(&mut buf)?;
         if buf.len() as u64 != e.size {
             return Err(ReadError::WrongSize { actual: buf.len() as u64, expected: e.size });
         }
-        if Sha256::digest(&buf).as_slice() != e.sha256 {
+        if trusted {
+            // Unchanged while we read it? Then these bytes are the verified ones.
+            if Fingerprint::of(&file.metadata()?) != fp {
+                return Err(ReadError::Changed);
+            }
+        } else if Sha256::digest(&buf).as_slice() != e.sha256 {
             return Err(ReadError::DigestMismatch);
         }
-        Ok(Opened::Whole(Bytes::from(buf)))
+        let body = Bytes::from(buf);
+        if !trusted {
+            s.record_verified(&e, fp, Some(body.clone()));
+        }
+        Ok(Opened::Whole(body))
     })
     .await
     .map_err(io::Error::other)??;
     Ok(match opened {
         Opened::Whole(b) => HitBody::Whole(b),
-        Opened::File(file) => HitBody::Stream(verifying_stream(store, entry, file, reading)),
+        Opened::File { file, fp, trusted } => HitBody::Stream(stream(store, entry, file, fp, trusted, reading)),
     })
 }
 
-/// Hashes the whole content file and checks it against the entry (for answers that send
-/// no body: `HEAD`, `304`).
+/// Checks the content for answers that send no body (`HEAD`, `304`): hashes it unless the
+/// file is in the state it was verified in.
 pub async fn verify(store: &Arc<Store>, entry: Arc<Entry>) -> Result<(), ReadError> {
     let guard = store.reading(&entry.path);
-    let result = tokio::task::spawn_blocking(move || verify_sync(&entry)).await.map_err(io::Error::other)?;
+    let s = store.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let (mut file, fp) = open_checked(&entry)?;
+        if trusted(&entry, &fp) {
+            return Ok(());
+        }
+        hash_file(&mut file, &entry)?;
+        s.record_verified(&entry, fp, None);
+        Ok(())
+    })
+    .await
+    .map_err(io::Error::other)?;
     drop(guard);
     result
 }
 
-/// Blocking form of [`verify`].
+/// Hashes the whole content file and checks it, whatever was remembered (scrubs, tools).
 pub fn verify_sync(entry: &Entry) -> Result<(), ReadError> {
-    let mut file = open_checked(entry)?;
+    let (mut file, _) = open_checked(entry)?;
+    hash_file(&mut file, entry)
+}
+
+fn hash_file(file: &mut File, entry: &Entry) -> Result<(), ReadError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK as usize];
     let mut total = 0u64;
@@ -112,31 +164,33 @@ pub fn verify_sync(entry: &Entry) -> Result<(), ReadError> {
 
 enum Opened {
     Whole(Bytes),
-    File(File),
+    File { file: File, fp: Fingerprint, trusted: bool },
 }
 
-fn open_checked(e: &Entry) -> Result<File, ReadError> {
+fn open_checked(e: &Entry) -> Result<(File, Fingerprint), ReadError> {
     let file = File::open(&e.path).map_err(|err| match err.kind() {
         io::ErrorKind::NotFound => ReadError::Missing,
         _ => ReadError::Io(err),
     })?;
-    let actual = file.metadata()?.len();
-    if actual != e.size {
-        return Err(ReadError::WrongSize { actual, expected: e.size });
+    let meta = file.metadata()?;
+    if meta.len() != e.size {
+        return Err(ReadError::WrongSize { actual: meta.len(), expected: e.size });
     }
-    Ok(file)
+    Ok((file, Fingerprint::of(&meta)))
 }
 
-/// State of a streaming read: the file, the running hash, and what is left to read.
+/// State of a streaming read.
 struct Reading {
     file: File,
-    hasher: Sha256,
+    fp: Fingerprint,
+    /// Hashing as we go, unless the file was trusted at open.
+    hasher: Option<Sha256>,
     remaining: u64,
     /// Keeps the content file from the collector until the stream is dropped.
     _guard: ReadGuard,
 }
 
-/// A corrupt entry was detected while streaming it; the response is aborted.
+/// A stored entry failed verification while it was streamed; the response is aborted.
 #[derive(Debug, thiserror::Error)]
 #[error("stored entry {key} failed verification: {source}")]
 pub struct CorruptEntry {
@@ -144,18 +198,32 @@ pub struct CorruptEntry {
     source: ReadError,
 }
 
-fn verifying_stream(store: Arc<Store>, entry: Arc<Entry>, file: File, guard: ReadGuard) -> ProxyBody {
-    let start = Some(Reading { file, hasher: Sha256::new(), remaining: entry.size, _guard: guard });
+fn stream(
+    store: Arc<Store>,
+    entry: Arc<Entry>,
+    file: File,
+    fp: Fingerprint,
+    trusted: bool,
+    guard: ReadGuard,
+) -> ProxyBody {
+    let hasher = (!trusted).then(Sha256::new);
+    let start = Some(Reading { file, fp, hasher, remaining: entry.size, _guard: guard });
     let stream = futures_util::stream::unfold(start, move |state| {
         let (store, entry) = (store.clone(), entry.clone());
         async move {
             let reading = state?;
-            let expected = entry.sha256;
-            let step = tokio::task::spawn_blocking(move || read_step(reading, &expected))
+            let e = entry.clone();
+            let step = tokio::task::spawn_blocking(move || read_step(reading, &e))
                 .await
-                .unwrap_or_else(|e| Err(ReadError::Io(io::Error::other(e))));
+                .unwrap_or_else(|err| Err(ReadError::Io(io::Error::other(err))));
             match step {
-                Ok((chunk, next)) => Some((Ok::<_, BoxError>(Frame::data(chunk)), next)),
+                Ok(Step::More(chunk, next)) => Some((Ok::<_, BoxError>(Frame::data(chunk)), Some(next))),
+                Ok(Step::Last(chunk, fp, hashed)) => {
+                    if hashed {
+                        store.record_verified(&entry, fp, None);
+                    }
+                    Some((Ok(Frame::data(chunk)), None))
+                }
                 Err(err) => {
                     store.metrics().integrity_failures.with_label_values(&[err.reason()]).inc();
                     store.evict(&entry, err.reason()).await;
@@ -168,21 +236,70 @@ fn verifying_stream(store: Arc<Store>, entry: Arc<Entry>, file: File, guard: Rea
     StreamBody::new(stream).boxed_unsync()
 }
 
-/// Reads the next chunk. The final chunk is returned only if the whole body's digest matches.
-fn read_step(mut r: Reading, expected: &[u8; 32]) -> Result<(Bytes, Option<Reading>), ReadError> {
-    let n = r.remaining.min(CHUNK) as usize;
-    let mut buf = vec![0u8; n];
-    r.file.read_exact(&mut buf).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => ReadError::WrongSize { actual: 0, expected: r.remaining },
-        _ => ReadError::Io(e),
-    })?;
-    r.hasher.update(&buf);
-    r.remaining -= n as u64;
+enum Step {
+    More(Bytes, Reading),
+    /// The last chunk, released only after the file proved good; the fingerprint, and
+    /// whether it was established by hashing.
+    Last(Bytes, Fingerprint, bool),
+}
+
+/// Reads the next chunk; the last one comes back only if the whole body is verified (by its
+/// digest, or by the file being unchanged since its last verification).
+fn read_step(mut r: Reading, e: &Entry) -> Result<Step, ReadError> {
+    let n = r.remaining.min(CHUNK);
+    let mut buf = Vec::with_capacity(n as usize);
+    (&mut r.file).take(n).read_to_end(&mut buf)?;
+    if (buf.len() as u64) < n {
+        return Err(ReadError::WrongSize { actual: e.size - r.remaining + buf.len() as u64, expected: e.size });
+    }
+    if let Some(h) = r.hasher.as_mut() {
+        h.update(&buf);
+    }
+    r.remaining -= n;
     if r.remaining > 0 {
-        return Ok((Bytes::from(buf), Some(r)));
+        return Ok(Step::More(Bytes::from(buf), r));
     }
-    if r.hasher.finalize().as_slice() != expected {
-        return Err(ReadError::DigestMismatch);
+    match r.hasher {
+        Some(h) => {
+            if h.finalize().as_slice() != e.sha256 {
+                return Err(ReadError::DigestMismatch);
+            }
+            Ok(Step::Last(Bytes::from(buf), r.fp, true))
+        }
+        None if Fingerprint::of(&r.file.metadata()?) != r.fp => Err(ReadError::Changed),
+        None => Ok(Step::Last(Bytes::from(buf), r.fp, false)),
     }
-    Ok((Bytes::from(buf), None))
+}
+
+/// Re-hashes every entry, pacing itself to `bytes_per_sec`, forever: catches corruption that
+/// changes no file attribute. Bad entries are evicted (and refetched on their next request).
+pub async fn scrub_loop(store: Arc<Store>, bytes_per_sec: u64, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    if bytes_per_sec == 0 {
+        return;
+    }
+    loop {
+        let entries = store.entries();
+        if entries.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                _ = stopped.changed() => return,
+            }
+        }
+        for entry in entries {
+            let e = entry.clone();
+            let result = tokio::task::spawn_blocking(move || verify_sync(&e)).await;
+            if let Ok(Err(err)) = result {
+                if !matches!(err, ReadError::Missing) || store.get(&entry.key).is_some() {
+                    tracing::warn!(key = %entry.key, reason = err.reason(), "scrub found a bad entry");
+                    store.metrics().integrity_failures.with_label_values(&[err.reason()]).inc();
+                    store.evict(&entry, err.reason()).await;
+                }
+            }
+            let pause = Duration::from_secs_f64(entry.size.max(1) as f64 / bytes_per_sec as f64);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stopped.changed() => return,
+            }
+        }
+    }
 }

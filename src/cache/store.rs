@@ -63,6 +63,10 @@ pub struct Store {
     gc_grace_ms: AtomicU64,
     /// Content files being read right now, with their reader counts: never collected.
     readers: Mutex<HashMap<PathBuf, usize>>,
+    /// Bytes of verified bodies kept in memory, and the caps on them.
+    memory_bytes: AtomicU64,
+    memory_max: AtomicU64,
+    memory_object_max: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -112,6 +116,9 @@ impl Store {
             max_size: AtomicU64::new(max_size),
             gc_grace_ms: AtomicU64::new(GC_GRACE.as_millis() as u64),
             readers: Mutex::default(),
+            memory_bytes: AtomicU64::new(0),
+            memory_max: AtomicU64::new(0),
+            memory_object_max: AtomicU64::new(0),
             metrics,
         }))
     }
@@ -154,6 +161,46 @@ impl Store {
         self.max_size.store(max_size, Relaxed);
     }
 
+    /// Sizes the memory tier: at most `total` bytes of verified bodies, each at most `object`.
+    pub fn set_memory_tier(&self, total: u64, object: u64) {
+        self.memory_max.store(total, Relaxed);
+        self.memory_object_max.store(object, Relaxed);
+    }
+
+    /// Records that `entry`'s content, in the state `fingerprint`, hashed to its digest;
+    /// keeps `body` in memory if the tier has room for it.
+    pub fn record_verified(&self, entry: &Entry, fingerprint: super::entry::Fingerprint, body: Option<bytes::Bytes>) {
+        let body = body.filter(|b| {
+            let len = b.len() as u64;
+            len <= self.memory_object_max.load(Relaxed)
+                && self
+                    .memory_bytes
+                    .fetch_update(Relaxed, Relaxed, |used| {
+                        (used + len <= self.memory_max.load(Relaxed)).then_some(used + len)
+                    })
+                    .is_ok()
+        });
+        let old = entry.verified.swap(Some(Arc::new(super::entry::Verified { fingerprint, body })));
+        self.release_memory(old.as_deref());
+    }
+
+    /// Forgets `entry`'s verification (its file changed, or it is gone).
+    pub fn forget_verified(&self, entry: &Entry) {
+        let old = entry.verified.swap(None);
+        self.release_memory(old.as_deref());
+    }
+
+    fn release_memory(&self, old: Option<&super::entry::Verified>) {
+        if let Some(b) = old.and_then(|v| v.body.as_ref()) {
+            self.memory_bytes.fetch_sub(b.len() as u64, Relaxed);
+        }
+    }
+
+    /// Bytes of verified bodies in memory.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes.load(Relaxed)
+    }
+
     pub fn set_gc_grace(&self, grace: Duration) {
         self.gc_grace_ms.store(grace.as_millis() as u64, Relaxed);
     }
@@ -176,6 +223,7 @@ impl Store {
         let size = entry.size;
         if let Some(old) = index.insert(entry.key.clone(), entry) {
             self.bytes.fetch_sub(old.size, Relaxed);
+            self.forget_verified(&old);
         }
         self.bytes.fetch_add(size, Relaxed);
         self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
@@ -197,6 +245,7 @@ impl Store {
         }
         let old = index.remove(key).expect("present");
         self.bytes.fetch_sub(old.size, Relaxed);
+        self.forget_verified(&old);
         self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
         self.metrics.store_entries.set(index.len() as i64);
         self.metrics.evictions.with_label_values(&[reason]).inc();
@@ -405,6 +454,7 @@ impl PendingWrite {
                 path,
                 hits: AtomicU64::new(0),
                 last_hit_ms: AtomicU64::new(stored_at_ms as u64),
+                verified: Default::default(),
             });
             let opts = cacache::WriteOpts::new()
                 .integrity(integrity)
@@ -589,6 +639,7 @@ fn entry_from_index(dir: &Path, md: cacache::Metadata) -> Option<Entry> {
         gen_ms: meta.gen_ms,
         hits: AtomicU64::new(0),
         last_hit_ms: AtomicU64::new(md.time as u64),
+        verified: Default::default(),
     })
 }
 

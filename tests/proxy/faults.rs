@@ -185,3 +185,57 @@ async fn deleted_or_truncated_content_is_refetched_not_served() {
         assert_eq!(origin.generations(id), 2);
     }
 }
+
+#[tokio::test]
+async fn a_small_entry_served_from_memory_is_still_never_served_after_its_file_changes() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    get(proxy.local_addr(), &batch("C-mem")).await;
+    assert_eq!(get(proxy.local_addr(), &batch("C-mem")).await.cache_status(), "lotecache; hit");
+    assert_eq!(proxy.store().memory_bytes(), document("C-mem").len() as u64, "kept in the memory tier");
+    assert_eq!(get(proxy.local_addr(), &batch("C-mem")).await.bytes(), &document("C-mem"));
+
+    flip_a_byte(&proxy, "C-mem_resultados.json");
+    let got = get(proxy.local_addr(), &batch("C-mem")).await;
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored", "the changed file is re-verified, found bad");
+    assert_eq!(got.bytes(), &document("C-mem"));
+    assert_eq!(origin.generations("C-mem"), 2);
+}
+
+#[tokio::test]
+async fn a_large_entry_verified_once_is_verified_again_after_its_file_changes() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    get(proxy.local_addr(), &batch("C-big-3mb")).await;
+    for _ in 0..2 {
+        let hit = get(proxy.local_addr(), &batch("C-big-3mb")).await;
+        assert_eq!(hit.bytes(), &document("C-big-3mb"));
+    }
+    flip_a_byte(&proxy, "C-big-3mb_resultados.json");
+    let got = get(proxy.local_addr(), &batch("C-big-3mb")).await;
+    assert_eq!(got.cache_status(), "lotecache; hit");
+    assert!(got.body.is_err(), "a trusted file that changed must be hashed again, and fail");
+    let next = get(proxy.local_addr(), &batch("C-big-3mb")).await;
+    assert_eq!(next.bytes(), &document("C-big-3mb"));
+    assert_eq!(origin.generations("C-big-3mb"), 2);
+}
+
+#[tokio::test]
+async fn the_scrubber_evicts_a_corrupt_entry_before_anyone_asks_for_it() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "scrub_rate = \"64MiB\"\n").await;
+    get(proxy.local_addr(), &batch("C-scrub")).await;
+    get(proxy.local_addr(), &batch("C-ok")).await;
+    flip_a_byte(&proxy, "C-scrub_resultados.json");
+    for _ in 0..150 {
+        if proxy.store().get("C-scrub_resultados.json").is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(proxy.store().get("C-scrub_resultados.json").is_none(), "the scrubber found it");
+    assert!(proxy.store().get("C-ok_resultados.json").is_some(), "good entries stay");
+}

@@ -22,11 +22,13 @@ pub async fn start_proxy(origin: SocketAddr, dir: &Path, extra_toml: &str) -> Ru
 
 /// As [`start_proxy`], with extra lines for the `[admin]` section (e.g. a token).
 pub async fn start_proxy_admin(origin: SocketAddr, dir: &Path, admin_toml: &str, extra_toml: &str) -> RunningProxy {
+    // The scrubber stays off unless a test asks for it: it must not race tests that damage files.
+    let scrub = if extra_toml.contains("scrub_rate") { "" } else { "scrub_rate = \"off\"\n" };
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\
          [origin]\nurl = \"http://{origin}\"\nresponse_timeout = \"2s\"\nbody_idle_timeout = \"1s\"\nconnect_timeout = \"1s\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n{admin_toml}\n\
-         [cache]\ndir = \"{}\"\n{extra_toml}",
+         [cache]\ndir = \"{}\"\n{scrub}{extra_toml}",
         dir.display()
     );
     let config = config::parse("test", &text, &config::Overrides::default()).expect("test config");
