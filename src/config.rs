@@ -461,8 +461,8 @@ impl<'a> Validator<'a> {
             None => 0,
             Some(v) => self.size("cache.max_size", Some(v), "0"),
         };
-        let memory_tier = self.size_or_zero("cache.memory_tier", raw.cache.memory_tier.as_ref(), "32MiB");
-        let memory_object_max = self.size("cache.memory_object_max", raw.cache.memory_object_max.as_ref(), "1MiB");
+        let memory_tier = self.size_or_zero("cache.memory_tier", raw.cache.memory_tier.as_ref(), "128MiB");
+        let memory_object_max = self.size("cache.memory_object_max", raw.cache.memory_object_max.as_ref(), "16MiB");
         let scrub_rate = self.size_or_zero("cache.scrub_rate", raw.cache.scrub_rate.as_ref(), "4MiB");
         let gc_interval = self.duration("cache.gc_interval", raw.cache.gc_interval.as_ref(), "10m");
         let gc_grace = self.duration("cache.gc_grace", raw.cache.gc_grace.as_ref(), "2m");

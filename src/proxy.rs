@@ -125,6 +125,10 @@ impl Shared {
         let cache_status = resp.headers().get(status::CACHE_STATUS).and_then(|v| v.to_str().ok()).unwrap_or("");
         let outcome = outcome(cache_status);
         self.metrics.requests.with_label_values(&[outcome]).inc();
+        // The log wrapper costs an allocation per request: only when the line will be written.
+        if !tracing::enabled!(target: "lotecache::access", tracing::Level::INFO) {
+            return resp;
+        }
         let forwarded = matches!(outcome, "miss" | "collapsed" | "stale");
         let log = AccessLog {
             lote_id,

@@ -70,7 +70,9 @@ pub struct Entry {
     pub sha256: [u8; 32],
     pub size: u64,
     pub status: StatusCode,
-    /// End-to-end headers of the origin's response (no hop-by-hop, no Content-Length).
+    /// The head a hit answers with: the origin's end-to-end headers plus the exact
+    /// `Content-Length`, `ETag`, `Repr-Digest`, `Via` and `Cache-Status` (built once; each hit
+    /// clones it and adds `Age`).
     pub headers: HeaderMap,
     /// Unix milliseconds when the entry was committed.
     pub stored_at_ms: u128,
@@ -88,6 +90,9 @@ pub struct Entry {
     /// The content file as it was when last hashed and found good (and, for small entries,
     /// its verified bytes). A hit that finds the file unchanged skips hashing.
     pub verified: ArcSwapOption<Verified>,
+    /// Held while one request loads this entry into the memory tier, so concurrent first
+    /// readers of a large body wait for it instead of each buffering a copy.
+    pub loading: tokio::sync::Mutex<()>,
 }
 
 /// What identifies a content file's state: any write, truncation, replacement or `touch`
@@ -128,6 +133,16 @@ impl Entry {
         self.hits.fetch_add(1, Relaxed);
         self.last_hit_ms.store(super::store::now_ms() as u64, Relaxed);
     }
+}
+
+/// The head of a hit, from the origin's stored end-to-end headers.
+pub fn hit_head(mut h: HeaderMap, size: u64, etag: &HeaderValue, repr_digest: &HeaderValue) -> HeaderMap {
+    h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(size));
+    h.insert(http::header::ETAG, etag.clone());
+    h.insert(super::fill::REPR_DIGEST, repr_digest.clone());
+    h.append(http::header::VIA, HeaderValue::from_static(crate::origin::VIA));
+    h.insert(super::status::CACHE_STATUS, super::status::hit());
+    h
 }
 
 /// The `ETag` and `Repr-Digest` values for a body with this sha256.

@@ -311,16 +311,10 @@ fn etag_matches(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {
     list.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == ours)
 }
 
-/// The stored head, plus exact `Content-Length`, `ETag`, `Repr-Digest`, `Age`, `Via` and
-/// `Cache-Status`.
+/// The entry's hit head plus `Age`.
 fn hit_headers(entry: &Entry) -> HeaderMap {
     let mut h = entry.headers.clone();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.size));
-    h.insert(header::ETAG, entry.etag.clone());
-    h.insert(fill::REPR_DIGEST, entry.repr_digest.clone());
     let age_s = (store::now_ms().saturating_sub(entry.stored_at_ms) / 1000) as u64;
     h.insert(header::AGE, HeaderValue::from(age_s));
-    h.append(header::VIA, HeaderValue::from_static(crate::origin::VIA));
-    h.insert(status::CACHE_STATUS, status::hit());
     h
 }

@@ -4,8 +4,9 @@
 //! - A content file is hashed on its first read; if it matches, its fingerprint (device,
 //!   inode, size, mtime, ctime) is remembered. Later reads that find the same fingerprint skip
 //!   hashing; any change to the file makes the next read hash it again.
-//! - Small bodies are then kept in memory (the memory tier); a hit from memory costs one
-//!   `stat` of the file, to notice that it changed.
+//! - Verified bodies are then kept in memory while the memory tier has room (each at most
+//!   `cache.memory_object_max`); a hit from memory costs one `stat` of the file, to notice
+//!   that it changed, and sends a shared buffer: no read, no copy, no task hop.
 //! - A read that is hashing holds back its last chunk until the digest matches; a read that is
 //!   not re-checks the file's fingerprint on its descriptor before the last chunk. Either way a
 //!   corrupt or changed file ends in an aborted response, never a clean `200`, and is evicted.
@@ -23,7 +24,8 @@ use http_body_util::{BodyExt, StreamBody};
 use sha2::{Digest, Sha256};
 use std::{fs::File, io, io::Read, sync::Arc, time::Duration};
 
-/// Bodies up to this size are read (and verified when needed) whole before the response starts.
+/// Bodies up to this size (and larger ones headed for the memory tier) are read, and
+/// verified when needed, whole before the response starts.
 pub const WHOLE_MAX: u64 = 1024 * 1024;
 /// Read size when streaming larger bodies.
 const CHUNK: u64 = 256 * 1024;
@@ -69,15 +71,33 @@ fn trusted(entry: &Entry, fp: &Fingerprint) -> bool {
     entry.verified.load().as_ref().is_some_and(|v| v.fingerprint == *fp)
 }
 
+/// The body from the memory tier, if it is there and the file is unchanged (one `stat`,
+/// no task hop); a changed file drops the memory copy.
+fn from_memory(store: &Store, entry: &Entry) -> Option<Bytes> {
+    let v = entry.verified.load_full()?;
+    let body = v.body.as_ref()?;
+    match std::fs::metadata(&entry.path) {
+        Ok(m) if Fingerprint::of(&m) == v.fingerprint => Some(body.clone()),
+        _ => {
+            store.forget_verified(entry);
+            None
+        }
+    }
+}
+
 /// Opens `entry` for serving. On `Err` nothing was sent; the caller evicts and refetches.
 pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadError> {
-    // Memory tier: one stat (no task hop) proves the file is as it was when verified.
-    if let Some(v) = entry.verified.load_full() {
-        if let Some(body) = &v.body {
-            match std::fs::metadata(&entry.path) {
-                Ok(m) if Fingerprint::of(&m) == v.fingerprint => return Ok(HitBody::Whole(body.clone())),
-                _ => store.forget_verified(&entry),
-            }
+    if let Some(body) = from_memory(&store, &entry) {
+        return Ok(HitBody::Whole(body));
+    }
+    // A large body bound for the memory tier is loaded once: concurrent first readers wait
+    // for that load instead of each buffering their own copy.
+    let to_memory = entry.size > WHOLE_MAX && store.fits_memory_tier(entry.size);
+    let loader = entry.clone();
+    let _loading = if to_memory { Some(loader.loading.lock().await) } else { None };
+    if to_memory {
+        if let Some(body) = from_memory(&store, &entry) {
+            return Ok(HitBody::Whole(body));
         }
     }
     let reading = store.reading(&entry.path);
@@ -85,7 +105,7 @@ pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadE
     let opened = tokio::task::spawn_blocking(move || -> Result<Opened, ReadError> {
         let (mut file, fp) = open_checked(&e)?;
         let trusted = trusted(&e, &fp);
-        if e.size > WHOLE_MAX {
+        if e.size > WHOLE_MAX && !to_memory {
             return Ok(Opened::File { file, fp, trusted });
         }
         let mut buf = Vec::with_capacity(e.size as usize);

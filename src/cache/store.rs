@@ -8,7 +8,7 @@
 //! Removing an entry writes a tombstone and keeps the content; the garbage collector here
 //! removes content no live entry references, and compacts buckets.
 
-use super::entry::{validators, Entry, EntryMeta, META_VERSION};
+use super::entry::{hit_head, validators, Entry, EntryMeta, META_VERSION};
 use crate::metrics::Metrics;
 use ssri::{Algorithm, Integrity};
 use std::{
@@ -194,6 +194,12 @@ impl Store {
         if let Some(b) = old.and_then(|v| v.body.as_ref()) {
             self.memory_bytes.fetch_sub(b.len() as u64, Relaxed);
         }
+    }
+
+    /// Whether a body of `size` bytes would be kept in the memory tier now.
+    pub fn fits_memory_tier(&self, size: u64) -> bool {
+        size <= self.memory_object_max.load(Relaxed)
+            && self.memory_bytes.load(Relaxed) + size <= self.memory_max.load(Relaxed)
     }
 
     /// Bytes of verified bodies in memory.
@@ -439,6 +445,7 @@ impl PendingWrite {
             let meta_json = serde_json::to_value(&meta).map_err(io::Error::other)?;
             let headers = meta.header_map().ok_or_else(|| io::Error::other("unstorable header"))?;
             let (etag, repr_digest) = validators(&sha256, &integrity);
+            let headers = hit_head(headers, size, &etag, &repr_digest);
             let entry = Arc::new(Entry {
                 etag,
                 repr_digest,
@@ -455,6 +462,7 @@ impl PendingWrite {
                 hits: AtomicU64::new(0),
                 last_hit_ms: AtomicU64::new(stored_at_ms as u64),
                 verified: Default::default(),
+                loading: Default::default(),
             });
             let opts = cacache::WriteOpts::new()
                 .integrity(integrity)
@@ -624,13 +632,14 @@ fn entry_from_index(dir: &Path, md: cacache::Metadata) -> Option<Entry> {
     }
     let sha256 = sha256_of(&md.integrity)?;
     let (etag, repr_digest) = validators(&sha256, &md.integrity);
+    let headers = hit_head(meta.header_map()?, md.size as u64, &etag, &repr_digest);
     Some(Entry {
-        etag,
-        repr_digest,
+        headers,
         path: content_path(dir, &md.integrity),
         sha256,
         status: http::StatusCode::from_u16(meta.status).ok()?,
-        headers: meta.header_map()?,
+        etag,
+        repr_digest,
         key: md.key,
         lote_id: meta.lote_id,
         integrity: md.integrity,
@@ -640,6 +649,7 @@ fn entry_from_index(dir: &Path, md: cacache::Metadata) -> Option<Entry> {
         hits: AtomicU64::new(0),
         last_hit_ms: AtomicU64::new(md.time as u64),
         verified: Default::default(),
+        loading: Default::default(),
     })
 }
 

@@ -153,7 +153,8 @@ async fn a_flipped_byte_in_a_small_stored_entry_is_never_served_and_is_refetched
 async fn a_flipped_byte_in_a_large_stored_entry_aborts_the_response_and_the_next_request_refetches() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    // The streaming path: bodies not kept in the memory tier.
+    let proxy = start_proxy(origin.addr, dir.path(), "memory_tier = \"off\"\n").await;
     get(proxy.local_addr(), &batch("C-large-3mb")).await;
     flip_a_byte(&proxy, "C-large-3mb_resultados.json");
 
@@ -207,7 +208,7 @@ async fn a_small_entry_served_from_memory_is_still_never_served_after_its_file_c
 async fn a_large_entry_verified_once_is_verified_again_after_its_file_changes() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    let proxy = start_proxy(origin.addr, dir.path(), "memory_tier = \"off\"\n").await;
     get(proxy.local_addr(), &batch("C-big-3mb")).await;
     for _ in 0..2 {
         let hit = get(proxy.local_addr(), &batch("C-big-3mb")).await;
@@ -238,4 +239,19 @@ async fn the_scrubber_evicts_a_corrupt_entry_before_anyone_asks_for_it() {
     }
     assert!(proxy.store().get("C-scrub_resultados.json").is_none(), "the scrubber found it");
     assert!(proxy.store().get("C-ok_resultados.json").is_some(), "good entries stay");
+}
+
+#[tokio::test]
+async fn a_large_entry_in_the_memory_tier_whose_file_changes_is_refetched_within_the_request() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    get(proxy.local_addr(), &batch("C-tier-3mb")).await;
+    assert_eq!(get(proxy.local_addr(), &batch("C-tier-3mb")).await.bytes(), &document("C-tier-3mb"));
+    assert_eq!(proxy.store().memory_bytes(), document("C-tier-3mb").len() as u64);
+    flip_a_byte(&proxy, "C-tier-3mb_resultados.json");
+    let got = get(proxy.local_addr(), &batch("C-tier-3mb")).await;
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(got.bytes(), &document("C-tier-3mb"));
+    assert_eq!(origin.generations("C-tier-3mb"), 2);
 }

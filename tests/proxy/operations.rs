@@ -212,8 +212,9 @@ async fn eviction_keeps_the_store_under_max_size_and_keeps_recently_used_entries
 async fn gc_removes_unreferenced_content_but_never_content_being_read() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy =
-        start_proxy_admin(origin.addr, dir.path(), &format!("token = \"{TOKEN}\""), "gc_grace = \"1ms\"\n").await;
+    // memory_tier off: the reader streams from the file, holding it open.
+    let extra = "gc_grace = \"1ms\"\nmemory_tier = \"off\"\n";
+    let proxy = start_proxy_admin(origin.addr, dir.path(), &format!("token = \"{TOKEN}\""), extra).await;
     let (p, a) = (proxy.local_addr(), proxy.admin_addr());
     get(p, &batch("GC-read-4mb")).await;
     get(p, &batch("GC-gone")).await;

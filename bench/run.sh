@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# lotecache vs nginx proxy_cache, side by side in one run on this machine (loopback only).
+#
+# Installs what it lacks (oha with cargo, nginx from the distribution), builds lotecache in
+# release mode, starts the sample origin (lotecache sample-origin), nginx with an equivalent
+# proxy_cache configuration and lotecache in front of it, warms both, then for 4 KB, 256 KB
+# and 16 MB bodies runs oha (-c 64, keep-alive) against each in alternation A B A B and
+# prints one markdown table: req/s, p50, p99, MB/s, server CPU µs per request, peak RSS, and
+# lotecache / nginx ratios. Then the cold miss (100 simultaneous requests, 500 ms origin)
+# against both, and the pass-through overhead (lotecache vs the origin directly).
+#
+# Usage: bash bench/run.sh [SECONDS_PER_RUN]     (default 10; the whole run stays under 15 min)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-10}
+CONC=64
+
+command -v oha >/dev/null || cargo install oha --locked
+command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; }
+command -v jq >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq
+cargo build --release --quiet --bin lotecache --example coldmiss
+BIN=$PWD/target/release/lotecache
+
+W=$(mktemp -d /tmp/lotecache-bench.XXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+ORIGIN=$(free_port); NGINX=$(free_port); LC=$(free_port); ADMIN=$(free_port)
+"$BIN" sample-origin --listen 127.0.0.1:$ORIGIN --delay 500ms 2>"$W/origin.log" & PIDS+=($!)
+
+mkdir -p "$W/nginx-cache"
+cat > "$W/nginx.conf" <<NGINX
+user root;
+worker_processes 2;
+daemon off;
+pid $W/nginx.pid;
+error_log $W/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_requests 1000000;
+  proxy_cache_path $W/nginx-cache levels=1:2 keys_zone=lotes:10m max_size=10g inactive=1d use_temp_path=off;
+  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 32; }
+  server {
+    listen 127.0.0.1:$NGINX;
+    location /download_batch_results/ {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache lotes;
+      proxy_cache_key \$uri;
+      proxy_cache_valid 200 1d;
+      proxy_ignore_headers Cache-Control Expires Set-Cookie;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 60s;
+      add_header Cache-Status \$upstream_cache_status;
+    }
+    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+nginx -c "$W/nginx.conf" & PIDS+=($!); NGINX_PID=$!
+
+cat > "$W/lotecache.toml" <<TOML
+[server]
+listen = "127.0.0.1:$LC"
+[origin]
+url = "http://127.0.0.1:$ORIGIN"
+[admin]
+listen = "127.0.0.1:$ADMIN"
+[cache]
+dir = "$W/lotecache-cache"
+[log]
+access = false   # nginx runs with access_log off
+TOML
+"$BIN" serve --config "$W/lotecache.toml" 2>"$W/lotecache.log" & PIDS+=($!); LC_PID=$!
+wait_port $ORIGIN; wait_port $NGINX; wait_port $LC
+
+# CPU ticks (user+system) of a process tree's processes: nginx master + workers, or lotecache.
+ticks() { local total=0; for p in "$@"; do set -- $(cut -d' ' -f14,15 /proc/$p/stat); total=$((total + $1 + $2)); done; echo $total; }
+nginx_pids() { echo $NGINX_PID $(pgrep -P $NGINX_PID); }
+rss_peak_kib() { local total=0; for p in "$@"; do total=$((total + $(awk '/VmHWM/ {print $2}' /proc/$p/status))); done; echo $total; }
+HZ=$(getconf CLK_TCK)
+
+declare -A SIZE_ID=([4KB]=bench-4kb [256KB]=bench-256kb [16MB]=bench-16mb)
+for id in "${SIZE_ID[@]}"; do
+  for port in $NGINX $LC; do curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; done
+done
+
+# run LABEL PORT PIDS... → appends "label size rps p50 p99 mbs cpu_us rss" to $W/rows
+run() {
+  local label=$1 size=$2 port=$3; shift 3
+  local url="http://127.0.0.1:$port/download_batch_results/${SIZE_ID[$size]}"
+  local t0; t0=$(ticks "$@")
+  oha -c $CONC -z ${SECS}s --no-tui --output-format json "$url" > "$W/oha.json" 2>/dev/null
+  local t1; t1=$(ticks "$@")
+  local n; n=$(jq '.statusCodeDistribution["200"] // 0' "$W/oha.json")
+  jq -r --arg l "$label" --arg s "$size" --argjson cpu "$(( (t1 - t0) ))" --argjson hz "$HZ" --argjson n "$n" --argjson rss "$(rss_peak_kib "$@")" \
+    '[$l, $s, .summary.requestsPerSec, .latencyPercentiles.p50 * 1000, .latencyPercentiles.p99 * 1000, .summary.sizePerSec / 1e6, (if $n > 0 then $cpu / $hz * 1e6 / $n else 0 end), $rss / 1024] | @tsv' \
+    "$W/oha.json" >> "$W/rows"
+}
+
+: > "$W/rows"
+for size in 4KB 256KB 16MB; do
+  for round in 1 2; do
+    run lotecache $size $LC $LC_PID
+    run nginx $size $NGINX $(nginx_pids)
+  done
+done
+
+echo "## Cached hits: oha -c $CONC, ${SECS}s per run, A B A B (mean of 2 runs each)"
+echo
+echo "| size | server | req/s | p50 ms | p99 ms | MB/s | CPU µs/req | peak RSS MiB |"
+echo "|---|---|---|---|---|---|---|---|"
+python3 - "$W/rows" <<'PY'
+import sys, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    l, s, *vals = line.rstrip("\n").split("\t")
+    rows[(s, l)].append([float(v) for v in vals])
+def mean(s, l):
+    runs = rows[(s, l)]
+    m = [sum(c) / len(c) for c in zip(*runs)]
+    m[-1] = max(r[-1] for r in runs)  # peak RSS: the highest seen
+    return m
+for s in ["4KB", "256KB", "16MB"]:
+    a, b = mean(s, "lotecache"), mean(s, "nginx")
+    for l, v in (("lotecache", a), ("nginx", b)):
+        print(f"| {s} | {l} | {v[0]:.0f} | {v[1]:.2f} | {v[2]:.2f} | {v[3]:.0f} | {v[4]:.1f} | {v[5]:.1f} |")
+    print(f"| {s} | **ratio lotecache/nginx** | **{a[0]/b[0]:.2f}×** | {a[1]/b[1]:.2f}× | {a[2]/b[2]:.2f}× | {a[3]/b[3]:.2f}× | {a[4]/b[4]:.2f}× | {a[5]/b[5]:.2f}× |")
+PY
+
+echo
+echo "## Cold miss: 100 simultaneous requests for a never-seen batch, origin generation 500 ms"
+echo
+echo "| cache | requests | origin generations | failed | p50 ms | p99 ms | max ms |"
+echo "|---|---|---|---|---|---|---|"
+target/release/examples/coldmiss -n 100 --proxy http://127.0.0.1:$LC --origin http://127.0.0.1:$ORIGIN --id "COLD-LC-$$" --label lotecache
+target/release/examples/coldmiss -n 100 --proxy http://127.0.0.1:$NGINX --origin http://127.0.0.1:$ORIGIN --id "COLD-NGINX-$$" --label nginx
+
+echo
+echo "## Pass-through (not cached): lotecache vs the origin directly, oha -c 16, ${SECS}s, A B A B"
+echo
+echo "| route | target | req/s | p50 ms | p99 ms |"
+echo "|---|---|---|---|---|"
+pass() {
+  local label=$1 route=$2 url=$3; shift 3
+  oha -c 16 -z ${SECS}s --no-tui --output-format json "$@" "$url" > "$W/oha.json" 2>/dev/null
+  jq -r --arg l "$label" --arg r "$route" '"| \($r) | \($l) | \(.summary.requestsPerSec | floor) | \(.latencyPercentiles.p50 * 1000 * 100 | round / 100) | \(.latencyPercentiles.p99 * 1000 * 100 | round / 100) |"' "$W/oha.json"
+}
+for round in 1 2; do
+  pass lotecache "GET /__stats (fast)" "http://127.0.0.1:$LC/__stats"
+  pass origin "GET /__stats (fast)" "http://127.0.0.1:$ORIGIN/__stats"
+done
+for round in 1 2; do
+  pass lotecache "POST batch (500 ms generation)" "http://127.0.0.1:$LC/download_batch_results/pass-4kb" -m POST
+  pass origin "POST batch (500 ms generation)" "http://127.0.0.1:$ORIGIN/download_batch_results/pass-4kb" -m POST
+done
+echo
+echo "machine: $(nproc) cores, $(uname -r); oha $(oha --version | awk '{print $2}'), $(nginx -v 2>&1 | cut -d/ -f2)"
