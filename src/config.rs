@@ -66,6 +66,7 @@ pub struct RawLog {
 #[serde(deny_unknown_fields)]
 pub struct RawCache {
     pub memory_tier: Option<Spanned<String>>,
+    pub memory_recheck: Option<Spanned<String>>,
     pub memory_object_max: Option<Spanned<String>>,
     pub scrub_rate: Option<Spanned<String>>,
     pub max_size: Option<Spanned<String>>,
@@ -136,6 +137,8 @@ pub struct Config {
     /// Bytes of verified small bodies kept in memory, and the largest body kept.
     pub memory_tier: u64,
     pub memory_object_max: u64,
+    /// How often a memory-tier hit re-checks that its file is unchanged.
+    pub memory_recheck: Duration,
     /// Bytes per second the scrubber re-hashes (0: off).
     pub scrub_rate: u64,
     pub gc_interval: Duration,
@@ -463,6 +466,7 @@ impl<'a> Validator<'a> {
         };
         let memory_tier = self.size_or_zero("cache.memory_tier", raw.cache.memory_tier.as_ref(), "128MiB");
         let memory_object_max = self.size("cache.memory_object_max", raw.cache.memory_object_max.as_ref(), "16MiB");
+        let memory_recheck = self.duration("cache.memory_recheck", raw.cache.memory_recheck.as_ref(), "1s");
         let scrub_rate = self.size_or_zero("cache.scrub_rate", raw.cache.scrub_rate.as_ref(), "4MiB");
         let gc_interval = self.duration("cache.gc_interval", raw.cache.gc_interval.as_ref(), "10m");
         let gc_grace = self.duration("cache.gc_grace", raw.cache.gc_grace.as_ref(), "2m");
@@ -529,6 +533,7 @@ impl<'a> Validator<'a> {
                 max_size,
                 memory_tier,
                 memory_object_max,
+                memory_recheck,
                 scrub_rate,
                 gc_interval,
                 gc_grace,

@@ -25,6 +25,47 @@ pub struct Metrics {
     /// Sum of the recorded generation time of each hit's entry.
     pub origin_seconds_saved: prometheus::Counter,
     pub gc_removed_files: IntCounter,
+    /// `requests` resolved once per outcome: the request path does no label lookup.
+    pub outcome: Outcomes,
+}
+
+/// One counter per request outcome.
+pub struct Outcomes {
+    pub hit: IntCounter,
+    pub miss: IntCounter,
+    pub collapsed: IntCounter,
+    pub stale: IntCounter,
+    pub pass: IntCounter,
+    pub rejected: IntCounter,
+    pub error: IntCounter,
+}
+
+impl Outcomes {
+    fn new(requests: &IntCounterVec) -> Outcomes {
+        let c = |o: &str| requests.with_label_values(&[o]);
+        Outcomes {
+            hit: c("hit"),
+            miss: c("miss"),
+            collapsed: c("collapsed"),
+            stale: c("stale"),
+            pass: c("pass"),
+            rejected: c("rejected"),
+            error: c("error"),
+        }
+    }
+
+    /// The counter of `outcome` (one of the names above).
+    pub fn of(&self, outcome: &str) -> &IntCounter {
+        match outcome {
+            "hit" => &self.hit,
+            "miss" => &self.miss,
+            "collapsed" => &self.collapsed,
+            "stale" => &self.stale,
+            "pass" => &self.pass,
+            "rejected" => &self.rejected,
+            _ => &self.error,
+        }
+    }
 }
 
 impl Metrics {
@@ -78,6 +119,7 @@ impl Metrics {
                 IntCounter::new("lotecache_gc_removed_files_total", "Unreferenced content files removed")
                     .expect("valid"),
             ),
+            outcome: Outcomes::new(&requests),
             registry,
             requests,
             not_stored,

@@ -103,14 +103,14 @@ impl Shared {
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
         if let Some(problem) = ambiguous_target(&req) {
-            self.metrics.requests.with_label_values(&["rejected"]).inc();
+            self.metrics.outcome.rejected.inc();
             let err = ProxyError::BadRequest { detail: problem.into() };
             return closing(err.to_response(None));
         }
         let route = self.rules.load().route(&req);
         let (resp, lote_id) = match route {
             Route::Pass => {
-                self.metrics.requests.with_label_values(&["pass"]).inc();
+                self.metrics.outcome.pass.inc();
                 return self.pass_through(req, peer).await;
             }
             Route::Reject { rule, error } => {
@@ -124,7 +124,7 @@ impl Shared {
         };
         let cache_status = resp.headers().get(status::CACHE_STATUS).and_then(|v| v.to_str().ok()).unwrap_or("");
         let outcome = outcome(cache_status);
-        self.metrics.requests.with_label_values(&[outcome]).inc();
+        self.metrics.outcome.of(outcome).inc();
         // The log wrapper costs an allocation per request: only when the line will be written.
         if !tracing::enabled!(target: "lotecache::access", tracing::Level::INFO) {
             return resp;

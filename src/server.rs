@@ -55,7 +55,7 @@ impl RunningProxy {
         let metrics = Arc::new(Metrics::new());
         let store = Store::open(config.cache_dir.clone(), config.max_size, metrics.clone()).await?;
         store.set_gc_grace(config.gc_grace);
-        store.set_memory_tier(config.memory_tier, config.memory_object_max);
+        store.set_memory_tier(config.memory_tier, config.memory_object_max, config.memory_recheck);
         let origin = Origin::new(config.origin.clone(), metrics.clone());
         let shared = Arc::new(Shared {
             rules: ArcSwap::from_pointee(Rules::new(config.rules.clone())),
@@ -146,7 +146,7 @@ impl RunningProxy {
         self.shared.cache.fills.set_config(new.fill.clone());
         self.shared.cache.store.set_max_size(new.max_size);
         self.shared.cache.store.set_gc_grace(new.gc_grace);
-        self.shared.cache.store.set_memory_tier(new.memory_tier, new.memory_object_max);
+        self.shared.cache.store.set_memory_tier(new.memory_tier, new.memory_object_max, new.memory_recheck);
         self.admin.set_token(new.admin.token.clone());
         tracing::info!(rules = new.rules.len(), "configuration reloaded");
         *current = new;

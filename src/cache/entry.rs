@@ -123,8 +123,11 @@ impl Fingerprint {
 #[derive(Debug)]
 pub struct Verified {
     pub fingerprint: Fingerprint,
-    /// The verified body, kept in memory (small entries, while the memory tier has room).
+    /// The verified body, kept in memory (while the memory tier has room).
     pub body: Option<bytes::Bytes>,
+    /// Unix ms when the file was last found unchanged (the memory tier re-checks it at most
+    /// every `cache.memory_recheck`).
+    pub checked_ms: AtomicU64,
 }
 
 impl Entry {

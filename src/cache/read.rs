@@ -5,8 +5,9 @@
 //!   inode, size, mtime, ctime) is remembered. Later reads that find the same fingerprint skip
 //!   hashing; any change to the file makes the next read hash it again.
 //! - Verified bodies are then kept in memory while the memory tier has room (each at most
-//!   `cache.memory_object_max`); a hit from memory costs one `stat` of the file, to notice
-//!   that it changed, and sends a shared buffer: no read, no copy, no task hop.
+//!   `cache.memory_object_max`); a hit from memory sends that shared buffer (no read, no
+//!   copy, no task hop). Its file is re-checked with one `stat` at most every
+//!   `cache.memory_recheck`: a changed file drops the memory copy.
 //! - A read that is hashing holds back its last chunk until the digest matches; a read that is
 //!   not re-checks the file's fingerprint on its descriptor before the last chunk. Either way a
 //!   corrupt or changed file ends in an aborted response, never a clean `200`, and is evicted.
@@ -71,13 +72,23 @@ fn trusted(entry: &Entry, fp: &Fingerprint) -> bool {
     entry.verified.load().as_ref().is_some_and(|v| v.fingerprint == *fp)
 }
 
-/// The body from the memory tier, if it is there and the file is unchanged (one `stat`,
-/// no task hop); a changed file drops the memory copy.
+/// The body from the memory tier, if it is there and its file unchanged. The bytes in
+/// memory are the verified ones whatever happens to the file; the file is re-checked (one
+/// `stat`, no task hop) at most every `cache.memory_recheck`, so that a damaged or replaced
+/// file drops the memory copy and is verified, or refetched, again.
 fn from_memory(store: &Store, entry: &Entry) -> Option<Bytes> {
     let v = entry.verified.load_full()?;
     let body = v.body.as_ref()?;
+    let now = super::store::now_ms() as u64;
+    let last = v.checked_ms.load(std::sync::atomic::Ordering::Relaxed);
+    if now.saturating_sub(last) < store.memory_recheck_ms() {
+        return Some(body.clone());
+    }
     match std::fs::metadata(&entry.path) {
-        Ok(m) if Fingerprint::of(&m) == v.fingerprint => Some(body.clone()),
+        Ok(m) if Fingerprint::of(&m) == v.fingerprint => {
+            v.checked_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+            Some(body.clone())
+        }
         _ => {
             store.forget_verified(entry);
             None

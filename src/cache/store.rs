@@ -65,6 +65,8 @@ pub struct Store {
     readers: Mutex<HashMap<PathBuf, usize>>,
     /// Bytes of verified bodies kept in memory, and the caps on them.
     memory_bytes: AtomicU64,
+    /// How often (ms) a memory-tier hit re-checks that the file is unchanged.
+    memory_recheck_ms: AtomicU64,
     memory_max: AtomicU64,
     memory_object_max: AtomicU64,
     metrics: Arc<Metrics>,
@@ -117,6 +119,7 @@ impl Store {
             gc_grace_ms: AtomicU64::new(GC_GRACE.as_millis() as u64),
             readers: Mutex::default(),
             memory_bytes: AtomicU64::new(0),
+            memory_recheck_ms: AtomicU64::new(1000),
             memory_max: AtomicU64::new(0),
             memory_object_max: AtomicU64::new(0),
             metrics,
@@ -161,10 +164,16 @@ impl Store {
         self.max_size.store(max_size, Relaxed);
     }
 
-    /// Sizes the memory tier: at most `total` bytes of verified bodies, each at most `object`.
-    pub fn set_memory_tier(&self, total: u64, object: u64) {
+    /// Sizes the memory tier: at most `total` bytes of verified bodies, each at most `object`,
+    /// their files re-checked at most every `recheck`.
+    pub fn set_memory_tier(&self, total: u64, object: u64, recheck: Duration) {
         self.memory_max.store(total, Relaxed);
         self.memory_object_max.store(object, Relaxed);
+        self.memory_recheck_ms.store(recheck.as_millis() as u64, Relaxed);
+    }
+
+    pub fn memory_recheck_ms(&self) -> u64 {
+        self.memory_recheck_ms.load(Relaxed)
     }
 
     /// Records that `entry`'s content, in the state `fingerprint`, hashed to its digest;
@@ -180,7 +189,8 @@ impl Store {
                     })
                     .is_ok()
         });
-        let old = entry.verified.swap(Some(Arc::new(super::entry::Verified { fingerprint, body })));
+        let checked_ms = AtomicU64::new(now_ms() as u64);
+        let old = entry.verified.swap(Some(Arc::new(super::entry::Verified { fingerprint, body, checked_ms })));
         self.release_memory(old.as_deref());
     }
 

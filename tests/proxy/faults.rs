@@ -191,13 +191,17 @@ async fn deleted_or_truncated_content_is_refetched_not_served() {
 async fn a_small_entry_served_from_memory_is_still_never_served_after_its_file_changes() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    let proxy = start_proxy(origin.addr, dir.path(), "memory_recheck = \"100ms\"\n").await;
     get(proxy.local_addr(), &batch("C-mem")).await;
     assert_eq!(get(proxy.local_addr(), &batch("C-mem")).await.cache_status(), "lotecache; hit");
     assert_eq!(proxy.store().memory_bytes(), document("C-mem").len() as u64, "kept in the memory tier");
     assert_eq!(get(proxy.local_addr(), &batch("C-mem")).await.bytes(), &document("C-mem"));
 
     flip_a_byte(&proxy, "C-mem_resultados.json");
+    // Until the next re-check the verified copy in memory is served: the right bytes.
+    let meanwhile = get(proxy.local_addr(), &batch("C-mem")).await;
+    assert_eq!(meanwhile.bytes(), &document("C-mem"));
+    tokio::time::sleep(Duration::from_millis(150)).await; // memory_recheck = 100ms here
     let got = get(proxy.local_addr(), &batch("C-mem")).await;
     assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored", "the changed file is re-verified, found bad");
     assert_eq!(got.bytes(), &document("C-mem"));
@@ -245,11 +249,12 @@ async fn the_scrubber_evicts_a_corrupt_entry_before_anyone_asks_for_it() {
 async fn a_large_entry_in_the_memory_tier_whose_file_changes_is_refetched_within_the_request() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    let proxy = start_proxy(origin.addr, dir.path(), "memory_recheck = \"100ms\"\n").await;
     get(proxy.local_addr(), &batch("C-tier-3mb")).await;
     assert_eq!(get(proxy.local_addr(), &batch("C-tier-3mb")).await.bytes(), &document("C-tier-3mb"));
     assert_eq!(proxy.store().memory_bytes(), document("C-tier-3mb").len() as u64);
     flip_a_byte(&proxy, "C-tier-3mb_resultados.json");
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let got = get(proxy.local_addr(), &batch("C-tier-3mb")).await;
     assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored");
     assert_eq!(got.bytes(), &document("C-tier-3mb"));
