@@ -81,9 +81,10 @@ TOML
 wait_port $ORIGIN; wait_port $NGINX; wait_port $LC
 
 # CPU ticks (user+system) of a process tree's processes: nginx master + workers, or lotecache.
-ticks() { local total=0; for p in "$@"; do set -- $(cut -d' ' -f14,15 /proc/$p/stat); total=$((total + $1 + $2)); done; echo $total; }
+# (nginx's cache loader exits during the run: processes that are gone count as 0.)
+ticks() { local total=0 v; for p in "$@"; do v=$(awk '{print $14 + $15}' /proc/$p/stat 2>/dev/null || true); total=$((total + ${v:-0})); done; echo $total; }
 nginx_pids() { echo $NGINX_PID $(pgrep -P $NGINX_PID); }
-rss_peak_kib() { local total=0; for p in "$@"; do total=$((total + $(awk '/VmHWM/ {print $2}' /proc/$p/status))); done; echo $total; }
+rss_peak_kib() { local total=0 v; for p in "$@"; do v=$(awk '/VmHWM/ {print $2}' /proc/$p/status 2>/dev/null || true); total=$((total + ${v:-0})); done; echo $total; }
 HZ=$(getconf CLK_TCK)
 
 declare -A SIZE_ID=([4KB]=bench-4kb [256KB]=bench-256kb [16MB]=bench-16mb)

@@ -14,6 +14,7 @@ pub mod proxy;
 pub mod rules;
 pub mod sample_origin;
 pub mod server;
+pub mod strict;
 
 pub use config::Config;
 pub use server::RunningProxy;

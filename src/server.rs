@@ -10,6 +10,7 @@ use crate::metrics::Metrics;
 use crate::origin::Origin;
 use crate::proxy::{ProxyService, Shared};
 use crate::rules::Rules;
+use crate::strict::StrictIo;
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -227,7 +228,8 @@ async fn accept_loop<M, S, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), make_service(peer)));
+                let io = TokioIo::new(StrictIo::new(stream, limits.max_header_bytes));
+                let conn = graceful.watch(builder.serve_connection(io, make_service(peer)));
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");

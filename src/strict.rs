@@ -1,0 +1,335 @@
+//! Strict request framing, in front of hyper. hyper's parser is lenient in two ways a
+//! front-end proxy should not be: it accepts a bare LF as a line end, and it resolves a
+//! request carrying both `Content-Length` and `Transfer-Encoding` by dropping the length.
+//! Both are classic request-smuggling ingredients, so lotecache refuses them.
+//!
+//! [`StrictIo`] wraps a client connection and follows its HTTP/1.1 framing while bytes flow
+//! to hyper: each request head is held until complete and checked; bodies (by length or
+//! chunked) pass through untouched, then the next head. A head that fails the check is
+//! replaced by a line no HTTP parser accepts, so hyper answers `400` and closes the
+//! connection, exactly as for its own parse errors. Anything the wrapper cannot follow
+//! (a malformed chunk, a protocol upgrade) is left to hyper, which rejects or closes.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What hyper sees instead of a refused head: not a request line.
+const REFUSED: &[u8] = b"\x00 refused by lotecache: ambiguous framing\r\n\r\n";
+
+/// Where the connection's byte stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reading a request head (held back until complete).
+    Head,
+    /// Inside a body of known length: this many bytes left.
+    Body(u64),
+    /// Inside a chunked body.
+    Chunked(Chunk),
+    /// Framing no longer followed: bytes pass as they are (hyper decides).
+    Opaque,
+}
+
+/// Where a chunked body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading a chunk-size line (size so far, whether in an extension).
+    Size { size: u64, digits: bool, ext: bool },
+    /// Chunk data left, then its CRLF.
+    Data(u64),
+    /// The CRLF after chunk data: bytes still expected.
+    DataEnd(u8),
+    /// Trailer section after the last chunk: at a line start, and the current line's length.
+    Trailers { line_len: usize },
+}
+
+/// A client connection whose request framing is checked before hyper parses it.
+pub struct StrictIo<S> {
+    inner: S,
+    state: State,
+    /// The head being collected, not yet shown to hyper.
+    head: Vec<u8>,
+    /// Bytes checked and ready for hyper.
+    ready: Vec<u8>,
+    ready_pos: usize,
+    /// A head longer than this is passed on as is, for hyper to refuse (431).
+    max_head: usize,
+}
+
+impl<S> StrictIo<S> {
+    pub fn new(inner: S, max_head: usize) -> Self {
+        StrictIo { inner, state: State::Head, head: Vec::new(), ready: Vec::new(), ready_pos: 0, max_head }
+    }
+
+    /// Runs `input` through the framing state machine, appending what hyper may see to
+    /// `self.ready`.
+    fn process(&mut self, mut input: &[u8]) {
+        while !input.is_empty() {
+            match self.state {
+                State::Opaque => {
+                    self.ready.extend_from_slice(input);
+                    return;
+                }
+                State::Body(left) => {
+                    let n = (left as usize).min(input.len());
+                    self.ready.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    self.state = if left == n as u64 { State::Head } else { State::Body(left - n as u64) };
+                }
+                State::Head => {
+                    let b = input[0];
+                    input = &input[1..];
+                    self.head.push(b);
+                    if b == b'\n' {
+                        let len = self.head.len();
+                        if len < 2 || self.head[len - 2] != b'\r' {
+                            // A bare LF (the blank lines before a request, allowed by RFC
+                            // 9112 §2.2, are tolerated as CRLF only).
+                            self.refuse();
+                            continue;
+                        }
+                        if len == 2 {
+                            // An empty line before the request line: pass it on, keep reading.
+                            self.ready.extend_from_slice(&self.head);
+                            self.head.clear();
+                        } else if self.head.ends_with(b"\r\n\r\n") {
+                            self.end_of_head();
+                        }
+                    } else if self.head.len() > self.max_head {
+                        self.ready.extend_from_slice(&self.head);
+                        self.head.clear();
+                        self.state = State::Opaque;
+                    }
+                }
+                State::Chunked(c) => {
+                    input = self.chunked(c, input);
+                }
+            }
+        }
+    }
+
+    /// A complete head: check it, release it (or its refusal), and set the body framing.
+    fn end_of_head(&mut self) {
+        let head = std::mem::take(&mut self.head);
+        let mut content_length = None;
+        let mut chunked = false;
+        let mut transfer_encoding = false;
+        let mut upgrade = false;
+        for line in head.split(|&b| b == b'\n').skip(1) {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+            let name = &line[..colon];
+            let value = String::from_utf8_lossy(&line[colon + 1..]).trim().to_ascii_lowercase();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                content_length = value.parse::<u64>().ok().or(Some(u64::MAX));
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                transfer_encoding = true;
+                chunked = value.rsplit(',').next().is_some_and(|last| last.trim() == "chunked");
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
+                upgrade = true;
+            }
+        }
+        if transfer_encoding && content_length.is_some() {
+            self.head = head;
+            self.refuse();
+            return;
+        }
+        self.ready.extend_from_slice(&head);
+        let connect = head.starts_with(b"CONNECT ");
+        self.state = if upgrade || connect || (transfer_encoding && !chunked) || content_length == Some(u64::MAX) {
+            // hyper refuses these or takes the connection over: stop following it.
+            State::Opaque
+        } else if chunked {
+            State::Chunked(Chunk::Size { size: 0, digits: false, ext: false })
+        } else {
+            match content_length {
+                Some(n) if n > 0 => State::Body(n),
+                _ => State::Head,
+            }
+        };
+    }
+
+    /// Replaces the head being collected with a line hyper refuses, and stops following.
+    fn refuse(&mut self) {
+        tracing::info!("request refused: ambiguous framing (bare LF, or Content-Length with Transfer-Encoding)");
+        self.head.clear();
+        self.ready.extend_from_slice(REFUSED);
+        self.state = State::Opaque;
+    }
+
+    /// Follows a chunked body; returns the input not consumed.
+    fn chunked<'a>(&mut self, c: Chunk, input: &'a [u8]) -> &'a [u8] {
+        match c {
+            Chunk::Data(left) => {
+                let n = (left as usize).min(input.len());
+                self.ready.extend_from_slice(&input[..n]);
+                self.state =
+                    State::Chunked(if left == n as u64 { Chunk::DataEnd(2) } else { Chunk::Data(left - n as u64) });
+                &input[n..]
+            }
+            _ => {
+                let b = input[0];
+                self.ready.push(b);
+                self.state = match (c, b) {
+                    (Chunk::Size { size, ext: false, .. }, _) if b.is_ascii_hexdigit() && size >> 60 == 0 => {
+                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                        State::Chunked(Chunk::Size { size: size * 16 + d, digits: true, ext: false })
+                    }
+                    (Chunk::Size { size, digits: true, .. }, b';' | b' ' | b'\t') => {
+                        State::Chunked(Chunk::Size { size, digits: true, ext: true })
+                    }
+                    (Chunk::Size { size, digits: true, ext }, b'\r') => {
+                        State::Chunked(Chunk::Size { size, digits: true, ext })
+                    }
+                    (Chunk::Size { size: 0, digits: true, .. }, b'\n') => {
+                        State::Chunked(Chunk::Trailers { line_len: 0 })
+                    }
+                    (Chunk::Size { size, digits: true, .. }, b'\n') => State::Chunked(Chunk::Data(size)),
+                    (Chunk::Size { size, digits: true, ext: true }, _) => {
+                        State::Chunked(Chunk::Size { size, digits: true, ext: true })
+                    }
+                    (Chunk::DataEnd(2), b'\r') => State::Chunked(Chunk::DataEnd(1)),
+                    (Chunk::DataEnd(1), b'\n') => State::Chunked(Chunk::Size { size: 0, digits: false, ext: false }),
+                    (Chunk::Trailers { line_len: 0 }, b'\n') => State::Head,
+                    (Chunk::Trailers { line_len }, b'\n') if line_len > 0 => {
+                        State::Chunked(Chunk::Trailers { line_len: 0 })
+                    }
+                    (Chunk::Trailers { line_len }, b'\r') => State::Chunked(Chunk::Trailers { line_len }),
+                    (Chunk::Trailers { line_len }, _) => State::Chunked(Chunk::Trailers { line_len: line_len + 1 }),
+                    // Malformed chunking: hyper reports it as a body error (400); stop following.
+                    _ => State::Opaque,
+                };
+                &input[1..]
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.ready_pos < this.ready.len() {
+                let n = (this.ready.len() - this.ready_pos).min(buf.remaining());
+                buf.put_slice(&this.ready[this.ready_pos..this.ready_pos + n]);
+                this.ready_pos += n;
+                if this.ready_pos == this.ready.len() {
+                    this.ready.clear();
+                    this.ready_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            // Past the framing we follow, hand the caller's buffer straight through.
+            if this.state == State::Opaque && this.head.is_empty() {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    // End of stream: a partial head goes to hyper as it is (it reports it).
+                    let rest = std::mem::take(&mut this.head);
+                    this.ready.extend_from_slice(&rest);
+                    if this.ready.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Ok(())) => {
+                    let filled = rb.filled().to_vec();
+                    this.process(&filled);
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StrictIo<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What hyper would see for `input` fed in pieces of `step` bytes.
+    fn seen(input: &[u8], step: usize) -> Vec<u8> {
+        let mut s = StrictIo::new((), 64 * 1024);
+        for piece in input.chunks(step) {
+            s.process(piece);
+        }
+        s.ready
+    }
+
+    #[test]
+    fn well_formed_pipelined_requests_pass_unchanged_in_any_split() {
+        let input = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+GET /b HTTP/1.1\r\nHost: x\r\n\r\n\
+POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n\
+GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
+        for step in [1, 3, 7, 64, input.len()] {
+            assert_eq!(seen(input, step), input.to_vec(), "step {step}");
+        }
+    }
+
+    #[test]
+    fn a_body_that_looks_like_a_head_is_passed_as_body() {
+        let input =
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\nGET /\n\n\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(seen(input, 1), input.to_vec());
+    }
+
+    #[test]
+    fn bare_lf_and_length_with_chunking_are_replaced_by_a_refusal() {
+        for input in [
+            &b"GET /x HTTP/1.1\nHost: a\n\n"[..],
+            b"GET /x HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+        ] {
+            let out = seen(input, 5);
+            assert!(
+                out.starts_with(REFUSED),
+                "{:?} → {:?}",
+                String::from_utf8_lossy(input),
+                String::from_utf8_lossy(&out)
+            );
+        }
+    }
+
+    #[test]
+    fn a_refusal_on_the_second_request_keeps_the_first_intact() {
+        let first = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut input = first.to_vec();
+        input.extend_from_slice(b"GET /b HTTP/1.1\nHost: x\n\n");
+        let out = seen(&input, 4);
+        assert!(out.starts_with(first));
+        assert_eq!(&out[first.len()..first.len() + REFUSED.len()], REFUSED);
+    }
+}
