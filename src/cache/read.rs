@@ -156,7 +156,7 @@ pub async fn verify(store: &Arc<Store>, entry: Arc<Entry>) -> Result<(), ReadErr
         if trusted(&entry, &fp) {
             return Ok(());
         }
-        hash_file(&mut file, &entry)?;
+        hash_file(&mut file, &entry, None)?;
         s.record_verified(&entry, fp, None);
         Ok(())
     })
@@ -169,10 +169,12 @@ pub async fn verify(store: &Arc<Store>, entry: Arc<Entry>) -> Result<(), ReadErr
 /// Hashes the whole content file and checks it, whatever was remembered (scrubs, tools).
 pub fn verify_sync(entry: &Entry) -> Result<(), ReadError> {
     let (mut file, _) = open_checked(entry)?;
-    hash_file(&mut file, entry)
+    hash_file(&mut file, entry, None)
 }
 
-fn hash_file(file: &mut File, entry: &Entry) -> Result<(), ReadError> {
+/// Hashes `file`; with `pace`, sleeps after each piece so that hashing runs at that many bytes
+/// per second (the scrubber: a smooth background load, never a burst).
+fn hash_file(file: &mut File, entry: &Entry, pace: Option<u64>) -> Result<(), ReadError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK as usize];
     let mut total = 0u64;
@@ -183,6 +185,9 @@ fn hash_file(file: &mut File, entry: &Entry) -> Result<(), ReadError> {
         }
         total += n as u64;
         hasher.update(&buf[..n]);
+        if let Some(rate) = pace {
+            std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
+        }
     }
     if total != entry.size {
         return Err(ReadError::WrongSize { actual: total, expected: entry.size });
@@ -318,18 +323,21 @@ pub async fn scrub_loop(store: Arc<Store>, bytes_per_sec: u64, mut stopped: toki
         }
         for entry in entries {
             let e = entry.clone();
-            let result = tokio::task::spawn_blocking(move || verify_sync(&e)).await;
+            let scrub = tokio::task::spawn_blocking(move || {
+                let (mut file, _) = open_checked(&e)?;
+                hash_file(&mut file, &e, Some(bytes_per_sec))
+            });
+            // Shutdown does not wait for a paced hash (it only reads).
+            let result = tokio::select! {
+                r = scrub => r,
+                _ = stopped.changed() => return,
+            };
             if let Ok(Err(err)) = result {
                 if !matches!(err, ReadError::Missing) || store.get(&entry.key).is_some() {
                     tracing::warn!(key = %entry.key, reason = err.reason(), "scrub found a bad entry");
                     store.metrics().integrity_failures.with_label_values(&[err.reason()]).inc();
                     store.evict(&entry, err.reason()).await;
                 }
-            }
-            let pause = Duration::from_secs_f64(entry.size.max(1) as f64 / bytes_per_sec as f64);
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stopped.changed() => return,
             }
         }
     }
