@@ -65,9 +65,12 @@ http {
 NGINX
 nginx -c "$W/nginx.conf" & PIDS+=($!); NGINX_PID=$!
 
+# One runtime worker: on this 2-core machine the load generator needs the other core (nginx
+# keeps its 2 worker processes, as its documented setup has it).
 cat > "$W/lotecache.toml" <<TOML
 [server]
 listen = "127.0.0.1:$LC"
+workers = ${LOTECACHE_WORKERS:-1}
 [origin]
 url = "http://127.0.0.1:$ORIGIN"
 [admin]

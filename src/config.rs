@@ -34,6 +34,7 @@ pub struct RawServer {
     pub header_read_timeout: Option<Spanned<String>>,
     pub max_header_bytes: Option<Spanned<String>>,
     pub max_connections: Option<usize>,
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +131,8 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Runtime worker threads (0: one per core).
+    pub workers: usize,
     pub origin: OriginConfig,
     pub cache_dir: PathBuf,
     /// Cap on the bytes of live entries (0: none).
@@ -436,6 +439,7 @@ impl<'a> Validator<'a> {
         let max_header_bytes =
             (self.size("server.max_header_bytes", raw.server.max_header_bytes.as_ref(), "64KiB") as usize).max(8192);
         let max_connections = raw.server.max_connections.unwrap_or(10_000).max(1);
+        let workers = raw.server.workers.unwrap_or(0);
 
         let url_at = self.pick(ov.origin.as_deref(), "--origin", raw.origin.url.as_ref(), DEFAULT_ORIGIN);
         let (scheme, authority) = match parse_origin_url(url_at.value) {
@@ -528,6 +532,7 @@ impl<'a> Validator<'a> {
                 header_read_timeout,
                 max_header_bytes,
                 max_connections,
+                workers,
                 origin,
                 cache_dir,
                 max_size,

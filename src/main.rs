@@ -174,7 +174,26 @@ fn main() -> ExitCode {
     let _log_guard = (!matches!(cli.command, Command::Serve { .. })).then(|| {
         init_logging(&config::LogConfig { level: "info".into(), access: true, format: config::LogFormat::Text })
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    // `serve` reads its config first: it sizes the runtime.
+    let mut workers = 0;
+    if let Command::Serve { config, listen, origin, cache_dir, admin_listen, log_format } = &cli.command {
+        let overrides = config::Overrides {
+            listen: listen.clone(),
+            origin: origin.clone(),
+            cache_dir: cache_dir.clone(),
+            admin_listen: admin_listen.clone(),
+            log_format: log_format.clone(),
+        };
+        match config::load(config.as_deref(), &overrides) {
+            Ok(c) => workers = c.workers,
+            Err(errors) => return print_config_errors(&errors),
+        }
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    let runtime = builder.enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {
         match cli.command {
             Command::Serve { config, listen, origin, cache_dir, admin_listen, log_format } => {
