@@ -4,7 +4,7 @@
 # Installs what it lacks (oha with cargo, nginx from the distribution), builds lotecache in
 # release mode, starts the sample origin (lotecache sample-origin), nginx with an equivalent
 # proxy_cache configuration and lotecache in front of it, warms both, then for 4 KB, 256 KB
-# and 16 MB bodies runs oha (-c 64, keep-alive) against each in alternation A B A B and
+# and 16 MB bodies runs oha (-c 64, keep-alive) against each in alternation (A B C A B C) and
 # prints one markdown table: req/s, p50, p99, MB/s, server CPU µs per request, peak RSS, and
 # lotecache / nginx ratios. Then the cold miss (100 simultaneous requests, 500 ms origin)
 # against both, and the pass-through overhead (lotecache vs the origin directly).
@@ -28,7 +28,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-ORIGIN=$(free_port); NGINX=$(free_port); LC=$(free_port); ADMIN=$(free_port)
+ORIGIN=$(free_port); NGINX=$(free_port); LC=$(free_port); ADMIN=$(free_port); LC2=$(free_port); ADMIN2=$(free_port)
 "$BIN" sample-origin --listen 127.0.0.1:$ORIGIN --delay 500ms 2>"$W/origin.log" & PIDS+=($!)
 
 mkdir -p "$W/nginx-cache"
@@ -65,23 +65,28 @@ http {
 NGINX
 nginx -c "$W/nginx.conf" & PIDS+=($!); NGINX_PID=$!
 
-# One runtime worker: on this 2-core machine the load generator needs the other core (nginx
-# keeps its 2 worker processes, as its documented setup has it).
-cat > "$W/lotecache.toml" <<TOML
+# lotecache twice: with one runtime worker (on this 2-core machine the load generator needs
+# the other core) and with one per core (the default). nginx keeps its 2 worker processes.
+lotecache_config() { # PORT ADMIN_PORT WORKERS DIR
+cat <<TOML
 [server]
-listen = "127.0.0.1:$LC"
-workers = ${LOTECACHE_WORKERS:-1}
+listen = "127.0.0.1:$1"
+workers = $3
 [origin]
 url = "http://127.0.0.1:$ORIGIN"
 [admin]
-listen = "127.0.0.1:$ADMIN"
+listen = "127.0.0.1:$2"
 [cache]
-dir = "$W/lotecache-cache"
+dir = "$4"
 [log]
 access = false   # nginx runs with access_log off
 TOML
-"$BIN" serve --config "$W/lotecache.toml" 2>"$W/lotecache.log" & PIDS+=($!); LC_PID=$!
-wait_port $ORIGIN; wait_port $NGINX; wait_port $LC
+}
+lotecache_config $LC $ADMIN 1 "$W/lc1-cache" > "$W/lc1.toml"
+lotecache_config $LC2 $ADMIN2 2 "$W/lc2-cache" > "$W/lc2.toml"
+"$BIN" serve --config "$W/lc1.toml" 2>"$W/lc1.log" & PIDS+=($!); LC_PID=$!
+"$BIN" serve --config "$W/lc2.toml" 2>"$W/lc2.log" & PIDS+=($!); LC2_PID=$!
+wait_port $ORIGIN; wait_port $NGINX; wait_port $LC; wait_port $LC2
 
 # CPU ticks (user+system) of a process tree's processes: nginx master + workers, or lotecache.
 # (nginx's cache loader exits during the run: processes that are gone count as 0.)
@@ -92,7 +97,7 @@ HZ=$(getconf CLK_TCK)
 
 declare -A SIZE_ID=([4KB]=bench-4kb [256KB]=bench-256kb [16MB]=bench-16mb)
 for id in "${SIZE_ID[@]}"; do
-  for port in $NGINX $LC; do curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; done
+  for port in $NGINX $LC $LC2; do curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; done
 done
 
 # run LABEL PORT PIDS... → appends "label size rps p50 p99 mbs cpu_us rss" to $W/rows
@@ -111,12 +116,13 @@ run() {
 : > "$W/rows"
 for size in 4KB 256KB 16MB; do
   for round in 1 2; do
-    run lotecache $size $LC $LC_PID
+    run "lotecache (1 worker)" $size $LC $LC_PID
+    run "lotecache (2 workers)" $size $LC2 $LC2_PID
     run nginx $size $NGINX $(nginx_pids)
   done
 done
 
-echo "## Cached hits: oha -c $CONC, ${SECS}s per run, A B A B (mean of 2 runs each)"
+echo "## Cached hits: oha -c $CONC, ${SECS}s per run, A B C A B C (mean of 2 runs each)"
 echo
 echo "| size | server | req/s | p50 ms | p99 ms | MB/s | CPU µs/req | peak RSS MiB |"
 echo "|---|---|---|---|---|---|---|---|"
@@ -131,11 +137,15 @@ def mean(s, l):
     m = [sum(c) / len(c) for c in zip(*runs)]
     m[-1] = max(r[-1] for r in runs)  # peak RSS: the highest seen
     return m
+labels = ["lotecache (1 worker)", "lotecache (2 workers)"]
 for s in ["4KB", "256KB", "16MB"]:
-    a, b = mean(s, "lotecache"), mean(s, "nginx")
-    for l, v in (("lotecache", a), ("nginx", b)):
+    b = mean(s, "nginx")
+    for l in labels + ["nginx"]:
+        v = mean(s, l)
         print(f"| {s} | {l} | {v[0]:.0f} | {v[1]:.2f} | {v[2]:.2f} | {v[3]:.0f} | {v[4]:.1f} | {v[5]:.1f} |")
-    print(f"| {s} | **ratio lotecache/nginx** | **{a[0]/b[0]:.2f}×** | {a[1]/b[1]:.2f}× | {a[2]/b[2]:.2f}× | {a[3]/b[3]:.2f}× | {a[4]/b[4]:.2f}× | {a[5]/b[5]:.2f}× |")
+    for l in labels:
+        a = mean(s, l)
+        print(f"| {s} | **{l} / nginx** | **{a[0]/b[0]:.2f}×** | {a[1]/b[1]:.2f}× | {a[2]/b[2]:.2f}× | {a[3]/b[3]:.2f}× | {a[4]/b[4]:.2f}× | {a[5]/b[5]:.2f}× |")
 PY
 
 echo

@@ -177,6 +177,23 @@ async fn an_expired_entry_is_served_stale_when_the_origin_fails_or_answers_5xx()
 }
 
 #[tokio::test]
+async fn an_expired_entry_is_served_stale_while_the_origin_is_down() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), TTL_RULE).await;
+    get(proxy.local_addr(), &batch("T-4")).await;
+    proxy.shutdown(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The same store in front of an origin that is gone: nothing listens on the port.
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let proxy = start_proxy(down, dir.path(), TTL_RULE).await;
+    let got = get(proxy.local_addr(), &batch("T-4")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.bytes(), &document("T-4"));
+    assert_eq!(got.cache_status(), "lotecache; hit; fwd=stale; fwd-status=502; detail=stale-if-error");
+}
+
+#[tokio::test]
 async fn without_stale_if_error_the_origin_failure_is_passed_on() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -289,6 +306,9 @@ async fn cache_commands_list_count_purge_collect_and_export_byte_identical_files
     assert_eq!((stats["entries"].as_u64(), stats["unreferenced_files"].as_u64()), (Some(2), Some(1)));
     let (code, gc) = cli(&["cache", "gc", "--json", "--cache-dir", d]);
     assert_eq!((code, gc["removed_files"].as_u64()), (Some(0), Some(1)));
+    assert!(gc["compacted_buckets"].as_u64() >= Some(1), "the purged key's bucket is compacted away: {gc}");
+    let (_, ls) = cli(&["cache", "ls", "--json", "--cache-dir", d]);
+    assert_eq!(ls.as_array().unwrap().len(), 2, "compaction keeps live entries");
     let (_, stats) = cli(&["cache", "stats", "--json", "--cache-dir", d]);
     assert_eq!(stats["unreferenced_files"], 0);
 }
