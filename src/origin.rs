@@ -235,16 +235,18 @@ fn append_via(headers: &mut HeaderMap) {
 #[error("origin body idle for more than {0:?}")]
 pub struct BodyIdleTimeout(pub Duration);
 
-/// A body that fails when no frame arrives within `idle` of the previous one.
+/// A body that fails when no frame arrives within `idle` of the previous one. The timer is
+/// created the first time the body has to wait: a body that is already complete (most small
+/// responses) never registers one.
 pub struct IdleTimeoutBody<B> {
     inner: B,
     idle: Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B> IdleTimeoutBody<B> {
     pub fn new(inner: B, idle: Duration) -> Self {
-        IdleTimeoutBody { inner, idle, sleep: Box::pin(tokio::time::sleep(idle)) }
+        IdleTimeoutBody { inner, idle, sleep: None }
     }
 }
 
@@ -260,14 +262,19 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.sleep.as_mut().reset(deadline);
+                if let Some(sleep) = this.sleep.as_mut() {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + this.idle);
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(this.idle))))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let idle = this.idle;
+                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdleTimeout(idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
