@@ -128,12 +128,17 @@ impl RunningProxy {
     }
 
     /// Applies a new configuration without dropping connections: rules, fill limits,
-    /// `max_size`, GC grace and the admin token change at once; listen addresses, the cache
-    /// directory and the origin need a restart (a warning says so).
+    /// `max_size`, GC grace, the memory tier and the admin token change at once; listeners and
+    /// their limits, workers, the cache directory and the origin need a restart (a warning
+    /// says which).
     pub fn reload(&self, new: Config) {
         let mut current = self.config.lock().expect("config lock");
         let needs_restart = [
             ("server.listen", current.listen != new.listen),
+            ("server.header_read_timeout", current.header_read_timeout != new.header_read_timeout),
+            ("server.max_header_bytes", current.max_header_bytes != new.max_header_bytes),
+            ("server.max_connections", current.max_connections != new.max_connections),
+            ("server.workers", current.workers != new.workers),
             ("admin.listen", current.admin.listen != new.admin.listen),
             ("cache.dir", current.cache_dir != new.cache_dir),
             ("origin", format!("{:?}", current.origin) != format!("{:?}", new.origin)),

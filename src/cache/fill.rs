@@ -348,7 +348,12 @@ async fn fetch(
     let response = tokio::time::timeout_at(deadline, origin.send(job.request)).await.map_err(|_| too_old())??;
     let (mut parts, body) = response.into_parts();
     let json_checked = job.validation.as_ref().is_some_and(|v| v.json);
-    let decision = storability(parts.status, &parts.headers, json_checked, job.ignore);
+    let mut decision = storability(parts.status, &parts.headers, json_checked, job.ignore);
+    if let Storability::Store { expected_len: Some(n) } = decision {
+        if store.max_size().is_some_and(|max| n > max) {
+            decision = Storability::DontStore("too-large".into());
+        }
+    }
     forward_response_headers(&mut parts.headers);
     let stored_headers = {
         let mut h = parts.headers.clone();
@@ -448,9 +453,13 @@ async fn fetch(
                 stored = Some(entry);
             }
             Err(e) => {
+                let reason = match e {
+                    super::store::StoreError::TooLarge { .. } => "too-large",
+                    _ => "store-error",
+                };
                 tracing::warn!(key = %job.key, error = %e, "commit failed; nothing stored");
-                store.metrics().not_stored.with_label_values(&["store-error"]).inc();
-                cache_status = status::miss_not_stored("store-error");
+                store.metrics().not_stored.with_label_values(&[reason]).inc();
+                cache_status = status::miss_not_stored(reason);
             }
         }
     } else if matches!(decision, Storability::Store { .. }) && cache_status == status::miss_stored() {

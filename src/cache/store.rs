@@ -39,6 +39,8 @@ pub enum StoreError {
     Length { got: u64, expected: u64 },
     #[error("content digest is not sha256")]
     Algorithm,
+    #[error("entry of {size} bytes is larger than cache.max_size ({max} bytes); not kept")]
+    TooLarge { size: u64, max: u64 },
     #[error("cache directory {dir} is in use by another lotecache process{holder}; stop it first or use another --cache-dir")]
     Locked { dir: String, holder: String },
 }
@@ -158,6 +160,11 @@ impl Store {
     /// Bytes of live entries.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Relaxed)
+    }
+
+    /// The size cap, if one is set.
+    pub fn max_size(&self) -> Option<u64> {
+        Some(self.max_size.load(Relaxed)).filter(|&m| m > 0)
     }
 
     pub fn set_max_size(&self, max_size: u64) {
@@ -336,7 +343,7 @@ impl Store {
                 None => {
                     tracing::warn!(key = %keep.key, size = keep.size, max, "entry larger than max_size; not kept");
                     self.unpublish_sync(&keep.key, Some(keep), "too-large")?;
-                    break;
+                    return Err(StoreError::TooLarge { size: keep.size, max });
                 }
             }
         }

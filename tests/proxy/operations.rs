@@ -223,6 +223,11 @@ async fn eviction_keeps_the_store_under_max_size_and_keeps_recently_used_entries
     assert_eq!(keys, ["M-A-100kb_resultados.json", "M-C-100kb_resultados.json", "M-D-100kb_resultados.json"]);
     assert!(proxy.store().bytes() <= doc * 3 + doc / 2);
     assert_eq!(get(p, &batch("M-B-100kb")).await.cache_status(), "lotecache; fwd=uri-miss; stored");
+    // A batch larger than the whole cap is served, and said not to be kept.
+    let huge = get(p, &batch("M-E-400kb")).await;
+    assert_eq!(huge.bytes(), &document("M-E-400kb"));
+    assert_eq!(huge.cache_status(), "lotecache; fwd=uri-miss; detail=too-large");
+    assert!(proxy.store().get("M-E-400kb_resultados.json").is_none());
 }
 
 #[tokio::test]
