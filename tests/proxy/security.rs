@@ -389,3 +389,19 @@ async fn private_no_store_and_vary_cookie_responses_are_never_stored() {
     }
     assert!(proxy.store().is_empty());
 }
+
+#[tokio::test]
+async fn client_input_never_reaches_a_log_line_raw() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log.txt");
+    let cache = dir.path().join("cache");
+    let server = crate::support::process::serve_logging(origin.addr, &cache, &[], Some(&log)).await;
+    let path = "/download_batch_results/A%0d%0aINJECTED%20fake%20log%20line";
+    assert_eq!(get(server.addr(), path).await.status, StatusCode::BAD_REQUEST);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("request rejected"), "{text}");
+    assert!(text.lines().all(|l| !l.starts_with("INJECTED")), "a client forged a log line:\n{text}");
+    assert!(text.contains(r"A\r\nINJECTED"), "the id is logged escaped:\n{text}");
+}
