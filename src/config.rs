@@ -469,7 +469,7 @@ impl<'a> Validator<'a> {
             Some(v) => self.size("cache.max_size", Some(v), "0"),
         };
         let memory_tier = self.size_or_zero("cache.memory_tier", raw.cache.memory_tier.as_ref(), "128MiB");
-        let memory_object_max = self.size("cache.memory_object_max", raw.cache.memory_object_max.as_ref(), "16MiB");
+        let memory_object_max = self.size("cache.memory_object_max", raw.cache.memory_object_max.as_ref(), "1MiB");
         let memory_recheck = self.duration("cache.memory_recheck", raw.cache.memory_recheck.as_ref(), "1s");
         let scrub_rate = self.size_or_zero("cache.scrub_rate", raw.cache.scrub_rate.as_ref(), "4MiB");
         let gc_interval = self.duration("cache.gc_interval", raw.cache.gc_interval.as_ref(), "10m");

@@ -13,6 +13,7 @@ pub mod origin;
 pub mod proxy;
 pub mod rules;
 pub mod sample_origin;
+pub mod sendfile;
 pub mod server;
 pub mod strict;
 

@@ -9,6 +9,9 @@
 //! replaced by a line no HTTP parser accepts, so hyper answers `400` and closes the
 //! connection, exactly as for its own parse errors. Anything the wrapper cannot follow
 //! (a malformed chunk, a protocol upgrade) is left to hyper, which rejects or closes.
+//!
+//! On the write side it sends registered file regions with `sendfile` (see
+//! [`crate::sendfile`]) and everything else as it is.
 
 use std::{
     io,
@@ -248,8 +251,52 @@ impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for StrictIo<S> {
+/// A socket that can also send file ranges without copying them (see [`crate::sendfile`]).
+pub trait ZeroCopySocket: AsyncWrite + Unpin + std::os::fd::AsRawFd {
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_send(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize>;
+}
+
+impl ZeroCopySocket for tokio::net::TcpStream {
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_write_ready(cx)
+    }
+
+    fn try_send(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
+        self.try_io(tokio::io::Interest::WRITABLE, f)
+    }
+}
+
+impl<S: ZeroCopySocket> StrictIo<S> {
+    /// Sends `len` bytes of a registered file region with `sendfile`.
+    fn poll_sendfile(
+        &self,
+        cx: &mut Context<'_>,
+        region: &crate::sendfile::Region,
+        offset: u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.inner.poll_writable(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            match self.inner.try_send(|| crate::sendfile::send(&self.inner, region, offset, len)) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                // try_io cleared the readiness: wait for the socket again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl<S: ZeroCopySocket> AsyncWrite for StrictIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Some((region, offset)) = crate::sendfile::lookup(buf) {
+            return self.poll_sendfile(cx, &region, offset, buf.len());
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -258,11 +305,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StrictIo<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
+            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        };
+        if let Some((region, offset)) = crate::sendfile::lookup(&bufs[first]) {
+            return self.poll_sendfile(cx, &region, offset, bufs[first].len());
+        }
+        // Ordinary bytes up to the first file-backed slice go out with one writev.
+        let end =
+            bufs[first..].iter().position(|b| crate::sendfile::lookup(b).is_some()).map_or(bufs.len(), |p| first + p);
+        Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[first..end])
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        // hyper then queues body buffers as they are (never copies them into its own buffer).
+        true
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -136,10 +136,7 @@ impl Cache {
         let body = if head_only || not_modified {
             read::verify(&self.store, entry.clone()).await.map(|()| empty())
         } else {
-            read::open(self.store.clone(), entry.clone()).await.map(|opened| match opened {
-                read::HitBody::Whole(bytes) => full(bytes),
-                read::HitBody::Stream(body) => body,
-            })
+            read::open(self.store.clone(), entry.clone()).await.map(full)
         };
         let body = match body {
             Ok(b) => b,

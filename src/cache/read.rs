@@ -1,34 +1,31 @@
 //! Verified reads of stored content. The rule: every byte served as part of a complete
 //! response was verified against the entry's sha256 since the content file last changed.
 //!
-//! - A content file is hashed on its first read; if it matches, its fingerprint (device,
-//!   inode, size, mtime, ctime) is remembered. Later reads that find the same fingerprint skip
-//!   hashing; any change to the file makes the next read hash it again.
-//! - Verified bodies are then kept in memory while the memory tier has room (each at most
-//!   `cache.memory_object_max`); a hit from memory sends that shared buffer (no read, no
-//!   copy, no task hop). Its file is re-checked with one `stat` at most every
-//!   `cache.memory_recheck`: a changed file drops the memory copy.
-//! - A read that is hashing holds back its last chunk until the digest matches; a read that is
-//!   not re-checks the file's fingerprint on its descriptor before the last chunk. Either way a
-//!   corrupt or changed file ends in an aborted response, never a clean `200`, and is evicted.
-//! - Small bodies are read whole before the response starts, so a bad one is evicted and
-//!   refetched within the same request.
+//! - A content file is hashed when it is first read, and again whenever it changed: its
+//!   fingerprint (device, inode, size, mtime, ctime) at the last successful hash is
+//!   remembered, and a read that finds the same fingerprint skips the hash. The hash happens
+//!   before the response starts, so a bad file is evicted and refetched within the same
+//!   request, never even partly sent.
+//! - Verified bodies up to `cache.memory_object_max` are kept in memory while the memory tier
+//!   has room; a hit from memory sends that shared buffer (no read, no copy, no task hop). Its
+//!   file is re-checked with one `stat` at most every `cache.memory_recheck`: a changed file
+//!   drops the memory copy.
+//! - Larger bodies are sent from the file with `sendfile` (see `crate::sendfile`); the
+//!   fingerprint is checked again before the last bytes go out, so a file changed during the
+//!   send aborts the response, never a clean `200`.
 //! - Silent media corruption (which changes no fingerprint) is found by the scrubber, which
 //!   re-hashes every file at a configured rate.
 
 use super::entry::{Entry, Fingerprint};
-use super::store::{ReadGuard, Store};
-use crate::body::{BoxError, ProxyBody};
+use super::store::Store;
 use bytes::Bytes;
-use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody};
 use sha2::{Digest, Sha256};
 use std::{fs::File, io, io::Read, sync::Arc, time::Duration};
 
 /// Bodies up to this size (and larger ones headed for the memory tier) are read, and
 /// verified when needed, whole before the response starts.
 pub const WHOLE_MAX: u64 = 1024 * 1024;
-/// Read size when streaming larger bodies.
+/// Read size when hashing a file.
 const CHUNK: u64 = 256 * 1024;
 
 /// Why stored content cannot be served.
@@ -57,14 +54,6 @@ impl ReadError {
             ReadError::Io(_) => "read-error",
         }
     }
-}
-
-/// An opened entry, ready to serve.
-pub enum HitBody {
-    /// Small body, verified.
-    Whole(Bytes),
-    /// Large body: a stream that fails rather than end with unverified bytes.
-    Stream(ProxyBody),
 }
 
 /// Whether `entry` was verified in exactly this file state.
@@ -96,10 +85,11 @@ fn from_memory(store: &Store, entry: &Entry) -> Option<Bytes> {
     }
 }
 
-/// Opens `entry` for serving. On `Err` nothing was sent; the caller evicts and refetches.
-pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadError> {
+/// Opens `entry` for serving: verified bytes from memory, or a verified file mapped for
+/// `sendfile`. On `Err` nothing was sent; the caller evicts and refetches.
+pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<Bytes, ReadError> {
     if let Some(body) = from_memory(&store, &entry) {
-        return Ok(HitBody::Whole(body));
+        return Ok(body);
     }
     // A large body bound for the memory tier is loaded once: concurrent first readers wait
     // for that load instead of each buffering their own copy.
@@ -108,7 +98,7 @@ pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadE
     let _loading = if to_memory { Some(loader.loading.lock().await) } else { None };
     if to_memory {
         if let Some(body) = from_memory(&store, &entry) {
-            return Ok(HitBody::Whole(body));
+            return Ok(body);
         }
     }
     let reading = store.reading(&entry.path);
@@ -117,7 +107,12 @@ pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadE
         let (mut file, fp) = open_checked(&e)?;
         let trusted = trusted(&e, &fp);
         if e.size > WHOLE_MAX && !to_memory {
-            return Ok(Opened::File { file, fp, trusted });
+            if !trusted {
+                // Hashed in full before the head: a bad file is never even partly sent.
+                hash_file(&mut file, &e, None)?;
+                s.record_verified(&e, fp, None);
+            }
+            return Ok(Opened::File { file, fp });
         }
         let mut buf = Vec::with_capacity(e.size as usize);
         (&mut file).take(e.size + 1).read_to_end(&mut buf)?;
@@ -140,10 +135,12 @@ pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<HitBody, ReadE
     })
     .await
     .map_err(io::Error::other)??;
-    Ok(match opened {
-        Opened::Whole(b) => HitBody::Whole(b),
-        Opened::File { file, fp, trusted } => HitBody::Stream(stream(store, entry, file, fp, trusted, reading)),
-    })
+    match opened {
+        Opened::Whole(b) => Ok(b),
+        // Verified in this very state: sent from the file with sendfile, its fingerprint
+        // checked again before the last bytes.
+        Opened::File { file, fp } => Ok(crate::sendfile::map(file, fp, Box::new(reading))?),
+    }
 }
 
 /// Checks the content for answers that send no body (`HEAD`, `304`): hashes it unless the
@@ -200,7 +197,7 @@ fn hash_file(file: &mut File, entry: &Entry, pace: Option<u64>) -> Result<(), Re
 
 enum Opened {
     Whole(Bytes),
-    File { file: File, fp: Fingerprint, trusted: bool },
+    File { file: File, fp: Fingerprint },
 }
 
 fn open_checked(e: &Entry) -> Result<(File, Fingerprint), ReadError> {
@@ -213,98 +210,6 @@ fn open_checked(e: &Entry) -> Result<(File, Fingerprint), ReadError> {
         return Err(ReadError::WrongSize { actual: meta.len(), expected: e.size });
     }
     Ok((file, Fingerprint::of(&meta)))
-}
-
-/// State of a streaming read.
-struct Reading {
-    file: File,
-    fp: Fingerprint,
-    /// Hashing as we go, unless the file was trusted at open.
-    hasher: Option<Sha256>,
-    remaining: u64,
-    /// Keeps the content file from the collector until the stream is dropped.
-    _guard: ReadGuard,
-}
-
-/// A stored entry failed verification while it was streamed; the response is aborted.
-#[derive(Debug, thiserror::Error)]
-#[error("stored entry {key} failed verification: {source}")]
-pub struct CorruptEntry {
-    key: String,
-    source: ReadError,
-}
-
-fn stream(
-    store: Arc<Store>,
-    entry: Arc<Entry>,
-    file: File,
-    fp: Fingerprint,
-    trusted: bool,
-    guard: ReadGuard,
-) -> ProxyBody {
-    let hasher = (!trusted).then(Sha256::new);
-    let start = Some(Reading { file, fp, hasher, remaining: entry.size, _guard: guard });
-    let stream = futures_util::stream::unfold(start, move |state| {
-        let (store, entry) = (store.clone(), entry.clone());
-        async move {
-            let reading = state?;
-            let e = entry.clone();
-            let step = tokio::task::spawn_blocking(move || read_step(reading, &e))
-                .await
-                .unwrap_or_else(|err| Err(ReadError::Io(io::Error::other(err))));
-            match step {
-                Ok(Step::More(chunk, next)) => Some((Ok::<_, BoxError>(Frame::data(chunk)), Some(next))),
-                Ok(Step::Last(chunk, fp, hashed)) => {
-                    if hashed {
-                        store.record_verified(&entry, fp, None);
-                    }
-                    Some((Ok(Frame::data(chunk)), None))
-                }
-                Err(err) => {
-                    store.metrics().integrity_failures.with_label_values(&[err.reason()]).inc();
-                    store.evict(&entry, err.reason()).await;
-                    let err = CorruptEntry { key: entry.key.clone(), source: err };
-                    Some((Err(Box::new(err) as BoxError), None))
-                }
-            }
-        }
-    });
-    StreamBody::new(stream).boxed_unsync()
-}
-
-enum Step {
-    More(Bytes, Reading),
-    /// The last chunk, released only after the file proved good; the fingerprint, and
-    /// whether it was established by hashing.
-    Last(Bytes, Fingerprint, bool),
-}
-
-/// Reads the next chunk; the last one comes back only if the whole body is verified (by its
-/// digest, or by the file being unchanged since its last verification).
-fn read_step(mut r: Reading, e: &Entry) -> Result<Step, ReadError> {
-    let n = r.remaining.min(CHUNK);
-    let mut buf = Vec::with_capacity(n as usize);
-    (&mut r.file).take(n).read_to_end(&mut buf)?;
-    if (buf.len() as u64) < n {
-        return Err(ReadError::WrongSize { actual: e.size - r.remaining + buf.len() as u64, expected: e.size });
-    }
-    if let Some(h) = r.hasher.as_mut() {
-        h.update(&buf);
-    }
-    r.remaining -= n;
-    if r.remaining > 0 {
-        return Ok(Step::More(Bytes::from(buf), r));
-    }
-    match r.hasher {
-        Some(h) => {
-            if h.finalize().as_slice() != e.sha256 {
-                return Err(ReadError::DigestMismatch);
-            }
-            Ok(Step::Last(Bytes::from(buf), r.fp, true))
-        }
-        None if Fingerprint::of(&r.file.metadata()?) != r.fp => Err(ReadError::Changed),
-        None => Ok(Step::Last(Bytes::from(buf), r.fp, false)),
-    }
 }
 
 /// Re-hashes every entry, pacing itself to `bytes_per_sec`, forever: catches corruption that

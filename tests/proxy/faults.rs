@@ -150,22 +150,21 @@ async fn a_flipped_byte_in_a_small_stored_entry_is_never_served_and_is_refetched
 }
 
 #[tokio::test]
-async fn a_flipped_byte_in_a_large_stored_entry_aborts_the_response_and_the_next_request_refetches() {
+async fn a_flipped_byte_in_a_large_stored_entry_is_never_sent_and_is_refetched_at_once() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    // The streaming path: bodies not kept in the memory tier.
+    // Sent from the file (not the memory tier).
     let proxy = start_proxy(origin.addr, dir.path(), "memory_tier = \"off\"\n").await;
     get(proxy.local_addr(), &batch("C-large-3mb")).await;
     flip_a_byte(&proxy, "C-large-3mb_resultados.json");
 
     let got = get(proxy.local_addr(), &batch("C-large-3mb")).await;
-    assert_eq!(got.cache_status(), "lotecache; hit");
-    assert!(got.body.is_err(), "a corrupt entry must not end as a complete 200");
-
-    let next = get(proxy.local_addr(), &batch("C-large-3mb")).await;
-    assert_eq!(next.cache_status(), "lotecache; fwd=uri-miss; stored");
-    assert_eq!(next.bytes(), &document("C-large-3mb"));
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored", "hashed before the head, found bad");
+    assert_eq!(got.bytes(), &document("C-large-3mb"));
     assert_eq!(origin.generations("C-large-3mb"), 2);
+    let hit = get(proxy.local_addr(), &batch("C-large-3mb")).await;
+    assert_eq!(hit.cache_status(), "lotecache; hit");
+    assert_eq!(hit.bytes(), &document("C-large-3mb"));
 }
 
 #[tokio::test]
@@ -215,15 +214,15 @@ async fn a_large_entry_verified_once_is_verified_again_after_its_file_changes() 
     let proxy = start_proxy(origin.addr, dir.path(), "memory_tier = \"off\"\n").await;
     get(proxy.local_addr(), &batch("C-big-3mb")).await;
     for _ in 0..2 {
+        // Hashed on the first hit, trusted (and sent with sendfile) on the next.
         let hit = get(proxy.local_addr(), &batch("C-big-3mb")).await;
+        assert_eq!(hit.cache_status(), "lotecache; hit");
         assert_eq!(hit.bytes(), &document("C-big-3mb"));
     }
     flip_a_byte(&proxy, "C-big-3mb_resultados.json");
     let got = get(proxy.local_addr(), &batch("C-big-3mb")).await;
-    assert_eq!(got.cache_status(), "lotecache; hit");
-    assert!(got.body.is_err(), "a trusted file that changed must be hashed again, and fail");
-    let next = get(proxy.local_addr(), &batch("C-big-3mb")).await;
-    assert_eq!(next.bytes(), &document("C-big-3mb"));
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored", "a trusted file that changed is hashed again");
+    assert_eq!(got.bytes(), &document("C-big-3mb"));
     assert_eq!(origin.generations("C-big-3mb"), 2);
 }
 
@@ -249,7 +248,8 @@ async fn the_scrubber_evicts_a_corrupt_entry_before_anyone_asks_for_it() {
 async fn a_large_entry_in_the_memory_tier_whose_file_changes_is_refetched_within_the_request() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(origin.addr, dir.path(), "memory_recheck = \"100ms\"\n").await;
+    let extra = "memory_recheck = \"100ms\"\nmemory_object_max = \"4MiB\"\n";
+    let proxy = start_proxy(origin.addr, dir.path(), extra).await;
     get(proxy.local_addr(), &batch("C-tier-3mb")).await;
     assert_eq!(get(proxy.local_addr(), &batch("C-tier-3mb")).await.bytes(), &document("C-tier-3mb"));
     assert_eq!(proxy.store().memory_bytes(), document("C-tier-3mb").len() as u64);
@@ -259,4 +259,49 @@ async fn a_large_entry_in_the_memory_tier_whose_file_changes_is_refetched_within
     assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored");
     assert_eq!(got.bytes(), &document("C-tier-3mb"));
     assert_eq!(origin.generations("C-tier-3mb"), 2);
+}
+
+/// Changes one byte in the middle of `path` without truncating it (the file may be mapped).
+fn flip_in_place(path: &std::path::Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mid = f.metadata().unwrap().len() / 2;
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(mid)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    f.seek(SeekFrom::Start(mid)).unwrap();
+    f.write_all(&[b[0] ^ 1]).unwrap();
+}
+
+#[tokio::test]
+async fn a_trusted_large_entry_is_sent_from_its_file_and_a_change_mid_send_aborts_it() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    let p = proxy.local_addr();
+    get(p, &batch("Z-8mb")).await;
+    for _ in 0..2 {
+        // The first hit hashes the file; the next ones send it with sendfile.
+        let hit = get(p, &batch("Z-8mb")).await;
+        assert_eq!(hit.cache_status(), "lotecache; hit");
+        assert_eq!(hit.bytes(), &document("Z-8mb"));
+    }
+    // A slow reader starts a zero-copy send; the file changes before its end.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(p).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    slow.write_all(format!("GET {} HTTP/1.1\r\nhost: x\r\n\r\n", batch("Z-8mb")).as_bytes()).await.unwrap();
+    let mut first = vec![0u8; 4096];
+    slow.read_exact(&mut first).await.unwrap();
+    flip_in_place(&proxy.store().get("Z-8mb_resultados.json").unwrap().path);
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    let received = first.len() + rest.len();
+    let head_len = first.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(received - head_len < document("Z-8mb").len(), "a changed file must not complete the response");
+    // The next request re-verifies, finds the damage and refetches.
+    let next = get(p, &batch("Z-8mb")).await;
+    assert_eq!(next.bytes(), &document("Z-8mb"));
+    assert_eq!(origin.generations("Z-8mb"), 2);
 }

@@ -1,0 +1,95 @@
+//! Zero-copy sending of stored content: a large body served from a content file is handed to
+//! hyper as a read-only memory map registered here by address range; when the connection
+//! writer ([`crate::strict::StrictIo`]) is asked to write bytes inside a registered range, it
+//! sends them with `sendfile(2)` from the file instead of copying them through user memory
+//! (what nginx does with `sendfile on`). Nothing in user space reads the mapped pages.
+//!
+//! Integrity: only files whose fingerprint matches their last successful verification are
+//! registered, and before the last bytes of a region are sent the file's fingerprint is
+//! checked again on its descriptor; a changed file fails the write, and hyper aborts the
+//! response (never a complete `200` with changed bytes).
+
+use crate::cache::entry::Fingerprint;
+use bytes::Bytes;
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io,
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+};
+
+/// A registered memory range backed by a content file.
+#[derive(Clone)]
+pub struct Region {
+    pub len: usize,
+    pub file: Arc<File>,
+    pub fingerprint: Fingerprint,
+}
+
+/// Start address → region.
+static REGIONS: Mutex<BTreeMap<usize, Region>> = Mutex::new(BTreeMap::new());
+
+/// Owns a mapping and its registration; dropping it unregisters and unmaps.
+struct Mapped {
+    map: memmap2::Mmap,
+    /// Kept alive with the mapping (the store's "file is being read" guard).
+    _keep: Box<dyn Send + Sync>,
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        REGIONS.lock().unwrap_or_else(|p| p.into_inner()).remove(&(self.map.as_ptr() as usize));
+    }
+}
+
+/// Maps `file` (whose state is `fingerprint`, already verified) and registers it: the returned
+/// bytes, written through a `StrictIo`, go out with `sendfile`.
+pub fn map(file: File, fingerprint: Fingerprint, keep: Box<dyn Send + Sync>) -> io::Result<Bytes> {
+    // SAFETY: content files are never truncated or rewritten in place by lotecache (cacache
+    // writes new files and renames them); the pages are only handed to the kernel.
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    let region = Region { len: map.len(), file: Arc::new(file), fingerprint };
+    REGIONS.lock().unwrap_or_else(|p| p.into_inner()).insert(map.as_ptr() as usize, region);
+    Ok(Bytes::from_owner(Mapped { map, _keep: keep }))
+}
+
+/// The region `buf` lies in, with `buf`'s offset in it.
+pub fn lookup(buf: &[u8]) -> Option<(Region, u64)> {
+    if buf.is_empty() {
+        return None;
+    }
+    let addr = buf.as_ptr() as usize;
+    let regions = REGIONS.lock().unwrap_or_else(|p| p.into_inner());
+    let (&start, region) = regions.range(..=addr).next_back()?;
+    (addr + buf.len() <= start + region.len).then(|| (region.clone(), (addr - start) as u64))
+}
+
+/// The file changed while it was being sent.
+#[derive(Debug, thiserror::Error)]
+#[error("content file changed while it was sent; response aborted")]
+pub struct ChangedWhileSending;
+
+/// Sends `len` bytes of `region` from `offset` to the socket `fd`; `Err(WouldBlock)` when the
+/// socket is full. Before the bytes that end the region, checks the file is unchanged.
+pub fn send(fd: &impl AsRawFd, region: &Region, offset: u64, len: usize) -> io::Result<usize> {
+    if offset + len as u64 == region.len as u64 {
+        let now = Fingerprint::of(&region.file.metadata()?);
+        if now != region.fingerprint {
+            return Err(io::Error::other(ChangedWhileSending));
+        }
+    }
+    let mut off = offset as libc::off_t;
+    // SAFETY: plain syscall on two descriptors we own; `off` is a valid pointer.
+    let n = unsafe { libc::sendfile(fd.as_raw_fd(), region.file.as_raw_fd(), &mut off, len) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
