@@ -16,7 +16,10 @@ use std::{
     fs::File,
     io,
     os::fd::AsRawFd,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, RwLock,
+    },
 };
 
 /// A registered memory range backed by a content file.
@@ -28,7 +31,9 @@ pub struct Region {
 }
 
 /// Start address → region.
-static REGIONS: Mutex<BTreeMap<usize, Region>> = Mutex::new(BTreeMap::new());
+static REGIONS: RwLock<BTreeMap<usize, Region>> = RwLock::new(BTreeMap::new());
+/// How many regions are live: writes skip the lookup entirely while there are none.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// Owns a mapping and its registration; dropping it unregisters and unmaps.
 struct Mapped {
@@ -45,7 +50,9 @@ impl AsRef<[u8]> for Mapped {
 
 impl Drop for Mapped {
     fn drop(&mut self) {
-        REGIONS.lock().unwrap_or_else(|p| p.into_inner()).remove(&(self.map.as_ptr() as usize));
+        if REGIONS.write().unwrap_or_else(|p| p.into_inner()).remove(&(self.map.as_ptr() as usize)).is_some() {
+            LIVE.fetch_sub(1, Ordering::Release);
+        }
     }
 }
 
@@ -56,17 +63,18 @@ pub fn map(file: File, fingerprint: Fingerprint, keep: Box<dyn Send + Sync>) -> 
     // writes new files and renames them); the pages are only handed to the kernel.
     let map = unsafe { memmap2::Mmap::map(&file)? };
     let region = Region { len: map.len(), file: Arc::new(file), fingerprint };
-    REGIONS.lock().unwrap_or_else(|p| p.into_inner()).insert(map.as_ptr() as usize, region);
+    REGIONS.write().unwrap_or_else(|p| p.into_inner()).insert(map.as_ptr() as usize, region);
+    LIVE.fetch_add(1, Ordering::Release);
     Ok(Bytes::from_owner(Mapped { map, _keep: keep }))
 }
 
 /// The region `buf` lies in, with `buf`'s offset in it.
 pub fn lookup(buf: &[u8]) -> Option<(Region, u64)> {
-    if buf.is_empty() {
+    if buf.is_empty() || LIVE.load(Ordering::Acquire) == 0 {
         return None;
     }
     let addr = buf.as_ptr() as usize;
-    let regions = REGIONS.lock().unwrap_or_else(|p| p.into_inner());
+    let regions = REGIONS.read().unwrap_or_else(|p| p.into_inner());
     let (&start, region) = regions.range(..=addr).next_back()?;
     (addr + buf.len() <= start + region.len).then(|| (region.clone(), (addr - start) as u64))
 }
