@@ -287,11 +287,8 @@ async fn a_trusted_large_entry_is_sent_from_its_file_and_a_change_mid_send_abort
         assert_eq!(hit.bytes(), &document("Z-8mb"));
     }
     // A slow reader starts a zero-copy send; the file changes before its end.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket.connect(p).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    slow.write_all(format!("GET {} HTTP/1.1\r\nhost: x\r\n\r\n", batch("Z-8mb")).as_bytes()).await.unwrap();
+    use tokio::io::AsyncReadExt;
+    let mut slow = crate::support::raw::slow_reader(p, &batch("Z-8mb")).await;
     let mut first = vec![0u8; 4096];
     slow.read_exact(&mut first).await.unwrap();
     flip_in_place(&proxy.store().get("Z-8mb_resultados.json").unwrap().path);

@@ -244,11 +244,8 @@ async fn gc_removes_unreferenced_content_but_never_content_being_read() {
     let gone_path = proxy.store().get("GC-gone_resultados.json").unwrap().path.clone();
 
     // A slow reader holds the large entry open; then both entries are purged.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket.connect(p).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    slow.write_all(format!("GET {} HTTP/1.1\r\nhost: x\r\n\r\n", batch("GC-read-4mb")).as_bytes()).await.unwrap();
+    use tokio::io::AsyncReadExt;
+    let mut slow = crate::support::raw::slow_reader(p, &batch("GC-read-4mb")).await;
     let mut first = vec![0u8; 1024];
     slow.read_exact(&mut first).await.unwrap();
     admin(a, Method::POST, "/purge", Some(TOKEN), r#"{"all":true}"#).await;

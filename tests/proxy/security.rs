@@ -243,11 +243,8 @@ async fn connections_that_send_no_complete_head_are_closed_after_the_header_time
 async fn a_client_reading_one_byte_a_second_stalls_neither_the_fill_nor_others() {
     let (origin, _dir, proxy) = setup("replay_buffer = \"1MiB\"\n").await;
     origin.set("SL-6mb", Behavior::Ok { delay: Duration::from_millis(100), pieces: 6, gap: Duration::from_millis(20) });
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket.connect(proxy.local_addr()).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    slow.write_all(format!("GET {} HTTP/1.1\r\nHost: a\r\n\r\n", batch("SL-6mb")).as_bytes()).await.unwrap();
+    let mut slow = crate::support::raw::slow_reader(proxy.local_addr(), &batch("SL-6mb")).await;
+    use tokio::io::AsyncReadExt;
     let reader = tokio::spawn(async move {
         let mut b = [0u8; 1];
         for _ in 0..3 {

@@ -3,7 +3,7 @@
 use crate::support::{batch, get, origin::*, request, send, start_proxy, Got};
 use http::{Method, StatusCode};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 const NO_DELAY: Duration = Duration::ZERO;
 
@@ -177,10 +177,7 @@ async fn a_subscriber_that_falls_too_far_behind_is_cut_without_hurting_the_other
     let addr = proxy.local_addr();
 
     // A client that asks and then does not read, with a tiny receive buffer.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket.connect(addr).await.unwrap();
-    slow.write_all(format!("GET {} HTTP/1.1\r\nhost: x\r\n\r\n", batch("SF-9-12mb")).as_bytes()).await.unwrap();
+    let mut slow = crate::support::raw::slow_reader(addr, &batch("SF-9-12mb")).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
 
     let fast = get(addr, &batch("SF-9-12mb")).await;
