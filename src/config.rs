@@ -160,8 +160,9 @@ pub enum AccessPolicy {
     CredentialsBypass,
     /// Anyone who can reach the proxy (written explicitly as `access = "public"`).
     Public,
-    /// Every request is checked first with a sub-request to `url` (`{lote_id}` replaced),
-    /// carrying the client's `Cookie` and `Authorization`: 2xx allows, 401/403 is returned.
+    /// Every request is checked first with a sub-request to `url` (`{lote_id}` replaced; a
+    /// path is on the origin), carrying the client's `Cookie` and `Authorization`: 2xx allows,
+    /// 401/403 is returned.
     Auth { url: String, timeout: Duration },
 }
 
@@ -632,13 +633,17 @@ impl<'a> Validator<'a> {
             (Some(("public", _)), None) => AccessPolicy::Public,
             (Some(("auth", _)) | None, Some(auth)) => {
                 let at = self.pick(None, "", Some(&auth.url), "");
-                let ok = at
+                let absolute = at
                     .value
                     .parse::<http::Uri>()
                     .ok()
                     .is_some_and(|u| u.scheme() == Some(&http::uri::Scheme::HTTP) && u.authority().is_some());
-                if !ok {
-                    self.err(&at, "rules.auth.url", "must be an absolute http:// URL ({lote_id} is replaced)");
+                if !absolute && !at.value.starts_with('/') {
+                    self.err(
+                        &at,
+                        "rules.auth.url",
+                        "must be a path on the origin (\"/...\") or an absolute http:// URL ({lote_id} is replaced)",
+                    );
                 }
                 let timeout = self.duration("rules.auth.timeout", auth.timeout.as_ref(), "5s");
                 AccessPolicy::Auth { url: at.value.to_string(), timeout }
@@ -794,7 +799,8 @@ mod tests {
         ));
         assert_eq!(access("access = \"auth\"\n").unwrap_err()[0].field, "rules.access");
         assert_eq!(access("access = \"open\"\n").unwrap_err()[0].field, "rules.access");
-        assert_eq!(access("[rules.auth]\nurl = \"/relative\"\n").unwrap_err()[0].field, "rules.auth.url");
+        assert!(matches!(access("[rules.auth]\nurl = \"/acceso/{lote_id}\"\n").unwrap(), AccessPolicy::Auth { .. }));
+        assert_eq!(access("[rules.auth]\nurl = \"acceso\"\n").unwrap_err()[0].field, "rules.auth.url");
     }
 
     #[test]

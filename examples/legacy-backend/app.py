@@ -5,17 +5,22 @@ as the legacy code does. lotecache sits in front of it; nothing here knows about
 
     python seed.py && gunicorn -w 2 -b 127.0.0.1:5000 app:app
 
+Downloads need a logged-in user with permission on the batch (GET /login?usuario=ana sets the
+session; the seed gives ana every batch and luis only the first). GET /api/lotes/<id>/acceso
+answers the same question for lotecache's access check: 204, 401 or 403.
+
 Environment: LEGACY_DB (SQLite file, default ./legacy.db), GEN_DELAY (seconds of artificial
-generation work per download, default 1.0).
+generation work per download, default 1.0), SECRET_KEY (session signing key).
 """
 import json
 import os
 import sqlite3
 import time
 
-from flask import Flask, Response, abort, jsonify, render_template
+from flask import Flask, Response, abort, jsonify, redirect, render_template, request, session
 
 app = Flask(__name__)
+app.secret_key = os.environ.get("SECRET_KEY", "legacy-sample-secret")
 DB = os.environ.get("LEGACY_DB", "legacy.db")
 GEN_DELAY = float(os.environ.get("GEN_DELAY", "1.0"))
 
@@ -67,8 +72,39 @@ def build_json_from_data(data):
     return json.dumps(document, ensure_ascii=False, indent=2)
 
 
+def access(lote_id):
+    """(status, message) of the session user's access to a batch: 204 allowed, 401, 403."""
+    usuario = session.get("usuario")
+    if not usuario:
+        return 401, "inicie sesión para descargar resultados"
+    with db() as conn:
+        allowed = conn.execute("SELECT 1 FROM permisos WHERE usuario = ? AND lote_id = ?",
+                               (usuario, lote_id)).fetchone()
+    return (204, "") if allowed else (403, f"{usuario} no tiene acceso al lote {lote_id}")
+
+
+def refusal(status, message):
+    return jsonify({"error": "acceso denegado", "detail": message}), status
+
+
+@app.route("/api/lotes/<string:lote_id>/acceso")
+def acceso(lote_id):
+    """The access check lotecache asks before serving a saved batch."""
+    status, message = access(lote_id)
+    return ("", 204) if status == 204 else refusal(status, message)
+
+
+@app.route("/login")
+def login():
+    session["usuario"] = request.args.get("usuario", "")
+    return redirect("/monitoreo")
+
+
 @app.route("/download_batch_results/<string:lote_id>", methods=["GET"])
 def download_batch_results(lote_id):
+    status, message = access(lote_id)
+    if status != 204:
+        return refusal(status, message)
     data = get_batch_data(lote_id)
     if data is None:
         abort(404)
@@ -84,7 +120,7 @@ def monitoreo():
             "SELECT l.lote_id, l.fecha_creacion, l.estado, COUNT(a.rowid) AS archivos "
             "FROM lotes l LEFT JOIN archivos a ON a.lote_id = l.lote_id "
             "GROUP BY l.lote_id ORDER BY l.lote_id").fetchall()
-    return render_template("monitoreo.html", lotes=lotes)
+    return render_template("monitoreo.html", lotes=lotes, usuario=session.get("usuario"))
 
 
 @app.route("/api/generaciones")

@@ -33,6 +33,7 @@ def seed(path):
         CREATE TABLE archivos (lote_id TEXT NOT NULL REFERENCES lotes(lote_id), nombre_archivo TEXT,
                                paginas INTEGER, texto_extraido TEXT, confianza REAL, idioma TEXT);
         CREATE TABLE generaciones (lote_id TEXT PRIMARY KEY, n INTEGER NOT NULL);
+        CREATE TABLE permisos (usuario TEXT NOT NULL, lote_id TEXT NOT NULL, PRIMARY KEY (usuario, lote_id));
     """)
     rng = random.Random(20250716)
     for lote_id, fecha, estado, files, words in BATCHES:
@@ -43,6 +44,10 @@ def seed(path):
             db.execute("INSERT INTO archivos VALUES (?, ?, ?, ?, ?, ?)",
                        (lote_id, f"escaneo_{i:04d}.pdf", rng.randint(1, 12), text,
                         round(rng.uniform(0.8, 0.99), 4), "es"))
+    # ana may see every batch; luis only the first one.
+    for lote_id, *_ in BATCHES:
+        db.execute("INSERT INTO permisos VALUES ('ana', ?)", (lote_id,))
+    db.execute("INSERT INTO permisos VALUES ('luis', ?)", (BATCHES[0][0],))
     db.commit()
     db.close()
 

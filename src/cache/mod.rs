@@ -199,7 +199,14 @@ impl Cache {
         let mut check = Request::new(empty());
         *check.headers_mut() = headers;
         let denied = status::rejected("access-denied");
-        match url.replace("{lote_id}", &id).parse() {
+        let url = url.replace("{lote_id}", &id);
+        // A path is on the origin; anything else is an absolute URL.
+        let uri = if url.starts_with('/') {
+            self.origin.uri(&url).map_err(|e| e.detail())
+        } else {
+            url.parse::<http::Uri>().map_err(|e| e.to_string())
+        };
+        match uri {
             Ok(uri) => *check.uri_mut() = uri,
             Err(e) => {
                 let err = ProxyError::AccessCheckFailed { detail: format!("bad access check URL: {e}") };

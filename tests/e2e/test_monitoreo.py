@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import http.cookiejar
 import urllib.error
 import urllib.request
 
@@ -45,12 +46,19 @@ def wait_port(port, proc, seconds=20):
     raise RuntimeError(f"nothing listens on {port} after {seconds}s")
 
 
-def get_json(url):
+def get_json(url, opener=None):
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with (opener or urllib.request.build_opener()).open(url, timeout=10) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"null")
+
+
+def logged_in(proxy, usuario):
+    """An HTTP client holding `usuario`'s session cookie, logged in through the proxy."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    opener.open(f"{proxy}/login?usuario={usuario}", timeout=10).read()
+    return opener
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +147,9 @@ def assert_batch(body, lote_id):
 
 
 def test_descargar_json_on_the_monitoring_page_through_lotecache(stack, browser):
-    browser.get(stack["proxy"] + "/monitoreo")
+    # Ana logs in (through the proxy, like every request of the page).
+    browser.get(stack["proxy"] + "/login?usuario=ana")
+    assert browser.find_element(By.ID, "usuario").text == "Usuario: ana"
     assert browser.find_element(By.TAG_NAME, "h2").text == "Historial de Lotes"
     rows = browser.find_elements(By.CSS_SELECTOR, "#historial-lotes tbody tr")
     assert len(rows) == 6
@@ -162,6 +172,16 @@ def test_descargar_json_on_the_monitoring_page_through_lotecache(stack, browser)
     assert_batch(proc2, IN_PROCESS)
     status, _ = get_json(f"{stack['admin']}/entries/{IN_PROCESS}_resultados.json")
     assert status == 404, "an en_proceso batch must never be stored"
+
+    # The saved batch is never handed to someone the backend would refuse: each request is
+    # checked with the backend first, and its refusal comes back as the backend sent it.
+    url = f"{stack['proxy']}/download_batch_results/{FINISHED}"
+    status, body = get_json(url)
+    assert (status, body["error"]) == (401, "acceso denegado"), body
+    status, body = get_json(url, logged_in(stack["proxy"], "luis"))
+    assert status == 403 and "luis no tiene acceso" in body["detail"], body
+    _, entry = get_json(f"{stack['admin']}/entries/{FINISHED}_resultados.json")
+    assert entry["hits"] == 1, "refused requests are not served from the store"
 
     _, generations = get_json(stack["backend"] + "/api/generaciones")
     assert generations == {FINISHED: 1, IN_PROCESS: 2}, generations

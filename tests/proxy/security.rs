@@ -312,11 +312,9 @@ async fn with_an_auth_check_a_hit_is_served_only_to_whom_the_backend_allows() {
     let (origin, _dir, proxy) = {
         let origin = TestOrigin::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let rule = format!(
-            "[[rules]]\nname = \"b\"\npath = \"/download_batch_results/{{lote_id}}\"\n[rules.auth]\nurl = \"http://{}/auth/{{lote_id}}\"\n",
-            origin.addr
-        );
-        let proxy = start_proxy(origin.addr, dir.path(), &rule).await;
+        // The check URL is a path: on the origin.
+        let rule = "[[rules]]\nname = \"b\"\npath = \"/download_batch_results/{lote_id}\"\n[rules.auth]\nurl = \"/auth/{lote_id}\"\n";
+        let proxy = start_proxy(origin.addr, dir.path(), rule).await;
         (origin, dir, proxy)
     };
     let p = proxy.local_addr();
