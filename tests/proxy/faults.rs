@@ -234,12 +234,8 @@ async fn the_scrubber_evicts_a_corrupt_entry_before_anyone_asks_for_it() {
     get(proxy.local_addr(), &batch("C-scrub")).await;
     get(proxy.local_addr(), &batch("C-ok")).await;
     flip_a_byte(&proxy, "C-scrub_resultados.json");
-    for _ in 0..150 {
-        if proxy.store().get("C-scrub_resultados.json").is_none() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::support::wait_until(Duration::from_secs(15), || proxy.store().get("C-scrub_resultados.json").is_none())
+        .await;
     assert!(proxy.store().get("C-scrub_resultados.json").is_none(), "the scrubber found it");
     assert!(proxy.store().get("C-ok_resultados.json").is_some(), "good entries stay");
 }

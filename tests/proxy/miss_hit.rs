@@ -79,12 +79,7 @@ async fn head_on_a_miss_fills_the_whole_entry_with_a_get() {
     assert_eq!(head.headers["content-length"], document("L-5").len().to_string());
     assert!(head.bytes().is_empty());
     // The fill goes on without a body reader; the entry appears complete.
-    for _ in 0..100 {
-        if proxy.store().get("L-5_resultados.json").is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::support::wait_until(Duration::from_secs(2), || proxy.store().get("L-5_resultados.json").is_some()).await;
     let hit = get(proxy.local_addr(), &batch("L-5")).await;
     assert_eq!(hit.cache_status(), "lotecache; hit");
     assert_eq!(hit.bytes(), &document("L-5"));
@@ -120,12 +115,7 @@ async fn a_client_that_disconnects_mid_miss_still_leaves_a_complete_entry() {
     assert_eq!(resp.status(), StatusCode::OK);
     drop(resp); // the client leaves after the head, with most of the body still to come
 
-    for _ in 0..200 {
-        if proxy.store().get("L-7-2mb_resultados.json").is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::support::wait_until(Duration::from_secs(4), || proxy.store().get("L-7-2mb_resultados.json").is_some()).await;
     let hit = get(proxy.local_addr(), &batch("L-7-2mb")).await;
     assert_eq!(hit.cache_status(), "lotecache; hit");
     assert_eq!(hit.bytes(), &document("L-7-2mb"));

@@ -93,3 +93,15 @@ pub fn assert_intact(got: &Got, id: &str) {
         }
     }
 }
+
+/// Polls `cond` every 20 ms for up to `within`; whether it became true.
+pub async fn wait_until(within: std::time::Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    true
+}
