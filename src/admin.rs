@@ -96,12 +96,24 @@ impl Admin {
 
     async fn readyz(&self) -> Response<ProxyBody> {
         let origin = self.shared.origin.reachable(ORIGIN_RECENT).await;
-        let body = json!({
+        let mut body = json!({
             "ready": origin,
             "store": "open",
             "origin": if origin { "reachable" } else { "unreachable" },
             "fills_in_flight": self.shared.cache.fills.len(),
         });
+        // The shared store's state is reported, not required: without it this replica still
+        // serves from its own tier and the origin.
+        if let Some(s) = self.shared.cache.fills.shared() {
+            let up = s.probe().await;
+            let (_, last_error) = s.state();
+            body["shared_store"] = json!({
+                "location": s.location(),
+                "state": if up { "reachable" } else { "unreachable" },
+                "last_error": last_error,
+                "uploads_pending": s.uploads_pending(),
+            });
+        }
         reply(if origin { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
     }
 
@@ -116,12 +128,47 @@ impl Admin {
         reply(StatusCode::OK, json!({ "total": all.len(), "offset": offset, "limit": limit, "entries": page }))
     }
 
+    /// Removes entries locally and, with a shared store, their shared records and named
+    /// copies (else another replica, or this one, would copy them back).
     async fn purge(&self, which: Purge) -> Response<ProxyBody> {
         match self.shared.cache.store.purge(which.clone()).await {
-            Ok(removed) if removed.is_empty() && matches!(which, Purge::Key(_)) => {
+            Ok(removed)
+                if removed.is_empty()
+                    && matches!(which, Purge::Key(_))
+                    && self.shared.cache.fills.shared().is_none() =>
+            {
                 error(StatusCode::NOT_FOUND, "no such entry", "nothing was removed")
             }
-            Ok(removed) => reply(StatusCode::OK, json!({ "removed": removed })),
+            Ok(removed) => {
+                let mut body = json!({ "removed": removed });
+                if let Some(s) = self.shared.cache.fills.shared() {
+                    // A key purged on another replica may not be here: remove it there by key.
+                    let mut keys = removed.clone();
+                    let named = match &which {
+                        Purge::Key(k) => vec![k.clone()],
+                        Purge::LoteId(id) => self.shared.rules.load().keys_of(id),
+                        Purge::All => Vec::new(),
+                    };
+                    for k in named {
+                        if !keys.contains(&k) {
+                            keys.push(k);
+                        }
+                    }
+                    let mut failed = Vec::new();
+                    for k in &keys {
+                        if let Err(e) = crate::cache::tier::Tier::remove(s, k).await {
+                            tracing::warn!(key = %k, error = %e, "purge: shared record not removed");
+                            failed.push(k.clone());
+                        }
+                    }
+                    body["shared_removed"] = json!(keys.iter().filter(|k| !failed.contains(k)).collect::<Vec<_>>());
+                    if !failed.is_empty() {
+                        body["shared_failed"] = json!(failed);
+                        return reply(StatusCode::BAD_GATEWAY, body);
+                    }
+                }
+                reply(StatusCode::OK, body)
+            }
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "purge failed", &e.to_string()),
         }
     }

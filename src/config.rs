@@ -23,6 +23,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub log: RawLog,
+    /// The shared store (second tier); absent: none.
+    pub shared: Option<RawShared>,
     /// `None` (no `[[rules]]` in the file) means the built-in batch-results rule.
     pub rules: Option<Vec<RawRule>>,
 }
@@ -53,6 +55,23 @@ pub struct RawOrigin {
 pub struct RawAdmin {
     pub listen: Option<Spanned<String>>,
     pub token: Option<String>,
+}
+
+/// `[shared]`: an S3-compatible object store shared by several replicas.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShared {
+    /// `s3://BUCKET[/prefix]`.
+    pub url: Option<Spanned<String>>,
+    /// S3 endpoints tried in turn (e.g. each node of a cluster); absent: AWS.
+    pub endpoints: Option<Vec<Spanned<String>>>,
+    pub region: Option<String>,
+    /// Virtual-hosted-style addressing (`BUCKET.host`); the default is path style.
+    pub virtual_hosted_style: Option<bool>,
+    pub timeout: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub transfer_timeout: Option<Spanned<String>>,
+    pub probe_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +170,28 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub rules: Vec<RuleConfig>,
+    /// The shared store, if one is configured (a change needs a restart).
+    pub shared: Option<SharedConfig>,
+}
+
+/// The shared store: where, and how long each operation may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedConfig {
+    pub bucket: String,
+    /// Object-name prefix inside the bucket (may be empty).
+    pub prefix: String,
+    /// Endpoints tried in turn; empty: AWS, from the region.
+    pub endpoints: Vec<String>,
+    /// Region (else `AWS_REGION` / `AWS_DEFAULT_REGION`).
+    pub region: Option<String>,
+    pub virtual_hosted: bool,
+    /// Deadline of each small operation (record read, existence check, delete) per endpoint.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Deadline of a whole body transfer.
+    pub transfer_timeout: Duration,
+    /// How often the store is probed for `/readyz` and `lotecache_shared_up`.
+    pub probe_interval: Duration,
 }
 
 /// Who may be served a stored entry of a rule.
@@ -296,6 +337,10 @@ pub struct Overrides {
     pub cache_dir: Option<String>,
     pub admin_listen: Option<String>,
     pub log_format: Option<String>,
+    /// `--shared-store s3://BUCKET[/prefix]`.
+    pub shared_store: Option<String>,
+    /// `--s3-endpoint URL`, repeatable: replaces the file's endpoints.
+    pub s3_endpoints: Vec<String>,
 }
 
 /// Reads, parses and validates a config file (or the built-in defaults when `path` is None),
@@ -509,6 +554,8 @@ impl<'a> Validator<'a> {
             fill_timeout: self.duration("cache.fill_timeout", raw.cache.fill_timeout.as_ref(), "15m"),
         };
 
+        let shared = self.shared(raw.shared.as_ref(), ov);
+
         let rules = match &raw.rules {
             None => vec![default_rule()],
             Some(list) => {
@@ -547,9 +594,91 @@ impl<'a> Validator<'a> {
                 admin,
                 log,
                 rules,
+                shared,
             })
         } else {
             Err(self.errors)
+        }
+    }
+
+    fn shared(&mut self, raw: Option<&RawShared>, ov: &Overrides) -> Option<SharedConfig> {
+        let default = RawShared::default();
+        let r = raw.unwrap_or(&default);
+        let url_at = match (ov.shared_store.as_deref(), r.url.as_ref()) {
+            (None, None) => {
+                if raw.is_some() || !ov.s3_endpoints.is_empty() {
+                    let location = if ov.s3_endpoints.is_empty() { self.name } else { "--s3-endpoint" };
+                    let at = Located { value: "", location: location.to_string() };
+                    self.err(
+                        &at,
+                        "shared.url",
+                        "a shared store needs its location: shared.url or --shared-store s3://BUCKET[/prefix]",
+                    );
+                }
+                return None;
+            }
+            (flag, file) => self.pick(flag, "--shared-store", file, ""),
+        };
+        let (bucket, prefix) =
+            match url_at.value.strip_prefix("s3://").map(|rest| rest.split_once('/').unwrap_or((rest, ""))) {
+                Some((b, p))
+                    if !b.is_empty()
+                        && b.len() <= 63
+                        && b.bytes()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.') =>
+                {
+                    (b.to_string(), p.trim_matches('/').to_string())
+                }
+                _ => {
+                    self.err(
+                        &url_at,
+                        "shared.url",
+                        format!(
+                            "{:?} is not s3://BUCKET[/prefix] (bucket: lowercase letters, digits, '-', '.')",
+                            url_at.value
+                        ),
+                    );
+                    (String::new(), String::new())
+                }
+            };
+        let mut endpoints = Vec::new();
+        if !ov.s3_endpoints.is_empty() {
+            for e in &ov.s3_endpoints {
+                let at = Located { value: e, location: "--s3-endpoint".into() };
+                if let Some(e) = self.endpoint(&at) {
+                    endpoints.push(e);
+                }
+            }
+        } else {
+            for e in r.endpoints.iter().flatten() {
+                let at = self.pick(None, "", Some(e), "");
+                if let Some(e) = self.endpoint(&at) {
+                    endpoints.push(e);
+                }
+            }
+        }
+        Some(SharedConfig {
+            bucket,
+            prefix,
+            endpoints,
+            region: r.region.clone().filter(|s| !s.is_empty()),
+            virtual_hosted: r.virtual_hosted_style.unwrap_or(false),
+            timeout: self.duration("shared.timeout", r.timeout.as_ref(), "5s"),
+            connect_timeout: self.duration("shared.connect_timeout", r.connect_timeout.as_ref(), "2s"),
+            transfer_timeout: self.duration("shared.transfer_timeout", r.transfer_timeout.as_ref(), "120s"),
+            probe_interval: self.duration("shared.probe_interval", r.probe_interval.as_ref(), "10s"),
+        })
+    }
+
+    fn endpoint(&mut self, at: &Located<'_>) -> Option<String> {
+        match at.value.parse::<http::Uri>() {
+            Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => {
+                Some(at.value.trim_end_matches('/').to_string())
+            }
+            _ => {
+                self.err(at, "shared.endpoints", format!("{:?} is not an http:// or https:// URL", at.value));
+                None
+            }
         }
     }
 

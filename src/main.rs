@@ -14,26 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Serve {
-        /// Config file (TOML). Without it, built-in defaults apply.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Address to listen on, e.g. 127.0.0.1:8080 (overrides the file).
-        #[arg(long)]
-        listen: Option<String>,
-        /// Origin base URL, e.g. http://127.0.0.1:5000 (overrides the file).
-        #[arg(long)]
-        origin: Option<String>,
-        /// Cache directory (overrides the file).
-        #[arg(long)]
-        cache_dir: Option<String>,
-        /// Admin listener address, e.g. 127.0.0.1:9091 (overrides the file).
-        #[arg(long)]
-        admin_listen: Option<String>,
-        /// Log format: text or json (overrides the file).
-        #[arg(long)]
-        log_format: Option<String>,
-    },
+    Serve(ServeArgs),
     /// Offline operations on a cache directory.
     Cache {
         #[command(subcommand)]
@@ -59,6 +40,50 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         delay: Duration,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Config file (TOML). Without it, built-in defaults apply.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:8080 (overrides the file).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Origin base URL, e.g. http://127.0.0.1:5000 (overrides the file).
+    #[arg(long)]
+    origin: Option<String>,
+    /// Cache directory (overrides the file).
+    #[arg(long)]
+    cache_dir: Option<String>,
+    /// Admin listener address, e.g. 127.0.0.1:9091 (overrides the file).
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Log format: text or json (overrides the file).
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Shared store for several replicas, s3://BUCKET[/prefix] (overrides the file);
+    /// credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, region from AWS_REGION.
+    #[arg(long, value_name = "s3://BUCKET[/prefix]")]
+    shared_store: Option<String>,
+    /// S3 endpoint URL, e.g. http://127.0.0.1:3900 (path-style); repeat it to list every
+    /// node: a node that fails or does not answer in time is skipped (overrides the file).
+    #[arg(long = "s3-endpoint", value_name = "URL")]
+    s3_endpoints: Vec<String>,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> config::Overrides {
+        config::Overrides {
+            listen: self.listen.clone(),
+            origin: self.origin.clone(),
+            cache_dir: self.cache_dir.clone(),
+            admin_listen: self.admin_listen.clone(),
+            log_format: self.log_format.clone(),
+            shared_store: self.shared_store.clone(),
+            s3_endpoints: self.s3_endpoints.clone(),
+        }
+    }
 }
 
 /// Where a `cache` command finds the store.
@@ -175,20 +200,13 @@ fn init_logging(log: &config::LogConfig) -> tracing_appender::non_blocking::Work
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log_guard = (!matches!(cli.command, Command::Serve { .. })).then(|| {
+    let _log_guard = (!matches!(cli.command, Command::Serve(_))).then(|| {
         init_logging(&config::LogConfig { level: "info".into(), access: true, format: config::LogFormat::Text })
     });
     // `serve` reads its config first: it sizes the runtime.
     let mut workers = 0;
-    if let Command::Serve { config, listen, origin, cache_dir, admin_listen, log_format } = &cli.command {
-        let overrides = config::Overrides {
-            listen: listen.clone(),
-            origin: origin.clone(),
-            cache_dir: cache_dir.clone(),
-            admin_listen: admin_listen.clone(),
-            log_format: log_format.clone(),
-        };
-        match config::load(config.as_deref(), &overrides) {
+    if let Command::Serve(args) = &cli.command {
+        match config::load(args.config.as_deref(), &args.overrides()) {
             Ok(c) => workers = c.workers,
             Err(errors) => return print_config_errors(&errors),
         }
@@ -200,10 +218,7 @@ fn main() -> ExitCode {
     let runtime = builder.enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve { config, listen, origin, cache_dir, admin_listen, log_format } => {
-                let overrides = config::Overrides { listen, origin, cache_dir, admin_listen, log_format };
-                serve(config, overrides).await
-            }
+            Command::Serve(args) => serve(args.config.clone(), args.overrides()).await,
             Command::CheckConfig { path } => match config::load(Some(&path), &config::Overrides::default()) {
                 Ok(_) => {
                     println!("ok");
@@ -483,6 +498,7 @@ async fn demo(listen: String, delay: Duration) -> ExitCode {
         listen: Some(listen),
         origin: Some(format!("http://{}", origin.addr)),
         cache_dir: Some(cache_dir.display().to_string()),
+        ..Default::default()
     };
     let config = match config::load(None, &overrides) {
         Ok(c) => c,

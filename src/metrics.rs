@@ -25,6 +25,12 @@ pub struct Metrics {
     /// Sum of the recorded generation time of each hit's entry.
     pub origin_seconds_saved: prometheus::Counter,
     pub gc_removed_files: IntCounter,
+    /// Shared-store operations by operation and result (ok, not-found, error, corrupt).
+    pub shared_ops: IntCounterVec,
+    /// 1 while the shared store answers, 0 after a failure until it answers again.
+    pub shared_up: IntGauge,
+    /// Write-through uploads to the shared store not finished yet.
+    pub shared_uploads_pending: IntGauge,
     /// `requests` resolved once per outcome: the request path does no label lookup.
     pub outcome: Outcomes,
 }
@@ -86,6 +92,14 @@ impl Metrics {
         let integrity_failures =
             counter_vec("lotecache_integrity_failures_total", "Stored entries that failed verification", "reason");
         let evictions = counter_vec("lotecache_evictions_total", "Entries removed from the store", "reason");
+        let shared_ops = reg(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("lotecache_shared_ops_total", "Shared-store operations by operation and result"),
+                &["op", "result"],
+            )
+            .expect("valid metric"),
+        );
         let origin_errors = counter_vec("lotecache_origin_errors_total", "Origin failures by kind", "kind");
         Metrics {
             stored: reg(&registry, IntCounter::new("lotecache_stored_total", "Entries stored").expect("valid")),
@@ -119,6 +133,16 @@ impl Metrics {
                 IntCounter::new("lotecache_gc_removed_files_total", "Unreferenced content files removed")
                     .expect("valid"),
             ),
+            shared_up: reg(
+                &registry,
+                IntGauge::new("lotecache_shared_up", "1 while the shared store answers (0 if down or not configured)")
+                    .expect("valid"),
+            ),
+            shared_uploads_pending: reg(
+                &registry,
+                IntGauge::new("lotecache_shared_uploads_pending", "Write-through uploads not finished").expect("valid"),
+            ),
+            shared_ops,
             outcome: Outcomes::new(&requests),
             registry,
             requests,

@@ -60,6 +60,11 @@ impl Rules {
         Rules { rules }
     }
 
+    /// The keys each rule would give `lote_id` (without query strings).
+    pub fn keys_of(&self, lote_id: &str) -> Vec<String> {
+        self.rules.iter().map(|r| format!("{}{}{}", r.key_prefix, lote_id, r.key_suffix)).collect()
+    }
+
     /// Decides the route of `req`. Only `GET` and `HEAD` are cached; other methods pass.
     pub fn route<B>(&self, req: &Request<B>) -> Route {
         if req.method() != Method::GET && req.method() != Method::HEAD {

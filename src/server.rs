@@ -4,7 +4,7 @@
 
 use crate::admin::Admin;
 use crate::body::ProxyBody;
-use crate::cache::{store::Store, Cache};
+use crate::cache::{shared::SharedStore, store::Store, Cache};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::origin::Origin;
@@ -33,6 +33,8 @@ pub enum StartError {
     Store(#[from] crate::cache::store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Shared(#[from] crate::cache::shared::SharedSetupError),
 }
 
 /// A running proxy.
@@ -58,12 +60,16 @@ impl RunningProxy {
         store.set_gc_grace(config.gc_grace);
         store.set_memory_tier(config.memory_tier, config.memory_object_max, config.memory_recheck);
         let origin = Origin::new(config.origin.clone(), metrics.clone());
-        let shared = Arc::new(Shared {
-            rules: ArcSwap::from_pointee(Rules::new(config.rules.clone())),
-            cache: Cache::new(store.clone(), origin.clone(), config.fill.clone()),
-            origin,
-            metrics,
-        });
+        let shared_store = match &config.shared {
+            Some(c) => Some((SharedStore::new(c, metrics.clone())?, c.probe_interval)),
+            None => None,
+        };
+        let cache = Cache::new(store.clone(), origin.clone(), config.fill.clone());
+        if let Some((s, _)) = &shared_store {
+            cache.fills.set_shared(s.clone());
+        }
+        let shared =
+            Arc::new(Shared { rules: ArcSwap::from_pointee(Rules::new(config.rules.clone())), cache, origin, metrics });
         let listener = bind(config.listen).await?;
         let admin_listener = bind(config.admin.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
@@ -93,20 +99,17 @@ impl RunningProxy {
         }));
         let scrub_task =
             tokio::spawn(crate::cache::read::scrub_loop(store.clone(), config.scrub_rate, stopped.clone()));
-        let gc_task = tokio::spawn(gc_loop(store, config.gc_interval, stopped));
+        let mut tasks = vec![proxy_task, admin_task, scrub_task];
+        if let Some((s, interval)) = shared_store {
+            tracing::info!(store = %s.location(), "shared store configured");
+            tasks.push(tokio::spawn(probe_loop(s, interval, stopped.clone())));
+        }
+        tasks.push(tokio::spawn(gc_loop(store, config.gc_interval, stopped)));
         tracing::info!(
             listen = %local_addr, admin = %admin_addr, origin = %config.origin.authority,
             cache_dir = %config.cache_dir.display(), rules = config.rules.len(), "lotecache serving"
         );
-        Ok(RunningProxy {
-            local_addr,
-            admin_addr,
-            shared,
-            admin,
-            config: Mutex::new(config),
-            stop,
-            tasks: vec![proxy_task, admin_task, gc_task, scrub_task],
-        })
+        Ok(RunningProxy { local_addr, admin_addr, shared, admin, config: Mutex::new(config), stop, tasks })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -142,6 +145,7 @@ impl RunningProxy {
             ("admin.listen", current.admin.listen != new.admin.listen),
             ("cache.dir", current.cache_dir != new.cache_dir),
             ("origin", format!("{:?}", current.origin) != format!("{:?}", new.origin)),
+            ("shared", current.shared != new.shared),
         ];
         for (field, changed) in needs_restart {
             if changed {
@@ -182,7 +186,22 @@ impl RunningProxy {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        if let Some(s) = fills.shared() {
+            s.drain(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
+        }
         tracing::info!("stopped");
+    }
+}
+
+/// Probes the shared store every `interval` (a failed request marks it down at once; this
+/// notices when it is back, and keeps `/readyz` current when no traffic touches it).
+async fn probe_loop(shared: Arc<SharedStore>, interval: Duration, mut stopped: watch::Receiver<bool>) {
+    loop {
+        shared.probe().await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stopped.changed() => return,
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test suite, in order: Rust unit and integration tests (one build, reused after),
 # the browser end-to-end test (installs chromium, chromedriver and a Python virtualenv when
-# missing), then the deploy files' lint. This is the test command README.md gives and
+# missing), the scale-out test (installs garage and nginx when missing), then the deploy
+# files' lint. This is the test command README.md gives and
 # .ci/run runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,9 @@ cargo test --locked
 
 echo "== end-to-end: Flask + gunicorn + lotecache + headless Chromium"
 bash tests/e2e/run.sh
+
+echo "== scale-out: 3-node Garage + 3 replicas + nginx (consistent hash)"
+bash tests/scaleout/run.sh
 
 echo "== deploy files"
 if ! command -v systemd-analyze >/dev/null && command -v apt-get >/dev/null; then

@@ -148,6 +148,17 @@ pub fn hit_head(mut h: HeaderMap, size: u64, etag: &HeaderValue, repr_digest: &H
     h
 }
 
+/// The origin's end-to-end headers a hit head was built from (the inverse of [`hit_head`]).
+pub fn stored_head(hit: &HeaderMap) -> HeaderMap {
+    let mut h = hit.clone();
+    for name in [http::header::CONTENT_LENGTH, http::header::ETAG, http::header::VIA, http::header::AGE] {
+        h.remove(name);
+    }
+    h.remove(super::fill::REPR_DIGEST);
+    h.remove(super::status::CACHE_STATUS);
+    h
+}
+
 /// The `ETag` and `Repr-Digest` values for a body with this sha256.
 pub fn validators(sha256: &[u8; 32], integrity: &Integrity) -> (HeaderValue, HeaderValue) {
     let etag = HeaderValue::from_str(&format!("\"sha256-{}\"", hex::encode(sha256))).expect("hex is a valid header");

@@ -13,8 +13,10 @@
 
 use super::entry::{Entry, EntryMeta};
 use super::policy::{storability, Storability};
+use super::shared::SharedStore;
 use super::status;
-use super::store::Store;
+use super::store::{Expect, Store};
+use super::tier::{copy, Record, Tier, TierError};
 use super::validate::{OnFail, StreamingValidator, Verdict};
 use crate::body::{BoxError, ProxyBody};
 use crate::config::FillConfig;
@@ -58,6 +60,17 @@ pub enum FillEnd {
     /// The fill failed: subscribers without a head get the error response, others an
     /// aborted body.
     Failed(Arc<ProxyError>),
+    /// The entry was copied from the shared store into the local one, no head was sent:
+    /// subscribers serve it from the store.
+    Promoted,
+}
+
+/// What a subscriber waits for first.
+pub enum Head {
+    /// The response head: stream the body from the fill.
+    Response(Arc<FillHead>),
+    /// The entry is in the local store now: serve it from there.
+    Stored,
 }
 
 /// A subscriber's position, visible to the fill so that it can drop what all have read.
@@ -181,6 +194,8 @@ pub struct Subscription {
 /// The registry of fills in flight, by cache key.
 pub struct Fills {
     inflight: Mutex<HashMap<String, Arc<Fill>>>,
+    /// The second tier, if configured: read before the origin, written after a commit.
+    shared: OnceLock<Arc<SharedStore>>,
     /// Replaced on reload; each fill keeps the limits it started with.
     config: ArcSwap<FillConfig>,
     metrics: Arc<Metrics>,
@@ -208,11 +223,22 @@ pub struct FillJob {
     pub validation: Option<Arc<super::validate::Validation>>,
     /// Response headers this route stores despite.
     pub ignore: crate::config::IgnoreResponse,
+    /// The route's TTL: an older shared entry is not copied, but refetched.
+    pub ttl: Option<std::time::Duration>,
 }
 
 impl Fills {
     pub fn new(config: FillConfig, metrics: Arc<Metrics>) -> Self {
-        Fills { inflight: Mutex::default(), config: ArcSwap::from_pointee(config), metrics }
+        Fills { inflight: Mutex::default(), shared: OnceLock::new(), config: ArcSwap::from_pointee(config), metrics }
+    }
+
+    /// Sets the shared store fills read from and write through to (once, at start).
+    pub fn set_shared(&self, shared: Arc<SharedStore>) {
+        let _ = self.shared.set(shared);
+    }
+
+    pub fn shared(&self) -> Option<&Arc<SharedStore>> {
+        self.shared.get()
     }
 
     pub fn config(&self) -> Arc<FillConfig> {
@@ -256,7 +282,8 @@ impl Fills {
         inflight.insert(key.to_string(), fill.clone());
         let guard = FillGuard { fills: self.clone(), key: key.to_string(), fill: fill.clone() };
         self.metrics.fills_in_flight.inc();
-        let task = tokio::spawn(run(guard, store.clone(), origin.clone(), job(), (*config).clone()));
+        let shared = self.shared.get().cloned();
+        let task = tokio::spawn(run(guard, store.clone(), origin.clone(), job(), (*config).clone(), shared));
         let _ = fill.abort.set(task.abort_handle());
         Lookup::Started(sub)
     }
@@ -310,11 +337,25 @@ impl Drop for FillGuard {
     }
 }
 
-/// The fill task: fetch, fan out, validate, write, commit.
-async fn run(guard: FillGuard, store: Arc<Store>, origin: Origin, job: FillJob, config: FillConfig) {
+/// The fill task: copy from the shared store, or fetch, fan out, validate, write, commit
+/// (and write through).
+async fn run(
+    guard: FillGuard,
+    store: Arc<Store>,
+    origin: Origin,
+    job: FillJob,
+    config: FillConfig,
+    shared: Option<Arc<SharedStore>>,
+) {
     let fill = guard.fill.clone();
     let key = job.key.clone();
-    if let Err(e) = fetch(&fill, &store, &origin, job, &config).await {
+    if let Some(shared) = &shared {
+        if promote(shared, &store, &job.key, &job.lote_id, job.ttl).await {
+            fill.state.send_modify(|s| s.end = FillEnd::Promoted);
+            return;
+        }
+    }
+    if let Err(e) = fetch(&fill, &store, &origin, job, &config, shared.as_ref()).await {
         tracing::warn!(key = %key, error = %e, detail = %e.detail(), "fill failed; nothing stored");
         store.metrics().not_stored.with_label_values(&[&e.token()]).inc();
         fill.fail(e);
@@ -335,12 +376,57 @@ impl Fill {
     }
 }
 
+/// Copies `job`'s entry from the shared store into the local one if a fresh record is
+/// there and its body verifies; whether it did. Any failure leaves the fill to the origin.
+async fn promote(
+    shared: &Arc<SharedStore>,
+    store: &Arc<Store>,
+    key: &str,
+    lote_id: &str,
+    ttl: Option<std::time::Duration>,
+) -> bool {
+    let record = match shared.lookup(key).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return false,
+        Err(e) => {
+            tracing::warn!(key = %key, error = %e, "shared store lookup failed; filling from the origin");
+            return false;
+        }
+    };
+    let age_ms = super::store::now_ms().saturating_sub(record.stored_at_ms as u128);
+    if ttl.is_some_and(|ttl| age_ms >= ttl.as_millis()) {
+        tracing::info!(key = %key, age_ms = age_ms as u64, "shared entry expired; filling from the origin");
+        return false;
+    }
+    if store.max_size().is_some_and(|max| record.size > max) {
+        return false;
+    }
+    let started = Instant::now();
+    match copy(&record, shared, store).await {
+        Ok(()) => {
+            tracing::info!(key = %key, lote_id = %lote_id, size = record.size, ms = started.elapsed().as_millis() as u64, "entry copied from the shared store");
+            true
+        }
+        Err(e @ TierError::Corrupt { .. }) => {
+            tracing::warn!(key = %key, error = %e, "shared entry failed verification; not served, filling from the origin");
+            store.metrics().integrity_failures.with_label_values(&["shared-digest"]).inc();
+            shared.discard(&record).await;
+            false
+        }
+        Err(e) => {
+            tracing::warn!(key = %key, error = %e, "copy from the shared store failed; filling from the origin");
+            false
+        }
+    }
+}
+
 async fn fetch(
     fill: &Fill,
     store: &Arc<Store>,
     origin: &Origin,
     job: FillJob,
     config: &FillConfig,
+    shared: Option<&Arc<SharedStore>>,
 ) -> Result<(), ProxyError> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + config.fill_timeout;
@@ -447,9 +533,12 @@ async fn fetch(
     let mut stored = None;
     if let (Some(w), Storability::Store { expected_len }) = (writer, &decision) {
         let meta = EntryMeta::new(&job.lote_id, StatusCode::OK, &stored_headers, gen_ms);
-        match w.commit(store, &job.key, meta, *expected_len).await {
+        match w.commit(store, &job.key, meta, Expect { len: *expected_len, ..Expect::default() }).await {
             Ok(entry) => {
                 tracing::info!(key = %job.key, lote_id = %job.lote_id, size = entry.size, gen_ms, "entry stored");
+                if let Some(shared) = shared {
+                    shared.write_through(store.clone(), Record::of(&entry));
+                }
                 stored = Some(entry);
             }
             Err(e) => {
@@ -477,16 +566,18 @@ async fn fetch(
     Ok(())
 }
 
-/// Waits for the fill's response head, or its failure.
-pub async fn wait_head(rx: &mut watch::Receiver<FillState>) -> Result<Arc<FillHead>, Arc<ProxyError>> {
+/// Waits for the fill's response head (or word that the entry is stored), or its failure.
+pub async fn wait_head(rx: &mut watch::Receiver<FillState>) -> Result<Head, Arc<ProxyError>> {
     loop {
         {
             let s = rx.borrow_and_update();
             if let Some(h) = &s.head {
-                return Ok(h.clone());
+                return Ok(Head::Response(h.clone()));
             }
-            if let FillEnd::Failed(e) = &s.end {
-                return Err(e.clone());
+            match &s.end {
+                FillEnd::Failed(e) => return Err(e.clone()),
+                FillEnd::Promoted => return Ok(Head::Stored),
+                FillEnd::Open | FillEnd::Complete => {}
             }
         }
         if rx.changed().await.is_err() && rx.borrow().head.is_none() {

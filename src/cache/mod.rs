@@ -5,8 +5,10 @@ pub mod entry;
 pub mod fill;
 pub mod policy;
 pub mod read;
+pub mod shared;
 pub mod status;
 pub mod store;
+pub mod tier;
 pub mod validate;
 
 use crate::body::{empty, full, ProxyBody};
@@ -16,7 +18,7 @@ use crate::error::ProxyError;
 use crate::origin::{forward_request_headers, forward_response_headers, IdleTimeoutBody, Origin};
 use crate::rules::CacheTarget;
 use entry::Entry;
-use fill::{wait_end, wait_head, FillJob, Fills, Lookup, Subscription};
+use fill::{wait_end, wait_head, FillJob, Fills, Head, Lookup, Subscription};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use std::{net::SocketAddr, sync::Arc};
 use store::Store;
@@ -77,6 +79,8 @@ impl Cache {
         }
         let wait_timeout = self.fills.config().wait_timeout;
         let mut waited = false;
+        // Set once a fill copied the entry from the shared store.
+        let mut from_shared = false;
         // A few rounds at most: a stored entry may be evicted under us, and a fill past its
         // replay buffer is waited for, then looked up again.
         for _ in 0..3 {
@@ -86,7 +90,9 @@ impl Cache {
             let (sub, collapsed) = match lookup {
                 Lookup::Stored(entry) => {
                     if let Some(mut resp) = self.serve_hit(entry, head_only, inm).await {
-                        if waited {
+                        if from_shared {
+                            resp.headers_mut().insert(status::CACHE_STATUS, status::shared_hit());
+                        } else if waited {
                             resp.headers_mut().insert(status::CACHE_STATUS, status::collapsed());
                         }
                         return resp;
@@ -105,7 +111,11 @@ impl Cache {
                 }
             };
             return match respond_from_fill(sub, head_only, collapsed, wait_timeout).await {
-                Ok(resp) => resp,
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    from_shared = true;
+                    continue;
+                }
                 Err((origin_status, resp)) => match stale.take() {
                     Some(entry) => match self.serve_hit(entry, head_only, inm).await {
                         Some(mut stale_resp) => {
@@ -260,21 +270,23 @@ impl Cache {
             request,
             validation: target.validation.clone(),
             ignore: target.ignore,
+            ttl: target.ttl,
         }
     }
 }
 
 /// Streams a fill's response to one request; `cache_status` overrides the fill's own.
-/// `Err` carries the origin's failure (its status, and the response to send when no stale
+/// `None`: the fill put the entry in the local store (from the shared one); serve it. `Err` carries the origin's failure (its status, and the response to send when no stale
 /// entry can stand in): a fill error before the head, or a 5xx head.
 async fn respond_from_fill(
     mut sub: Subscription,
     head_only: bool,
     cache_status: Option<HeaderValue>,
     wait_timeout: std::time::Duration,
-) -> Result<Response<ProxyBody>, (u16, Response<ProxyBody>)> {
+) -> Result<Option<Response<ProxyBody>>, (u16, Response<ProxyBody>)> {
     let head = match tokio::time::timeout(wait_timeout, wait_head(&mut sub.rx)).await {
-        Ok(Ok(h)) => h,
+        Ok(Ok(Head::Response(h))) => h,
+        Ok(Ok(Head::Stored)) => return Ok(None),
         Ok(Err(e)) => {
             let resp = e.to_response(Some(status::miss_not_stored(&e.token())));
             return Err((resp.status().as_u16(), resp));
@@ -294,7 +306,7 @@ async fn respond_from_fill(
     if server_error {
         Err((head.status.as_u16(), resp))
     } else {
-        Ok(resp)
+        Ok(Some(resp))
     }
 }
 

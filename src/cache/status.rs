@@ -9,6 +9,12 @@ pub fn hit() -> HeaderValue {
     HeaderValue::from_static("lotecache; hit")
 }
 
+/// `lotecache; hit; detail=shared` — a local miss found in the shared store, verified and
+/// copied into the local one.
+pub fn shared_hit() -> HeaderValue {
+    HeaderValue::from_static("lotecache; hit; detail=shared")
+}
+
 /// `lotecache; fwd=uri-miss; stored` — the miss is being written to the store.
 pub fn miss_stored() -> HeaderValue {
     HeaderValue::from_static("lotecache; fwd=uri-miss; stored")

@@ -39,6 +39,8 @@ pub enum StoreError {
     Length { got: u64, expected: u64 },
     #[error("content digest is not sha256")]
     Algorithm,
+    #[error("body digest sha256:{got} does not match the expected sha256:{expected}")]
+    Digest { got: String, expected: String },
     #[error("entry of {size} bytes is larger than cache.max_size ({max} bytes); not kept")]
     TooLarge { size: u64, max: u64 },
     #[error("cache directory {dir} is in use by another lotecache process{holder}; stop it first or use another --cache-dir")]
@@ -422,6 +424,15 @@ impl Drop for ReadGuard {
     }
 }
 
+/// What a body being committed must match, and when it was first stored (an entry copied
+/// from another tier keeps its original time, so its TTL runs from then).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Expect {
+    pub len: Option<u64>,
+    pub sha256: Option<[u8; 32]>,
+    pub stored_at_ms: Option<u128>,
+}
+
 /// A body being written to the store.
 pub struct PendingWrite {
     writer: tokio::io::BufWriter<cacache::Writer>,
@@ -437,16 +448,16 @@ impl PendingWrite {
 
     /// Makes the body durable and visible under `key`: commit the content, fsync it and its
     /// directories, then append the index line (fsynced too) and publish the entry in
-    /// memory; then keep the store under its size cap. If `expected_len` is given and differs
-    /// from what was written, nothing is stored.
+    /// memory; then keep the store under its size cap. If what was written differs from
+    /// what `expect` says (length, digest), nothing is stored.
     pub async fn commit(
         mut self,
         store: &Arc<Store>,
         key: &str,
         meta: EntryMeta,
-        expected_len: Option<u64>,
+        expect: Expect,
     ) -> Result<Arc<Entry>, StoreError> {
-        if let Some(expected) = expected_len {
+        if let Some(expected) = expect.len {
             if expected != self.written {
                 return Err(StoreError::Length { got: self.written, expected });
             }
@@ -455,10 +466,14 @@ impl PendingWrite {
         let integrity = self.writer.into_inner().commit().await?;
         let path = content_path(&store.dir, &integrity);
         let sha256 = sha256_of(&integrity).ok_or(StoreError::Algorithm)?;
+        if let Some(expected) = expect.sha256.filter(|e| *e != sha256) {
+            // The content file stays behind unreferenced; the collector removes it.
+            return Err(StoreError::Digest { got: hex::encode(sha256), expected: hex::encode(expected) });
+        }
         let (store, key, size) = (store.clone(), key.to_string(), self.written);
         tokio::task::spawn_blocking(move || {
             sync_file_and_dirs(&path, &store.dir)?;
-            let stored_at_ms = now_ms();
+            let stored_at_ms = expect.stored_at_ms.unwrap_or_else(now_ms);
             let meta_json = serde_json::to_value(&meta).map_err(io::Error::other)?;
             let headers = meta.header_map().ok_or_else(|| io::Error::other("unstorable header"))?;
             let (etag, repr_digest) = validators(&sha256, &integrity);
@@ -707,7 +722,10 @@ mod tests {
         let mut w = store.begin().await.unwrap();
         w.write(b"hello ").await.unwrap();
         w.write(b"world").await.unwrap();
-        let entry = w.commit(&store, "L1_resultados.json", meta(), Some(11)).await.unwrap();
+        let entry = w
+            .commit(&store, "L1_resultados.json", meta(), Expect { len: Some(11), ..Expect::default() })
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&entry.path).unwrap(), b"hello world");
         assert_eq!(entry.integrity, Integrity::from(b"hello world"));
 
@@ -725,7 +743,7 @@ mod tests {
         let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
         let mut w = store.begin().await.unwrap();
         w.write(b"x").await.unwrap();
-        w.commit(&store, "L9_resultados.json", meta(), None).await.unwrap();
+        w.commit(&store, "L9_resultados.json", meta(), Expect::default()).await.unwrap();
         let bucket = std::fs::read_to_string(bucket_path(dir.path(), "L9_resultados.json")).unwrap();
         assert!(bucket.contains("L9_resultados.json"));
     }
@@ -756,7 +774,7 @@ mod tests {
         let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
         let mut w = store.begin().await.unwrap();
         w.write(b"abc").await.unwrap();
-        assert!(w.commit(&store, "k", meta(), Some(4)).await.is_err());
+        assert!(w.commit(&store, "k", meta(), Expect { len: Some(4), ..Expect::default() }).await.is_err());
         assert!(store.get("k").is_none());
     }
 
@@ -767,7 +785,7 @@ mod tests {
         for body in [&b"one"[..], b"two"] {
             let mut w = store.begin().await.unwrap();
             w.write(body).await.unwrap();
-            w.commit(&store, "k", meta(), None).await.unwrap();
+            w.commit(&store, "k", meta(), Expect::default()).await.unwrap();
         }
         drop(store);
         let reopened = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();

@@ -1,0 +1,525 @@
+//! The shared store: a second tier on an S3-compatible object store (AWS S3, MinIO, Ceph
+//! RGW, Garage), read on a local miss and written through after a local commit, so that
+//! several replicas generate each batch once and survive the loss of any one of them.
+//!
+//! Layout under `s3://BUCKET/PREFIX/`:
+//! - `_lotecache/blobs/sha256/<hex>`: each body once, named by its digest. Write-once: an
+//!   object that exists is never rewritten, so a read never races an overwrite of the same
+//!   name (Garage can cut such a read short), and engines that ignore conditional PUTs need
+//!   no first-writer-wins.
+//! - `_lotecache/entries/<sha256 of key>.json`: the record (pointer) of a key, written last,
+//!   so a record never names a blob that is not complete.
+//! - `<key>` (by default `<lote_id>_resultados.json`): the document under the owner's naming
+//!   convention, with its digest in the object metadata (`x-amz-meta-sha256`), for other tools.
+//!   lotecache never reads it.
+//!
+//! Every read is verified by the receiving tier against the record's length and sha256. A
+//! blob that fails is deleted with its record (the next fill rewrites both). Every operation
+//! has a deadline and is tried on each configured endpoint in turn; a failure is counted,
+//! logged, and answered by the caller with the local tier or the origin, never with an error.
+
+use super::tier::{Chunks, Record, Tier, TierError, RECORD_VERSION};
+use crate::config::SharedConfig;
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use futures_util::{stream::StreamExt, TryStreamExt};
+use object_store::{
+    aws::AmazonS3Builder, path::Path, Attribute, Attributes, ClientOptions, ObjectStore, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
+};
+use sha2::{Digest, Sha256};
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+const SHARED: &str = "shared";
+/// Bodies up to this size are uploaded in one PUT; larger ones in parts of this size.
+const PART_SIZE: usize = 8 * 1024 * 1024;
+
+/// One S3 endpoint (a node of the cluster, or the service's single address).
+struct Endpoint {
+    url: String,
+    store: Arc<dyn ObjectStore>,
+}
+
+/// The shared store of this process.
+pub struct SharedStore {
+    endpoints: Vec<Endpoint>,
+    /// Index of the endpoint that answered last: tried first.
+    preferred: AtomicUsize,
+    bucket: String,
+    prefix: Path,
+    timeout: Duration,
+    transfer_timeout: Duration,
+    up: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    uploads: AtomicUsize,
+    uploads_done: tokio::sync::Notify,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("shared store: {0}")]
+pub struct SharedSetupError(String);
+
+impl SharedStore {
+    /// Builds the clients (credentials and region from the standard `AWS_*` variables unless
+    /// the configuration sets them). Nothing is contacted yet.
+    pub fn new(config: &SharedConfig, metrics: Arc<Metrics>) -> Result<Arc<SharedStore>, SharedSetupError> {
+        let urls: Vec<Option<&str>> = if config.endpoints.is_empty() {
+            vec![None]
+        } else {
+            config.endpoints.iter().map(|e| Some(e.as_str())).collect()
+        };
+        let mut endpoints = Vec::new();
+        for url in urls {
+            let options = ClientOptions::new()
+                .with_timeout(config.transfer_timeout)
+                .with_connect_timeout(config.connect_timeout)
+                .with_pool_idle_timeout(Duration::from_secs(30));
+            // Retries are ours: on the next endpoint, within the operation's deadline.
+            let retry = RetryConfig { max_retries: 0, retry_timeout: config.timeout, ..Default::default() };
+            let mut b = AmazonS3Builder::from_env()
+                .with_bucket_name(&config.bucket)
+                .with_client_options(options)
+                .with_retry(retry)
+                .with_virtual_hosted_style_request(config.virtual_hosted);
+            if let Some(region) = &config.region {
+                b = b.with_region(region);
+            }
+            if let Some(url) = url {
+                b = b.with_endpoint(url).with_allow_http(url.starts_with("http://"));
+            }
+            let store = b.build().map_err(|e| SharedSetupError(e.to_string()))?;
+            endpoints.push(Endpoint { url: url.unwrap_or("aws").to_string(), store: Arc::new(store) });
+        }
+        let prefix = Path::parse(config.prefix.trim_matches('/'))
+            .map_err(|e| SharedSetupError(format!("bad prefix {:?}: {e}", config.prefix)))?;
+        Ok(Arc::new(SharedStore {
+            endpoints,
+            preferred: AtomicUsize::new(0),
+            bucket: config.bucket.clone(),
+            prefix,
+            timeout: config.timeout,
+            transfer_timeout: config.transfer_timeout,
+            up: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            uploads: AtomicUsize::new(0),
+            uploads_done: tokio::sync::Notify::new(),
+            metrics,
+        }))
+    }
+
+    /// `s3://bucket/prefix`, for logs and `/readyz`.
+    pub fn location(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+
+    /// Whether the last operation reached the store, and the last failure seen.
+    pub fn state(&self) -> (bool, Option<String>) {
+        (self.up.load(Relaxed), self.last_error.lock().expect("shared state lock").clone())
+    }
+
+    /// Write-through uploads still running.
+    pub fn uploads_pending(&self) -> usize {
+        self.uploads.load(Relaxed)
+    }
+
+    fn blob_path(&self, sha256: &[u8; 32]) -> Path {
+        self.prefix.child("_lotecache").child("blobs").child("sha256").child(hex::encode(sha256))
+    }
+
+    fn record_path(&self, key: &str) -> Path {
+        let name = format!("{}.json", hex::encode(Sha256::digest(key.as_bytes())));
+        self.prefix.child("_lotecache").child("entries").child(name)
+    }
+
+    /// The document under the owner's naming convention: the cache key itself.
+    pub fn named_path(&self, key: &str) -> Path {
+        key.split('/').filter(|s| !s.is_empty()).fold(self.prefix.clone(), |p, part| p.child(part))
+    }
+
+    fn count(&self, op: &str, result: &str) {
+        self.metrics.shared_ops.with_label_values(&[op, result]).inc();
+    }
+
+    fn mark_up(&self) {
+        if !self.up.swap(true, Relaxed) {
+            tracing::info!(store = %self.location(), "shared store reachable");
+        }
+        self.metrics.shared_up.set(1);
+    }
+
+    fn mark_down(&self, op: &str, detail: &str) {
+        if self.up.swap(false, Relaxed) {
+            tracing::warn!(store = %self.location(), op, error = %detail, "shared store unreachable; serving from the local tier and the origin");
+        }
+        self.metrics.shared_up.set(0);
+        *self.last_error.lock().expect("shared state lock") = Some(format!("{op}: {detail}"));
+    }
+
+    /// Runs `op` against each endpoint in turn (the last good one first), each try bounded
+    /// by `deadline`, until one answers. `NotFound` is an answer.
+    async fn on_any<T, F, Fut>(&self, name: &str, deadline: Duration, op: F) -> Result<T, TierError>
+    where
+        F: Fn(Arc<dyn ObjectStore>) -> Fut,
+        Fut: Future<Output = object_store::Result<T>>,
+    {
+        let n = self.endpoints.len();
+        let first = self.preferred.load(Relaxed) % n;
+        let mut last = String::new();
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let ep = &self.endpoints[idx];
+            match tokio::time::timeout(deadline, op(ep.store.clone())).await {
+                Ok(Ok(v)) => {
+                    self.preferred.store(idx, Relaxed);
+                    self.mark_up();
+                    return Ok(v);
+                }
+                Ok(Err(object_store::Error::NotFound { .. })) => {
+                    self.preferred.store(idx, Relaxed);
+                    self.mark_up();
+                    return Err(TierError::NotFound { tier: SHARED });
+                }
+                Ok(Err(e)) => last = format!("{}: {e}", ep.url),
+                Err(_) => last = format!("{}: no answer within {deadline:?}", ep.url),
+            }
+            tracing::debug!(op = name, endpoint = %ep.url, error = %last, "shared store attempt failed");
+        }
+        self.mark_down(name, &last);
+        Err(TierError::Unavailable { tier: SHARED, detail: last })
+    }
+
+    /// Asks the store whether it answers (a listing of at most one record): `/readyz` and
+    /// the background probe.
+    pub async fn probe(&self) -> bool {
+        let prefix = self.prefix.child("_lotecache");
+        let r = self
+            .on_any("probe", self.timeout, |s| {
+                let prefix = prefix.clone();
+                async move {
+                    let mut list = s.list(Some(&prefix));
+                    list.next().await.transpose().map(drop)
+                }
+            })
+            .await;
+        r.is_ok()
+    }
+
+    /// Writes `record` and its body through to the shared store in the background, counted
+    /// as pending until done. Failures are logged and counted; nothing waits for it.
+    pub fn write_through(self: &Arc<Self>, local: Arc<super::store::Store>, record: Record) {
+        let shared = self.clone();
+        shared.uploads.fetch_add(1, Relaxed);
+        shared.metrics.shared_uploads_pending.inc();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut result = Err(TierError::Failed { tier: SHARED, detail: "not attempted".into() });
+            // A second try goes to the next endpoint (the failed one is no longer preferred).
+            for _ in 0..2.min(shared.endpoints.len().max(1) + 1) {
+                result = super::tier::copy(&record, &local, &*shared).await;
+                if !matches!(result, Err(TierError::Unavailable { .. })) {
+                    break;
+                }
+            }
+            match &result {
+                Ok(()) => {
+                    tracing::info!(key = %record.key, size = record.size, ms = started.elapsed().as_millis() as u64, "written through to the shared store")
+                }
+                Err(e) => {
+                    tracing::warn!(key = %record.key, error = %e, "write-through to the shared store failed; the entry stays local")
+                }
+            }
+            shared.metrics.shared_uploads_pending.dec();
+            if shared.uploads.fetch_sub(1, Relaxed) == 1 {
+                shared.uploads_done.notify_waiters();
+            }
+        });
+    }
+
+    /// Waits (at most `grace`) for write-through uploads to finish: shutdown.
+    pub async fn drain(&self, grace: Duration) {
+        let wait = async {
+            loop {
+                let done = self.uploads_done.notified();
+                if self.uploads.load(Relaxed) == 0 {
+                    return;
+                }
+                done.await;
+            }
+        };
+        if tokio::time::timeout(grace, wait).await.is_err() {
+            tracing::warn!(pending = self.uploads.load(Relaxed), "shutdown: write-through uploads unfinished");
+        }
+    }
+
+    /// Deletes a record and its blob after its content failed verification, so that no
+    /// replica tries it again and the next fill writes it afresh.
+    pub async fn discard(&self, record: &Record) {
+        let (r, b) = (self.record_path(&record.key), self.blob_path(&record.sha256));
+        let res = self.on_any("discard", self.timeout, |s| {
+            let (r, b) = (r.clone(), b.clone());
+            async move {
+                s.delete(&r).await?;
+                s.delete(&b).await
+            }
+        });
+        match res.await {
+            Ok(()) => {
+                tracing::warn!(key = %record.key, sha256 = %hex::encode(record.sha256), "corrupt shared blob and its record deleted")
+            }
+            Err(e) => tracing::warn!(key = %record.key, error = %e, "could not delete a corrupt shared blob"),
+        }
+    }
+}
+
+fn not_found(e: &TierError) -> bool {
+    matches!(e, TierError::NotFound { .. })
+}
+
+impl Tier for Arc<SharedStore> {
+    async fn lookup(&self, key: &str) -> Result<Option<Record>, TierError> {
+        (**self).lookup(key).await
+    }
+    async fn read(&self, record: &Record) -> Result<Chunks, TierError> {
+        (**self).read(record).await
+    }
+    async fn store(&self, record: &Record, body: Chunks) -> Result<(), TierError> {
+        (**self).store(record, body).await
+    }
+    async fn remove(&self, key: &str) -> Result<(), TierError> {
+        (**self).remove(key).await
+    }
+}
+
+impl Tier for SharedStore {
+    async fn lookup(&self, key: &str) -> Result<Option<Record>, TierError> {
+        let path = self.record_path(key);
+        let got = self
+            .on_any("get-record", self.timeout, |s| {
+                let path = path.clone();
+                async move { s.get(&path).await?.bytes().await }
+            })
+            .await;
+        let bytes = match got {
+            Ok(b) => b,
+            Err(e) if not_found(&e) => {
+                self.count("get-record", "not-found");
+                return Ok(None);
+            }
+            Err(e) => {
+                self.count("get-record", "error");
+                return Err(e);
+            }
+        };
+        // A record cut short or from another version is no record: the origin answers.
+        match serde_json::from_slice::<Record>(&bytes) {
+            Ok(r) if r.v == RECORD_VERSION && r.key == key => {
+                self.count("get-record", "ok");
+                Ok(Some(r))
+            }
+            Ok(_) => {
+                self.count("get-record", "mismatch");
+                Ok(None)
+            }
+            Err(e) => {
+                self.count("get-record", "corrupt");
+                Err(TierError::Corrupt { tier: SHARED, detail: format!("record of {key:?}: {e}") })
+            }
+        }
+    }
+
+    async fn read(&self, record: &Record) -> Result<Chunks, TierError> {
+        let path = self.blob_path(&record.sha256);
+        let got = self
+            .on_any("get-blob", self.timeout, |s| {
+                let path = path.clone();
+                async move { s.get(&path).await }
+            })
+            .await;
+        match got {
+            Ok(r) => {
+                self.count("get-blob", "ok");
+                Ok(r.into_stream().map_err(|e| TierError::Unavailable { tier: SHARED, detail: e.to_string() }).boxed())
+            }
+            Err(e) => {
+                self.count("get-blob", if not_found(&e) { "not-found" } else { "error" });
+                Err(e)
+            }
+        }
+    }
+
+    /// Blob (unless it already exists), then the named copy, then the record. The body is
+    /// hashed on the way: a body that does not match the record is never completed.
+    async fn store(&self, record: &Record, mut body: Chunks) -> Result<(), TierError> {
+        let blob = self.blob_path(&record.sha256);
+        let exists = self
+            .on_any("head-blob", self.timeout, |s| {
+                let blob = blob.clone();
+                async move { s.head(&blob).await }
+            })
+            .await;
+        match exists {
+            Ok(meta) if meta.size == record.size => self.count("head-blob", "ok"),
+            Err(e) if !not_found(&e) => {
+                self.count("head-blob", "error");
+                return Err(e);
+            }
+            _ => {
+                let attributes = self.attributes(record);
+                let r = if record.size as usize <= PART_SIZE {
+                    self.put_small(&blob, record, &mut body, attributes).await
+                } else {
+                    self.put_large(&blob, record, &mut body, attributes).await
+                };
+                self.count("put-blob", if r.is_ok() { "ok" } else { r.as_ref().err().map_or("error", |e| e.token()) });
+                r?;
+            }
+        }
+        // The named copy: a server-side copy of the blob (its metadata comes along).
+        let named = self.named_path(&record.key);
+        let r = self
+            .on_any("copy-named", self.transfer_timeout, |s| {
+                let (blob, named) = (blob.clone(), named.clone());
+                async move { s.copy(&blob, &named).await }
+            })
+            .await;
+        self.count("copy-named", if r.is_ok() { "ok" } else { "error" });
+        r?;
+        let json = serde_json::to_vec(record).map_err(|e| TierError::Failed { tier: SHARED, detail: e.to_string() })?;
+        let payload = PutPayload::from(Bytes::from(json));
+        let path = self.record_path(&record.key);
+        let r = self
+            .on_any("put-record", self.timeout, |s| {
+                let (path, payload) = (path.clone(), payload.clone());
+                async move { s.put(&path, payload).await }
+            })
+            .await;
+        self.count("put-record", if r.is_ok() { "ok" } else { "error" });
+        r.map(drop)
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), TierError> {
+        let (record, named) = (self.record_path(key), self.named_path(key));
+        let r = self
+            .on_any("delete", self.timeout, |s| {
+                let (record, named) = (record.clone(), named.clone());
+                async move {
+                    s.delete(&record).await?;
+                    s.delete(&named).await
+                }
+            })
+            .await;
+        self.count("delete", if r.is_ok() || r.as_ref().is_err_and(not_found) { "ok" } else { "error" });
+        match r {
+            Err(e) if !not_found(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl SharedStore {
+    /// The blob's metadata: its digest (what other tools verify the named copy with) and
+    /// the document's content type.
+    fn attributes(&self, record: &Record) -> Attributes {
+        let mut a = Attributes::new();
+        a.insert(Attribute::Metadata("sha256".into()), hex::encode(record.sha256).into());
+        a.insert(Attribute::Metadata("lote-id".into()), record.meta.lote_id.clone().into());
+        if let Some(ct) = record.meta.headers.iter().find(|(n, _)| n == "content-type") {
+            if let super::entry::StoredValue::Text(t) = &ct.1 {
+                a.insert(Attribute::ContentType, t.clone().into());
+            }
+        }
+        a
+    }
+
+    /// Reads the whole (small) body, verifies it, then PUTs it in one request.
+    async fn put_small(
+        &self,
+        blob: &Path,
+        record: &Record,
+        body: &mut Chunks,
+        attributes: Attributes,
+    ) -> Result<(), TierError> {
+        let mut buf = Vec::with_capacity(record.size as usize);
+        while let Some(chunk) = body.next().await {
+            buf.extend_from_slice(&chunk?);
+            if buf.len() as u64 > record.size {
+                break;
+            }
+        }
+        check(record, buf.len() as u64, Sha256::digest(&buf).into())?;
+        let payload = PutPayload::from(Bytes::from(buf));
+        let opts = PutOptions { attributes, ..Default::default() };
+        self.on_any("put-blob", self.transfer_timeout, |s| {
+            let (payload, opts) = (payload.clone(), opts.clone());
+            async move { s.put_opts(&blob.clone(), payload, opts).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Streams a large body in parts, hashing it; completes the upload only if it matches.
+    async fn put_large(
+        &self,
+        blob: &Path,
+        record: &Record,
+        body: &mut Chunks,
+        attributes: Attributes,
+    ) -> Result<(), TierError> {
+        let opts = object_store::PutMultipartOptions { attributes, ..Default::default() };
+        let upload = self
+            .on_any("put-blob", self.timeout, |s| {
+                let opts = opts.clone();
+                async move { s.put_multipart_opts(&blob.clone(), opts).await }
+            })
+            .await?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut hasher = Sha256::new();
+        let mut len = 0u64;
+        let unavailable = |e: object_store::Error| TierError::Unavailable { tier: SHARED, detail: e.to_string() };
+        let streamed = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                hasher.update(&chunk);
+                len += chunk.len() as u64;
+                if len > record.size {
+                    break;
+                }
+                w.wait_for_capacity(2).await.map_err(unavailable)?;
+                w.write(&chunk);
+            }
+            check(record, len, hasher.finalize().into())
+        };
+        match tokio::time::timeout(self.transfer_timeout, streamed).await {
+            Ok(Ok(())) => match tokio::time::timeout(self.transfer_timeout, w.finish()).await {
+                Ok(r) => r.map(drop).map_err(unavailable),
+                Err(_) => Err(TierError::Unavailable { tier: SHARED, detail: "multipart upload timed out".into() }),
+            },
+            Ok(Err(e)) => {
+                let _ = tokio::time::timeout(self.timeout, w.abort()).await;
+                Err(e)
+            }
+            Err(_) => {
+                let _ = tokio::time::timeout(self.timeout, w.abort()).await;
+                Err(TierError::Unavailable { tier: SHARED, detail: "multipart upload timed out".into() })
+            }
+        }
+    }
+}
+
+fn check(record: &Record, len: u64, sha256: [u8; 32]) -> Result<(), TierError> {
+    if len != record.size || sha256 != record.sha256 {
+        return Err(TierError::Corrupt {
+            tier: SHARED,
+            detail: format!("{len} bytes hashing to {} for a record of {} bytes", hex::encode(sha256), record.size),
+        });
+    }
+    Ok(())
+}
