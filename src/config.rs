@@ -66,6 +66,9 @@ pub struct RawShared {
     /// S3 endpoints tried in turn (e.g. each node of a cluster); absent: AWS.
     pub endpoints: Option<Vec<Spanned<String>>>,
     pub region: Option<String>,
+    /// Credentials; the `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` variables are preferred.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
     /// Virtual-hosted-style addressing (`BUCKET.host`); the default is path style.
     pub virtual_hosted_style: Option<bool>,
     pub timeout: Option<Spanned<String>>,
@@ -184,6 +187,9 @@ pub struct SharedConfig {
     pub endpoints: Vec<String>,
     /// Region (else `AWS_REGION` / `AWS_DEFAULT_REGION`).
     pub region: Option<String>,
+    /// Credentials from the file (else the `AWS_*` variables).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
     pub virtual_hosted: bool,
     /// Deadline of each small operation (record read, existence check, delete) per endpoint.
     pub timeout: Duration,
@@ -662,6 +668,8 @@ impl<'a> Validator<'a> {
             prefix,
             endpoints,
             region: r.region.clone().filter(|s| !s.is_empty()),
+            access_key_id: r.access_key_id.clone().filter(|s| !s.is_empty()),
+            secret_access_key: r.secret_access_key.clone().filter(|s| !s.is_empty()),
             virtual_hosted: r.virtual_hosted_style.unwrap_or(false),
             timeout: self.duration("shared.timeout", r.timeout.as_ref(), "5s"),
             connect_timeout: self.duration("shared.connect_timeout", r.connect_timeout.as_ref(), "2s"),
@@ -942,5 +950,32 @@ mod tests {
         let ov = Overrides { listen: Some("bad".into()), ..Default::default() };
         let errs = parse("f", "", &ov).unwrap_err();
         assert_eq!(errs[0].location, "--listen");
+    }
+
+    #[test]
+    fn the_shared_store_comes_from_the_file_or_the_flags_and_bad_values_are_located() {
+        let file = "[shared]\nurl = \"s3://lotes/prod/batches/\"\nendpoints = [\"http://127.0.0.1:3900/\"]\ntimeout = \"1s\"\n";
+        let c = parse("f", file, &Overrides::default()).unwrap().shared.unwrap();
+        assert_eq!((c.bucket.as_str(), c.prefix.as_str()), ("lotes", "prod/batches"));
+        assert_eq!(c.endpoints, vec!["http://127.0.0.1:3900".to_string()]);
+        assert_eq!((c.timeout, c.virtual_hosted), (Duration::from_secs(1), false));
+        assert!(parse("f", "", &Overrides::default()).unwrap().shared.is_none());
+
+        let ov = Overrides {
+            shared_store: Some("s3://other".into()),
+            s3_endpoints: vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+            ..Default::default()
+        };
+        let c = parse("f", file, &ov).unwrap().shared.unwrap();
+        assert_eq!((c.bucket.as_str(), c.prefix.as_str()), ("other", ""));
+        assert_eq!(c.endpoints.len(), 2);
+
+        let errs =
+            parse("f", "[shared]\nurl = \"s3://Bad_Bucket\"\nendpoints = [\"ftp://x\"]\n", &Overrides::default())
+                .unwrap_err();
+        let got: Vec<_> = errs.iter().map(|e| (e.location.as_str(), e.field.as_str())).collect();
+        assert_eq!(got, vec![("f:2:7", "shared.url"), ("f:3:14", "shared.endpoints")]);
+        let ov = Overrides { s3_endpoints: vec!["http://127.0.0.1:1".into()], ..Default::default() };
+        assert_eq!(parse("f", "", &ov).unwrap_err()[0].location, "--s3-endpoint");
     }
 }

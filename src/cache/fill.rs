@@ -66,6 +66,7 @@ pub enum FillEnd {
 }
 
 /// What a subscriber waits for first.
+#[derive(Debug)]
 pub enum Head {
     /// The response head: stream the body from the fill.
     Response(Arc<FillHead>),

@@ -71,6 +71,14 @@ impl SharedStore {
     /// Builds the clients (credentials and region from the standard `AWS_*` variables unless
     /// the configuration sets them). Nothing is contacted yet.
     pub fn new(config: &SharedConfig, metrics: Arc<Metrics>) -> Result<Arc<SharedStore>, SharedSetupError> {
+        // Without keys the client would ask the cloud's instance-metadata service, which only
+        // makes sense on AWS itself: with a custom endpoint, keys are required.
+        let has_keys = config.access_key_id.is_some() || std::env::var_os("AWS_ACCESS_KEY_ID").is_some();
+        if !config.endpoints.is_empty() && !has_keys {
+            return Err(SharedSetupError(
+                "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or shared.access_key_id and shared.secret_access_key) for a custom S3 endpoint".into(),
+            ));
+        }
         let urls: Vec<Option<&str>> = if config.endpoints.is_empty() {
             vec![None]
         } else {
@@ -91,6 +99,9 @@ impl SharedStore {
                 .with_virtual_hosted_style_request(config.virtual_hosted);
             if let Some(region) = &config.region {
                 b = b.with_region(region);
+            }
+            if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
+                b = b.with_access_key_id(id).with_secret_access_key(secret);
             }
             if let Some(url) = url {
                 b = b.with_endpoint(url).with_allow_http(url.starts_with("http://"));
@@ -172,7 +183,7 @@ impl SharedStore {
     {
         let n = self.endpoints.len();
         let first = self.preferred.load(Relaxed) % n;
-        let mut last = String::new();
+        let mut failures = Vec::with_capacity(n);
         for i in 0..n {
             let idx = (first + i) % n;
             let ep = &self.endpoints[idx];
@@ -187,13 +198,14 @@ impl SharedStore {
                     self.mark_up();
                     return Err(TierError::NotFound { tier: SHARED });
                 }
-                Ok(Err(e)) => last = format!("{}: {e}", ep.url),
-                Err(_) => last = format!("{}: no answer within {deadline:?}", ep.url),
+                Ok(Err(e)) => failures.push(format!("{}: {e}", ep.url)),
+                Err(_) => failures.push(format!("{}: no answer within {deadline:?}", ep.url)),
             }
-            tracing::debug!(op = name, endpoint = %ep.url, error = %last, "shared store attempt failed");
+            tracing::debug!(op = name, error = %failures[failures.len() - 1], "shared store attempt failed");
         }
-        self.mark_down(name, &last);
-        Err(TierError::Unavailable { tier: SHARED, detail: last })
+        let detail = failures.join("; ");
+        self.mark_down(name, &detail);
+        Err(TierError::Unavailable { tier: SHARED, detail })
     }
 
     /// Asks the store whether it answers (a listing of at most one record): `/readyz` and

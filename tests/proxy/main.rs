@@ -11,4 +11,5 @@ mod operations;
 mod passthrough;
 mod routing;
 mod security;
+mod shared_store;
 mod single_flight;
