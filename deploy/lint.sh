@@ -27,6 +27,16 @@ assert services["lotecache"]["build"]["dockerfile"] == "deploy/Dockerfile"
 print("deploy/compose.yaml: ok (YAML, backend unpublished, lotecache on 8080)")
 PYEOF
 
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+if [ -x "$NGINX" ]; then
+  tmp2=$(mktemp -d)
+  "$NGINX" -t -q -p "$tmp2" -c "$PWD/deploy/nginx-replicas.conf"
+  rm -rf "$tmp2"
+  echo "deploy/nginx-replicas.conf: ok (nginx -t)"
+else
+  echo "deploy/nginx-replicas.conf: nginx not available, skipped"
+fi
+
 for f in deploy/Dockerfile examples/legacy-backend/Dockerfile; do
   grep -q '^FROM ' "$f" && grep -q '^CMD \[' "$f" || { echo "$f: missing FROM or exec-form CMD" >&2; exit 1; }
   echo "$f: ok (FROM and exec-form CMD present)"
