@@ -103,13 +103,18 @@ impl Admin {
             "fills_in_flight": self.shared.cache.fills.len(),
         });
         // The shared store's state is reported, not required: without it this replica still
-        // serves from its own tier and the origin.
+        // serves from its own tier and the origin. It is the state the last operation or the
+        // background probe found: a health check never waits on a hanging store.
         if let Some(s) = self.shared.cache.fills.shared() {
-            let up = s.probe().await;
-            let (_, last_error) = s.state();
+            let (up, last_error) = s.state();
+            let state = match (up, &last_error) {
+                (true, _) => "reachable",
+                (false, Some(_)) => "unreachable",
+                (false, None) => "unknown",
+            };
             body["shared_store"] = json!({
                 "location": s.location(),
-                "state": if up { "reachable" } else { "unreachable" },
+                "state": state,
                 "last_error": last_error,
                 "uploads_pending": s.uploads_pending(),
             });

@@ -273,6 +273,10 @@ def test_100_concurrent_cold_requests_through_the_balancer_make_one_generation(o
     assert generations(origin, lote) == 1
     # Exactly one replica holds it locally: the one the balancer hashes it to.
     assert sum(r.has_local(f"{lote}_resultados.json") for r in replicas) == 1
+    for r in replicas:
+        ready = json.loads(get(r.admin + "/readyz")[2])
+        assert ready["shared_store"]["state"] == "reachable", ready
+        assert ready["shared_store"]["location"] == f"s3://{BUCKET}/{PREFIX}"
 
 
 def test_a_batch_stored_through_one_replica_is_a_hit_on_another_with_an_empty_local_cache(origin, replicas, garage):
