@@ -134,45 +134,65 @@ impl Admin {
     }
 
     /// Removes entries locally and, with a shared store, their shared records and named
-    /// copies (else another replica, or this one, would copy them back).
+    /// copies (else another replica, or this one, would copy them back). The shared store
+    /// goes first: a request in between would otherwise copy the document back here.
     async fn purge(&self, which: Purge) -> Response<ProxyBody> {
+        let shared = self.shared.cache.fills.shared().cloned();
+        let mut shared_result = None;
+        if let Some(s) = &shared {
+            // Keys this replica holds, plus the keys the rules give the batch: another
+            // replica may have stored it.
+            let store = &self.shared.cache.store;
+            let mut keys: Vec<String> = match &which {
+                Purge::Key(k) => vec![k.clone()],
+                Purge::LoteId(id) => {
+                    let mut k = self.shared.rules.load().keys_of(id);
+                    k.extend(store.entries().iter().filter(|e| &e.lote_id == id).map(|e| e.key.clone()));
+                    k
+                }
+                Purge::All => store.entries().iter().map(|e| e.key.clone()).collect(),
+            };
+            keys.sort();
+            keys.dedup();
+            let mut removed = Vec::new();
+            let mut failed = Vec::new();
+            for k in keys {
+                // While the store is down, the rest is not tried (each try waits its deadlines).
+                if !failed.is_empty() {
+                    failed.push(k);
+                    continue;
+                }
+                match crate::cache::tier::Tier::remove(s, &k).await {
+                    Ok(()) => removed.push(k),
+                    Err(e) => {
+                        tracing::warn!(key = %k, error = %e, "purge: shared record not removed");
+                        failed.push(k);
+                    }
+                }
+            }
+            if matches!(which, Purge::All) && failed.is_empty() {
+                match s.remove_all_records().await {
+                    Ok(n) => tracing::info!(records = n, "purge: every shared record removed"),
+                    Err(e) => failed.push(format!("(all records: {e})")),
+                }
+            }
+            shared_result = Some((removed, failed));
+        }
         match self.shared.cache.store.purge(which.clone()).await {
-            Ok(removed)
-                if removed.is_empty()
-                    && matches!(which, Purge::Key(_))
-                    && self.shared.cache.fills.shared().is_none() =>
-            {
+            Ok(removed) if removed.is_empty() && matches!(which, Purge::Key(_)) && shared.is_none() => {
                 error(StatusCode::NOT_FOUND, "no such entry", "nothing was removed")
             }
             Ok(removed) => {
                 let mut body = json!({ "removed": removed });
-                if let Some(s) = self.shared.cache.fills.shared() {
-                    // A key purged on another replica may not be here: remove it there by key.
-                    let mut keys = removed.clone();
-                    let named = match &which {
-                        Purge::Key(k) => vec![k.clone()],
-                        Purge::LoteId(id) => self.shared.rules.load().keys_of(id),
-                        Purge::All => Vec::new(),
-                    };
-                    for k in named {
-                        if !keys.contains(&k) {
-                            keys.push(k);
-                        }
-                    }
-                    let mut failed = Vec::new();
-                    for k in &keys {
-                        if let Err(e) = crate::cache::tier::Tier::remove(s, k).await {
-                            tracing::warn!(key = %k, error = %e, "purge: shared record not removed");
-                            failed.push(k.clone());
-                        }
-                    }
-                    body["shared_removed"] = json!(keys.iter().filter(|k| !failed.contains(k)).collect::<Vec<_>>());
+                let mut status = StatusCode::OK;
+                if let Some((shared_removed, failed)) = shared_result {
+                    body["shared_removed"] = json!(shared_removed);
                     if !failed.is_empty() {
                         body["shared_failed"] = json!(failed);
-                        return reply(StatusCode::BAD_GATEWAY, body);
+                        status = StatusCode::BAD_GATEWAY;
                     }
                 }
-                reply(StatusCode::OK, body)
+                reply(status, body)
             }
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "purge failed", &e.to_string()),
         }

@@ -663,6 +663,19 @@ impl<'a> Validator<'a> {
                 }
             }
         }
+        let (timeout, transfer_timeout) = (
+            self.duration("shared.timeout", r.timeout.as_ref(), "5s"),
+            self.duration("shared.transfer_timeout", r.transfer_timeout.as_ref(), "120s"),
+        );
+        if transfer_timeout < timeout {
+            let at = self.pick(None, "", r.transfer_timeout.as_ref(), "120s");
+            self.err(&at, "shared.transfer_timeout", "must not be shorter than shared.timeout");
+        }
+        let keys = (r.access_key_id.as_deref().unwrap_or(""), r.secret_access_key.as_deref().unwrap_or(""));
+        if keys.0.is_empty() != keys.1.is_empty() {
+            let at = Located { value: "", location: self.name.to_string() };
+            self.err(&at, "shared.access_key_id", "set both access_key_id and secret_access_key, or neither");
+        }
         Some(SharedConfig {
             bucket,
             prefix,
@@ -671,9 +684,9 @@ impl<'a> Validator<'a> {
             access_key_id: r.access_key_id.clone().filter(|s| !s.is_empty()),
             secret_access_key: r.secret_access_key.clone().filter(|s| !s.is_empty()),
             virtual_hosted: r.virtual_hosted_style.unwrap_or(false),
-            timeout: self.duration("shared.timeout", r.timeout.as_ref(), "5s"),
+            timeout,
             connect_timeout: self.duration("shared.connect_timeout", r.connect_timeout.as_ref(), "2s"),
-            transfer_timeout: self.duration("shared.transfer_timeout", r.transfer_timeout.as_ref(), "120s"),
+            transfer_timeout,
             probe_interval: self.duration("shared.probe_interval", r.probe_interval.as_ref(), "10s"),
         })
     }

@@ -386,6 +386,9 @@ async fn promote(
     lote_id: &str,
     ttl: Option<std::time::Duration>,
 ) -> bool {
+    if shared.recently_down() {
+        return false;
+    }
     let record = match shared.lookup(key).await {
         Ok(Some(r)) => r,
         Ok(None) => return false,
@@ -403,7 +406,14 @@ async fn promote(
         return false;
     }
     let started = Instant::now();
-    match copy(&record, shared, store).await {
+    // One deadline for the whole copy (each step also has its own): the origin is asked
+    // well before a waiting client gives up.
+    let budget = shared.promote_budget();
+    let copied = match tokio::time::timeout(budget, copy(&record, shared, store)).await {
+        Ok(r) => r,
+        Err(_) => Err(TierError::Unavailable { tier: "shared", detail: format!("copy took over {budget:?}") }),
+    };
+    match copied {
         Ok(()) => {
             tracing::info!(key = %key, lote_id = %lote_id, size = record.size, ms = started.elapsed().as_millis() as u64, "entry copied from the shared store");
             true
@@ -411,7 +421,14 @@ async fn promote(
         Err(e @ TierError::Corrupt { .. }) => {
             tracing::warn!(key = %key, error = %e, "shared entry failed verification; not served, filling from the origin");
             store.metrics().integrity_failures.with_label_values(&["shared-digest"]).inc();
-            shared.discard(&record).await;
+            shared.discard(record);
+            false
+        }
+        Err(e @ TierError::Short { .. }) => {
+            // Not deleted (a transfer cut short is no proof of damage); the write-through of
+            // the refetch replaces a short blob.
+            tracing::warn!(key = %key, error = %e, "shared entry shorter than its record; not served, filling from the origin");
+            store.metrics().integrity_failures.with_label_values(&["shared-length"]).inc();
             false
         }
         Err(e) => {

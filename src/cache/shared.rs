@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use std::{
     future::Future,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
         Arc, Mutex,
     },
     time::Duration,
@@ -40,6 +40,8 @@ use std::{
 const SHARED: &str = "shared";
 /// Bodies up to this size are uploaded in one PUT; larger ones in parts of this size.
 const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Write-through uploads running at once; more wait for a slot.
+const UPLOAD_SLOTS: usize = 4;
 
 /// One S3 endpoint (a node of the cluster, or the service's single address).
 struct Endpoint {
@@ -57,7 +59,14 @@ pub struct SharedStore {
     timeout: Duration,
     transfer_timeout: Duration,
     up: AtomicBool,
+    /// Unix ms of the last failure that marked the store down (0: none).
+    down_since_ms: AtomicU64,
+    /// While down, the store is not asked again before this long has passed since the
+    /// failure (the probe loop brings it back sooner).
+    retry_after: Duration,
     last_error: Mutex<Option<String>>,
+    /// Bounds concurrent write-through uploads (each holds a file open, and memory).
+    upload_slots: Arc<tokio::sync::Semaphore>,
     uploads: AtomicUsize,
     uploads_done: tokio::sync::Notify,
     metrics: Arc<Metrics>,
@@ -119,7 +128,10 @@ impl SharedStore {
             timeout: config.timeout,
             transfer_timeout: config.transfer_timeout,
             up: AtomicBool::new(false),
+            down_since_ms: AtomicU64::new(0),
+            retry_after: config.probe_interval,
             last_error: Mutex::new(None),
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(UPLOAD_SLOTS)),
             uploads: AtomicUsize::new(0),
             uploads_done: tokio::sync::Notify::new(),
             metrics,
@@ -134,6 +146,12 @@ impl SharedStore {
     /// Whether the last operation reached the store, and the last failure seen.
     pub fn state(&self) -> (bool, Option<String>) {
         (self.up.load(Relaxed), self.last_error.lock().expect("shared state lock").clone())
+    }
+
+    /// The longest a promotion (record, blob, local commit) may take before the fill goes
+    /// to the origin instead: the whole-transfer deadline, but at most 60 s.
+    pub fn promote_budget(&self) -> Duration {
+        self.transfer_timeout.min(Duration::from_secs(60))
     }
 
     /// Write-through uploads still running.
@@ -159,7 +177,17 @@ impl SharedStore {
         self.metrics.shared_ops.with_label_values(&[op, result]).inc();
     }
 
+    /// Whether the store failed recently and should not be asked now: requests then go
+    /// straight to the origin instead of paying every endpoint's deadline again.
+    pub fn recently_down(&self) -> bool {
+        let since = self.down_since_ms.load(Relaxed);
+        !self.up.load(Relaxed)
+            && since > 0
+            && super::store::now_ms().saturating_sub(since as u128) < self.retry_after.as_millis()
+    }
+
     fn mark_up(&self) {
+        self.down_since_ms.store(0, Relaxed);
         if !self.up.swap(true, Relaxed) {
             tracing::info!(store = %self.location(), "shared store reachable");
         }
@@ -167,6 +195,7 @@ impl SharedStore {
     }
 
     fn mark_down(&self, op: &str, detail: &str) {
+        self.down_since_ms.store(super::store::now_ms() as u64, Relaxed);
         if self.up.swap(false, Relaxed) {
             tracing::warn!(store = %self.location(), op, error = %detail, "shared store unreachable; serving from the local tier and the origin");
         }
@@ -208,37 +237,42 @@ impl SharedStore {
         Err(TierError::Unavailable { tier: SHARED, detail })
     }
 
-    /// Asks the store whether it answers (a listing of at most one record): `/readyz` and
-    /// the background probe.
+    /// Asks the store whether it answers (the metadata of a name that need not exist: a
+    /// `404` is an answer), for the background probe.
     pub async fn probe(&self) -> bool {
-        let prefix = self.prefix.child("_lotecache");
+        let path = self.prefix.child("_lotecache").child("probe");
         let r = self
             .on_any("probe", self.timeout, |s| {
-                let prefix = prefix.clone();
-                async move {
-                    let mut list = s.list(Some(&prefix));
-                    list.next().await.transpose().map(drop)
-                }
+                let path = path.clone();
+                async move { s.head(&path).await }
             })
             .await;
-        r.is_ok()
+        let up = r.is_ok() || r.as_ref().is_err_and(not_found);
+        self.count("probe", if up { "ok" } else { "error" });
+        up
     }
 
     /// Writes `record` and its body through to the shared store in the background, counted
     /// as pending until done. Failures are logged and counted; nothing waits for it.
+    /// Skipped while the store is down (the entry stays local; another replica that needs it
+    /// regenerates it).
     pub fn write_through(self: &Arc<Self>, local: Arc<super::store::Store>, record: Record) {
+        if self.recently_down() {
+            self.count("put-record", "skipped");
+            tracing::info!(key = %record.key, "shared store down; not written through");
+            return;
+        }
         let shared = self.clone();
         shared.uploads.fetch_add(1, Relaxed);
         shared.metrics.shared_uploads_pending.inc();
         tokio::spawn(async move {
+            let _slot = shared.upload_slots.clone().acquire_owned().await;
             let started = std::time::Instant::now();
-            let mut result = Err(TierError::Failed { tier: SHARED, detail: "not attempted".into() });
-            // A second try goes to the next endpoint (the failed one is no longer preferred).
-            for _ in 0..2.min(shared.endpoints.len().max(1) + 1) {
+            // Every endpoint is tried in turn within the copy; a body that failed half way is
+            // tried once more.
+            let mut result = super::tier::copy(&record, &local, &*shared).await;
+            if matches!(result, Err(TierError::Unavailable { .. })) && !shared.recently_down() {
                 result = super::tier::copy(&record, &local, &*shared).await;
-                if !matches!(result, Err(TierError::Unavailable { .. })) {
-                    break;
-                }
             }
             match &result {
                 Ok(()) => {
@@ -271,23 +305,80 @@ impl SharedStore {
         }
     }
 
-    /// Deletes a record and its blob after its content failed verification, so that no
-    /// replica tries it again and the next fill writes it afresh.
-    pub async fn discard(&self, record: &Record) {
-        let (r, b) = (self.record_path(&record.key), self.blob_path(&record.sha256));
-        let res = self.on_any("discard", self.timeout, |s| {
-            let (r, b) = (r.clone(), b.clone());
-            async move {
-                s.delete(&r).await?;
-                s.delete(&b).await
+    /// Deletes a blob whose content failed verification, and the record that led to it
+    /// unless another replica has replaced it meanwhile, so that no replica tries them again
+    /// and the next fill writes them afresh. Runs in the background.
+    pub fn discard(self: &Arc<Self>, record: Record) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let (r, b) = (shared.record_path(&record.key), shared.blob_path(&record.sha256));
+            let current = shared.lookup(&record.key).await;
+            let same_record = matches!(&current, Ok(Some(c)) if c.sha256 == record.sha256);
+            let res = shared
+                .on_any("discard", shared.timeout, |s| {
+                    let (r, b) = (r.clone(), b.clone());
+                    async move {
+                        if same_record {
+                            s.delete(&r).await?;
+                        }
+                        s.delete(&b).await
+                    }
+                })
+                .await;
+            shared.count("discard", if res.is_ok() { "ok" } else { "error" });
+            match res {
+                Ok(()) => {
+                    tracing::warn!(key = %record.key, sha256 = %hex::encode(record.sha256), record_deleted = same_record, "corrupt shared blob deleted")
+                }
+                Err(e) => tracing::warn!(key = %record.key, error = %e, "could not delete a corrupt shared blob"),
             }
         });
-        match res.await {
-            Ok(()) => {
-                tracing::warn!(key = %record.key, sha256 = %hex::encode(record.sha256), "corrupt shared blob and its record deleted")
+    }
+
+    /// Deletes every record under the prefix (purge all); how many. Blobs and named copies
+    /// stay: without a record no replica reads a blob.
+    pub async fn remove_all_records(&self) -> Result<usize, TierError> {
+        let dir = self.prefix.child("_lotecache").child("entries");
+        let r = self
+            .on_any("delete", self.transfer_timeout, |s| {
+                let dir = dir.clone();
+                async move {
+                    let paths: Vec<Path> = s.list(Some(&dir)).map_ok(|m| m.location).try_collect().await?;
+                    for p in &paths {
+                        s.delete(p).await?;
+                    }
+                    Ok(paths.len())
+                }
+            })
+            .await;
+        self.count("delete", if r.is_ok() { "ok" } else { "error" });
+        r
+    }
+
+    /// A body stream that fails when no bytes arrive for `idle` (a node that stops
+    /// mid-body), counting the failure.
+    fn idle_limited(self: &Arc<Self>, body: Chunks, idle: Duration) -> Chunks {
+        let shared = self.clone();
+        futures_util::stream::unfold(Some(body), move |state| {
+            let shared = shared.clone();
+            async move {
+                let mut body = state?;
+                match tokio::time::timeout(idle, body.next()).await {
+                    Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(body))),
+                    Ok(None) => None,
+                    Ok(Some(Err(e))) => {
+                        shared.count("get-blob", "error");
+                        Some((Err(e), None))
+                    }
+                    Err(_) => {
+                        shared.count("get-blob", "error");
+                        let detail = format!("no body bytes for {idle:?}");
+                        Some((Err(TierError::Unavailable { tier: SHARED, detail }), None))
+                    }
+                }
             }
-            Err(e) => tracing::warn!(key = %record.key, error = %e, "could not delete a corrupt shared blob"),
-        }
+        })
+        .boxed()
     }
 }
 
@@ -300,7 +391,8 @@ impl Tier for Arc<SharedStore> {
         (**self).lookup(key).await
     }
     async fn read(&self, record: &Record) -> Result<Chunks, TierError> {
-        (**self).read(record).await
+        let body = (**self).read(record).await?;
+        Ok(self.idle_limited(body, self.timeout))
     }
     async fn store(&self, record: &Record, body: Chunks) -> Result<(), TierError> {
         (**self).store(record, body).await
@@ -332,9 +424,9 @@ impl Tier for SharedStore {
         };
         // A record cut short or from another version is no record: the origin answers.
         match serde_json::from_slice::<Record>(&bytes) {
-            Ok(r) if r.v == RECORD_VERSION && r.key == key => {
+            Ok(r) if r.v == RECORD_VERSION && r.key == key && r.meta.status == 200 => {
                 self.count("get-record", "ok");
-                Ok(Some(r))
+                Ok(Some(r.sanitized()))
             }
             Ok(_) => {
                 self.count("get-record", "mismatch");
@@ -383,7 +475,8 @@ impl Tier for SharedStore {
                 self.count("head-blob", "error");
                 return Err(e);
             }
-            _ => {
+            other => {
+                self.count("head-blob", if other.is_ok() { "wrong-size" } else { "not-found" });
                 let attributes = self.attributes(record);
                 let r = if record.size as usize <= PART_SIZE {
                     self.put_small(&blob, record, &mut body, attributes).await
@@ -402,8 +495,12 @@ impl Tier for SharedStore {
                 async move { s.copy(&blob, &named).await }
             })
             .await;
+        // The named copy is for other tools: its failure does not keep the record from
+        // replicas (which read the blob).
         self.count("copy-named", if r.is_ok() { "ok" } else { "error" });
-        r?;
+        if let Err(e) = r {
+            tracing::warn!(key = %record.key, error = %e, "named copy not written");
+        }
         let json = serde_json::to_vec(record).map_err(|e| TierError::Failed { tier: SHARED, detail: e.to_string() })?;
         let payload = PutPayload::from(Bytes::from(json));
         let path = self.record_path(&record.key);
@@ -437,12 +534,12 @@ impl Tier for SharedStore {
 }
 
 impl SharedStore {
-    /// The blob's metadata: its digest (what other tools verify the named copy with) and
-    /// the document's content type.
+    /// The blob's metadata, which the named copy inherits: its digest (what other tools
+    /// verify the named copy with) and its content type. Nothing per key: keys with the same
+    /// body share the blob.
     fn attributes(&self, record: &Record) -> Attributes {
         let mut a = Attributes::new();
         a.insert(Attribute::Metadata("sha256".into()), hex::encode(record.sha256).into());
-        a.insert(Attribute::Metadata("lote-id".into()), record.meta.lote_id.clone().into());
         if let Some(ct) = record.meta.headers.iter().find(|(n, _)| n == "content-type") {
             if let super::entry::StoredValue::Text(t) = &ct.1 {
                 a.insert(Attribute::ContentType, t.clone().into());
@@ -526,10 +623,11 @@ impl SharedStore {
     }
 }
 
+/// Whether the local body about to be uploaded is the one its record describes.
 fn check(record: &Record, len: u64, sha256: [u8; 32]) -> Result<(), TierError> {
     if len != record.size || sha256 != record.sha256 {
         return Err(TierError::Corrupt {
-            tier: SHARED,
+            tier: "local",
             detail: format!("{len} bytes hashing to {} for a record of {} bytes", hex::encode(sha256), record.size),
         });
     }

@@ -492,7 +492,8 @@ impl PendingWrite {
                 gen_ms: meta.gen_ms,
                 path,
                 hits: AtomicU64::new(0),
-                last_hit_ms: AtomicU64::new(stored_at_ms as u64),
+                // The LRU clock starts now, also for an entry copied with an older store time.
+                last_hit_ms: AtomicU64::new(now_ms() as u64),
                 verified: Default::default(),
                 loading: Default::default(),
             });

@@ -34,6 +34,20 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record with only end-to-end headers a hit may carry: a record read from a shared
+    /// bucket is not trusted to carry framing or hop-by-hop headers.
+    pub fn sanitized(mut self) -> Record {
+        let mut headers = stored_head(&self.meta.header_map().unwrap_or_default());
+        crate::origin::forward_response_headers(&mut headers);
+        for h in
+            [http::header::TRANSFER_ENCODING, http::header::SET_COOKIE, http::header::CONTENT_LENGTH, http::header::VIA]
+        {
+            headers.remove(h);
+        }
+        self.meta = EntryMeta::new(&self.meta.lote_id, http::StatusCode::OK, &headers, self.meta.gen_ms);
+        self
+    }
+
     /// The record of a local entry.
     pub fn of(entry: &Entry) -> Record {
         Record {
@@ -61,6 +75,10 @@ pub enum TierError {
     /// The bytes do not match the record (length or digest): the copy is discarded.
     #[error("{tier} store: content does not match its record: {detail}")]
     Corrupt { tier: &'static str, detail: String },
+    /// Fewer bytes than the record says: cut in transit or truncated where stored. Never
+    /// stored; not proof enough of damage to delete the source.
+    #[error("{tier} store: body shorter than its record: {detail}")]
+    Short { tier: &'static str, detail: String },
     /// Anything else (local disk, too large, bad record).
     #[error("{tier} store: {detail}")]
     Failed { tier: &'static str, detail: String },
@@ -73,6 +91,7 @@ impl TierError {
             TierError::NotFound { .. } => "not-found",
             TierError::Unavailable { .. } => "error",
             TierError::Corrupt { .. } => "corrupt",
+            TierError::Short { .. } => "short",
             TierError::Failed { .. } => "error",
         }
     }
@@ -100,9 +119,8 @@ const LOCAL: &str = "local";
 
 fn local_error(e: StoreError) -> TierError {
     match e {
-        // A short body is a transfer cut short as often as a damaged object: not `Corrupt`,
-        // which deletes the source. It is never stored either way.
         StoreError::Digest { .. } => TierError::Corrupt { tier: LOCAL, detail: e.to_string() },
+        StoreError::Length { .. } => TierError::Short { tier: LOCAL, detail: e.to_string() },
         e => TierError::Failed { tier: LOCAL, detail: e.to_string() },
     }
 }

@@ -39,11 +39,19 @@ fn metric(text: &str, sample: &str) -> f64 {
 }
 
 #[tokio::test]
-async fn an_unreachable_shared_store_never_fails_a_request_the_origin_can_answer() {
+async fn an_unreachable_shared_store_never_fails_a_request_and_is_not_waited_on_while_down() {
     let origin = TestOrigin::start().await;
     origin.set("SH-1", Behavior::Ok { delay: NO_DELAY, pieces: 1, gap: NO_DELAY });
     let dir = tempfile::tempdir().unwrap();
     let proxy = start_proxy(origin.addr, dir.path(), &shared_toml(&[closed_endpoint(), closed_endpoint()])).await;
+    // The probe at start finds it down.
+    let admin = proxy.admin_addr();
+    for _ in 0..100 {
+        if admin_get(admin, "/readyz").await.json()["shared_store"]["state"] == "unreachable" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let miss = get(proxy.local_addr(), &batch("SH-1")).await;
     assert_eq!(miss.status, StatusCode::OK);
@@ -63,7 +71,10 @@ async fn an_unreachable_shared_store_never_fails_a_request_the_origin_can_answer
 
     let text = String::from_utf8(admin_get(proxy.admin_addr(), "/metrics").await.bytes().to_vec()).unwrap();
     assert_eq!(metric(&text, "lotecache_shared_up"), 0.0);
-    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"get-record\",result=\"error\"}"), 1.0);
+    // While it is down, requests do not wait on it: no lookup, no write-through.
+    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"probe\",result=\"error\"}"), 1.0);
+    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"get-record\",result=\"error\"}"), 0.0);
+    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"put-record\",result=\"skipped\"}"), 1.0);
     assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"miss\"}"), 1.0);
     assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"hit\"}"), 1.0);
     proxy.shutdown(Duration::from_secs(5)).await;
