@@ -128,3 +128,78 @@ async fn a_purge_that_cannot_reach_the_shared_store_says_so_with_502() {
     assert_eq!(get(proxy.local_addr(), &batch("SH-3")).await.cache_status(), "lotecache; fwd=uri-miss; stored");
     assert_eq!(origin.generations("SH-3"), 2);
 }
+
+/// A stand-in S3 endpoint for one fault a real cluster cannot be made to show on demand: it
+/// answers the probe with 404, serves `record` for any record name, and for any blob sends
+/// the head with the full `Content-Length`, half the body, then stalls.
+async fn stalling_s3(record: Vec<u8>, blob: Bytes) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let (record, blob) = (record.clone(), blob.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    buf.drain(..head_end);
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let meta = "ETag: \"e\"\r\nLast-Modified: Wed, 25 Nov 2026 00:00:00 GMT\r\n";
+                    if path.contains("/_lotecache/entries/") {
+                        let h = format!("HTTP/1.1 200 OK\r\n{meta}Content-Length: {}\r\n\r\n", record.len());
+                        let _ = conn.write_all(h.as_bytes()).await;
+                        let _ = conn.write_all(&record).await;
+                    } else if path.contains("/_lotecache/blobs/") {
+                        let h = format!("HTTP/1.1 200 OK\r\n{meta}Content-Length: {}\r\n\r\n", blob.len());
+                        let _ = conn.write_all(h.as_bytes()).await;
+                        let _ = conn.write_all(&blob[..blob.len() / 2]).await;
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    } else {
+                        let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_shared_blob_that_stalls_mid_body_is_abandoned_and_the_origin_answers_in_full() {
+    use sha2::Digest;
+    let origin = TestOrigin::start().await;
+    origin.set("SH-4", Behavior::Ok { delay: NO_DELAY, pieces: 1, gap: NO_DELAY });
+    let doc = document("SH-4");
+    let record = serde_json::json!({
+        "v": 1, "key": "SH-4_resultados.json", "sha256": hex::encode(sha2::Sha256::digest(&doc)),
+        "size": doc.len(), "stored_at_ms": 1_700_000_000_000u64,
+        "meta": {"v": 1, "lote_id": "SH-4", "status": 200, "headers": [["content-type", "application/json"]], "gen_ms": 5}
+    });
+    let s3 = stalling_s3(serde_json::to_vec(&record).unwrap(), doc.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), &shared_toml(&[format!("http://{s3}")])).await;
+
+    let got = tokio::time::timeout(Duration::from_secs(20), get(proxy.local_addr(), &batch("SH-4")))
+        .await
+        .expect("a stalled shared body does not hang the request");
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.bytes(), &doc);
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(origin.generations("SH-4"), 1);
+    let text = String::from_utf8(admin_get(proxy.admin_addr(), "/metrics").await.bytes().to_vec()).unwrap();
+    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"get-record\",result=\"ok\"}"), 1.0);
+    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"get-blob\",result=\"error\"}"), 1.0);
+}
