@@ -240,13 +240,7 @@ impl SharedStore {
     /// Asks the store whether it answers (the metadata of a name that need not exist: a
     /// `404` is an answer), for the background probe.
     pub async fn probe(&self) -> bool {
-        let path = self.prefix.child("_lotecache").child("probe");
-        let r = self
-            .on_any("probe", self.timeout, |s| {
-                let path = path.clone();
-                async move { s.head(&path).await }
-            })
-            .await;
+        let r = self.head_object("probe", &self.prefix.child("_lotecache").child("probe")).await;
         let up = r.is_ok() || r.as_ref().is_err_and(not_found);
         self.count("probe", if up { "ok" } else { "error" });
         up
@@ -355,6 +349,24 @@ impl SharedStore {
         r
     }
 
+    /// GET of one object on the first endpoint that answers (the body is read later).
+    async fn get_object(&self, op: &str, path: &Path) -> Result<object_store::GetResult, TierError> {
+        self.on_any(op, self.timeout, |s| {
+            let path = path.clone();
+            async move { s.get(&path).await }
+        })
+        .await
+    }
+
+    /// HEAD of one object on the first endpoint that answers.
+    async fn head_object(&self, op: &str, path: &Path) -> Result<object_store::ObjectMeta, TierError> {
+        self.on_any(op, self.timeout, |s| {
+            let path = path.clone();
+            async move { s.head(&path).await }
+        })
+        .await
+    }
+
     /// A body stream that fails when no bytes arrive for `idle` (a node that stops
     /// mid-body), counting the failure.
     fn idle_limited(self: &Arc<Self>, body: Chunks, idle: Duration) -> Chunks {
@@ -440,13 +452,7 @@ impl Tier for SharedStore {
     }
 
     async fn read(&self, record: &Record) -> Result<Chunks, TierError> {
-        let path = self.blob_path(&record.sha256);
-        let got = self
-            .on_any("get-blob", self.timeout, |s| {
-                let path = path.clone();
-                async move { s.get(&path).await }
-            })
-            .await;
+        let got = self.get_object("get-blob", &self.blob_path(&record.sha256)).await;
         match got {
             Ok(r) => {
                 self.count("get-blob", "ok");
@@ -463,12 +469,7 @@ impl Tier for SharedStore {
     /// hashed on the way: a body that does not match the record is never completed.
     async fn store(&self, record: &Record, mut body: Chunks) -> Result<(), TierError> {
         let blob = self.blob_path(&record.sha256);
-        let exists = self
-            .on_any("head-blob", self.timeout, |s| {
-                let blob = blob.clone();
-                async move { s.head(&blob).await }
-            })
-            .await;
+        let exists = self.head_object("head-blob", &blob).await;
         match exists {
             Ok(meta) if meta.size == record.size => self.count("head-blob", "ok"),
             Err(e) if !not_found(&e) => {
