@@ -468,6 +468,14 @@ impl Tier for SharedStore {
     /// Blob (unless it already exists), then the named copy, then the record. The body is
     /// hashed on the way: a body that does not match the record is never completed.
     async fn store(&self, record: &Record, mut body: Chunks) -> Result<(), TierError> {
+        // A newer document of this key (refetched by another replica after a TTL) is not
+        // replaced by an older upload that happens to finish later.
+        if let Ok(Some(current)) = self.lookup(&record.key).await {
+            if current.stored_at_ms > record.stored_at_ms {
+                self.count("put-record", "superseded");
+                return Ok(());
+            }
+        }
         let blob = self.blob_path(&record.sha256);
         let exists = self.head_object("head-blob", &blob).await;
         match exists {
