@@ -78,6 +78,15 @@ class Proc:
             self.p.send_signal(signal.SIGKILL)
             self.p.wait(10)
 
+    def stop(self):
+        """SIGTERM, so that a master process (nginx) stops its workers too; then SIGKILL."""
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
     def alive(self):
         return self.p.poll() is None
 
@@ -239,7 +248,7 @@ def balancer(workdir, replicas):
     url = f"http://127.0.0.1:{port}"
     wait_until("nginx", lambda: get(url + "/__stats")[0] == 200)
     yield url
-    proc.kill()
+    proc.stop()
 
 
 def sha256(b):
