@@ -200,6 +200,7 @@ async fn a_shared_blob_that_stalls_mid_body_is_abandoned_and_the_origin_answers_
     assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored");
     assert_eq!(origin.generations("SH-4"), 1);
     let text = String::from_utf8(admin_get(proxy.admin_addr(), "/metrics").await.bytes().to_vec()).unwrap();
-    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"get-record\",result=\"ok\"}"), 1.0);
+    // The record was read (the write-through of the refetch may read it again, meanwhile).
+    assert!(metric(&text, "lotecache_shared_ops_total{op=\"get-record\",result=\"ok\"}") >= 1.0);
     assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"get-blob\",result=\"error\"}"), 1.0);
 }
