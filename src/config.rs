@@ -2,7 +2,6 @@
 //! validation into a ready-to-use `Config` with every error reported with its location.
 
 use crate::cache::validate::{parse_pointer, Assertion, Check, OnFail, Validation};
-use regex_lite::Regex;
 use serde::Deserialize;
 use std::sync::Arc;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -299,7 +298,7 @@ pub struct RuleConfig {
     pub path_prefix: String,
     pub path_suffix: String,
     /// Anchored id pattern.
-    pub id_pattern: Regex,
+    pub id_pattern: crate::rules::IdPattern,
     /// Key template split at `{lote_id}`.
     pub key_prefix: String,
     pub key_suffix: String,
@@ -714,7 +713,7 @@ impl<'a> Validator<'a> {
             }
         };
         let pat_at = self.pick(None, "", r.id_pattern.as_ref(), DEFAULT_ID_PATTERN);
-        let id_pattern = match Regex::new(&format!("^(?:{})$", pat_at.value)) {
+        let id_pattern = match crate::rules::IdPattern::new(pat_at.value) {
             Ok(re) => Some(re),
             Err(e) => {
                 self.err(&pat_at, "rules.id_pattern", format!("invalid regular expression: {e}"));
@@ -859,7 +858,7 @@ pub fn default_rule() -> RuleConfig {
         name: "batch-results".into(),
         path_prefix,
         path_suffix,
-        id_pattern: Regex::new(&format!("^(?:{DEFAULT_ID_PATTERN})$")).expect("default pattern"),
+        id_pattern: crate::rules::IdPattern::new(DEFAULT_ID_PATTERN).expect("default pattern"),
         key_prefix,
         key_suffix,
         query: QueryPolicy::Reject,

@@ -11,6 +11,84 @@ use crate::error::ProxyError;
 use http::{Method, Request};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
+/// A rule's id pattern, matched against the whole id. The common shape — one ASCII character
+/// class repeated `{m,n}` times, like the default `[A-Za-z0-9._-]{1,128}` — is matched with a
+/// byte table (the regex engine costs several microseconds per request); anything else with
+/// the regular expression.
+#[derive(Debug, Clone)]
+pub struct IdPattern {
+    regex: regex_lite::Regex,
+    class: Option<CharRun>,
+}
+
+/// One ASCII character class, repeated between `min` and `max` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CharRun {
+    allowed: u128,
+    min: usize,
+    max: usize,
+}
+
+impl IdPattern {
+    pub fn new(pattern: &str) -> Result<IdPattern, regex_lite::Error> {
+        let regex = regex_lite::Regex::new(&format!("^(?:{pattern})$"))?;
+        Ok(IdPattern { regex, class: CharRun::parse(pattern) })
+    }
+
+    pub fn is_match(&self, id: &str) -> bool {
+        match &self.class {
+            Some(c) => c.is_match(id),
+            None => self.regex.is_match(id),
+        }
+    }
+}
+
+impl CharRun {
+    /// `[items]{m,n}` or `[items]{n}`, items being ASCII letters, digits and `.` `_` `-` `~`
+    /// `:` `@`, or ranges `a-z`; None for anything else (negation, escapes, other
+    /// quantifiers), which the regex handles.
+    fn parse(p: &str) -> Option<CharRun> {
+        let rest = p.strip_prefix('[')?;
+        let (items, quant) = rest.split_once(']')?;
+        let (min, max) = match quant.strip_prefix('{')?.strip_suffix('}')?.split_once(',') {
+            Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+            None => {
+                let n = quant[1..quant.len() - 1].parse().ok()?;
+                (n, n)
+            }
+        };
+        if min > max {
+            return None;
+        }
+        let plain = |c: u8| c.is_ascii_alphanumeric() || b"._-~:@".contains(&c);
+        let b = items.as_bytes();
+        if b.is_empty() || b[0] == b'^' || !b.iter().all(|&c| plain(c)) {
+            return None;
+        }
+        let mut allowed = 0u128;
+        let mut i = 0;
+        while i < b.len() {
+            // `x-y` is a range unless the `-` is first or last (then it is literal).
+            if i + 2 < b.len() && b[i + 1] == b'-' {
+                let (lo, hi) = (b[i], b[i + 2]);
+                if lo > hi || !lo.is_ascii_alphanumeric() || !hi.is_ascii_alphanumeric() {
+                    return None;
+                }
+                (lo..=hi).for_each(|c| allowed |= 1 << c);
+                i += 3;
+            } else {
+                allowed |= 1 << b[i];
+                i += 1;
+            }
+        }
+        Some(CharRun { allowed, min, max })
+    }
+
+    fn is_match(&self, id: &str) -> bool {
+        (self.min..=self.max).contains(&id.len()) && id.bytes().all(|c| c < 128 && self.allowed & (1 << c) != 0)
+    }
+}
+
 /// What to do with one request.
 #[derive(Debug)]
 pub enum Route {
@@ -134,6 +212,44 @@ mod tests {
 
     fn route(uri: &str) -> Route {
         Rules::new(vec![default_rule()]).route(&Request::get(uri).body(()).unwrap())
+    }
+
+    #[test]
+    fn the_character_class_fast_path_agrees_with_the_regex() {
+        let patterns = ["[A-Za-z0-9._-]{1,128}", "[a-f0-9]{8}", "[-a-z]{2,3}", "[0-9]{1,4}", "[A-Z.]{0,2}"];
+        let ids = [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "a-b",
+            "-a",
+            "LOTE-2025_07.16",
+            "1234",
+            "12345",
+            "deadbeef",
+            "DEADBEEF",
+            "a b",
+            "a/b",
+            "ñ",
+            "añb",
+            "..",
+            "A.",
+            "AB.",
+            &"x".repeat(128),
+            &"x".repeat(129),
+        ];
+        for p in patterns {
+            let fast = IdPattern::new(p).unwrap();
+            assert!(fast.class.is_some(), "{p} takes the fast path");
+            let regex = regex_lite::Regex::new(&format!("^(?:{p})$")).unwrap();
+            for id in ids {
+                assert_eq!(fast.is_match(id), regex.is_match(id), "pattern {p}, id {id:?}");
+            }
+        }
+        for p in ["[^a]{1,2}", "[a\\-z]{1,2}", "[a-z]+", "L-[0-9]{1,4}", "[a-z]{3,1}", "[z-a]{1,2}"] {
+            assert!(CharRun::parse(p).is_none(), "{p} is left to the regex");
+        }
     }
 
     #[test]

@@ -83,10 +83,14 @@ impl<S> StrictIo<S> {
                     self.state = if left == n as u64 { State::Head } else { State::Body(left - n as u64) };
                 }
                 State::Head => {
-                    let b = input[0];
-                    input = &input[1..];
-                    self.head.push(b);
-                    if b == b'\n' {
+                    // Up to and including the next LF, or all of it: one line at a time.
+                    let (line, rest) = match input.iter().position(|&b| b == b'\n') {
+                        Some(i) => input.split_at(i + 1),
+                        None => (input, &input[input.len()..]),
+                    };
+                    input = rest;
+                    self.head.extend_from_slice(line);
+                    if line.last() == Some(&b'\n') {
                         let len = self.head.len();
                         if len < 2 || self.head[len - 2] != b'\r' {
                             // A bare LF (the blank lines before a request, allowed by RFC
@@ -116,32 +120,33 @@ impl<S> StrictIo<S> {
 
     /// A complete head: check it, release it (or its refusal), and set the body framing.
     fn end_of_head(&mut self) {
-        let head = std::mem::take(&mut self.head);
         let mut content_length = None;
         let mut chunked = false;
         let mut transfer_encoding = false;
         let mut upgrade = false;
-        for line in head.split(|&b| b == b'\n').skip(1) {
+        let value = |v: &[u8]| String::from_utf8_lossy(v).trim().to_ascii_lowercase();
+        for line in self.head.split(|&b| b == b'\n').skip(1) {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
             let name = &line[..colon];
-            let value = String::from_utf8_lossy(&line[colon + 1..]).trim().to_ascii_lowercase();
+            // Only the framing headers' values are looked at (and allocated).
             if name.eq_ignore_ascii_case(b"content-length") {
-                content_length = value.parse::<u64>().ok().or(Some(u64::MAX));
+                content_length = value(&line[colon + 1..]).parse::<u64>().ok().or(Some(u64::MAX));
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 transfer_encoding = true;
-                chunked = value.rsplit(',').next().is_some_and(|last| last.trim() == "chunked");
+                chunked = value(&line[colon + 1..]).rsplit(',').next().is_some_and(|last| last.trim() == "chunked");
             } else if name.eq_ignore_ascii_case(b"upgrade") {
                 upgrade = true;
             }
         }
         if transfer_encoding && content_length.is_some() {
-            self.head = head;
             self.refuse();
             return;
         }
-        self.ready.extend_from_slice(&head);
-        let connect = head.starts_with(b"CONNECT ");
+        self.ready.extend_from_slice(&self.head);
+        let connect = self.head.starts_with(b"CONNECT ");
+        // Cleared, not taken: the next request's head reuses the allocation.
+        self.head.clear();
         self.state = if upgrade || connect || (transfer_encoding && !chunked) || content_length == Some(u64::MAX) {
             // hyper refuses these or takes the connection over: stop following it.
             State::Opaque
@@ -229,12 +234,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
             if this.state == State::Opaque && this.head.is_empty() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            // Read into the caller's (uninitialised) buffer, take what arrived, and give the
+            // buffer back: only what the framing check lets through is put into it. (A scratch
+            // array here would be zeroed on every call, pending ones included.)
+            let before = buf.filled().len();
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                Poll::Ready(Ok(())) if buf.filled().len() == before => {
                     // End of stream: a partial head goes to hyper as it is (it reports it).
                     let rest = std::mem::take(&mut this.head);
                     this.ready.extend_from_slice(&rest);
@@ -243,8 +250,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
                     }
                 }
                 Poll::Ready(Ok(())) => {
-                    let filled = rb.filled().to_vec();
-                    this.process(&filled);
+                    this.process(&buf.filled()[before..]);
+                    buf.set_filled(before);
                 }
             }
         }

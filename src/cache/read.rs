@@ -27,6 +27,8 @@ use std::{fs::File, io, io::Read, sync::Arc, time::Duration};
 pub const WHOLE_MAX: u64 = 1024 * 1024;
 /// Read size when hashing a file.
 const CHUNK: u64 = 256 * 1024;
+/// Shortest time between the starts of two scrub passes over the store.
+const SCRUB_MIN_PASS: Duration = Duration::from_secs(10);
 
 /// Why stored content cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +175,8 @@ pub fn verify_sync(entry: &Entry) -> Result<(), ReadError> {
 /// per second (the scrubber: a smooth background load, never a burst).
 fn hash_file(file: &mut File, entry: &Entry, pace: Option<u64>) -> Result<(), ReadError> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK as usize];
+    // Sized to the file: a small entry does not pay for zeroing a large buffer.
+    let mut buf = vec![0u8; CHUNK.min(entry.size.max(1)) as usize];
     let mut total = 0u64;
     loop {
         let n = file.read(&mut buf)?;
@@ -219,13 +222,10 @@ pub async fn scrub_loop(store: Arc<Store>, bytes_per_sec: u64, mut stopped: toki
         return;
     }
     loop {
+        let pass_started = tokio::time::Instant::now();
         let entries = store.entries();
-        if entries.is_empty() {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                _ = stopped.changed() => return,
-            }
-        }
+        // An empty store is looked at again soon: the first entry is scrubbed within a second.
+        let min_pass = if entries.is_empty() { Duration::from_secs(1) } else { SCRUB_MIN_PASS };
         for entry in entries {
             let e = entry.clone();
             let scrub = tokio::task::spawn_blocking(move || {
@@ -244,6 +244,12 @@ pub async fn scrub_loop(store: Arc<Store>, bytes_per_sec: u64, mut stopped: toki
                     store.evict(&entry, err.reason()).await;
                 }
             }
+        }
+        // A small store would otherwise be re-hashed in a tight loop (each file costs an
+        // open, a stat and a buffer besides its bytes): passes start at most this often.
+        tokio::select! {
+            _ = tokio::time::sleep_until(pass_started + min_pass) => {}
+            _ = stopped.changed() => return,
         }
     }
 }
