@@ -10,6 +10,7 @@
 # against both, and the pass-through overhead (lotecache vs the origin directly).
 #
 # Usage: bash bench/run.sh [SECONDS_PER_RUN]     (default 10; the whole run stays under 15 min)
+# Also: the hits' latency at equal load (the same offered rate to each), see below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -146,6 +147,46 @@ for s in ["4KB", "256KB", "16MB"]:
     for l in labels:
         a = mean(s, l)
         print(f"| {s} | **{l} / nginx** | **{a[0]/b[0]:.2f}×** | {a[1]/b[1]:.2f}× | {a[2]/b[2]:.2f}× | {a[3]/b[3]:.2f}× | {a[4]/b[4]:.2f}× | {a[5]/b[5]:.2f}× |")
+PY
+
+# Latency at equal load: at saturation the load generator, sharing the 2 cores, is itself the
+# bottleneck behind a faster server, and its own threads' time slicing (~4 ms) becomes the
+# tail. So the same request rate — 80 % of nginx's saturated rate for that size — is also
+# offered to each, and their latencies compared there.
+echo
+echo "## Latency at equal load: oha -c $CONC -q (80 % of nginx's req/s above), ${SECS}s per run, A B C A B C"
+echo
+echo "| size | server | offered req/s | p50 ms | p99 ms | p99.9 ms |"
+echo "|---|---|---|---|---|---|"
+: > "$W/rate-rows"
+for size in 4KB 256KB; do
+  rate=$(awk -F'\t' -v s=$size '$1 == "nginx" && $2 == s { t += $3; n++ } END { printf "%d", 0.8 * t / n }' "$W/rows")
+  for round in 1 2; do
+    for target in "lotecache (1 worker)=$LC" "lotecache (2 workers)=$LC2" "nginx=$NGINX"; do
+      url="http://127.0.0.1:${target#*=}/download_batch_results/${SIZE_ID[$size]}"
+      oha -c $CONC -z ${SECS}s -q "$rate" --no-tui --output-format json "$url" > "$W/oha.json" 2>/dev/null
+      jq -r --arg l "${target%%=*}" --arg s "$size" --arg q "$rate" \
+        '[$s, $l, $q, .latencyPercentiles.p50 * 1000, .latencyPercentiles.p99 * 1000, .latencyPercentiles["p99.9"] * 1000] | @tsv' \
+        "$W/oha.json" >> "$W/rate-rows"
+    done
+  done
+done
+python3 - "$W/rate-rows" <<'PY'
+import sys, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    s, l, q, *vals = line.rstrip("\n").split("\t")
+    rows[(s, l, q)].append([float(v) for v in vals])
+for (s, l, q), runs in rows.items():
+    m = [sum(c) / len(c) for c in zip(*runs)]
+    print(f"| {s} | {l} | {q} | {m[0]:.2f} | {m[1]:.2f} | {m[2]:.2f} |")
+for s in ["4KB", "256KB"]:
+    base = next(v for (s2, l, q), v in rows.items() if s2 == s and l == "nginx")
+    b = [sum(c) / len(c) for c in zip(*base)]
+    for (s2, l, q), runs in rows.items():
+        if s2 == s and l != "nginx":
+            a = [sum(c) / len(c) for c in zip(*runs)]
+            print(f"| {s} | **{l} / nginx** | | {a[0]/b[0]:.2f}× | **{a[1]/b[1]:.2f}×** | {a[2]/b[2]:.2f}× |")
 PY
 
 echo
