@@ -35,6 +35,7 @@ pub struct RawServer {
     pub header_read_timeout: Option<Spanned<String>>,
     pub max_header_bytes: Option<Spanned<String>>,
     pub max_connections: Option<usize>,
+    pub send_buffer: Option<Spanned<String>>,
     pub workers: Option<usize>,
 }
 
@@ -152,6 +153,8 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// `SO_SNDBUF` of client connections (0: the kernel's autotuning).
+    pub send_buffer: usize,
     /// Runtime worker threads (0: one per core).
     pub workers: usize,
     pub origin: OriginConfig,
@@ -490,6 +493,7 @@ impl<'a> Validator<'a> {
         let max_header_bytes =
             (self.size("server.max_header_bytes", raw.server.max_header_bytes.as_ref(), "64KiB") as usize).max(8192);
         let max_connections = raw.server.max_connections.unwrap_or(10_000).max(1);
+        let send_buffer = self.size_or_zero("server.send_buffer", raw.server.send_buffer.as_ref(), "256KiB") as usize;
         let workers = raw.server.workers.unwrap_or(0);
 
         let url_at = self.pick(ov.origin.as_deref(), "--origin", raw.origin.url.as_ref(), DEFAULT_ORIGIN);
@@ -585,6 +589,7 @@ impl<'a> Validator<'a> {
                 header_read_timeout,
                 max_header_bytes,
                 max_connections,
+                send_buffer,
                 workers,
                 origin,
                 cache_dir,
@@ -908,6 +913,9 @@ mod tests {
         assert_eq!(c.fill.fill_timeout, Duration::from_secs(900));
         assert_eq!(c.rules[0].path_prefix, "/download_batch_results/");
         assert_eq!(c.rules[0].key_suffix, "_resultados.json");
+        assert_eq!(c.send_buffer, 256 * 1024);
+        let off = parse("x", "[server]\nsend_buffer = \"off\"\n", &Overrides::default()).unwrap();
+        assert_eq!(off.send_buffer, 0);
     }
 
     #[test]
