@@ -123,30 +123,41 @@ impl Origin {
     }
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Upgrade`.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
 
 /// Request headers that override routing, method or origin identity in some backends
 /// (IIS, Symfony, Flask extensions): dropped from every forwarded request.
-const CLIENT_UNTRUSTED: [&str; 8] = [
-    "x-original-url",
-    "x-rewrite-url",
-    "forwarded",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-forwarded-server",
-    "x-forwarded-port",
-];
+fn is_client_untrusted(name: &str) -> bool {
+    matches!(
+        name,
+        "x-original-url"
+            | "x-rewrite-url"
+            | "forwarded"
+            | "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
+            | "x-forwarded-server"
+            | "x-forwarded-port"
+    )
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Why an origin response's framing is refused (502, connection discarded), if it is:
 /// several Content-Length values, Content-Length with Transfer-Encoding, or a
@@ -176,6 +187,12 @@ pub struct MalformedResponse(pub &'static str);
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    remove_where(headers, |_| false);
+}
+
+/// Removes hop-by-hop headers, those the `Connection` header names, and those `also` picks,
+/// in one pass over the names present (no lookup per name that could be there).
+fn remove_where(headers: &mut HeaderMap, also: impl Fn(&str) -> bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -183,33 +200,34 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n.as_str()) || also(n.as_str()) || named.contains(n))
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
 /// Rewrites a client request's headers for the origin: hop-by-hop removed, `X-Forwarded-For`
 /// appended with the peer, `X-Forwarded-Proto`/`-Host` overwritten (never trusted from clients),
 /// `Via` appended.
 pub fn forward_request_headers(headers: &mut HeaderMap, peer: SocketAddr) {
-    strip_hop_by_hop(headers);
     // Headers some frameworks trust for routing or identity: never from a client.
-    for name in CLIENT_UNTRUSTED {
-        headers.remove(name);
-    }
+    remove_where(headers, is_client_untrusted);
     let peer_ip = peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_ip}"),
         _ => peer_ip,
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     match headers.get(header::HOST).cloned() {
-        Some(host) => headers.insert("x-forwarded-host", host),
-        None => headers.remove("x-forwarded-host"),
+        Some(host) => headers.insert(X_FORWARDED_HOST, host),
+        None => headers.remove(X_FORWARDED_HOST),
     };
     append_via(headers);
 }
