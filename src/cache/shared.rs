@@ -478,23 +478,50 @@ impl Tier for SharedStore {
         }
         let blob = self.blob_path(&record.sha256);
         let exists = self.head_object("head-blob", &blob).await;
-        match exists {
-            Ok(meta) if meta.size == record.size => self.count("head-blob", "ok"),
+        // A small blob of the right size is checked against its ETag (the MD5 of a single PUT):
+        // one damaged in place is replaced, not kept and copied to the named object.
+        let small = record.size as usize <= PART_SIZE;
+        let mut local = None;
+        let upload = match exists {
+            Ok(meta) if meta.size == record.size && small => match plain_md5(meta.e_tag.as_deref()) {
+                Some(etag) => {
+                    let bytes = read_verified(record, &mut body).await?;
+                    let same = etag == <md5::Md5 as Digest>::digest(&bytes).as_slice();
+                    local = Some(bytes);
+                    self.count("head-blob", if same { "ok" } else { "different" });
+                    !same
+                }
+                None => {
+                    self.count("head-blob", "ok");
+                    false
+                }
+            },
+            Ok(meta) if meta.size == record.size => {
+                self.count("head-blob", "ok");
+                false
+            }
             Err(e) if !not_found(&e) => {
                 self.count("head-blob", "error");
                 return Err(e);
             }
             other => {
                 self.count("head-blob", if other.is_ok() { "wrong-size" } else { "not-found" });
-                let attributes = self.attributes(record);
-                let r = if record.size as usize <= PART_SIZE {
-                    self.put_small(&blob, record, &mut body, attributes).await
-                } else {
-                    self.put_large(&blob, record, &mut body, attributes).await
-                };
-                self.count("put-blob", if r.is_ok() { "ok" } else { r.as_ref().err().map_or("error", |e| e.token()) });
-                r?;
+                true
             }
+        };
+        if upload {
+            let attributes = self.attributes(record);
+            let r = if small {
+                let bytes = match local.take() {
+                    Some(b) => b,
+                    None => read_verified(record, &mut body).await?,
+                };
+                self.put_small(&blob, bytes, attributes).await
+            } else {
+                self.put_large(&blob, record, &mut body, attributes).await
+            };
+            self.count("put-blob", if r.is_ok() { "ok" } else { r.as_ref().err().map_or("error", |e| e.token()) });
+            r?;
         }
         // The named copy: a server-side copy of the blob (its metadata comes along).
         let named = self.named_path(&record.key);
@@ -558,22 +585,8 @@ impl SharedStore {
     }
 
     /// Reads the whole (small) body, verifies it, then PUTs it in one request.
-    async fn put_small(
-        &self,
-        blob: &Path,
-        record: &Record,
-        body: &mut Chunks,
-        attributes: Attributes,
-    ) -> Result<(), TierError> {
-        let mut buf = Vec::with_capacity(record.size as usize);
-        while let Some(chunk) = body.next().await {
-            buf.extend_from_slice(&chunk?);
-            if buf.len() as u64 > record.size {
-                break;
-            }
-        }
-        check(record, buf.len() as u64, Sha256::digest(&buf).into())?;
-        let payload = PutPayload::from(Bytes::from(buf));
+    async fn put_small(&self, blob: &Path, body: Vec<u8>, attributes: Attributes) -> Result<(), TierError> {
+        let payload = PutPayload::from(Bytes::from(body));
         let opts = PutOptions { attributes, ..Default::default() };
         self.on_any("put-blob", self.transfer_timeout, |s| {
             let (payload, opts) = (payload.clone(), opts.clone());
@@ -630,6 +643,27 @@ impl SharedStore {
             }
         }
     }
+}
+
+/// Reads a whole (small) local body and checks it is the one its record describes.
+async fn read_verified(record: &Record, body: &mut Chunks) -> Result<Vec<u8>, TierError> {
+    let mut buf = Vec::with_capacity(record.size as usize);
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk?);
+        if buf.len() as u64 > record.size {
+            break;
+        }
+    }
+    check(record, buf.len() as u64, Sha256::digest(&buf).into())?;
+    Ok(buf)
+}
+
+/// The MD5 an ETag carries, if it is a plain one (a single PUT's; not a multipart `…-N`).
+fn plain_md5(etag: Option<&str>) -> Option<[u8; 16]> {
+    let hex_str = etag?.trim_matches('"');
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(hex_str, &mut out).ok()?;
+    Some(out)
 }
 
 /// Whether the local body about to be uploaded is the one its record describes.

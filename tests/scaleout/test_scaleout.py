@@ -339,6 +339,27 @@ def test_a_corrupted_object_in_the_bucket_is_never_served_as_a_complete_200(orig
     assert c.metric("lotecache_integrity_failures_total", reason="shared-length") == 1  # cut short
 
 
+def test_a_same_size_damaged_blob_is_replaced_by_the_next_write_through(origin, replicas, garage):
+    a, c = replicas[0], replicas[2]
+    s3 = s3_client(garage[0]["s3"])
+    lote = "SCALE-REPAIR-16kb"
+    body = stored_through(a, origin, lote)
+    blob = f"{PREFIX}/_lotecache/blobs/sha256/{sha256(body)}"
+    s3.put_object(Bucket=BUCKET, Key=blob, Body=body[:100] + bytes([body[100] ^ 0x01]) + body[101:])
+    # Without its record no replica reads the blob; the next fill writes the batch through.
+    s3.delete_object(Bucket=BUCKET, Key=record_key(f"{lote}_resultados.json"))
+    before = c.metric("lotecache_shared_ops_total", op="head-blob", result="different")
+    status, _, got = get(f"{c.url}/download_batch_results/{lote}")
+    assert (status, got) == (200, body)
+    assert generations(origin, lote) == 2
+    wait_until("write-through", lambda: c.uploads_settled()
+               and c.metric("lotecache_shared_ops_total", op="head-blob", result="different") == before + 1)
+    assert s3.get_object(Bucket=BUCKET, Key=blob)["Body"].read() == body
+    named = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/{lote}_resultados.json")
+    assert named["Body"].read() == body
+    assert named["Metadata"]["sha256"] == sha256(body)
+
+
 def test_with_one_garage_node_killed_no_request_fails(origin, replicas, balancer, garage):
     warm = stored_through(replicas[1], origin, "SCALE-NODE-WARM-8kb")
     garage[0]["proc"].kill()  # the node replica 0 prefers
