@@ -3,10 +3,11 @@
 //! several replicas generate each batch once and survive the loss of any one of them.
 //!
 //! Layout under `s3://BUCKET/PREFIX/`:
-//! - `_lotecache/blobs/sha256/<hex>`: each body once, named by its digest. Write-once: an
-//!   object that exists is never rewritten, so a read never races an overwrite of the same
-//!   name (Garage can cut such a read short), and engines that ignore conditional PUTs need
-//!   no first-writer-wins.
+//! - `_lotecache/blobs/sha256/<hex>`: each body once, named by its digest. A blob that
+//!   exists intact is never rewritten, so reads do not race overwrites of the same name
+//!   (Garage can cut such a read short), and engines that ignore conditional PUTs need no
+//!   first-writer-wins; only a blob found damaged (wrong size, or an ETag that is not the
+//!   body's MD5) is replaced, and a read cut short is never served.
 //! - `_lotecache/entries/<sha256 of key>.json`: the record (pointer) of a key, written last,
 //!   so a record never names a blob that is not complete.
 //! - `<key>` (by default `<lote_id>_resultados.json`): the document under the owner's naming
@@ -14,7 +15,7 @@
 //!   lotecache never reads it.
 //!
 //! Every read is verified by the receiving tier against the record's length and sha256. A
-//! blob that fails is deleted with its record (the next fill rewrites both). Every operation
+//! blob whose digest fails is deleted with its record (the next fill rewrites both). Every operation
 //! has a deadline and is tried on each configured endpoint in turn; a failure is counted,
 //! logged, and answered by the caller with the local tier or the origin, never with an error.
 
