@@ -276,7 +276,8 @@ impl Cache {
 }
 
 /// Streams a fill's response to one request; `cache_status` overrides the fill's own.
-/// `None`: the fill put the entry in the local store (from the shared one); serve it. `Err` carries the origin's failure (its status, and the response to send when no stale
+/// `None`: the fill put the entry in the local store (from the shared one); serve it.
+/// `Err` carries the origin's failure (its status, and the response to send when no stale
 /// entry can stand in): a fill error before the head, or a 5xx head.
 async fn respond_from_fill(
     mut sub: Subscription,
