@@ -521,7 +521,7 @@ impl Tier for SharedStore {
             } else {
                 self.put_large(&blob, record, &mut body, attributes).await
             };
-            self.count("put-blob", if r.is_ok() { "ok" } else { r.as_ref().err().map_or("error", |e| e.token()) });
+            self.count("put-blob", r.as_ref().map_or_else(TierError::token, |_| "ok"));
             r?;
         }
         // The named copy: a server-side copy of the blob (its metadata comes along).
