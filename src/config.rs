@@ -37,6 +37,7 @@ pub struct RawServer {
     pub max_connections: Option<usize>,
     pub send_buffer: Option<Spanned<String>>,
     pub workers: Option<usize>,
+    pub yield_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +158,8 @@ pub struct Config {
     pub send_buffer: usize,
     /// Runtime worker threads (0: one per core).
     pub workers: usize,
+    /// A busy worker yields its core at most this often (zero: never); see `cpu_yield`.
+    pub yield_interval: Duration,
     pub origin: OriginConfig,
     pub cache_dir: PathBuf,
     /// Cap on the bytes of live entries (0: none).
@@ -467,6 +470,14 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// A duration where `"0"` (or `"off"`) means off.
+    fn duration_or_zero(&mut self, field: &str, value: Option<&Spanned<String>>, default: &str) -> Duration {
+        match value.map(|v| v.get_ref().trim()) {
+            Some("0") | Some("off") => Duration::ZERO,
+            _ => self.duration(field, value, default),
+        }
+    }
+
     /// A size where `"0"` (or `"off"`) means off.
     fn size_or_zero(&mut self, field: &str, value: Option<&Spanned<String>>, default: &str) -> u64 {
         match value.map(|v| v.get_ref().trim()) {
@@ -495,6 +506,8 @@ impl<'a> Validator<'a> {
         let max_connections = raw.server.max_connections.unwrap_or(10_000).max(1);
         let send_buffer = self.size_or_zero("server.send_buffer", raw.server.send_buffer.as_ref(), "256KiB") as usize;
         let workers = raw.server.workers.unwrap_or(0);
+        let yield_interval =
+            self.duration_or_zero("server.yield_interval", raw.server.yield_interval.as_ref(), "250us");
 
         let url_at = self.pick(ov.origin.as_deref(), "--origin", raw.origin.url.as_ref(), DEFAULT_ORIGIN);
         let (scheme, authority) = match parse_origin_url(url_at.value) {
@@ -591,6 +604,7 @@ impl<'a> Validator<'a> {
                 max_connections,
                 send_buffer,
                 workers,
+                yield_interval,
                 origin,
                 cache_dir,
                 max_size,
@@ -914,8 +928,10 @@ mod tests {
         assert_eq!(c.rules[0].path_prefix, "/download_batch_results/");
         assert_eq!(c.rules[0].key_suffix, "_resultados.json");
         assert_eq!(c.send_buffer, 256 * 1024);
-        let off = parse("x", "[server]\nsend_buffer = \"off\"\n", &Overrides::default()).unwrap();
-        assert_eq!(off.send_buffer, 0);
+        assert_eq!(c.yield_interval, Duration::from_micros(250));
+        let off =
+            parse("x", "[server]\nsend_buffer = \"off\"\nyield_interval = \"off\"\n", &Overrides::default()).unwrap();
+        assert_eq!((off.send_buffer, off.yield_interval), (0, Duration::ZERO));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod body;
 pub mod cache;
 pub mod cachectl;
 pub mod config;
+pub mod cpu_yield;
 pub mod error;
 pub mod metrics;
 pub mod origin;

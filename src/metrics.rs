@@ -25,6 +25,8 @@ pub struct Metrics {
     /// Sum of the recorded generation time of each hit's entry.
     pub origin_seconds_saved: prometheus::Counter,
     pub gc_removed_files: IntCounter,
+    /// Times a busy worker gave its core away (`server.yield_interval`).
+    pub worker_yields: IntCounter,
     /// Shared-store operations by operation and result (ok, not-found, error, corrupt).
     pub shared_ops: IntCounterVec,
     /// 1 while the shared store answers, 0 after a failure until it answers again.
@@ -132,6 +134,14 @@ impl Metrics {
                 &registry,
                 IntCounter::new("lotecache_gc_removed_files_total", "Unreferenced content files removed")
                     .expect("valid"),
+            ),
+            worker_yields: reg(
+                &registry,
+                IntCounter::new(
+                    "lotecache_worker_yields_total",
+                    "Times a busy worker thread yielded its core to other runnable threads",
+                )
+                .expect("valid"),
             ),
             shared_up: reg(
                 &registry,

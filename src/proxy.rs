@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -28,6 +28,8 @@ pub struct Shared {
     pub cache: Cache,
     pub origin: Origin,
     pub metrics: Arc<Metrics>,
+    /// How often a busy worker gives its core away (`server.yield_interval`; zero: never).
+    pub yield_interval: Duration,
 }
 
 /// The per-connection service.
@@ -102,6 +104,9 @@ fn outcome(cache_status: &str) -> &'static str {
 impl Shared {
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
+        if crate::cpu_yield::checkpoint(self.yield_interval, started) {
+            self.metrics.worker_yields.inc();
+        }
         if let Some(problem) = ambiguous_target(&req) {
             self.metrics.outcome.rejected.inc();
             let err = ProxyError::BadRequest { detail: problem.into() };

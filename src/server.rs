@@ -68,8 +68,13 @@ impl RunningProxy {
         if let Some((s, _)) = &shared_store {
             cache.fills.set_shared(s.clone());
         }
-        let shared =
-            Arc::new(Shared { rules: ArcSwap::from_pointee(Rules::new(config.rules.clone())), cache, origin, metrics });
+        let shared = Arc::new(Shared {
+            rules: ArcSwap::from_pointee(Rules::new(config.rules.clone())),
+            cache,
+            origin,
+            metrics,
+            yield_interval: config.yield_interval,
+        });
         let listener = bind(config.listen).await?;
         let admin_listener = bind(config.admin.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
@@ -133,7 +138,7 @@ impl RunningProxy {
 
     /// Applies a new configuration without dropping connections: rules, fill limits,
     /// `max_size`, GC grace, the memory tier and the admin token change at once; listeners and
-    /// their limits, workers, the cache directory and the origin need a restart (a warning
+    /// their limits, workers and their yield interval, the cache directory and the origin need a restart (a warning
     /// says which).
     pub fn reload(&self, new: Config) {
         let mut current = self.config.lock().expect("config lock");
@@ -144,6 +149,7 @@ impl RunningProxy {
             ("server.max_connections", current.max_connections != new.max_connections),
             ("server.send_buffer", current.send_buffer != new.send_buffer),
             ("server.workers", current.workers != new.workers),
+            ("server.yield_interval", current.yield_interval != new.yield_interval),
             ("admin.listen", current.admin.listen != new.admin.listen),
             ("cache.dir", current.cache_dir != new.cache_dir),
             ("origin", format!("{:?}", current.origin) != format!("{:?}", new.origin)),

@@ -62,6 +62,40 @@ async fn health_readiness_and_metrics_are_served_on_the_admin_port() {
     assert_eq!(metric(&text, "lotecache_origin_response_seconds_count"), 2.0);
 }
 
+/// Requests at t, t (no pause), t + 300 ms on one worker thread (a test's runtime has one);
+/// returns the yields counted.
+async fn yields_over_three_requests(yield_interval: &str) -> f64 {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nyield_interval = \"{yield_interval}\"\n\
+         [origin]\nurl = \"http://{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [cache]\ndir = \"{}\"\nscrub_rate = \"off\"\n",
+        origin.addr,
+        dir.path().display()
+    );
+    let config = lotecache::config::parse("test", &text, &Default::default()).expect("test config");
+    let proxy = lotecache::RunningProxy::start(config).await.expect("proxy starts");
+    for pause in [Duration::ZERO, Duration::ZERO, Duration::from_millis(300)] {
+        tokio::time::sleep(pause).await;
+        assert_eq!(get(proxy.local_addr(), "/monitoreo").await.status, StatusCode::OK);
+    }
+    let m = admin(proxy.admin_addr(), Method::GET, "/metrics", None, "").await;
+    metric(std::str::from_utf8(m.bytes()).unwrap(), "lotecache_worker_yields_total")
+}
+
+#[tokio::test]
+async fn a_busy_worker_yields_its_core_at_most_once_per_interval() {
+    // The first request starts the worker's clock; the second comes well within 200 ms of it,
+    // the third 300 ms later: one yield.
+    assert_eq!(yields_over_three_requests("200ms").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_worker_never_yields_with_the_interval_off() {
+    assert_eq!(yields_over_three_requests("off").await, 0.0);
+}
+
 #[tokio::test]
 async fn readiness_fails_while_the_origin_is_down() {
     let dir = tempfile::tempdir().unwrap();
