@@ -4,10 +4,11 @@
 # Installs what it lacks (oha with cargo, nginx from the distribution), builds lotecache in
 # release mode, starts the sample origin (lotecache sample-origin), nginx with an equivalent
 # proxy_cache configuration and lotecache in front of it, warms both, then for 4 KB, 256 KB
-# and 16 MB bodies runs oha (-c 64, keep-alive) against each in alternation (A B C A B C) and
+# and 16 MB bodies runs oha (-c 64, keep-alive) against each in alternation (A B A B A B) and
 # prints one markdown table: req/s, p50, p99, MB/s, server CPU µs per request, peak RSS, and
 # lotecache / nginx ratios. Then the cold miss (100 simultaneous requests, 500 ms origin)
-# against both, and the pass-through overhead (lotecache vs the origin directly).
+# against both, and the pass-through overhead (lotecache and nginx vs the origin directly), on
+# the sample origin and on the legacy Flask app's Monitoring page (gunicorn, 2 workers).
 #
 # Usage: bash bench/run.sh [SECONDS_PER_RUN]     (default 10; the whole run stays under 15 min)
 # Also: the hits' latency at equal load (the same offered rate to each), see below.
@@ -19,6 +20,9 @@ CONC=64
 command -v oha >/dev/null || cargo install oha --locked
 command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; }
 command -v jq >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq
+VENV=target/e2e-venv   # shared with the end-to-end test: Flask and gunicorn for the legacy app
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q -r examples/legacy-backend/requirements.txt
 cargo build --release --quiet --bin lotecache --example coldmiss
 BIN=$PWD/target/release/lotecache
 
@@ -29,13 +33,18 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-ORIGIN=$(free_port); NGINX=$(free_port); LC=$(free_port); ADMIN=$(free_port); LC2=$(free_port); ADMIN2=$(free_port)
+ORIGIN=$(free_port); NGINX=$(free_port); LC=$(free_port); ADMIN=$(free_port)
+FLASK=$(free_port); NGINX_FLASK=$(free_port); LC_FLASK=$(free_port); ADMIN_FLASK=$(free_port)
 "$BIN" sample-origin --listen 127.0.0.1:$ORIGIN --delay 500ms 2>"$W/origin.log" & PIDS+=($!)
+# The legacy app, as deployed: Flask under gunicorn (sync workers: no keep-alive).
+"$VENV/bin/python" examples/legacy-backend/seed.py "$W/legacy.db" >/dev/null
+(cd examples/legacy-backend && LEGACY_DB="$W/legacy.db" exec "$PWD/../../$VENV/bin/python" -m gunicorn -w 2 -b 127.0.0.1:$FLASK app:app 2>"$W/flask.log") & PIDS+=($!)
 
 mkdir -p "$W/nginx-cache"
 cat > "$W/nginx.conf" <<NGINX
 user root;
 worker_processes 2;
+worker_cpu_affinity auto;
 daemon off;
 pid $W/nginx.pid;
 error_log $W/nginx-error.log warn;
@@ -62,19 +71,24 @@ http {
     }
     location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
+  upstream flask { server 127.0.0.1:$FLASK; keepalive 32; }
+  server {
+    listen 127.0.0.1:$NGINX_FLASK;
+    location / { proxy_pass http://flask; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
 }
 NGINX
 nginx -c "$W/nginx.conf" & PIDS+=($!); NGINX_PID=$!
 
-# lotecache twice: with one runtime worker (on this 2-core machine the load generator needs
-# the other core) and with one per core (the default). nginx keeps its 2 worker processes.
-lotecache_config() { # PORT ADMIN_PORT WORKERS DIR
+# lotecache: one runtime worker per core (the default), each pinned to its core, as nginx's 2
+# worker processes are (worker_cpu_affinity auto). The same for the one in front of Flask.
+lotecache_config() { # PORT ADMIN_PORT ORIGIN_PORT CACHE_DIR
 cat <<TOML
 [server]
 listen = "127.0.0.1:$1"
-workers = $3
+pin_workers = true
 [origin]
-url = "http://127.0.0.1:$ORIGIN"
+url = "http://127.0.0.1:$3"
 [admin]
 listen = "127.0.0.1:$2"
 [cache]
@@ -83,11 +97,11 @@ dir = "$4"
 access = false   # nginx runs with access_log off
 TOML
 }
-lotecache_config $LC $ADMIN 1 "$W/lc1-cache" > "$W/lc1.toml"
-lotecache_config $LC2 $ADMIN2 2 "$W/lc2-cache" > "$W/lc2.toml"
-"$BIN" serve --config "$W/lc1.toml" 2>"$W/lc1.log" & PIDS+=($!); LC_PID=$!
-"$BIN" serve --config "$W/lc2.toml" 2>"$W/lc2.log" & PIDS+=($!); LC2_PID=$!
-wait_port $ORIGIN; wait_port $NGINX; wait_port $LC; wait_port $LC2
+lotecache_config $LC $ADMIN $ORIGIN "$W/lc-cache" > "$W/lc.toml"
+lotecache_config $LC_FLASK $ADMIN_FLASK $FLASK "$W/lc-flask-cache" > "$W/lc-flask.toml"
+"$BIN" serve --config "$W/lc.toml" 2>"$W/lc.log" & PIDS+=($!); LC_PID=$!
+"$BIN" serve --config "$W/lc-flask.toml" 2>"$W/lc-flask.log" & PIDS+=($!); LC_FLASK_PID=$!
+wait_port $ORIGIN; wait_port $NGINX; wait_port $LC; wait_port $FLASK; wait_port $NGINX_FLASK; wait_port $LC_FLASK
 
 # CPU ticks (user+system) of a process tree's processes: nginx master + workers, or lotecache.
 # (nginx's cache loader exits during the run: processes that are gone count as 0.)
@@ -98,7 +112,7 @@ HZ=$(getconf CLK_TCK)
 
 declare -A SIZE_ID=([4KB]=bench-4kb [256KB]=bench-256kb [16MB]=bench-16mb)
 for id in "${SIZE_ID[@]}"; do
-  for port in $NGINX $LC $LC2; do curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; done
+  for port in $NGINX $LC; do curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; done
 done
 
 # run LABEL PORT PIDS... → appends "label size rps p50 p99 mbs cpu_us rss" to $W/rows
@@ -116,14 +130,13 @@ run() {
 
 : > "$W/rows"
 for size in 4KB 256KB 16MB; do
-  for round in 1 2; do
-    run "lotecache (1 worker)" $size $LC $LC_PID
-    run "lotecache (2 workers)" $size $LC2 $LC2_PID
+  for round in 1 2 3; do
+    run lotecache $size $LC $LC_PID
     run nginx $size $NGINX $(nginx_pids)
   done
 done
 
-echo "## Cached hits: oha -c $CONC, ${SECS}s per run, A B C A B C (mean of 2 runs each)"
+echo "## Cached hits: oha -c $CONC, ${SECS}s per run, A B A B A B (mean of 3 runs each)"
 echo
 echo "| size | server | req/s | p50 ms | p99 ms | MB/s | CPU µs/req | peak RSS MiB |"
 echo "|---|---|---|---|---|---|---|---|"
@@ -138,7 +151,7 @@ def mean(s, l):
     m = [sum(c) / len(c) for c in zip(*runs)]
     m[-1] = max(r[-1] for r in runs)  # peak RSS: the highest seen
     return m
-labels = ["lotecache (1 worker)", "lotecache (2 workers)"]
+labels = ["lotecache"]
 for s in ["4KB", "256KB", "16MB"]:
     b = mean(s, "nginx")
     for l in labels + ["nginx"]:
@@ -154,7 +167,7 @@ PY
 # tail. So the same request rate — 80 % of nginx's saturated rate for that size — is also
 # offered to each, and their latencies compared there.
 echo
-echo "## Latency at equal load: oha -c $CONC -q (80 % of nginx's req/s above), ${SECS}s per run, A B C A B C"
+echo "## Latency at equal load: oha -c $CONC -q (80 % of nginx's req/s above), ${SECS}s per run, A B A B"
 echo
 echo "| size | server | offered req/s | p50 ms | p99 ms | p99.9 ms |"
 echo "|---|---|---|---|---|---|"
@@ -162,7 +175,7 @@ echo "|---|---|---|---|---|---|"
 for size in 4KB 256KB; do
   rate=$(awk -F'\t' -v s=$size '$1 == "nginx" && $2 == s { t += $3; n++ } END { printf "%d", 0.8 * t / n }' "$W/rows")
   for round in 1 2; do
-    for target in "lotecache (1 worker)=$LC" "lotecache (2 workers)=$LC2" "nginx=$NGINX"; do
+    for target in "lotecache=$LC" "nginx=$NGINX"; do
       url="http://127.0.0.1:${target#*=}/download_batch_results/${SIZE_ID[$size]}"
       oha -c $CONC -z ${SECS}s -q "$rate" --no-tui --output-format json "$url" > "$W/oha.json" 2>/dev/null
       jq -r --arg l "${target%%=*}" --arg s "$size" --arg q "$rate" \
@@ -198,22 +211,45 @@ target/release/examples/coldmiss -n 100 --proxy http://127.0.0.1:$LC --origin ht
 target/release/examples/coldmiss -n 100 --proxy http://127.0.0.1:$NGINX --origin http://127.0.0.1:$ORIGIN --id "COLD-NGINX-$$" --label nginx
 
 echo
-echo "## Pass-through (not cached): lotecache vs the origin directly, oha -c 16, ${SECS}s, A B A B"
+# Pass-through: what one more hop costs a request that is not cached. The trivial route and the
+# Flask page are CPU-bound, so a closed loop there measures how the 2 cores are shared, not the
+# hop; each is offered half of what nginx in front of it carries saturated (found first), and the
+# proxies' CPU per request is counted. The POST batch waits 500 ms on the origin: a closed loop.
+echo "## Pass-through (not cached): lotecache and nginx vs the origin directly, oha -c 16, ${SECS}s per run, A B C A B C"
 echo
-echo "| route | target | req/s | p50 ms | p99 ms |"
-echo "|---|---|---|---|---|"
+echo "| route | target | offered req/s | req/s | p50 ms | p99 ms | proxy CPU µs/req |"
+echo "|---|---|---|---|---|---|---|"
+# pass LABEL ROUTE URL RATE PIDS... [-- OHA_ARGS...] → one table row; RATE 0: closed loop
 pass() {
-  local label=$1 route=$2 url=$3; shift 3
-  oha -c 16 -z ${SECS}s --no-tui --output-format json "$@" "$url" > "$W/oha.json" 2>/dev/null
-  jq -r --arg l "$label" --arg r "$route" '"| \($r) | \($l) | \(.summary.requestsPerSec | floor) | \(.latencyPercentiles.p50 * 1000 * 100 | round / 100) | \(.latencyPercentiles.p99 * 1000 * 100 | round / 100) |"' "$W/oha.json"
+  local label=$1 route=$2 url=$3 rate=$4; shift 4
+  local pids=() ; while [ $# -gt 0 ] && [ "$1" != -- ]; do pids+=("$1"); shift; done; [ $# -gt 0 ] && shift
+  local q=(); [ "$rate" -gt 0 ] && q=(-q "$rate")
+  local t0; t0=$(ticks "${pids[@]}")
+  oha -c 16 -z ${SECS}s "${q[@]}" --no-tui --output-format json "$@" "$url" > "$W/oha.json" 2>/dev/null
+  local t1; t1=$(ticks "${pids[@]}")
+  jq -r --arg l "$label" --arg r "$route" --arg q "${rate/#0/-}" --argjson cpu $((t1 - t0)) --argjson hz "$HZ" --argjson np ${#pids[@]} \
+    '(.statusCodeDistribution["200"] // 0) as $n | "| \($r) | \($l) | \($q) | \(.summary.requestsPerSec | floor) | \(.latencyPercentiles.p50 * 1000 * 100 | round / 100) | \(.latencyPercentiles.p99 * 1000 * 100 | round / 100) | \(if $np == 0 or $n == 0 then "–" else ($cpu / $hz * 1e6 / $n | floor) end) |"' "$W/oha.json"
 }
+half_saturated_rate() { oha -c 16 -z ${SECS}s --no-tui --output-format json "$1" 2>/dev/null | jq '.summary.requestsPerSec / 2 | floor'; }
+NGINX_PIDS=$(nginx_pids)
+route="GET /__stats (sample origin, ~60 µs)"; rate=$(half_saturated_rate "http://127.0.0.1:$NGINX/__stats")
 for round in 1 2; do
-  pass lotecache "GET /__stats (fast)" "http://127.0.0.1:$LC/__stats"
-  pass origin "GET /__stats (fast)" "http://127.0.0.1:$ORIGIN/__stats"
+  pass lotecache "$route" "http://127.0.0.1:$LC/__stats" $rate $LC_PID
+  pass nginx "$route" "http://127.0.0.1:$NGINX/__stats" $rate $NGINX_PIDS
+  pass origin "$route" "http://127.0.0.1:$ORIGIN/__stats" $rate
 done
+route="GET /monitoreo (legacy Flask app)"; rate=$(half_saturated_rate "http://127.0.0.1:$NGINX_FLASK/monitoreo")
 for round in 1 2; do
-  pass lotecache "POST batch (500 ms generation)" "http://127.0.0.1:$LC/download_batch_results/pass-4kb" -m POST
-  pass origin "POST batch (500 ms generation)" "http://127.0.0.1:$ORIGIN/download_batch_results/pass-4kb" -m POST
+  pass lotecache "$route" "http://127.0.0.1:$LC_FLASK/monitoreo" $rate $LC_FLASK_PID
+  pass nginx "$route" "http://127.0.0.1:$NGINX_FLASK/monitoreo" $rate $NGINX_PIDS
+  pass origin "$route" "http://127.0.0.1:$FLASK/monitoreo" $rate
+done
+route="POST batch (sample origin, 500 ms generation)"
+for round in 1 2; do
+  # (31 requests/s: too few for CPU ticks to mean anything per request)
+  pass lotecache "$route" "http://127.0.0.1:$LC/download_batch_results/pass-4kb" 0 -- -m POST
+  pass nginx "$route" "http://127.0.0.1:$NGINX/download_batch_results/pass-4kb" 0 -- -m POST
+  pass origin "$route" "http://127.0.0.1:$ORIGIN/download_batch_results/pass-4kb" 0 -- -m POST
 done
 echo
 echo "machine: $(nproc) cores, $(uname -r); oha $(oha --version | awk '{print $2}'), $(nginx -v 2>&1 | cut -d/ -f2)"

@@ -37,6 +37,7 @@ pub struct RawServer {
     pub max_connections: Option<usize>,
     pub send_buffer: Option<Spanned<String>>,
     pub workers: Option<usize>,
+    pub pin_workers: Option<bool>,
     pub yield_interval: Option<Spanned<String>>,
 }
 
@@ -158,6 +159,8 @@ pub struct Config {
     pub send_buffer: usize,
     /// Runtime worker threads (0: one per core).
     pub workers: usize,
+    /// Each worker pinned to a core of its own; see `cpu_yield`.
+    pub pin_workers: bool,
     /// A busy worker yields its core at most this often (zero: never); see `cpu_yield`.
     pub yield_interval: Duration,
     pub origin: OriginConfig,
@@ -506,6 +509,7 @@ impl<'a> Validator<'a> {
         let max_connections = raw.server.max_connections.unwrap_or(10_000).max(1);
         let send_buffer = self.size_or_zero("server.send_buffer", raw.server.send_buffer.as_ref(), "256KiB") as usize;
         let workers = raw.server.workers.unwrap_or(0);
+        let pin_workers = raw.server.pin_workers.unwrap_or(false);
         let yield_interval =
             self.duration_or_zero("server.yield_interval", raw.server.yield_interval.as_ref(), "250us");
 
@@ -604,6 +608,7 @@ impl<'a> Validator<'a> {
                 max_connections,
                 send_buffer,
                 workers,
+                pin_workers,
                 yield_interval,
                 origin,
                 cache_dir,
@@ -929,6 +934,7 @@ mod tests {
         assert_eq!(c.rules[0].key_suffix, "_resultados.json");
         assert_eq!(c.send_buffer, 256 * 1024);
         assert_eq!(c.yield_interval, Duration::from_micros(250));
+        assert!(!c.pin_workers);
         let off =
             parse("x", "[server]\nsend_buffer = \"off\"\nyield_interval = \"off\"\n", &Overrides::default()).unwrap();
         assert_eq!((off.send_buffer, off.yield_interval), (0, Duration::ZERO));

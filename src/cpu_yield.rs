@@ -1,16 +1,28 @@
-//! Hands a busy runtime worker's core to the machine's other runnable threads now and then.
+//! How runtime workers share the machine's cores with everything else on it: each worker can be
+//! pinned to a core of its own, and a busy worker hands its core over now and then.
 //!
-//! A worker that always has a request waiting never blocks, so the kernel moves it off its
-//! core only when its slice runs out, noticed at a scheduler tick (4 ms at HZ=250); every other
-//! runnable thread queued on that core — the origin, the clients, the other services of a small
-//! machine — waits that long. On the 2-core bench, with the load generator sharing the cores,
-//! that tick was the generator's p99 (4.3 ms) in every saturated 4 KB run. So a worker that
-//! starts a request `server.yield_interval` or more after its last yield calls `sched_yield`
-//! first: the same runs then mostly showed ~1 ms. With nothing else runnable on its core the
-//! call returns at once (well under a microsecond), so an idle machine pays nothing noticeable.
+//! Yielding: a worker that always has a request waiting never blocks, so the kernel moves it
+//! off its core only when its slice runs out, noticed at a scheduler tick (4 ms at HZ=250);
+//! every other runnable thread queued on that core — the origin, the clients, the other
+//! services of a small machine — waits that long. On the 2-core bench, with the load generator
+//! sharing the cores, that tick was the generator's p99 (4.3 ms) in every saturated 4 KB run. So
+//! a worker that starts a request `server.yield_interval` or more after its last yield calls
+//! `sched_yield` first: the same runs then mostly showed ~1 ms. With nothing else runnable on
+//! its core the call returns at once (well under a microsecond).
+//!
+//! Pinning (`server.pin_workers`): yielding only helps when another thread shares the worker's
+//! core. Left to the kernel, the workers sometimes share one core while two other busy threads
+//! share the other, and stay so; one worker per core rules that out. A worker is pinned to the
+//! next allowed core when it serves its first request (only workers serve requests); threads it
+//! starts later (tokio's blocking pool) would inherit that mask, so every new runtime thread
+//! first takes back the process's original mask.
 
 use std::{
     cell::Cell,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        OnceLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -19,13 +31,18 @@ thread_local! {
     static LAST_YIELD: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
+/// Whether workers pin themselves; set once at start-up.
+static PIN_WORKERS: AtomicBool = AtomicBool::new(false);
+/// The cores the process may run on, as found at start-up (before any pinning).
+static ALLOWED_CORES: OnceLock<Vec<usize>> = OnceLock::new();
+/// The next worker's index into `ALLOWED_CORES`.
+static NEXT_CORE: AtomicUsize = AtomicUsize::new(0);
+
 /// Called by a worker as it starts a request (`now`): yields the thread if its last yield is
 /// `interval` or more ago. Returns whether it yielded. A zero interval never yields.
 pub fn checkpoint(interval: Duration, now: Instant) -> bool {
-    if interval.is_zero() {
-        return false;
-    }
     LAST_YIELD.with(|last| match last.get() {
+        Some(_) if interval.is_zero() => false,
         Some(at) if now.saturating_duration_since(at) < interval => false,
         Some(_) => {
             std::thread::yield_now();
@@ -33,10 +50,61 @@ pub fn checkpoint(interval: Duration, now: Instant) -> bool {
             true
         }
         None => {
+            // This thread's first request: it is a worker.
+            if PIN_WORKERS.load(Ordering::Relaxed) {
+                pin_this_thread_to_next_core();
+            }
             last.set(Some(now));
             false
         }
     })
+}
+
+/// Makes workers pin themselves (`server.pin_workers`). Call before the runtime starts, from
+/// the main thread, whose mask is the process's.
+pub fn enable_pinning() {
+    ALLOWED_CORES.get_or_init(current_cores);
+    PIN_WORKERS.store(true, Ordering::Relaxed);
+}
+
+/// The runtime's `on_thread_start` hook: a thread started by a pinned worker gets the
+/// process's original mask back.
+pub fn on_thread_start() {
+    if let Some(cores) = ALLOWED_CORES.get() {
+        set_cores(cores);
+    }
+}
+
+fn pin_this_thread_to_next_core() {
+    let Some(cores) = ALLOWED_CORES.get().filter(|c| !c.is_empty()) else { return };
+    let core = cores[NEXT_CORE.fetch_add(1, Ordering::Relaxed) % cores.len()];
+    if set_cores(&[core]) {
+        tracing::debug!(core, "worker pinned");
+    }
+}
+
+/// The cores this thread may run on.
+fn current_cores() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+/// Restricts this thread to `cores`; false if the kernel refused.
+fn set_cores(cores: &[usize]) -> bool {
+    // SAFETY: as above; CPU_SET ignores nothing out of range because cores came from the kernel.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cores {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
 }
 
 #[cfg(test)]
@@ -60,5 +128,19 @@ mod tests {
         let t0 = Instant::now();
         assert!(!checkpoint(Duration::ZERO, t0));
         assert!(!checkpoint(Duration::ZERO, t0 + Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn the_process_mask_round_trips_through_set_cores() {
+        let cores = current_cores();
+        assert!(!cores.is_empty());
+        std::thread::spawn(move || {
+            assert!(set_cores(&cores[..1]));
+            assert_eq!(current_cores(), cores[..1].to_vec());
+            assert!(set_cores(&cores));
+            assert_eq!(current_cores(), cores);
+        })
+        .join()
+        .unwrap();
     }
 }

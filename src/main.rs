@@ -204,16 +204,20 @@ fn main() -> ExitCode {
         init_logging(&config::LogConfig { level: "info".into(), access: true, format: config::LogFormat::Text })
     });
     // `serve` reads its config first: it sizes the runtime.
-    let mut workers = 0;
+    let (mut workers, mut pin_workers) = (0, false);
     if let Command::Serve(args) = &cli.command {
         match config::load(args.config.as_deref(), &args.overrides()) {
-            Ok(c) => workers = c.workers,
+            Ok(c) => (workers, pin_workers) = (c.workers, c.pin_workers),
             Err(errors) => return print_config_errors(&errors),
         }
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if workers > 0 {
         builder.worker_threads(workers);
+    }
+    if pin_workers {
+        lotecache::cpu_yield::enable_pinning();
+        builder.on_thread_start(lotecache::cpu_yield::on_thread_start);
     }
     let runtime = builder.enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {

@@ -149,6 +149,7 @@ impl RunningProxy {
             ("server.max_connections", current.max_connections != new.max_connections),
             ("server.send_buffer", current.send_buffer != new.send_buffer),
             ("server.workers", current.workers != new.workers),
+            ("server.pin_workers", current.pin_workers != new.pin_workers),
             ("server.yield_interval", current.yield_interval != new.yield_interval),
             ("admin.listen", current.admin.listen != new.admin.listen),
             ("cache.dir", current.cache_dir != new.cache_dir),

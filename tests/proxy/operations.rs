@@ -463,3 +463,63 @@ async fn json_logs_have_one_access_line_per_cache_request() {
     assert!(access[0]["fields"]["origin_ms"].is_u64());
     assert_eq!(access[0]["fields"]["end"], "complete");
 }
+
+/// The cores each `tokio-rt-worker` thread of `pid` may run on.
+fn runtime_thread_cores(pid: u32) -> Vec<String> {
+    let mut cores = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        if std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() != "tokio-rt-worker" {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(list) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
+            cores.push(list.trim().to_string());
+        }
+    }
+    cores
+}
+
+/// Serves misses (the store's writes start blocking-pool threads) and many concurrent hits,
+/// so that both workers serve requests; returns the runtime threads' cores.
+async fn cores_after_traffic(pin: bool) -> (Vec<String>, String) {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lotecache.toml");
+    std::fs::write(&config, format!("[server]\nworkers = 2\npin_workers = {pin}\n")).unwrap();
+    let proxy = serve(origin.addr, &dir.path().join("cache"), &["--config", config.to_str().unwrap()]).await;
+    for id in ["PIN-1", "PIN-2", "PIN-3"] {
+        assert_eq!(get(proxy.addr(), &batch(id)).await.status, StatusCode::OK);
+    }
+    let hits = (0..200).map(|i| {
+        let addr = proxy.addr();
+        tokio::spawn(async move { get(addr, &batch(["PIN-1", "PIN-2", "PIN-3"][i % 3])).await.status })
+    });
+    for hit in futures_util::future::join_all(hits).await {
+        assert_eq!(hit.unwrap(), StatusCode::OK);
+    }
+    let process = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
+    let all = process.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+    (runtime_thread_cores(proxy.pid()), all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pin_workers_each_worker_gets_a_core_of_its_own_and_other_threads_keep_them_all() {
+    let (cores, all) = cores_after_traffic(true).await;
+    let pinned: Vec<&String> = cores.iter().filter(|c| **c != all).collect();
+    let allowed = std::thread::available_parallelism().unwrap().get();
+    if allowed >= 2 {
+        // Two workers, two distinct single cores; every other runtime thread (the blocking
+        // pool the misses used) has the process's whole mask back.
+        assert_eq!(pinned.len(), 2, "threads' cores: {cores:?}, process: {all}");
+        assert_ne!(pinned[0], pinned[1]);
+        assert!(pinned.iter().all(|c| c.parse::<usize>().is_ok()), "{pinned:?}");
+        assert!(cores.len() > 2, "the misses ran on blocking-pool threads: {cores:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pin_workers_no_runtime_thread_is_pinned() {
+    let (cores, all) = cores_after_traffic(false).await;
+    assert!(cores.iter().all(|c| *c == all), "threads' cores: {cores:?}, process: {all}");
+}
