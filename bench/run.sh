@@ -219,7 +219,8 @@ echo "## Pass-through (not cached): lotecache and nginx vs the origin directly, 
 echo
 echo "| route | target | offered req/s | req/s | p50 ms | p99 ms | proxy CPU µs/req |"
 echo "|---|---|---|---|---|---|---|"
-# pass LABEL ROUTE URL RATE PIDS... [-- OHA_ARGS...] → one table row; RATE 0: closed loop
+# pass LABEL ROUTE URL RATE PIDS... [-- OHA_ARGS...] → one table row; RATE 0: closed loop (then
+# no CPU per request: at 31 requests/s the clock ticks are too coarse for it)
 pass() {
   local label=$1 route=$2 url=$3 rate=$4; shift 4
   local pids=() ; while [ $# -gt 0 ] && [ "$1" != -- ]; do pids+=("$1"); shift; done; [ $# -gt 0 ] && shift
@@ -228,28 +229,24 @@ pass() {
   oha -c 16 -z ${SECS}s "${q[@]}" --no-tui --output-format json "$@" "$url" > "$W/oha.json" 2>/dev/null
   local t1; t1=$(ticks "${pids[@]}")
   jq -r --arg l "$label" --arg r "$route" --arg q "${rate/#0/-}" --argjson cpu $((t1 - t0)) --argjson hz "$HZ" --argjson np ${#pids[@]} \
-    '(.statusCodeDistribution["200"] // 0) as $n | "| \($r) | \($l) | \($q) | \(.summary.requestsPerSec | floor) | \(.latencyPercentiles.p50 * 1000 * 100 | round / 100) | \(.latencyPercentiles.p99 * 1000 * 100 | round / 100) | \(if $np == 0 or $n == 0 then "–" else ($cpu / $hz * 1e6 / $n | floor) end) |"' "$W/oha.json"
+    '(.statusCodeDistribution["200"] // 0) as $n | "| \($r) | \($l) | \($q) | \(.summary.requestsPerSec | floor) | \(.latencyPercentiles.p50 * 1000 * 100 | round / 100) | \(.latencyPercentiles.p99 * 1000 * 100 | round / 100) | \(if $np == 0 or $n == 0 or $q == "-" then "–" else ($cpu / $hz * 1e6 / $n | floor) end) |"' "$W/oha.json"
 }
 half_saturated_rate() { oha -c 16 -z ${SECS}s --no-tui --output-format json "$1" 2>/dev/null | jq '.summary.requestsPerSec / 2 | floor'; }
 NGINX_PIDS=$(nginx_pids)
-route="GET /__stats (sample origin, ~60 µs)"; rate=$(half_saturated_rate "http://127.0.0.1:$NGINX/__stats")
-for round in 1 2; do
-  pass lotecache "$route" "http://127.0.0.1:$LC/__stats" $rate $LC_PID
-  pass nginx "$route" "http://127.0.0.1:$NGINX/__stats" $rate $NGINX_PIDS
-  pass origin "$route" "http://127.0.0.1:$ORIGIN/__stats" $rate
-done
-route="GET /monitoreo (legacy Flask app)"; rate=$(half_saturated_rate "http://127.0.0.1:$NGINX_FLASK/monitoreo")
-for round in 1 2; do
-  pass lotecache "$route" "http://127.0.0.1:$LC_FLASK/monitoreo" $rate $LC_FLASK_PID
-  pass nginx "$route" "http://127.0.0.1:$NGINX_FLASK/monitoreo" $rate $NGINX_PIDS
-  pass origin "$route" "http://127.0.0.1:$FLASK/monitoreo" $rate
-done
-route="POST batch (sample origin, 500 ms generation)"
-for round in 1 2; do
-  # (31 requests/s: too few for CPU ticks to mean anything per request)
-  pass lotecache "$route" "http://127.0.0.1:$LC/download_batch_results/pass-4kb" 0 -- -m POST
-  pass nginx "$route" "http://127.0.0.1:$NGINX/download_batch_results/pass-4kb" 0 -- -m POST
-  pass origin "$route" "http://127.0.0.1:$ORIGIN/download_batch_results/pass-4kb" 0 -- -m POST
-done
+# pass_route ROUTE PATH RATE LC_PORT LC_PID NGINX_PORT ORIGIN_PORT [OHA_ARGS...]: A B C A B C
+pass_route() {
+  local route=$1 path=$2 rate=$3 lc=$4 lc_pid=$5 ng=$6 origin=$7; shift 7
+  for round in 1 2; do
+    pass lotecache "$route" "http://127.0.0.1:$lc$path" "$rate" $lc_pid -- "$@"
+    pass nginx "$route" "http://127.0.0.1:$ng$path" "$rate" $NGINX_PIDS -- "$@"
+    pass origin "$route" "http://127.0.0.1:$origin$path" "$rate" -- "$@"
+  done
+}
+pass_route "GET /__stats (sample origin, ~60 µs)" /__stats "$(half_saturated_rate "http://127.0.0.1:$NGINX/__stats")" \
+  $LC $LC_PID $NGINX $ORIGIN
+pass_route "GET /monitoreo (legacy Flask app)" /monitoreo "$(half_saturated_rate "http://127.0.0.1:$NGINX_FLASK/monitoreo")" \
+  $LC_FLASK $LC_FLASK_PID $NGINX_FLASK $FLASK
+pass_route "POST batch (sample origin, 500 ms generation)" /download_batch_results/pass-4kb 0 \
+  $LC $LC_PID $NGINX $ORIGIN -m POST
 echo
 echo "machine: $(nproc) cores, $(uname -r); oha $(oha --version | awk '{print $2}'), $(nginx -v 2>&1 | cut -d/ -f2)"
