@@ -159,9 +159,9 @@ pub struct Config {
     pub send_buffer: usize,
     /// Runtime worker threads (0: one per core).
     pub workers: usize,
-    /// Each worker pinned to a core of its own; see `cpu_yield`.
+    /// Each worker pinned to a core of its own; see `worker_cpu`.
     pub pin_workers: bool,
-    /// A busy worker yields its core at most this often (zero: never); see `cpu_yield`.
+    /// A busy worker yields its core at most this often (zero: never); see `worker_cpu`.
     pub yield_interval: Duration,
     pub origin: OriginConfig,
     pub cache_dir: PathBuf,

@@ -7,7 +7,6 @@ pub mod body;
 pub mod cache;
 pub mod cachectl;
 pub mod config;
-pub mod cpu_yield;
 pub mod error;
 pub mod metrics;
 pub mod origin;
@@ -17,6 +16,7 @@ pub mod sample_origin;
 pub mod sendfile;
 pub mod server;
 pub mod strict;
+pub mod worker_cpu;
 
 pub use config::Config;
 pub use server::RunningProxy;

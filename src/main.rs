@@ -216,8 +216,8 @@ fn main() -> ExitCode {
         builder.worker_threads(workers);
     }
     if pin_workers {
-        lotecache::cpu_yield::enable_pinning();
-        builder.on_thread_start(lotecache::cpu_yield::on_thread_start);
+        lotecache::worker_cpu::enable_pinning();
+        builder.on_thread_start(lotecache::worker_cpu::on_thread_start);
     }
     let runtime = builder.enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {

@@ -104,7 +104,7 @@ fn outcome(cache_status: &str) -> &'static str {
 impl Shared {
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
-        if crate::cpu_yield::checkpoint(self.yield_interval, started) {
+        if crate::worker_cpu::checkpoint(self.yield_interval, started) {
             self.metrics.worker_yields.inc();
         }
         if let Some(problem) = ambiguous_target(&req) {

@@ -138,8 +138,8 @@ impl RunningProxy {
 
     /// Applies a new configuration without dropping connections: rules, fill limits,
     /// `max_size`, GC grace, the memory tier and the admin token change at once; listeners and
-    /// their limits, workers and their yield interval, the cache directory and the origin need a restart (a warning
-    /// says which).
+    /// their limits, the workers (count, pinning, yield interval), the cache directory and the
+    /// origin need a restart (a warning says which).
     pub fn reload(&self, new: Config) {
         let mut current = self.config.lock().expect("config lock");
         let needs_restart = [

@@ -80,6 +80,8 @@ fn pin_this_thread_to_next_core() {
     let core = cores[NEXT_CORE.fetch_add(1, Ordering::Relaxed) % cores.len()];
     if set_cores(&[core]) {
         tracing::debug!(core, "worker pinned");
+    } else {
+        tracing::warn!(core, "could not pin a worker to its core; it runs unpinned");
     }
 }
 
@@ -97,7 +99,7 @@ fn current_cores() -> Vec<usize> {
 
 /// Restricts this thread to `cores`; false if the kernel refused.
 fn set_cores(cores: &[usize]) -> bool {
-    // SAFETY: as above; CPU_SET ignores nothing out of range because cores came from the kernel.
+    // SAFETY: as above; every core came from sched_getaffinity, so is below CPU_SETSIZE.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         for &c in cores {
