@@ -2,7 +2,7 @@
 //! eviction, garbage collection, the `cache` commands, logs, reload and shutdown.
 
 use crate::support::process::{serve, serve_logging, BIN};
-use crate::support::{batch, get, origin::*, send, start_proxy, start_proxy_admin, Got};
+use crate::support::{batch, get, origin::*, send, start_proxy, start_proxy_admin, start_proxy_with, Got};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
@@ -67,15 +67,8 @@ async fn health_readiness_and_metrics_are_served_on_the_admin_port() {
 async fn yields_over_three_requests(yield_interval: &str) -> f64 {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nyield_interval = \"{yield_interval}\"\n\
-         [origin]\nurl = \"http://{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [cache]\ndir = \"{}\"\nscrub_rate = \"off\"\n",
-        origin.addr,
-        dir.path().display()
-    );
-    let config = lotecache::config::parse("test", &text, &Default::default()).expect("test config");
-    let proxy = lotecache::RunningProxy::start(config).await.expect("proxy starts");
+    let server = format!("yield_interval = \"{yield_interval}\"");
+    let proxy = start_proxy_with(origin.addr, dir.path(), &server, "", "").await;
     for pause in [Duration::ZERO, Duration::ZERO, Duration::from_millis(1200)] {
         tokio::time::sleep(pause).await;
         assert_eq!(get(proxy.local_addr(), "/monitoreo").await.status, StatusCode::OK);
@@ -464,20 +457,19 @@ async fn json_logs_have_one_access_line_per_cache_request() {
     assert_eq!(access[0]["fields"]["end"], "complete");
 }
 
+/// The `Cpus_allowed_list` of a `/proc/.../status` file, if it is still there.
+fn cpus_allowed(status: std::path::PathBuf) -> Option<String> {
+    let text = std::fs::read_to_string(status).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(|l| l.trim().to_string())
+}
+
 /// The cores each `tokio-rt-worker` thread of `pid` may run on.
 fn runtime_thread_cores(pid: u32) -> Vec<String> {
-    let mut cores = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        if std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() != "tokio-rt-worker" {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        if let Some(list) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
-            cores.push(list.trim().to_string());
-        }
-    }
-    cores
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().map(|t| t.unwrap().path());
+    tasks
+        .filter(|dir| std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() == "tokio-rt-worker")
+        .filter_map(|dir| cpus_allowed(dir.join("status")))
+        .collect()
 }
 
 /// Serves misses (the store's writes start blocking-pool threads) and many concurrent hits,
@@ -498,8 +490,7 @@ async fn cores_after_traffic(pin: bool) -> (Vec<String>, String) {
     for hit in futures_util::future::join_all(hits).await {
         assert_eq!(hit.unwrap(), StatusCode::OK);
     }
-    let process = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
-    let all = process.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+    let all = cpus_allowed(format!("/proc/{}/status", proxy.pid()).into()).unwrap();
     (runtime_thread_cores(proxy.pid()), all)
 }
 

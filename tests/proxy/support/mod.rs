@@ -22,10 +22,21 @@ pub async fn start_proxy(origin: SocketAddr, dir: &Path, extra_toml: &str) -> Ru
 
 /// As [`start_proxy`], with extra lines for the `[admin]` section (e.g. a token).
 pub async fn start_proxy_admin(origin: SocketAddr, dir: &Path, admin_toml: &str, extra_toml: &str) -> RunningProxy {
+    start_proxy_with(origin, dir, "", admin_toml, extra_toml).await
+}
+
+/// As [`start_proxy`], with extra lines for the `[server]` and `[admin]` sections.
+pub async fn start_proxy_with(
+    origin: SocketAddr,
+    dir: &Path,
+    server_toml: &str,
+    admin_toml: &str,
+    extra_toml: &str,
+) -> RunningProxy {
     // The scrubber stays off unless a test asks for it: it must not race tests that damage files.
     let scrub = if extra_toml.contains("scrub_rate") { "" } else { "scrub_rate = \"off\"\n" };
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server_toml}\n\
          [origin]\nurl = \"http://{origin}\"\nresponse_timeout = \"2s\"\nbody_idle_timeout = \"1s\"\nconnect_timeout = \"1s\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n{admin_toml}\n\
          [cache]\ndir = \"{}\"\n{scrub}{extra_toml}",
