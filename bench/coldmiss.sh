@@ -8,18 +8,11 @@ N=${1:-100}
 DELAY=${2:-500ms}
 
 cargo build --release --quiet --bin lotecache --example coldmiss
-BIN=target/release/lotecache
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+source bench/lib.sh
 
 ORIGIN_PORT=$(free_port); PROXY_PORT=$(free_port)
-"$BIN" sample-origin --listen 127.0.0.1:$ORIGIN_PORT --delay "$DELAY" 2>"$WORK/origin.log" & PIDS+=($!)
-"$BIN" serve --listen 127.0.0.1:$PROXY_PORT --origin http://127.0.0.1:$ORIGIN_PORT --cache-dir "$WORK/cache" 2>"$WORK/proxy.log" & PIDS+=($!)
+"$BIN" sample-origin --listen 127.0.0.1:$ORIGIN_PORT --delay "$DELAY" 2>"$W/origin.log" & PIDS+=($!)
+"$BIN" serve --listen 127.0.0.1:$PROXY_PORT --origin http://127.0.0.1:$ORIGIN_PORT --cache-dir "$W/cache" 2>"$W/proxy.log" & PIDS+=($!)
 wait_port "$ORIGIN_PORT"; wait_port "$PROXY_PORT"
 
 echo "cold miss: $N simultaneous requests, origin generation time $DELAY"

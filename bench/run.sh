@@ -17,42 +17,17 @@ cd "$(dirname "$0")/.."
 SECS=${1:-10}
 CONC=64
 
-command -v oha >/dev/null || cargo install oha --locked
-command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; }
-command -v jq >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq
-VENV=target/e2e-venv   # shared with the end-to-end test: Flask and gunicorn for the legacy app
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q -r examples/legacy-backend/requirements.txt
+source bench/lib.sh
+bench_tools
 cargo build --release --quiet --bin lotecache --example coldmiss
-BIN=$PWD/target/release/lotecache
-
-W=$(mktemp -d /tmp/lotecache-bench.XXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 ORIGIN=$(free_port); NGINX=$(free_port); LC=$(free_port); ADMIN=$(free_port)
 FLASK=$(free_port); NGINX_FLASK=$(free_port); LC_FLASK=$(free_port); ADMIN_FLASK=$(free_port)
 "$BIN" sample-origin --listen 127.0.0.1:$ORIGIN --delay 500ms 2>"$W/origin.log" & PIDS+=($!)
-# The legacy app, as deployed: Flask under gunicorn (sync workers: no keep-alive).
-"$VENV/bin/python" examples/legacy-backend/seed.py "$W/legacy.db" >/dev/null
-(cd examples/legacy-backend && LEGACY_DB="$W/legacy.db" exec "$PWD/../../$VENV/bin/python" -m gunicorn -w 2 -b 127.0.0.1:$FLASK app:app 2>"$W/flask.log") & PIDS+=($!)
+start_flask $FLASK
 
 mkdir -p "$W/nginx-cache"
-cat > "$W/nginx.conf" <<NGINX
-user root;
-worker_processes 2;
-worker_cpu_affinity auto;
-daemon off;
-pid $W/nginx.pid;
-error_log $W/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  sendfile on; tcp_nopush on; tcp_nodelay on;
-  keepalive_requests 1000000;
+{ nginx_conf_head; cat <<NGINX
   proxy_cache_path $W/nginx-cache levels=1:2 keys_zone=lotes:10m max_size=10g inactive=1d use_temp_path=off;
   upstream origin { server 127.0.0.1:$ORIGIN; keepalive 32; }
   server {
@@ -78,25 +53,9 @@ http {
   }
 }
 NGINX
+} > "$W/nginx.conf"
 nginx -c "$W/nginx.conf" & PIDS+=($!); NGINX_PID=$!
 
-# lotecache: one runtime worker per core (the default), each pinned to its core, as nginx's 2
-# worker processes are (worker_cpu_affinity auto). The same for the one in front of Flask.
-lotecache_config() { # PORT ADMIN_PORT ORIGIN_PORT CACHE_DIR
-cat <<TOML
-[server]
-listen = "127.0.0.1:$1"
-pin_workers = true
-[origin]
-url = "http://127.0.0.1:$3"
-[admin]
-listen = "127.0.0.1:$2"
-[cache]
-dir = "$4"
-[log]
-access = false   # nginx runs with access_log off
-TOML
-}
 lotecache_config $LC $ADMIN $ORIGIN "$W/lc-cache" > "$W/lc.toml"
 lotecache_config $LC_FLASK $ADMIN_FLASK $FLASK "$W/lc-flask-cache" > "$W/lc-flask.toml"
 "$BIN" serve --config "$W/lc.toml" 2>"$W/lc.log" & PIDS+=($!); LC_PID=$!

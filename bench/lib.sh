@@ -1,0 +1,64 @@
+# Shared by the bench scripts (sourced from the repository root): tools, ports, processes.
+
+VENV=target/e2e-venv   # shared with the end-to-end test: Flask and gunicorn for the legacy app
+BIN=$PWD/target/release/lotecache
+
+# Installs what the scripts use and this machine lacks: oha, nginx, jq, Flask and gunicorn.
+bench_tools() {
+  command -v oha >/dev/null || cargo install oha --locked
+  command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; }
+  command -v jq >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r examples/legacy-backend/requirements.txt
+}
+
+# A work directory and the processes to stop on exit.
+W=$(mktemp -d /tmp/lotecache-bench.XXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+# The legacy app as deployed: Flask under gunicorn, 2 sync workers (no keep-alive), on PORT.
+start_flask() {
+  "$VENV/bin/python" examples/legacy-backend/seed.py "$W/legacy.db" >/dev/null
+  (cd examples/legacy-backend && LEGACY_DB="$W/legacy.db" exec "$PWD/../../$VENV/bin/python" -m gunicorn -w 2 -b "127.0.0.1:$1" app:app 2>"$W/flask.log") & PIDS+=($!)
+}
+
+# lotecache's config: one runtime worker per core (the default), each pinned to its core, as
+# nginx's 2 worker processes are (worker_cpu_affinity auto); no access log, as nginx's.
+lotecache_config() { # PORT ADMIN_PORT ORIGIN_PORT CACHE_DIR
+cat <<TOML
+[server]
+listen = "127.0.0.1:$1"
+pin_workers = true
+[origin]
+url = "http://127.0.0.1:$3"
+[admin]
+listen = "127.0.0.1:$2"
+[cache]
+dir = "$4"
+[log]
+access = false   # nginx runs with access_log off
+TOML
+}
+
+# The start of an nginx config (close the http block after the servers): 2 workers pinned to
+# the cores, no access log, sendfile, client keep-alive without a request limit.
+nginx_conf_head() {
+cat <<NGINX
+user root;
+worker_processes 2;
+worker_cpu_affinity auto;
+daemon off;
+pid $W/nginx.pid;
+error_log $W/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_requests 1000000;
+NGINX
+}
