@@ -137,6 +137,10 @@ impl Admin {
     /// copies (else another replica, or this one, would copy them back). The shared store
     /// goes first: a request in between would otherwise copy the document back here.
     async fn purge(&self, which: Purge) -> Response<ProxyBody> {
+        // First of all: fills and write-throughs already running see the purge from here on
+        // and store nothing it covers; requests after it start fresh fills.
+        self.shared.cache.store.record_purge(&which);
+        self.shared.cache.fills.detach(&which);
         let shared = self.shared.cache.fills.shared().cloned();
         let mut shared_result = None;
         if let Some(s) = &shared {

@@ -16,7 +16,7 @@ use super::policy::{storability, Storability};
 use super::shared::SharedStore;
 use super::status;
 use super::store::{Expect, Store};
-use super::tier::{copy, Record, Tier, TierError};
+use super::tier::{copy_in, Record, Tier, TierError};
 use super::validate::{OnFail, StreamingValidator, Verdict};
 use crate::body::{BoxError, ProxyBody};
 use crate::config::FillConfig;
@@ -141,10 +141,12 @@ pub struct Fill {
     state: watch::Sender<FillState>,
     abort: OnceLock<AbortHandle>,
     started: Instant,
+    /// The batch it fetches (a purge by lote id detaches it).
+    lote_id: String,
 }
 
 impl Fill {
-    fn new() -> Arc<Fill> {
+    fn new(lote_id: &str) -> Arc<Fill> {
         let (state, _) = watch::channel(FillState {
             head: None,
             chunks: VecDeque::new(),
@@ -155,7 +157,7 @@ impl Fill {
             end: FillEnd::Open,
             cursors: Vec::new(),
         });
-        Arc::new(Fill { state, abort: OnceLock::new(), started: Instant::now() })
+        Arc::new(Fill { state, abort: OnceLock::new(), started: Instant::now(), lote_id: lote_id.to_string() })
     }
 
     /// A subscription replaying from the start, unless the fill already dropped chunks.
@@ -278,13 +280,14 @@ impl Fills {
             }
             // Ended without storing: start afresh (the old task never removes a newer fill).
         }
-        let fill = Fill::new();
+        let job = job();
+        let fill = Fill::new(&job.lote_id);
         let sub = fill.try_subscribe().expect("a new fill takes subscribers");
         inflight.insert(key.to_string(), fill.clone());
         let guard = FillGuard { fills: self.clone(), key: key.to_string(), fill: fill.clone() };
         self.metrics.fills_in_flight.inc();
         let shared = self.shared.get().cloned();
-        let task = tokio::spawn(run(guard, store.clone(), origin.clone(), job(), (*config).clone(), shared));
+        let task = tokio::spawn(run(guard, store.clone(), origin.clone(), job, (*config).clone(), shared));
         let _ = fill.abort.set(task.abort_handle());
         Lookup::Started(sub)
     }
@@ -294,6 +297,13 @@ impl Fills {
     pub fn abort(&self, key: &str) -> bool {
         let fill = self.inflight.lock().expect("fills lock").get(key).cloned();
         fill.map(|f| abort_fill(&f)).is_some()
+    }
+
+    /// Lets go of the fills `which` covers: they finish for the requests already on them
+    /// (their store refuses what they fetched), while new requests start fresh fills.
+    pub fn detach(&self, which: &super::store::Purge) {
+        let mut inflight = self.inflight.lock().expect("fills lock");
+        inflight.retain(|key, fill| !which.covers(key, &fill.lote_id));
     }
 
     /// Aborts every fill in flight (shutdown past its grace period).
@@ -389,6 +399,8 @@ async fn promote(
     if shared.recently_down() {
         return false;
     }
+    // Noted before the record is read: a purge after this refuses the copy.
+    let since_purge = store.purge_epoch();
     let record = match shared.lookup(key).await {
         Ok(Some(r)) => r,
         Ok(None) => return false,
@@ -409,7 +421,7 @@ async fn promote(
     // One deadline for the whole copy (each step also has its own): the origin is asked
     // well before a waiting client gives up.
     let budget = shared.promote_budget();
-    let copied = match tokio::time::timeout(budget, copy(&record, shared, store)).await {
+    let copied = match tokio::time::timeout(budget, copy_in(&record, shared, store, since_purge)).await {
         Ok(r) => r,
         Err(_) => Err(TierError::Unavailable { tier: "shared", detail: format!("copy took over {budget:?}") }),
     };
@@ -447,6 +459,9 @@ async fn fetch(
     shared: Option<&Arc<SharedStore>>,
 ) -> Result<(), ProxyError> {
     let started = Instant::now();
+    // Noted before the origin is asked: what it answers dates from now, and a purge after
+    // this refuses the commit.
+    let since_purge = store.purge_epoch();
     let deadline = tokio::time::Instant::now() + config.fill_timeout;
     let too_old = || ProxyError::OriginTimeout { phase: "complete response (cache.fill_timeout)" };
     let response = tokio::time::timeout_at(deadline, origin.send(job.request)).await.map_err(|_| too_old())??;
@@ -551,17 +566,19 @@ async fn fetch(
     let mut stored = None;
     if let (Some(w), Storability::Store { expected_len }) = (writer, &decision) {
         let meta = EntryMeta::new(&job.lote_id, StatusCode::OK, &stored_headers, gen_ms);
-        match w.commit(store, &job.key, meta, Expect { len: *expected_len, ..Expect::default() }).await {
+        let expect = Expect { len: *expected_len, since_purge: Some(since_purge), ..Expect::default() };
+        match w.commit(store, &job.key, meta, expect).await {
             Ok(entry) => {
                 tracing::info!(key = %job.key, lote_id = %job.lote_id, size = entry.size, gen_ms, "entry stored");
                 if let Some(shared) = shared {
-                    shared.write_through(store.clone(), Record::of(&entry));
+                    shared.write_through(store.clone(), Record::of(&entry), since_purge);
                 }
                 stored = Some(entry);
             }
             Err(e) => {
                 let reason = match e {
                     super::store::StoreError::TooLarge { .. } => "too-large",
+                    super::store::StoreError::Purged => "purged",
                     _ => "store-error",
                 };
                 tracing::warn!(key = %job.key, error = %e, "commit failed; nothing stored");
@@ -683,7 +700,7 @@ mod tests {
 
     #[test]
     fn trimming_drops_only_what_every_live_subscriber_has_read_and_cuts_laggards() {
-        let fill = Fill::new();
+        let fill = Fill::new("L");
         let fast = fill.try_subscribe().unwrap();
         let slow = fill.try_subscribe().unwrap();
         let push = |n: u8| fill.state.send_modify(|s| s.push(Bytes::from(vec![n; 10]), 15));
@@ -704,7 +721,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_fill_task_releases_its_waiters_with_an_error() {
         let fills = Arc::new(Fills::new(FillConfig::default(), Arc::default()));
-        let fill = Fill::new();
+        let fill = Fill::new("L");
         let mut sub = fill.try_subscribe().unwrap();
         fills.inflight.lock().unwrap().insert("k".into(), fill.clone());
         let guard = FillGuard { fills: fills.clone(), key: "k".into(), fill };

@@ -250,8 +250,10 @@ impl SharedStore {
     /// Writes `record` and its body through to the shared store in the background, counted
     /// as pending until done. Failures are logged and counted; nothing waits for it.
     /// Skipped while the store is down (the entry stays local; another replica that needs it
-    /// regenerates it).
-    pub fn write_through(self: &Arc<Self>, local: Arc<super::store::Store>, record: Record) {
+    /// regenerates it). `since_purge` is the purge epoch the body dates from: if a purge
+    /// covering it arrives while the upload runs, the uploaded record is removed again (the
+    /// admin purge removed shared records before this upload landed, or will after it).
+    pub fn write_through(self: &Arc<Self>, local: Arc<super::store::Store>, record: Record, since_purge: u64) {
         if self.recently_down() {
             self.count("put-record", "skipped");
             tracing::info!(key = %record.key, "shared store down; not written through");
@@ -275,6 +277,16 @@ impl SharedStore {
                 }
                 Err(e) => {
                     tracing::warn!(key = %record.key, error = %e, "write-through to the shared store failed; the entry stays local")
+                }
+            }
+            if result.is_ok() && local.purged_since(since_purge, &record.key, &record.meta.lote_id) {
+                match Tier::remove(&*shared, &record.key).await {
+                    Ok(()) => {
+                        tracing::info!(key = %record.key, "purged while written through; shared record removed again")
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %record.key, error = %e, "purged while written through; the shared record could not be removed")
+                    }
                 }
             }
             shared.metrics.shared_uploads_pending.dec();

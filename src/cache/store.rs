@@ -12,7 +12,7 @@ use super::entry::{hit_head, validators, Entry, EntryMeta, META_VERSION};
 use crate::metrics::Metrics;
 use ssri::{Algorithm, Integrity};
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     io,
     path::{Path, PathBuf},
     sync::{
@@ -43,6 +43,8 @@ pub enum StoreError {
     Digest { got: String, expected: String },
     #[error("entry of {size} bytes is larger than cache.max_size ({max} bytes); not kept")]
     TooLarge { size: u64, max: u64 },
+    #[error("a purge covering this entry arrived while it was being fetched; not stored")]
+    Purged,
     #[error("cache directory {dir} is in use by another lotecache process{holder}; stop it first or use another --cache-dir")]
     Locked { dir: String, holder: String },
 }
@@ -73,8 +75,21 @@ pub struct Store {
     memory_recheck_ms: AtomicU64,
     memory_max: AtomicU64,
     memory_object_max: AtomicU64,
+    /// Recent purges, so that a fill started before one does not store what it fetched.
+    purges: Mutex<PurgeLog>,
     metrics: Arc<Metrics>,
 }
+
+/// The purges since the store opened: a counter (the epoch) and the most recent ones.
+#[derive(Default)]
+struct PurgeLog {
+    epoch: u64,
+    /// `(epoch it set, what it removed)`, oldest first, at most `PURGE_LOG` of them.
+    recent: VecDeque<(u64, Purge)>,
+}
+
+/// Purges remembered individually; a fill older than all of them counts as purged.
+const PURGE_LOG: usize = 256;
 
 /// What a garbage collection did.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -126,6 +141,7 @@ impl Store {
             memory_recheck_ms: AtomicU64::new(1000),
             memory_max: AtomicU64::new(0),
             memory_object_max: AtomicU64::new(0),
+            purges: Mutex::default(),
             metrics,
         }))
     }
@@ -230,6 +246,40 @@ impl Store {
         self.gc_grace_ms.store(grace.as_millis() as u64, Relaxed);
     }
 
+    /// The purge epoch now: a fill notes it before asking the origin, and its commit is
+    /// refused if a purge covering its entry came after (see [`Expect::since_purge`]).
+    pub fn purge_epoch(&self) -> u64 {
+        self.purges.lock().expect("purge log lock").epoch
+    }
+
+    /// Records that `which` is being purged. Under `index_write`, so that a commit either
+    /// published before it (and the purge removes the entry) or sees it (and stores nothing).
+    pub fn record_purge(&self, which: &Purge) {
+        let _w = self.index_write.lock().expect("index write lock");
+        let mut log = self.purges.lock().expect("purge log lock");
+        log.epoch += 1;
+        let epoch = log.epoch;
+        if log.recent.len() == PURGE_LOG {
+            log.recent.pop_front();
+        }
+        log.recent.push_back((epoch, which.clone()));
+    }
+
+    /// Whether a purge after `epoch` covers `key` (of batch `lote_id`). A fill older than the
+    /// remembered purges counts as purged: it refetches rather than risk a stale entry.
+    pub fn purged_since(&self, epoch: u64, key: &str, lote_id: &str) -> bool {
+        let log = self.purges.lock().expect("purge log lock");
+        if log.epoch == epoch {
+            return false;
+        }
+        match log.recent.front() {
+            Some((oldest, _)) if *oldest <= epoch + 1 => {
+                log.recent.iter().any(|(e, which)| *e > epoch && which.covers(key, lote_id))
+            }
+            _ => true,
+        }
+    }
+
     /// Starts writing a new body. Nothing is visible until [`PendingWrite::commit`].
     pub async fn begin(&self) -> Result<PendingWrite, StoreError> {
         let writer = cacache::WriteOpts::new().algorithm(Algorithm::Sha256).open_hash(&self.dir).await?;
@@ -302,6 +352,7 @@ impl Store {
     pub async fn purge(self: &Arc<Self>, which: Purge) -> Result<Vec<String>, StoreError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
+            this.record_purge(&which);
             let keys: Vec<String> = {
                 let index = this.index.read().expect("index lock");
                 match &which {
@@ -406,6 +457,17 @@ pub enum Purge {
     LoteId(String),
 }
 
+impl Purge {
+    /// Whether this purge removes the entry `key` of batch `lote_id`.
+    pub fn covers(&self, key: &str, lote_id: &str) -> bool {
+        match self {
+            Purge::All => true,
+            Purge::Key(k) => k == key,
+            Purge::LoteId(id) => id == lote_id,
+        }
+    }
+}
+
 /// Keeps a content file safe from the collector while it is read.
 pub struct ReadGuard {
     store: Arc<Store>,
@@ -431,6 +493,8 @@ pub struct Expect {
     pub len: Option<u64>,
     pub sha256: Option<[u8; 32]>,
     pub stored_at_ms: Option<u128>,
+    /// The purge epoch the body dates from: a later purge covering the entry refuses it.
+    pub since_purge: Option<u64>,
 }
 
 /// A body being written to the store.
@@ -504,6 +568,10 @@ impl PendingWrite {
                 .metadata(meta_json);
             {
                 let _w = store.index_write.lock().expect("index write lock");
+                if expect.since_purge.is_some_and(|epoch| store.purged_since(epoch, &key, &entry.lote_id)) {
+                    // The content file stays behind unreferenced; the collector removes it.
+                    return Err(StoreError::Purged);
+                }
                 cacache::index::insert(&store.dir, &key, opts)?;
                 sync_file_and_dirs(&bucket_path(&store.dir, &key), &store.dir)?;
                 store.publish(entry.clone());
@@ -777,6 +845,45 @@ mod tests {
         w.write(b"abc").await.unwrap();
         assert!(w.commit(&store, "k", meta(), Expect { len: Some(4), ..Expect::default() }).await.is_err());
         assert!(store.get("k").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_commit_started_before_a_purge_that_covers_it_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        let commit = |key: &'static str, since: u64| {
+            let store = store.clone();
+            async move {
+                let mut w = store.begin().await.unwrap();
+                w.write(b"doc").await.unwrap();
+                w.commit(&store, key, meta(), Expect { since_purge: Some(since), ..Expect::default() }).await
+            }
+        };
+        let before = store.purge_epoch();
+        store.record_purge(&Purge::LoteId("L1".into())); // meta() is batch L1
+        assert!(matches!(commit("L1_resultados.json", before).await, Err(StoreError::Purged)));
+        assert!(store.get("L1_resultados.json").is_none());
+        // A purge of another batch or key does not touch it; one started after the purge stores.
+        store.record_purge(&Purge::Key("other".into()));
+        store.record_purge(&Purge::LoteId("L2".into()));
+        let after = store.purge_epoch() - 2;
+        commit("L1_resultados.json", after).await.unwrap();
+        assert!(store.get("L1_resultados.json").is_some());
+    }
+
+    #[test]
+    fn a_fill_older_than_every_remembered_purge_counts_as_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sync(dir.path().to_path_buf(), 0, Arc::default()).unwrap();
+        let start = store.purge_epoch();
+        assert!(!store.purged_since(start, "k", "L1"), "no purge yet");
+        for i in 0..PURGE_LOG {
+            store.record_purge(&Purge::Key(format!("other-{i}")));
+        }
+        assert!(!store.purged_since(start, "k", "L1"), "every purge since is remembered, none covers k");
+        store.record_purge(&Purge::Key("other-last".into()));
+        assert!(store.purged_since(start, "k", "L1"), "the oldest purge since was forgotten");
+        assert!(!store.purged_since(start + 1, "k", "L1"));
     }
 
     #[tokio::test]

@@ -115,6 +115,40 @@ pub async fn copy(record: &Record, from: &impl Tier, to: &impl Tier) -> Result<(
     to.store(record, body).await
 }
 
+/// [`copy`] into the local store, refused if a purge covering the entry came after the
+/// purge epoch `since_purge` (the copy was started before it).
+pub async fn copy_in(record: &Record, from: &impl Tier, to: &Arc<Store>, since_purge: u64) -> Result<(), TierError> {
+    let body = from.read(record).await?;
+    store_local(to, record, body, Some(since_purge)).await
+}
+
+/// Writes `body` into the local store under `record`, verified against its length and digest.
+async fn store_local(
+    store: &Arc<Store>,
+    record: &Record,
+    mut body: Chunks,
+    since_purge: Option<u64>,
+) -> Result<(), TierError> {
+    let mut w = store.begin().await.map_err(local_error)?;
+    let mut written = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        written += chunk.len() as u64;
+        if written > record.size {
+            return Err(TierError::Corrupt { tier: LOCAL, detail: format!("body longer than {} bytes", record.size) });
+        }
+        w.write(&chunk).await.map_err(local_error)?;
+    }
+    let expect = Expect {
+        len: Some(record.size),
+        sha256: Some(record.sha256),
+        stored_at_ms: Some(record.stored_at_ms as u128),
+        since_purge,
+    };
+    w.commit(store, &record.key, record.meta.clone(), expect).await.map_err(local_error)?;
+    Ok(())
+}
+
 const LOCAL: &str = "local";
 
 fn local_error(e: StoreError) -> TierError {
@@ -148,27 +182,8 @@ impl Tier for Arc<Store> {
         Ok(stream.boxed())
     }
 
-    async fn store(&self, record: &Record, mut body: Chunks) -> Result<(), TierError> {
-        let mut w = self.begin().await.map_err(local_error)?;
-        let mut written = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            written += chunk.len() as u64;
-            if written > record.size {
-                return Err(TierError::Corrupt {
-                    tier: LOCAL,
-                    detail: format!("body longer than {} bytes", record.size),
-                });
-            }
-            w.write(&chunk).await.map_err(local_error)?;
-        }
-        let expect = Expect {
-            len: Some(record.size),
-            sha256: Some(record.sha256),
-            stored_at_ms: Some(record.stored_at_ms as u128),
-        };
-        w.commit(self, &record.key, record.meta.clone(), expect).await.map_err(local_error)?;
-        Ok(())
+    async fn store(&self, record: &Record, body: Chunks) -> Result<(), TierError> {
+        store_local(self, record, body, None).await
     }
 
     async fn remove(&self, key: &str) -> Result<(), TierError> {

@@ -167,6 +167,58 @@ async fn purge_by_lote_id_makes_the_next_request_a_miss() {
     assert!(proxy.store().is_empty());
 }
 
+#[tokio::test]
+async fn a_purge_during_a_fill_keeps_what_that_fill_fetched_out_of_the_cache() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy_admin(origin.addr, dir.path(), &format!("token = \"{TOKEN}\""), "").await;
+    let p = proxy.local_addr();
+    // The first generation is slow; the batch is reprocessed and purged meanwhile.
+    origin.set("O-P", Behavior::Ok { delay: Duration::from_millis(800), pieces: 1, gap: NO_DELAY });
+    let first = tokio::spawn(async move { get(p, &batch("O-P")).await });
+    assert!(crate::support::wait_until(Duration::from_secs(5), || origin.generations("O-P") == 1).await);
+    let purged = admin(proxy.admin_addr(), Method::POST, "/purge", Some(TOKEN), r#"{"lote_id":"O-P"}"#).await;
+    assert_eq!(purged.status, StatusCode::OK);
+    let reprocessed = Bytes::from(lotecache::sample_origin::batch_document("O-P", 6000));
+    assert_ne!(reprocessed, document("O-P"));
+    origin.set("O-P", Behavior::Custom(reprocessed.clone()));
+
+    // A request after the purge does not join the fill started before it: a new generation.
+    let second = get(p, &batch("O-P")).await;
+    assert_eq!((second.status, second.cache_status()), (StatusCode::OK, "lotecache; fwd=uri-miss; stored"));
+    assert_eq!(second.bytes(), &reprocessed);
+    assert_eq!(origin.generations("O-P"), 2);
+    // The first request still gets its whole document, but it is not what the cache keeps.
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.bytes(), &document("O-P"));
+    let third = get(p, &batch("O-P")).await;
+    assert_eq!((third.cache_status(), third.bytes()), ("lotecache; hit", &reprocessed));
+    assert_eq!(origin.generations("O-P"), 2);
+}
+
+#[tokio::test]
+async fn a_fill_purged_before_its_commit_is_not_stored_and_says_why() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy_admin(origin.addr, dir.path(), &format!("token = \"{TOKEN}\""), "").await;
+    origin.set("O-Q", Behavior::Ok { delay: Duration::from_millis(500), pieces: 1, gap: NO_DELAY });
+    let p = proxy.local_addr();
+    let first = tokio::spawn(async move { get(p, &batch("O-Q")).await });
+    assert!(crate::support::wait_until(Duration::from_secs(5), || origin.generations("O-Q") == 1).await);
+    let purged = admin(proxy.admin_addr(), Method::POST, "/purge", Some(TOKEN), r#"{"all":true}"#).await;
+    assert_eq!(purged.status, StatusCode::OK);
+    let first = first.await.unwrap();
+    assert_eq!(first.bytes(), &document("O-Q"));
+    assert!(proxy.store().get("O-Q_resultados.json").is_none(), "the purged fill stored nothing");
+    let metrics = admin(proxy.admin_addr(), Method::GET, "/metrics", None, "").await;
+    let text = String::from_utf8(metrics.bytes().to_vec()).unwrap();
+    assert_eq!(metric(&text, "lotecache_not_stored_total{reason=\"purged\"}"), 1.0);
+    let again = get(p, &batch("O-Q")).await;
+    assert_eq!(again.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(origin.generations("O-Q"), 2);
+}
+
 const TTL_RULE: &str = "[[rules]]\nname = \"b\"\npath = \"/download_batch_results/{lote_id}\"\nttl = \"1s\"\n";
 
 #[tokio::test]

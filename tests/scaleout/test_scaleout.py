@@ -35,6 +35,7 @@ PREFIX = "batches"
 KEY_ID = "GK" + "5c0a1e" * 4
 SECRET = "5ca1e0" * 10 + "0ff1"
 REGION = "garage"
+ADMIN_TOKEN = "scaleout-admin-token"
 
 
 def free_port():
@@ -201,7 +202,8 @@ class Replica:
         ]
         for e in endpoints:
             args += ["--s3-endpoint", e]
-        env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_REGION=REGION)
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_REGION=REGION,
+                   LOTECACHE_ADMIN_TOKEN=ADMIN_TOKEN)
         self.proc = Proc(f"replica{self.i}", args, self.workdir, env=env)
         wait_until(f"replica {self.i}", lambda: get(self.admin + "/healthz")[0] == 200)
 
@@ -211,6 +213,12 @@ class Replica:
         pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)"
         m = re.search(r"^" + pattern + "$", text, re.M)
         return float(m.group(1)) if m else 0.0
+
+    def purge(self, body):
+        req = urllib.request.Request(self.admin + "/purge", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
 
     def has_local(self, key):
         return get(self.admin + "/entries/" + key)[0] == 200
@@ -311,6 +319,29 @@ def test_the_bucket_holds_the_document_under_the_owner_convention_with_its_diges
     assert obj["Body"].read() == body
     assert obj["Metadata"]["sha256"] == sha256(body)
     assert obj["ContentType"] == "application/json"
+
+
+def test_a_batch_purged_while_it_is_generated_is_kept_neither_locally_nor_in_the_bucket(origin, replicas, garage):
+    a, b = replicas[0], replicas[1]
+    lote = "SCALE-PURGED-4kb"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(get, f"{a.url}/download_batch_results/{lote}")
+        # The sample origin counts a generation as it starts it (then takes 300 ms).
+        wait_until("the generation to start", lambda: generations(origin, lote) == 1, every=0.01)
+        assert a.purge({"lote_id": lote})[0] == 200
+        status, headers, body = first.result()
+    assert status == 200
+    assert json.loads(body)["archivos_procesados"][0]["lote_id"] == lote, "the first client got it whole"
+    assert headers["Cache-Status"] == "lotecache; fwd=uri-miss; detail=purged"
+    wait_until("uploads", a.uploads_settled)
+    assert not a.has_local(f"{lote}_resultados.json")
+    s3 = s3_client(garage[0]["s3"])
+    with pytest.raises(s3.exceptions.ClientError):
+        s3.head_object(Bucket=BUCKET, Key=record_key(f"{lote}_resultados.json"))
+    # Another replica finds nothing to copy: the batch is generated again.
+    status, headers, _ = get(f"{b.url}/download_batch_results/{lote}")
+    assert (status, headers["Cache-Status"]) == (200, "lotecache; fwd=uri-miss; stored")
+    assert generations(origin, lote) == 2
 
 
 def test_a_corrupted_object_in_the_bucket_is_never_served_as_a_complete_200(origin, replicas, garage):
