@@ -37,6 +37,10 @@ pub enum ProxyError {
     /// This request waited longer than `cache.wait_timeout` for a fill.
     #[error("timed out waiting for the origin fetch")]
     WaitTimeout,
+    /// The request head was refused before routing (by hyper's parser or the strict framing
+    /// check): answered on the connection by [`crate::strict`], which then closes it.
+    #[error("malformed request head")]
+    MalformedHead { status: StatusCode, detail: String },
 }
 
 impl ProxyError {
@@ -52,6 +56,7 @@ impl ProxyError {
             | ProxyError::FillAborted
             | ProxyError::InvalidDocument { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::OriginTimeout { .. } | ProxyError::WaitTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::MalformedHead { status, .. } => *status,
         }
     }
 
@@ -68,6 +73,7 @@ impl ProxyError {
             ProxyError::WaitTimeout => "wait-timeout",
             ProxyError::AccessCheckFailed { .. } => "access-check-failed",
             ProxyError::MalformedBody { .. } => "malformed-body",
+            ProxyError::MalformedHead { .. } => "malformed-head",
         })
     }
 
@@ -77,7 +83,9 @@ impl ProxyError {
         match self {
             ProxyError::InvalidId { detail } | ProxyError::BadRequest { detail } => detail.clone(),
             ProxyError::InvalidDocument { reason, .. } => reason.clone(),
-            ProxyError::AccessCheckFailed { detail } | ProxyError::MalformedBody { detail } => detail.clone(),
+            ProxyError::AccessCheckFailed { detail }
+            | ProxyError::MalformedBody { detail }
+            | ProxyError::MalformedHead { detail, .. } => detail.clone(),
             ProxyError::OriginUnreachable(e) | ProxyError::OriginFailed(e) => error_chain(e.as_ref()),
             ProxyError::OriginTimeout { phase } => {
                 format!("no {phase} from the origin within the configured timeout")
@@ -92,6 +100,18 @@ impl ProxyError {
     /// Turns the error into its response: status, `{"error","detail"}` JSON body, and a log line.
     /// `cache_status` is set on responses of cache routes.
     pub fn to_response(&self, cache_status: Option<HeaderValue>) -> Response<ProxyBody> {
+        let mut resp = Response::new(full(self.logged_json_body()));
+        *resp.status_mut() = self.status();
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(cs) = cache_status {
+            resp.headers_mut().insert(crate::cache::status::CACHE_STATUS, cs);
+        }
+        resp
+    }
+
+    /// Writes the error's log line and returns its `{"error","detail"}` JSON body.
+    pub fn logged_json_body(&self) -> String {
         let status = self.status();
         let detail = self.detail();
         // Details can hold client input: escaped for the log line, JSON-escaped in the body.
@@ -101,15 +121,7 @@ impl ProxyError {
         } else {
             tracing::info!(error = %self, detail = %logged, status = status.as_u16(), "request rejected");
         }
-        let body = serde_json::json!({ "error": self.to_string(), "detail": detail }).to_string();
-        let mut resp = Response::new(full(body));
-        *resp.status_mut() = status;
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(cs) = cache_status {
-            resp.headers_mut().insert(crate::cache::status::CACHE_STATUS, cs);
-        }
-        resp
+        serde_json::json!({ "error": self.to_string(), "detail": detail }).to_string()
     }
 }
 

@@ -10,6 +10,10 @@
 //! connection, exactly as for its own parse errors. Anything the wrapper cannot follow
 //! (a malformed chunk, a protocol upgrade) is left to hyper, which rejects or closes.
 //!
+//! hyper answers a head it cannot parse (or one refused here) itself, with a bare status line
+//! and no body, and no hook to change that. So the write side recognises that answer (see
+//! [`parser_answer`]) and sends the proxy's JSON error and log line in its place.
+//!
 //! On the write side it sends registered file regions with `sendfile` (see
 //! [`crate::sendfile`]) and everything else as it is.
 
@@ -60,11 +64,26 @@ pub struct StrictIo<S> {
     ready_pos: usize,
     /// A head longer than this is passed on as is, for hyper to refuse (431).
     max_head: usize,
+    /// Why the last head was refused here, for the answer's detail.
+    refused: Option<&'static str>,
+    /// The JSON answer replacing hyper's bare one, and how much of it is written.
+    answer: Vec<u8>,
+    answer_pos: usize,
 }
 
 impl<S> StrictIo<S> {
     pub fn new(inner: S, max_head: usize) -> Self {
-        StrictIo { inner, state: State::Head, head: Vec::new(), ready: Vec::new(), ready_pos: 0, max_head }
+        StrictIo {
+            inner,
+            state: State::Head,
+            head: Vec::new(),
+            ready: Vec::new(),
+            ready_pos: 0,
+            max_head,
+            refused: None,
+            answer: Vec::new(),
+            answer_pos: 0,
+        }
     }
 
     /// Runs `input` through the framing state machine, appending what hyper may see to
@@ -95,7 +114,7 @@ impl<S> StrictIo<S> {
                         if len < 2 || self.head[len - 2] != b'\r' {
                             // A bare LF (the blank lines before a request, allowed by RFC
                             // 9112 §2.2, are tolerated as CRLF only).
-                            self.refuse();
+                            self.refuse("ambiguous framing: a line of the request head ends in a bare LF");
                             continue;
                         }
                         if len == 2 {
@@ -140,7 +159,7 @@ impl<S> StrictIo<S> {
             }
         }
         if transfer_encoding && content_length.is_some() {
-            self.refuse();
+            self.refuse("ambiguous framing: Content-Length together with Transfer-Encoding");
             return;
         }
         self.ready.extend_from_slice(&self.head);
@@ -160,9 +179,10 @@ impl<S> StrictIo<S> {
         };
     }
 
-    /// Replaces the head being collected with a line hyper refuses, and stops following.
-    fn refuse(&mut self) {
-        tracing::info!("request refused: ambiguous framing (bare LF, or Content-Length with Transfer-Encoding)");
+    /// Replaces the head being collected with a line hyper refuses, and stops following. The
+    /// log line and the JSON answer (with `why`) come when hyper answers it.
+    fn refuse(&mut self, why: &'static str) {
+        self.refused = Some(why);
         self.head.clear();
         self.ready.extend_from_slice(REFUSED);
         self.state = State::Opaque;
@@ -299,11 +319,89 @@ impl<S: ZeroCopySocket> StrictIo<S> {
     }
 }
 
+/// If `bytes` is hyper's own answer to a request head it could not parse, the JSON answer that
+/// replaces it (the error is logged). hyper's answer is a status line of 400, 414 or 431 with
+/// only `content-length: 0` and `date` (and perhaps `connection`), written alone: every
+/// response of this proxy carries a header more (`content-type`, `via`), so none is mistaken
+/// for it. Cheap for everything else: most writes fail the first ten bytes.
+fn parser_answer(bytes: &[u8], refused: Option<&'static str>) -> Option<Vec<u8>> {
+    if bytes.len() < 12 || !bytes.starts_with(b"HTTP/1.1 4") || !matches!(&bytes[9..12], b"400" | b"414" | b"431") {
+        return None;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 4];
+    let mut parsed = httparse::Response::new(&mut headers);
+    if parsed.parse(bytes) != Ok(httparse::Status::Complete(bytes.len())) {
+        return None;
+    }
+    let mut date = None;
+    for h in parsed.headers.iter() {
+        match h.name.to_ascii_lowercase().as_str() {
+            "content-length" if h.value == b"0" => {}
+            "connection" => {}
+            "date" => date = Some(h.value),
+            _ => return None,
+        }
+    }
+    let date = date?;
+    let status = http::StatusCode::from_u16(parsed.code?).ok()?;
+    let detail = match (refused, status.as_u16()) {
+        (Some(why), _) => why,
+        (None, 414) => "the request target is too long",
+        (None, 431) => "the request head is larger than server.max_header_bytes",
+        _ => "the request line or a header is not valid HTTP/1.1, or the framing headers conflict",
+    };
+    let body = crate::error::ProxyError::MalformedHead { status, detail: detail.to_string() }.logged_json_body();
+    let mut answer = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncache-control: no-store\r\nconnection: close\r\n\
+         content-length: {}\r\ndate: ",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(date);
+    answer.extend_from_slice(b"\r\n\r\n");
+    answer.extend_from_slice(body.as_bytes());
+    Some(answer)
+}
+
+impl<S: AsyncWrite + Unpin> StrictIo<S> {
+    /// Takes `bytes` in place of hyper's bare parse-error answer if that is what they are (the
+    /// JSON answer is then queued); false for anything else.
+    fn replaced_parser_answer(&mut self, bytes: &[u8]) -> bool {
+        match parser_answer(bytes, self.refused) {
+            Some(answer) => {
+                self.answer = answer;
+                self.answer_pos = 0;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes what is left of a queued JSON answer.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.answer_pos < self.answer.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.answer[self.answer_pos..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.answer_pos += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<S: ZeroCopySocket> AsyncWrite for StrictIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if let Some((region, offset)) = crate::sendfile::lookup(buf) {
             return self.poll_sendfile(cx, &region, offset, buf.len());
         }
+        if self.replaced_parser_answer(buf) {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        std::task::ready!(self.poll_answer(cx))?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -318,6 +416,10 @@ impl<S: ZeroCopySocket> AsyncWrite for StrictIo<S> {
         if let Some((region, offset)) = crate::sendfile::lookup(&bufs[first]) {
             return self.poll_sendfile(cx, &region, offset, bufs[first].len());
         }
+        if bufs[first + 1..].iter().all(|b| b.is_empty()) && self.replaced_parser_answer(&bufs[first]) {
+            return Poll::Ready(Ok(bufs[first].len()));
+        }
+        std::task::ready!(self.poll_answer(cx))?;
         // Ordinary bytes up to the first file-backed slice go out with one writev.
         let end =
             bufs[first..].iter().position(|b| crate::sendfile::lookup(b).is_some()).map_or(bufs.len(), |p| first + p);
@@ -330,10 +432,12 @@ impl<S: ZeroCopySocket> AsyncWrite for StrictIo<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_answer(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_answer(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -384,6 +488,50 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
                 String::from_utf8_lossy(input),
                 String::from_utf8_lossy(&out)
             );
+        }
+    }
+
+    const HYPER_400: &[u8] =
+        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: Thu, 26 Nov 2026 09:30:00 GMT\r\n\r\n";
+
+    #[test]
+    fn hypers_bare_parse_error_answer_becomes_a_json_error_with_its_date() {
+        let answer = String::from_utf8(parser_answer(HYPER_400, None).expect("recognised")).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+        assert!(head.contains("\r\ncontent-type: application/json\r\n"), "{head}");
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        assert!(head.contains("\r\ndate: Thu, 26 Nov 2026 09:30:00 GMT"), "{head}");
+        assert!(head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())), "{head}");
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "malformed request head");
+        assert!(json["detail"].as_str().unwrap().contains("not valid HTTP/1.1"), "{json}");
+
+        let too_large = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let answer = String::from_utf8(parser_answer(too_large, None).expect("recognised")).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{answer}");
+        assert!(answer.contains("server.max_header_bytes"), "{answer}");
+    }
+
+    #[test]
+    fn a_refusal_made_here_gives_its_reason_in_the_answer() {
+        let answer = String::from_utf8(parser_answer(HYPER_400, Some("ambiguous framing: why")).unwrap()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(json["detail"], "ambiguous framing: why");
+    }
+
+    #[test]
+    fn responses_of_the_proxy_and_bodies_are_never_taken_for_the_parsers_answer() {
+        for bytes in [
+            &b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 0\r\ndate: x\r\n\r\n"[..],
+            b"HTTP/1.1 400 Bad Request\r\nvia: 1.1 lotecache\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\ndate: x\r\n\r\n{}",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
+            b"{\"metadata\": {}}",
+        ] {
+            assert!(parser_answer(bytes, None).is_none(), "{}", String::from_utf8_lossy(bytes));
         }
     }
 

@@ -15,15 +15,29 @@ async fn setup(extra: &str) -> (TestOrigin, tempfile::TempDir, lotecache::Runnin
     (origin, dir, proxy)
 }
 
-/// A malformed request: refused with `status`, the connection closed, the origin untouched.
+/// A malformed request: refused with `status` and a JSON error body, the connection closed,
+/// the origin untouched.
 async fn assert_refused(request: &str, status: u16) {
     let (origin, _dir, proxy) = setup("").await;
     let reply = raw(proxy.local_addr(), request.as_bytes(), WAIT).await;
     let shown: String = request.chars().take(120).collect();
     let got: String = reply.text().chars().take(300).collect();
     assert_eq!(reply.status(), Some(status), "{shown:?} got {got:?}");
+    assert_json_error(&reply, &shown);
     assert!(reply.closed, "{shown:?}: the connection must be closed");
     assert!(origin.seen().is_empty(), "{shown:?} reached the origin");
+}
+
+/// The (only) response in `reply` is a JSON error: `content-type`, `content-length` and an
+/// `{"error","detail"}` body.
+fn assert_json_error(reply: &crate::support::raw::RawReply, shown: &str) {
+    let text = reply.text();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("\r\ncontent-type: application/json"), "{shown:?} got {text:?}");
+    assert!(head.contains(&format!("\r\ncontent-length: {}", body.len())), "{shown:?} got {text:?}");
+    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{shown:?}: {e}: {text:?}"));
+    assert!(json["error"].is_string() && json["detail"].is_string(), "{shown:?} got {json}");
 }
 
 #[tokio::test]
@@ -66,10 +80,31 @@ async fn a_bad_second_request_on_a_keep_alive_connection_is_refused_after_the_fi
     let reply = raw(proxy.local_addr(), req.as_bytes(), WAIT).await;
     let text = reply.text();
     assert_eq!(reply.status(), Some(200));
-    assert!(text.contains("HTTP/1.1 400"), "{text}");
+    let second = &text[text.find("HTTP/1.1 400").unwrap_or_else(|| panic!("no 400 in {text}"))..];
+    assert!(second.contains(r#""detail":"ambiguous framing: a line of the request head ends in a bare LF""#), "{text}");
     assert!(reply.closed);
     let targets: Vec<String> = origin.seen().into_iter().map(|s| s.target).collect();
     assert_eq!(targets, ["/first"]);
+}
+
+#[tokio::test]
+async fn a_head_refused_by_the_parser_is_logged_with_its_status_and_reason() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log.txt");
+    let server = crate::support::process::serve_logging(origin.addr, &dir.path().join("cache"), &[], Some(&log)).await;
+    let reply = raw(server.addr(), b"GET /x HTTP/1.1\r\nHost: a\r\nBad Header: 1\r\n\r\n", WAIT).await;
+    assert_eq!(reply.status(), Some(400));
+    assert_json_error(&reply, "a header name with a space");
+    let big = format!("GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(128 * 1024));
+    assert_eq!(raw(server.addr(), big.as_bytes(), WAIT).await.status(), Some(431));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let rejected: Vec<&str> = text.lines().filter(|l| l.contains("request rejected")).collect();
+    assert_eq!(rejected.len(), 2, "{text}");
+    assert!(rejected[0].contains("malformed request head") && rejected[0].contains("status=400"), "{text}");
+    assert!(rejected[1].contains("status=431") && rejected[1].contains("max_header_bytes"), "{text}");
+    assert!(origin.seen().is_empty());
 }
 
 #[tokio::test]
@@ -92,6 +127,7 @@ async fn oversized_header_blocks_and_uris_are_refused() {
     let (origin, _dir, proxy) = setup("").await;
     let reply = raw(proxy.local_addr(), long_uri.as_bytes(), WAIT).await;
     assert!(matches!(reply.status(), Some(414) | Some(431)), "got {:?}", reply.status());
+    assert_json_error(&reply, "a 128 KiB URI");
     assert!(reply.closed);
     assert!(origin.seen().is_empty());
 }
