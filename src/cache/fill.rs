@@ -361,7 +361,7 @@ async fn run(
     let fill = guard.fill.clone();
     let key = job.key.clone();
     if let Some(shared) = &shared {
-        if promote(shared, &store, &job.key, &job.lote_id, job.ttl).await {
+        if promote(shared, &store, &job.key, &job.lote_id, job.ttl, job.validation.as_ref()).await {
             fill.state.send_modify(|s| s.end = FillEnd::Promoted);
             return;
         }
@@ -388,13 +388,15 @@ impl Fill {
 }
 
 /// Copies `job`'s entry from the shared store into the local one if a fresh record is
-/// there and its body verifies; whether it did. Any failure leaves the fill to the origin.
+/// there, its body verifies and it passes the route's validation; whether it did. Any
+/// failure leaves the fill to the origin.
 async fn promote(
     shared: &Arc<SharedStore>,
     store: &Arc<Store>,
     key: &str,
     lote_id: &str,
     ttl: Option<std::time::Duration>,
+    validation: Option<&Arc<super::validate::Validation>>,
 ) -> bool {
     if shared.recently_down() {
         return false;
@@ -421,7 +423,12 @@ async fn promote(
     // One deadline for the whole copy (each step also has its own): the origin is asked
     // well before a waiting client gives up.
     let budget = shared.promote_budget();
-    let copied = match tokio::time::timeout(budget, copy_in(&record, shared, store, since_purge)).await {
+    let copied = match tokio::time::timeout(
+        budget,
+        copy_in(&record, shared, store, since_purge, validation.map(|v| (v, lote_id))),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(_) => Err(TierError::Unavailable { tier: "shared", detail: format!("copy took over {budget:?}") }),
     };
@@ -434,6 +441,13 @@ async fn promote(
             tracing::warn!(key = %key, error = %e, "shared entry failed verification; not served, filling from the origin");
             store.metrics().integrity_failures.with_label_values(&["shared-digest"]).inc();
             shared.discard(record);
+            false
+        }
+        Err(TierError::Invalid { token, detail, .. }) => {
+            // Not discarded: a replica with other rules may have stored it. The refetch's
+            // write-through replaces it if it passes here.
+            tracing::warn!(key = %key, lote_id = %lote_id, reason = %detail, "shared document failed this route's validation; not served, filling from the origin");
+            store.metrics().validation_failures.with_label_values(&[&token]).inc();
             false
         }
         Err(e @ TierError::Short { .. }) => {

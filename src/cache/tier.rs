@@ -6,9 +6,12 @@
 //! A tier's `read` hands out raw bytes; the receiving tier's `store` verifies them against
 //! the record's length and sha256 before anything becomes visible, so a copy never
 //! publishes a document that differs from the one that was digested when it was generated.
+//! A promotion also runs the route's validation again: the digest proves the bytes are the
+//! ones stored, not that they passed this replica's rules.
 
 use super::entry::{stored_head, Entry, EntryMeta};
 use super::store::{Expect, Purge, Store, StoreError};
+use super::validate::{StreamingValidator, Validation, Verdict};
 use bytes::Bytes;
 use futures_util::stream::{BoxStream, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -79,6 +82,9 @@ pub enum TierError {
     /// stored; not proof enough of damage to delete the source.
     #[error("{tier} store: body shorter than its record: {detail}")]
     Short { tier: &'static str, detail: String },
+    /// The bytes match their record but fail the route's validation here: not stored.
+    #[error("{tier} store: the document fails this route's validation: {detail}")]
+    Invalid { tier: &'static str, token: String, detail: String },
     /// Anything else (local disk, too large, bad record).
     #[error("{tier} store: {detail}")]
     Failed { tier: &'static str, detail: String },
@@ -92,6 +98,7 @@ impl TierError {
             TierError::Unavailable { .. } => "error",
             TierError::Corrupt { .. } => "corrupt",
             TierError::Short { .. } => "short",
+            TierError::Invalid { .. } => "invalid",
             TierError::Failed { .. } => "error",
         }
     }
@@ -116,28 +123,57 @@ pub async fn copy(record: &Record, from: &impl Tier, to: &impl Tier) -> Result<(
 }
 
 /// [`copy`] into the local store, refused if a purge covering the entry came after the
-/// purge epoch `since_purge` (the copy was started before it).
-pub async fn copy_in(record: &Record, from: &impl Tier, to: &Arc<Store>, since_purge: u64) -> Result<(), TierError> {
+/// purge epoch `since_purge` (the copy was started before it), or if the document fails
+/// `validation` (the route's rules for batch `lote_id`) as it arrives.
+pub async fn copy_in(
+    record: &Record,
+    from: &impl Tier,
+    to: &Arc<Store>,
+    since_purge: u64,
+    validation: Option<(&Arc<Validation>, &str)>,
+) -> Result<(), TierError> {
     let body = from.read(record).await?;
-    store_local(to, record, body, Some(since_purge)).await
+    let validator = validation.map(|(v, lote_id)| StreamingValidator::spawn(v.clone(), lote_id.to_string()));
+    store_local(to, record, body, Some(since_purge), validator).await
 }
 
-/// Writes `body` into the local store under `record`, verified against its length and digest.
+/// Writes `body` into the local store under `record`, verified against its length and digest
+/// (and by `validator`, if any, before the commit).
 async fn store_local(
     store: &Arc<Store>,
     record: &Record,
     mut body: Chunks,
     since_purge: Option<u64>,
+    validator: Option<StreamingValidator>,
 ) -> Result<(), TierError> {
+    use sha2::Digest as _;
     let mut w = store.begin().await.map_err(local_error)?;
     let mut written = 0u64;
+    // With a validator, the digest is also taken here: damage (length, digest) is reported as
+    // such before a verdict the damage itself may have caused.
+    let mut hasher = validator.as_ref().map(|_| sha2::Sha256::new());
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
         written += chunk.len() as u64;
         if written > record.size {
             return Err(TierError::Corrupt { tier: LOCAL, detail: format!("body longer than {} bytes", record.size) });
         }
+        if let (Some(v), Some(h)) = (&validator, hasher.as_mut()) {
+            v.feed(chunk.clone());
+            h.update(&chunk);
+        }
         w.write(&chunk).await.map_err(local_error)?;
+    }
+    if let (Some(v), Some(h)) = (validator, hasher) {
+        if written < record.size {
+            return Err(TierError::Short { tier: LOCAL, detail: format!("{written} of {} bytes", record.size) });
+        }
+        if <[u8; 32]>::from(h.finalize()) != record.sha256 {
+            return Err(TierError::Corrupt { tier: LOCAL, detail: "sha256 differs from the record's".into() });
+        }
+        if let Verdict::Invalid { token, reason, .. } = v.finish().await {
+            return Err(TierError::Invalid { tier: LOCAL, token, detail: reason });
+        }
     }
     let expect = Expect {
         len: Some(record.size),
@@ -183,7 +219,7 @@ impl Tier for Arc<Store> {
     }
 
     async fn store(&self, record: &Record, body: Chunks) -> Result<(), TierError> {
-        store_local(self, record, body, None).await
+        store_local(self, record, body, None, None).await
     }
 
     async fn remove(&self, key: &str) -> Result<(), TierError> {

@@ -370,6 +370,30 @@ def test_a_corrupted_object_in_the_bucket_is_never_served_as_a_complete_200(orig
     assert c.metric("lotecache_integrity_failures_total", reason="shared-length") == 1  # cut short
 
 
+def test_a_shared_document_that_fails_this_routes_validation_is_refetched_not_served(origin, replicas, garage):
+    a, c = replicas[0], replicas[2]
+    s3 = s3_client(garage[0]["s3"])
+    good, other = "SCALE-VALID-8kb", "SCALE-OTHER-8kb"
+    stored_through(a, origin, good)
+    # A record for `other` pointing at `good`'s blob: its digest and length match, its batch does not
+    # (what a replica without the route's assertion, or a hand-made record, could leave behind).
+    record = json.loads(s3.get_object(Bucket=BUCKET, Key=record_key(f"{good}_resultados.json"))["Body"].read())
+    record["key"] = f"{other}_resultados.json"
+    record["meta"]["lote_id"] = other
+    s3.put_object(Bucket=BUCKET, Key=record_key(f"{other}_resultados.json"), Body=json.dumps(record).encode())
+    reason = "validation:/archivos_procesados/*/lote_id"
+    before = c.metric("lotecache_validation_failures_total", reason=reason)
+    status, headers, got = get(f"{c.url}/download_batch_results/{other}")
+    assert status == 200
+    assert {f["lote_id"] for f in json.loads(got)["archivos_procesados"]} == {other}
+    assert headers["Cache-Status"] == "lotecache; fwd=uri-miss; stored"
+    assert generations(origin, other) == 1
+    assert c.metric("lotecache_validation_failures_total", reason=reason) == before + 1
+    # The refetch's write-through puts the right record in its place.
+    wait_until("record replaced", lambda: c.uploads_settled() and json.loads(
+        s3.get_object(Bucket=BUCKET, Key=record_key(f"{other}_resultados.json"))["Body"].read())["sha256"] == sha256(got))
+
+
 def test_a_same_size_damaged_blob_is_replaced_by_the_next_write_through(origin, replicas, garage):
     a, c = replicas[0], replicas[2]
     s3 = s3_client(garage[0]["s3"])
