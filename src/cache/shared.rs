@@ -7,7 +7,8 @@
 //!   exists intact is never rewritten, so reads do not race overwrites of the same name
 //!   (Garage can cut such a read short), and engines that ignore conditional PUTs need no
 //!   first-writer-wins; only a blob found damaged (wrong size, or an ETag that is not the
-//!   body's MD5) is replaced, and a read cut short is never served.
+//!   body's: the MD5 of a single PUT, or the MD5 of the parts' MD5s of a multipart upload in
+//!   parts of `PART_SIZE`) is replaced, and a read cut short is never served.
 //! - `_lotecache/entries/<sha256 of key>.json`: the record (pointer) of a key, written last,
 //!   so a record never names a blob that is not complete.
 //! - `<key>` (by default `<lote_id>_resultados.json`): the document under the owner's naming
@@ -267,8 +268,11 @@ impl SharedStore {
             let started = std::time::Instant::now();
             // Every endpoint is tried in turn within the copy; a body that failed half way is
             // tried once more.
+            // A damaged blob found (and deleted) on the way is uploaded by that second try.
             let mut result = super::tier::copy(&record, &local, &*shared).await;
-            if matches!(result, Err(TierError::Unavailable { .. })) && !shared.recently_down() {
+            let retry =
+                matches!(result, Err(TierError::Unavailable { .. }) | Err(TierError::Corrupt { tier: SHARED, .. }));
+            if retry && !shared.recently_down() {
                 result = super::tier::copy(&record, &local, &*shared).await;
             }
             match &result {
@@ -509,10 +513,36 @@ impl Tier for SharedStore {
                     false
                 }
             },
-            Ok(meta) if meta.size == record.size => {
-                self.count("head-blob", "ok");
-                false
-            }
+            Ok(meta) if meta.size == record.size => match etag_form(meta.e_tag.as_deref(), record.size) {
+                Some(etag) => {
+                    if large_body_etag(record, &mut body, etag).await? != etag {
+                        // The body is consumed: delete the damaged blob and let the caller copy
+                        // again with a fresh body, which then uploads.
+                        self.count("head-blob", "different");
+                        let r = self
+                            .on_any("delete-blob", self.timeout, |s| {
+                                let blob = blob.clone();
+                                async move { s.delete(&blob).await }
+                            })
+                            .await;
+                        self.count("delete-blob", if r.is_ok() { "ok" } else { "error" });
+                        r?;
+                        return Err(TierError::Corrupt {
+                            tier: SHARED,
+                            detail: format!(
+                                "blob {blob} had the right size and another ETag: deleted, to upload again"
+                            ),
+                        });
+                    }
+                    self.count("head-blob", "ok");
+                    false
+                }
+                None => {
+                    // An ETag of another form (an engine's own, or parts of another size).
+                    self.count("head-blob", "ok");
+                    false
+                }
+            },
             Err(e) if !not_found(&e) => {
                 self.count("head-blob", "error");
                 return Err(e);
@@ -679,6 +709,70 @@ fn plain_md5(etag: Option<&str>) -> Option<[u8; 16]> {
     Some(out)
 }
 
+/// What a large blob's ETag can be checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Etag {
+    /// A single PUT's: the body's MD5.
+    Plain([u8; 16]),
+    /// A multipart upload's `<md5>-<parts>`: the MD5 of the parts' MD5s.
+    Parts([u8; 16], u64),
+}
+
+/// `etag` as one this replica can recompute for a body of `size` bytes: plain, or multipart
+/// with as many parts as an upload in parts of `PART_SIZE` makes (another count means
+/// another part size, which cannot be recomputed).
+fn etag_form(etag: Option<&str>, size: u64) -> Option<Etag> {
+    let etag = etag?.trim_matches('"');
+    match etag.split_once('-') {
+        None => plain_md5(Some(etag)).map(Etag::Plain),
+        Some((md5, parts)) => {
+            let parts: u64 = parts.parse().ok()?;
+            (parts == size.div_ceil(PART_SIZE as u64)).then_some(Etag::Parts(plain_md5(Some(md5))?, parts))
+        }
+    }
+}
+
+/// Reads a large local body, checks it is the one its record describes, and returns the
+/// ETag of the same form as `like` it would have in the shared store.
+async fn large_body_etag(record: &Record, body: &mut Chunks, like: Etag) -> Result<Etag, TierError> {
+    let (mut sha, mut whole, mut part, mut parts) = (Sha256::new(), md5::Md5::new(), md5::Md5::new(), md5::Md5::new());
+    let (mut len, mut in_part, mut count) = (0u64, 0usize, 0u64);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        len += chunk.len() as u64;
+        if len > record.size {
+            break;
+        }
+        sha.update(&chunk);
+        match like {
+            Etag::Plain(_) => whole.update(&chunk),
+            Etag::Parts(..) => {
+                let mut rest = &chunk[..];
+                while !rest.is_empty() {
+                    let n = rest.len().min(PART_SIZE - in_part);
+                    part.update(&rest[..n]);
+                    (in_part, rest) = (in_part + n, &rest[n..]);
+                    if in_part == PART_SIZE {
+                        parts.update(std::mem::take(&mut part).finalize());
+                        (in_part, count) = (0, count + 1);
+                    }
+                }
+            }
+        }
+    }
+    check(record, len, sha.finalize().into())?;
+    Ok(match like {
+        Etag::Plain(_) => Etag::Plain(whole.finalize().into()),
+        Etag::Parts(..) => {
+            if in_part > 0 {
+                parts.update(part.finalize());
+                count += 1;
+            }
+            Etag::Parts(parts.finalize().into(), count)
+        }
+    })
+}
+
 /// Whether the local body about to be uploaded is the one its record describes.
 fn check(record: &Record, len: u64, sha256: [u8; 32]) -> Result<(), TierError> {
     if len != record.size || sha256 != record.sha256 {
@@ -688,4 +782,66 @@ fn check(record: &Record, len: u64, sha256: [u8; 32]) -> Result<(), TierError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record_of(body: &[u8]) -> Record {
+        Record {
+            v: RECORD_VERSION,
+            key: "K_resultados.json".into(),
+            sha256: Sha256::digest(body).into(),
+            size: body.len() as u64,
+            stored_at_ms: 0,
+            meta: super::super::entry::EntryMeta::new("K", http::StatusCode::OK, &http::HeaderMap::new(), 0),
+        }
+    }
+
+    /// `body` as a stream of chunks of `step` bytes (part boundaries fall inside chunks).
+    fn chunks(body: &[u8], step: usize) -> Chunks {
+        let pieces: Vec<Result<Bytes, TierError>> = body.chunks(step).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        futures_util::stream::iter(pieces).boxed()
+    }
+
+    #[test]
+    fn etags_are_read_as_plain_or_as_parts_of_this_part_size() {
+        let md5 = "0123456789abcdef0123456789abcdef";
+        let raw = <[u8; 16]>::try_from(hex::decode(md5).unwrap()).unwrap();
+        let size = PART_SIZE as u64 + 1;
+        assert_eq!(etag_form(Some(&format!("\"{md5}\"")), size), Some(Etag::Plain(raw)));
+        assert_eq!(etag_form(Some(&format!("\"{md5}-2\"")), size), Some(Etag::Parts(raw, 2)));
+        // Three parts for a body this size: another part size, not recomputable.
+        assert_eq!(etag_form(Some(&format!("\"{md5}-3\"")), size), None);
+        assert_eq!(etag_form(Some("\"an-engine's-own\""), size), None);
+        assert_eq!(etag_form(None, size), None);
+    }
+
+    #[tokio::test]
+    async fn a_large_body_gets_the_etag_a_multipart_upload_in_parts_of_part_size_has() {
+        let body: Vec<u8> = (0..PART_SIZE + 12345).map(|i| (i % 251) as u8).collect();
+        let (p1, p2) = body.split_at(PART_SIZE);
+        let mut of_parts = md5::Md5::new();
+        of_parts.update(md5::Md5::digest(p1));
+        of_parts.update(md5::Md5::digest(p2));
+        let want = Etag::Parts(of_parts.finalize().into(), 2);
+        let record = record_of(&body);
+        for step in [1 << 20, 333_333, body.len()] {
+            let got = large_body_etag(&record, &mut chunks(&body, step), Etag::Parts([0; 16], 2)).await.unwrap();
+            assert_eq!(got, want, "chunks of {step}");
+        }
+        let plain = large_body_etag(&record, &mut chunks(&body, 65536), Etag::Plain([0; 16])).await.unwrap();
+        assert_eq!(plain, Etag::Plain(md5::Md5::digest(&body).into()));
+    }
+
+    #[tokio::test]
+    async fn a_local_body_that_differs_from_its_record_is_never_taken_for_the_blob() {
+        let body = vec![7u8; PART_SIZE + 10];
+        let record = record_of(&body);
+        let mut other = body.clone();
+        other[5] ^= 1;
+        let got = large_body_etag(&record, &mut chunks(&other, 1 << 20), Etag::Parts([0; 16], 2)).await;
+        assert!(matches!(got, Err(TierError::Corrupt { tier: "local", .. })), "{got:?}");
+    }
 }
