@@ -267,8 +267,8 @@ impl SharedStore {
             let _slot = shared.upload_slots.clone().acquire_owned().await;
             let started = std::time::Instant::now();
             // Every endpoint is tried in turn within the copy; a body that failed half way is
-            // tried once more.
-            // A damaged blob found (and deleted) on the way is uploaded by that second try.
+            // tried once more, and so is one that found (and deleted) a damaged blob: the
+            // second try uploads it.
             let mut result = super::tier::copy(&record, &local, &*shared).await;
             let retry =
                 matches!(result, Err(TierError::Unavailable { .. }) | Err(TierError::Corrupt { tier: SHARED, .. }));
