@@ -174,7 +174,7 @@ echo
 # Flask page are CPU-bound, so a closed loop there measures how the 2 cores are shared, not the
 # hop; each is offered half of what nginx in front of it carries saturated (found first), and the
 # proxies' CPU per request is counted. The POST batch waits 500 ms on the origin: a closed loop.
-echo "## Pass-through (not cached): lotecache and nginx vs the origin directly, oha -c 16, ${SECS}s per run, A B C A B C"
+echo "## Pass-through (not cached): lotecache and nginx vs the origin directly, oha -c 16, ${SECS}s per run, A B C in three rounds"
 echo
 echo "| route | target | offered req/s | req/s | p50 ms | p99 ms | proxy CPU µs/req |"
 echo "|---|---|---|---|---|---|---|"
@@ -188,14 +188,15 @@ pass() {
   oha -c 16 -z ${SECS}s "${q[@]}" --no-tui --output-format json "$@" "$url" > "$W/oha.json" 2>/dev/null
   local t1; t1=$(ticks "${pids[@]}")
   jq -r --arg l "$label" --arg r "$route" --arg q "${rate/#0/-}" --argjson cpu $((t1 - t0)) --argjson hz "$HZ" --argjson np ${#pids[@]} \
-    '(.statusCodeDistribution["200"] // 0) as $n | "| \($r) | \($l) | \($q) | \(.summary.requestsPerSec | floor) | \(.latencyPercentiles.p50 * 1000 * 100 | round / 100) | \(.latencyPercentiles.p99 * 1000 * 100 | round / 100) | \(if $np == 0 or $n == 0 or $q == "-" then "–" else ($cpu / $hz * 1e6 / $n | floor) end) |"' "$W/oha.json"
+    '(.statusCodeDistribution["200"] // 0) as $n | "| \($r) | \($l) | \($q) | \(.summary.requestsPerSec | floor) | \(.latencyPercentiles.p50 * 1000 * 100 | round / 100) | \(.latencyPercentiles.p99 * 1000 * 100 | round / 100) | \(if $np == 0 or $n == 0 or $q == "-" then "–" else ($cpu / $hz * 1e6 / $n | floor) end) |"' "$W/oha.json" \
+    | tee -a "$W/pass-rows"
 }
 half_saturated_rate() { oha -c 16 -z ${SECS}s --no-tui --output-format json "$1" 2>/dev/null | jq '.summary.requestsPerSec / 2 | floor'; }
 NGINX_PIDS=$(nginx_pids)
-# pass_route ROUTE PATH RATE LC_PORT LC_PID NGINX_PORT ORIGIN_PORT [OHA_ARGS...]: A B C A B C
+# pass_route ROUTE PATH RATE LC_PORT LC_PID NGINX_PORT ORIGIN_PORT [OHA_ARGS...]: A B C, three rounds
 pass_route() {
   local route=$1 path=$2 rate=$3 lc=$4 lc_pid=$5 ng=$6 origin=$7; shift 7
-  for round in 1 2; do
+  for round in 1 2 3; do
     pass lotecache "$route" "http://127.0.0.1:$lc$path" "$rate" $lc_pid -- "$@"
     pass nginx "$route" "http://127.0.0.1:$ng$path" "$rate" $NGINX_PIDS -- "$@"
     pass origin "$route" "http://127.0.0.1:$origin$path" "$rate" -- "$@"
@@ -207,5 +208,23 @@ pass_route "GET /monitoreo (legacy Flask app)" /monitoreo "$(half_saturated_rate
   $LC_FLASK $LC_FLASK_PID $NGINX_FLASK $FLASK
 pass_route "POST batch (sample origin, 500 ms generation)" /download_batch_results/pass-4kb 0 \
   $LC $LC_PID $NGINX $ORIGIN -m POST
+echo
+echo "Pass-through overhead: median p50 of the three rounds, and the median of each round's own ratio"
+echo "to the origin measured beside it (the origin's own time drifts between rounds)."
+echo
+echo "| route | origin p50 ms | lotecache p50 ms | lotecache over origin | nginx p50 ms | nginx over origin |"
+echo "|---|---|---|---|---|---|"
+python3 - "$W/pass-rows" <<'PY'
+import collections, statistics, sys
+p50 = collections.OrderedDict()  # route -> label -> [p50 per round]
+for line in open(sys.argv[1]):
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    p50.setdefault(cells[0], {}).setdefault(cells[1], []).append(float(cells[4]))
+for route, by in p50.items():
+    o = by["origin"]
+    over = lambda l: f"{(statistics.median(x / y for x, y in zip(by[l], o)) - 1) * 100:+.1f} %"
+    med = lambda l: f"{statistics.median(by[l]):.2f}"
+    print(f"| {route} | {med('origin')} | {med('lotecache')} | **{over('lotecache')}** | {med('nginx')} | {over('nginx')} |")
+PY
 echo
 echo "machine: $(nproc) cores, $(uname -r); oha $(oha --version | awk '{print $2}'), $(nginx -v 2>&1 | cut -d/ -f2)"
