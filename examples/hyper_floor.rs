@@ -65,7 +65,10 @@ async fn forward(mut req: Request<Incoming>, args: &'static Args) -> Result<Resp
     // Origin-form target: the client may have sent an absolute one.
     let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").parse().expect("a valid path");
     *req.uri_mut() = target;
-    let resp = sender.send_request(req).await?;
+    let mut resp = sender.send_request(req).await?;
+    // Hop-by-hop: the origin's `Connection: close` is about the origin connection; forwarded,
+    // it would make hyper close the client's keep-alive connection too.
+    resp.headers_mut().remove(hyper::header::CONNECTION);
     Ok(resp.map(BodyExt::boxed_unsync))
 }
 
