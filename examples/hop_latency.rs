@@ -105,7 +105,8 @@ fn main() -> std::io::Result<()> {
             Target { label: label.to_string(), addr, conn: None, micros: Vec::with_capacity(args.requests) }
         })
         .collect();
-    let request = format!("GET {} HTTP/1.1\r\nHost: bench\r\nUser-Agent: hop_latency\r\nAccept: */*\r\n\r\n", args.path);
+    let request =
+        format!("GET {} HTTP/1.1\r\nHost: bench\r\nUser-Agent: hop_latency\r\nAccept: */*\r\n\r\n", args.path);
     let mut order: Vec<usize> = (0..targets.len()).collect();
     // xorshift: a fresh order each cycle without another dependency.
     let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;

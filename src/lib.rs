@@ -16,6 +16,7 @@ pub mod sample_origin;
 pub mod sendfile;
 pub mod server;
 pub mod strict;
+pub mod upstream;
 pub mod worker_cpu;
 
 pub use config::Config;

@@ -1,11 +1,12 @@
-//! The connection to the origin: a pooled keep-alive client, request rewriting (absolute URI,
-//! hop-by-hop headers, `X-Forwarded-*`, `Via`), and the timeouts hyper does not have
-//! (response head, body idle).
+//! Talking to the origin: requests over [`crate::upstream`]'s pooled connections, request
+//! rewriting (hop-by-hop headers, `X-Forwarded-*`, `Via`), the timeouts hyper does not have
+//! (response head, body idle), and access-check subrequests to any URL.
 
 use crate::body::{BoxError, ProxyBody};
 use crate::config::OriginConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
+use crate::upstream::{AfterAnswer, Upstream};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
@@ -29,6 +30,8 @@ pub const VIA: &str = "1.1 lotecache";
 /// A pooled HTTP/1.1 client bound to one origin.
 #[derive(Clone)]
 pub struct Origin {
+    upstream: Arc<Upstream>,
+    /// Access checks may name another host: a general client for those.
     client: Client<HttpConnector, ProxyBody>,
     config: OriginConfig,
     metrics: Arc<Metrics>,
@@ -46,7 +49,13 @@ impl Origin {
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Origin { client, config, metrics, last_ok_ms: Arc::default() }
+        let upstream = Arc::new(Upstream::new(
+            config.authority.clone(),
+            config.connect_timeout,
+            config.pool_idle_timeout,
+            config.pool_max_idle_per_host,
+        ));
+        Origin { upstream, client, config, metrics, last_ok_ms: Arc::default() }
     }
 
     /// Whether the origin answered within `recent`, or accepts a TCP connection now.
@@ -98,13 +107,27 @@ impl Origin {
     /// Sends `req` (already rewritten, absolute URI) and waits for the response head, at most
     /// the configured response timeout.
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
+        self.send_for(req, None).await
+    }
+
+    /// [`Origin::send`] for a client connection waiting on the answer directly: should the
+    /// origin end the connection, it is closed after that client's answer is written.
+    pub async fn send_for(
+        &self,
+        req: Request<ProxyBody>,
+        after: Option<&Arc<AfterAnswer>>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(self.config.response_timeout, self.client.request(req)).await {
+        let sent = self.upstream.send(req, after);
+        let result = match tokio::time::timeout(self.config.response_timeout, sent).await {
             Err(_) => Err(ProxyError::OriginTimeout { phase: "response head" }),
-            // Dropping the response discards its connection: it never returns to the pool.
-            Ok(Ok(resp)) => match framing_problem(resp.headers()) {
+            // Not kept, a refused response's connection is discarded: never reused.
+            Ok(Ok((resp, reuse))) => match framing_problem(resp.headers()) {
                 Some(problem) => Err(ProxyError::OriginFailed(Box::new(MalformedResponse(problem)))),
-                None => Ok(resp),
+                None => {
+                    reuse.keep(&resp);
+                    Ok(resp)
+                }
             },
             Ok(Err(e)) if e.is_connect() => Err(ProxyError::OriginUnreachable(Box::new(e))),
             Ok(Err(e)) => Err(ProxyError::OriginFailed(Box::new(e))),

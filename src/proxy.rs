@@ -8,6 +8,7 @@ use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::origin::{forward_request_headers, forward_response_headers, IdleTimeoutBody, Origin};
 use crate::rules::{Route, Rules};
+use crate::upstream::AfterAnswer;
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use http::{Request, Response, Version};
@@ -37,11 +38,13 @@ pub struct Shared {
 pub struct ProxyService {
     shared: Arc<Shared>,
     peer: SocketAddr,
+    /// The connection's hold on origin connections its answers came over.
+    after_answer: Arc<AfterAnswer>,
 }
 
 impl ProxyService {
-    pub fn new(shared: Arc<Shared>, peer: SocketAddr) -> Self {
-        ProxyService { shared, peer }
+    pub fn new(shared: Arc<Shared>, peer: SocketAddr, after_answer: Arc<AfterAnswer>) -> Self {
+        ProxyService { shared, peer, after_answer }
     }
 }
 
@@ -55,8 +58,8 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let (shared, peer) = (self.shared.clone(), self.peer);
-        Box::pin(async move { Ok(shared.handle(req, peer).await) })
+        let (shared, peer, after) = (self.shared.clone(), self.peer, self.after_answer.clone());
+        Box::pin(async move { Ok(shared.handle(req, peer, &after).await) })
     }
 }
 
@@ -102,7 +105,12 @@ fn outcome(cache_status: &str) -> &'static str {
 }
 
 impl Shared {
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        after: &Arc<AfterAnswer>,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         if crate::worker_cpu::checkpoint(self.yield_interval, started) {
             self.metrics.worker_yields.inc();
@@ -116,7 +124,7 @@ impl Shared {
         let (resp, lote_id) = match route {
             Route::Pass => {
                 self.metrics.outcome.pass.inc();
-                return self.pass_through(req, peer).await;
+                return self.pass_through(req, peer, after).await;
             }
             Route::Reject { rule, error } => {
                 tracing::info!(rule = %rule, path = ?req.uri().path(), "cache route request rejected");
@@ -153,7 +161,12 @@ impl Shared {
     }
 
     /// Forwards a request the cache does not handle: bodies stream both ways.
-    async fn pass_through(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn pass_through(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        after: &Arc<AfterAnswer>,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         parts.uri = match self.origin.uri(path) {
@@ -171,7 +184,7 @@ impl Shared {
                 Box::new(e)
             })
             .boxed_unsync();
-        match self.origin.send(Request::from_parts(parts, body)).await {
+        match self.origin.send_for(Request::from_parts(parts, body), Some(after)).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 forward_response_headers(&mut parts.headers);

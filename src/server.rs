@@ -11,6 +11,7 @@ use crate::origin::Origin;
 use crate::proxy::{ProxyService, Shared};
 use crate::rules::Rules;
 use crate::strict::StrictIo;
+use crate::upstream::AfterAnswer;
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -90,13 +91,13 @@ impl RunningProxy {
             max_connections: config.max_connections,
             send_buffer: config.send_buffer,
         };
-        let proxy_task = tokio::spawn(accept_loop(listener, limits, stopped.clone(), move |peer| {
-            TowerToHyperService::new(ProxyService::new(proxy_shared.clone(), peer))
+        let proxy_task = tokio::spawn(accept_loop(listener, limits, stopped.clone(), move |peer, after| {
+            TowerToHyperService::new(ProxyService::new(proxy_shared.clone(), peer, after))
         }));
         let admin_state = admin.clone();
         // The admin port serves operators and probes: a few connections are plenty.
         let admin_limits = Limits { max_connections: 64, send_buffer: 0, ..limits };
-        let admin_task = tokio::spawn(accept_loop(admin_listener, admin_limits, stopped.clone(), move |_| {
+        let admin_task = tokio::spawn(accept_loop(admin_listener, admin_limits, stopped.clone(), move |_, _| {
             let admin = admin_state.clone();
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
@@ -232,7 +233,7 @@ async fn accept_loop<M, S, F>(
     mut stopped: watch::Receiver<bool>,
     make_service: M,
 ) where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(SocketAddr, Arc<AfterAnswer>) -> S,
     S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible, Future = F>
         + Send
         + 'static,
@@ -266,8 +267,9 @@ async fn accept_loop<M, S, F>(
                 if limits.send_buffer > 0 {
                     set_send_buffer(&stream, limits.send_buffer);
                 }
-                let io = TokioIo::new(StrictIo::new(stream, limits.max_header_bytes));
-                let conn = graceful.watch(builder.serve_connection(io, make_service(peer)));
+                let after = Arc::new(AfterAnswer::default());
+                let io = TokioIo::new(StrictIo::new(stream, limits.max_header_bytes).with_after_answer(after.clone()));
+                let conn = graceful.watch(builder.serve_connection(io, make_service(peer, after)));
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -17,9 +17,11 @@
 //! On the write side it sends registered file regions with `sendfile` (see
 //! [`crate::sendfile`]) and everything else as it is.
 
+use crate::upstream::AfterAnswer;
 use std::{
     io,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -69,6 +71,9 @@ pub struct StrictIo<S> {
     /// The JSON answer replacing hyper's bare one, and how much of it is written.
     answer: Vec<u8>,
     answer_pos: usize,
+    /// Origin connections ended while serving this client, closed once an answer is flushed
+    /// (see [`crate::upstream`]).
+    after_answer: Option<Arc<AfterAnswer>>,
 }
 
 impl<S> StrictIo<S> {
@@ -83,7 +88,14 @@ impl<S> StrictIo<S> {
             refused: None,
             answer: Vec::new(),
             answer_pos: 0,
+            after_answer: None,
         }
+    }
+
+    /// Releases `after`'s held origin connections whenever a write is flushed.
+    pub fn with_after_answer(mut self, after: Arc<AfterAnswer>) -> Self {
+        self.after_answer = Some(after);
+        self
     }
 
     /// Runs `input` through the framing state machine, appending what hyper may see to
@@ -433,7 +445,13 @@ impl<S: ZeroCopySocket> AsyncWrite for StrictIo<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         std::task::ready!(self.poll_answer(cx))?;
-        Pin::new(&mut self.inner).poll_flush(cx)
+        std::task::ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        // hyper flushes after writing what it has: the answer an ended origin connection
+        // carried is out now.
+        if let Some(after) = &self.after_answer {
+            after.release();
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -445,6 +463,22 @@ impl<S: ZeroCopySocket> AsyncWrite for StrictIo<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn held_origin_connections_are_released_when_a_write_is_flushed_not_before() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin_side = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let after = Arc::new(AfterAnswer::default());
+        let mut io = StrictIo::new(client, 64 * 1024).with_after_answer(after.clone());
+        // No await from here to the flush returns pending: the backstop (2 ms) cannot run.
+        after.hold(origin_side);
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+        assert_eq!(after.held(), 1, "written, not yet flushed");
+        io.flush().await.unwrap();
+        assert_eq!(after.held(), 0);
+    }
 
     /// What hyper would see for `input` fed in pieces of `step` bytes.
     fn seen(input: &[u8], step: usize) -> Vec<u8> {

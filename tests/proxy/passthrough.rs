@@ -4,6 +4,10 @@ use crate::support::{origin::*, send, start_proxy};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 #[tokio::test]
 async fn pass_through_keeps_method_query_headers_and_bodies() {
@@ -53,4 +57,101 @@ async fn origin_statuses_on_pass_through_are_returned_as_sent() {
     assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(got.headers.get("cache-status").is_none());
     assert!(proxy.store().is_empty());
+}
+
+#[tokio::test]
+async fn keep_alive_origin_connections_are_reused_between_requests() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    for i in 0..5 {
+        let got = crate::support::get(proxy.local_addr(), &format!("/api/lotes/{i}")).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.json()["target"], format!("/api/lotes/{i}"));
+    }
+    assert_eq!(origin.connections(), 1, "one pooled origin connection served all five");
+}
+
+/// An origin that answers one request per connection and says so (`Connection: close`), then
+/// waits for the proxy to close before it takes the next connection, as the legacy app's
+/// gunicorn sync workers do. Returns its address and, per connection, how long it waited.
+async fn one_request_per_connection_origin() -> (std::net::SocketAddr, Arc<Mutex<Vec<Duration>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let waits: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let w = waits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = format!("served {}", w.lock().unwrap().len());
+            let answer =
+                format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            stream.write_all(answer.as_bytes()).await.unwrap();
+            stream.shutdown().await.unwrap();
+            let answered = Instant::now();
+            // Lingering close: one worker, so the next connection waits for this FIN.
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+            w.lock().unwrap().push(answered.elapsed());
+        }
+    });
+    (addr, waits)
+}
+
+#[tokio::test]
+async fn an_origin_ending_every_connection_gets_each_closed_once_its_answer_is_sent() {
+    let (origin, waits) = one_request_per_connection_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin, dir.path(), "").await;
+    // One keep-alive client connection for every request: the origin's close is not the client's.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    for i in 0..20 {
+        let uri = format!("http://{}/monitoreo", proxy.local_addr());
+        let resp = client.request(Request::get(uri).body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.headers().get("connection").is_none(), "the origin's Connection header is hop-by-hop");
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+        assert_eq!(body, format!("served {i}"));
+    }
+    let closed = crate::support::wait_until(Duration::from_secs(5), || waits.lock().unwrap().len() == 20).await;
+    let waits = waits.lock().unwrap().clone();
+    assert!(closed, "every origin connection closed: {} of 20", waits.len());
+    // The close comes right after the client's answer is written, not when the client next
+    // writes or leaves (the origin's worker would sit blocked until then).
+    assert!(waits.iter().all(|w| *w < Duration::from_millis(500)), "{waits:?}");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_origin_closed_while_idle_is_replaced_without_an_error() {
+    // Keep-alive answers, but each connection is closed 50 ms after its answer.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin, dir.path(), "").await;
+    for _ in 0..3 {
+        let got = crate::support::get(proxy.local_addr(), "/api/ping").await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.bytes().as_ref(), b"ok");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }

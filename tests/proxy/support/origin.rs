@@ -67,6 +67,7 @@ struct State {
 pub struct TestOrigin {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The body served for batch `id`: a results document of about `size_of(id)` bytes.
@@ -77,10 +78,12 @@ pub fn document(id: &str) -> Bytes {
 impl TestOrigin {
     pub async fn start() -> TestOrigin {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin = TestOrigin { addr: listener.local_addr().unwrap(), state: Arc::default() };
+        let origin =
+            TestOrigin { addr: listener.local_addr().unwrap(), state: Arc::default(), connections: Arc::default() };
         let o = origin.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                o.connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let o = o.clone();
                 tokio::spawn(async move { o.serve(stream).await });
             }
@@ -95,6 +98,11 @@ impl TestOrigin {
     /// How many times batch `id` was requested (generated).
     pub fn generations(&self, id: &str) -> u64 {
         self.state.lock().unwrap().generations.get(id).copied().unwrap_or(0)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every request received so far.

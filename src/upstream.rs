@@ -1,0 +1,425 @@
+//! Connections to the origin: opened when none is idle, kept in a small LIFO pool between
+//! requests, and, when the origin ends one after its answer (the legacy app's gunicorn sync
+//! workers end every one), closed only once the client's answer has been written.
+//!
+//! Why the last part: closing a loopback connection runs the origin's side of the close on this
+//! core at once: the FIN is delivered, and gunicorn's worker, waiting for it, is woken and often
+//! preempts us. hyper's client closes the moment the answer is read, so that work fell between
+//! reading the origin's answer and writing it to the client: ~110 µs of every pass-through
+//! request to the Monitoring page (`examples/hop_latency`, 2026-11-26). nginx writes to the
+//! client first and then closes; so does this. The close of a connection ended while a client's
+//! request used it goes to that client connection's [`AfterAnswer`], which the connection's
+//! [`crate::strict::StrictIo`] releases when its next write is flushed.
+//!
+//! The pool is LIFO (the most recently used connection is the likeliest to be alive and warm),
+//! bounded by `origin.pool_max_idle_per_host`, and a connection idle longer than
+//! `origin.pool_idle_timeout` is closed by a sweep. A pooled connection the origin closed while
+//! idle is noticed at checkout; a request not yet written when its pooled connection turns out
+//! dead is sent again on a new one.
+
+use crate::body::ProxyBody;
+use http::{header, HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, Weak,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// How long a held connection waits for its client's answer to be flushed before it is closed
+/// anyway (the answer failed, or the client went away): an origin worker waits for our close.
+const HOLD_AT_MOST: Duration = Duration::from_millis(2);
+
+/// Origin connections ended while serving one client connection, held until that client's
+/// answer is flushed. One per client connection.
+#[derive(Default)]
+pub struct AfterAnswer {
+    held: Mutex<Vec<TcpStream>>,
+    /// Whether `held` may be non-empty: the flush path checks this without the lock.
+    pending: AtomicBool,
+}
+
+impl AfterAnswer {
+    pub(crate) fn hold(self: &Arc<Self>, stream: TcpStream) {
+        let first = {
+            let mut held = self.held.lock().expect("held connections");
+            held.push(stream);
+            held.len() == 1
+        };
+        self.pending.store(true, Ordering::Release);
+        if first {
+            // The backstop; a runtime that is shutting down drops the stream with the task.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let this = Arc::downgrade(self);
+                runtime.spawn(async move {
+                    tokio::time::sleep(HOLD_AT_MOST).await;
+                    if let Some(this) = Weak::upgrade(&this) {
+                        this.release();
+                    }
+                });
+            }
+        }
+    }
+
+    /// Closes the held connections: the client's answer is out (or never will be).
+    pub fn release(&self) {
+        if self.pending.swap(false, Ordering::AcqRel) {
+            let held = std::mem::take(&mut *self.held.lock().expect("held connections"));
+            drop(held);
+        }
+    }
+
+    /// How many connections wait for the answer (tests).
+    pub fn held(&self) -> usize {
+        self.held.lock().expect("held connections").len()
+    }
+}
+
+/// Which client connection a request on this origin connection serves, if any.
+type Owner = Mutex<Option<Arc<AfterAnswer>>>;
+
+/// The origin stream as hyper's client sees it. Its end is the close, with no `shutdown` of
+/// its own first (the close sends the FIN); dropped while serving a client connection's
+/// request, the stream goes to that connection's [`AfterAnswer`] instead of closing.
+struct OriginIo {
+    stream: Option<TcpStream>,
+    owner: Arc<Owner>,
+}
+
+impl OriginIo {
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.stream.as_mut().expect("the stream is only taken on drop"))
+    }
+}
+
+impl Drop for OriginIo {
+    fn drop(&mut self) {
+        let Some(stream) = self.stream.take() else { return };
+        let owner = self.owner.lock().map(|mut o| o.take()).unwrap_or(None);
+        match owner {
+            Some(after) => after.hold(stream),
+            None => drop(stream),
+        }
+    }
+}
+
+impl AsyncRead for OriginIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for OriginIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.stream().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The close (on drop, maybe after the client's answer) ends the connection.
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Why a request did not get a response head from the origin.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to the origin {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("no connection to the origin {addr} within {timeout:?}")]
+    ConnectTimeout { addr: String, timeout: Duration },
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    /// Whether no connection could be opened (as opposed to a failure on an open one).
+    pub fn is_connect(&self) -> bool {
+        !matches!(self, UpstreamError::Http(_))
+    }
+}
+
+/// A connection ready for a request, and the cell naming the client it serves.
+struct Conn {
+    sender: http1::SendRequest<ProxyBody>,
+    owner: Arc<Owner>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// The pooled connections to one origin.
+pub struct Upstream {
+    /// `host:port`.
+    authority: http::uri::Authority,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    idle: Arc<Mutex<Vec<Idle>>>,
+}
+
+impl Upstream {
+    /// A pool for `authority`; with a runtime present, starts the sweep of expired idle
+    /// connections (it ends with the pool).
+    pub fn new(
+        authority: http::uri::Authority,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Upstream {
+        let idle: Arc<Mutex<Vec<Idle>>> = Arc::default();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let pool = Arc::downgrade(&idle);
+            let every = (idle_timeout / 2).max(Duration::from_millis(100));
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(pool) = pool.upgrade() else { return };
+                    let expired: Vec<Idle> = {
+                        let mut pool = pool.lock().expect("idle pool");
+                        let (keep, expired) = pool.drain(..).partition(|i| i.since.elapsed() < idle_timeout);
+                        *pool = keep;
+                        expired
+                    };
+                    drop(expired);
+                }
+            });
+        }
+        Upstream { authority, connect_timeout, idle_timeout, max_idle, idle }
+    }
+
+    /// Sends `req` (absolute or origin-form URI) and returns the response head, with the
+    /// connection's way back to the pool: [`Reuse::keep`] once the head is found acceptable
+    /// (dropped, the connection is discarded). `after`: the client connection this request
+    /// serves, whose answer a closing origin connection waits for (none for requests no client
+    /// waits on directly, such as fills).
+    pub async fn send(
+        &self,
+        mut req: Request<ProxyBody>,
+        after: Option<&Arc<AfterAnswer>>,
+    ) -> Result<(Response<Incoming>, Reuse), UpstreamError> {
+        self.to_origin_form(&mut req);
+        loop {
+            let (conn, reused) = match self.checkout() {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
+            };
+            let Conn { mut sender, owner } = conn;
+            *owner.lock().expect("owner") = after.cloned();
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let reuse =
+                        Reuse { conn: Conn { sender, owner }, pool: self.idle.clone(), max_idle: self.max_idle };
+                    return Ok((resp, reuse));
+                }
+                Err(mut e) => {
+                    owner.lock().expect("owner").take();
+                    match e.take_message() {
+                        // Never written: the pooled connection had been closed by the origin.
+                        Some(unsent) if reused => req = unsent,
+                        _ => return Err(UpstreamError::Http(e.into_error())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// What hyper writes is the target as given: an origin-form one, with `Host` if the client
+    /// sent none.
+    fn to_origin_form(&self, req: &mut Request<ProxyBody>) {
+        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            if let Ok(uri) = target.parse::<Uri>() {
+                *req.uri_mut() = uri;
+            }
+        }
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(host) = HeaderValue::from_str(self.authority.as_str()) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
+    }
+
+    fn checkout(&self) -> Option<Conn> {
+        let mut pool = self.idle.lock().expect("idle pool");
+        while let Some(idle) = pool.pop() {
+            // A closed one is dropped here; an expired one too (the sweep may not have run).
+            if idle.conn.sender.is_ready() && idle.since.elapsed() < self.idle_timeout {
+                return Some(idle.conn);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
+        let addr = self.authority.as_str();
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Err(_) => {
+                return Err(UpstreamError::ConnectTimeout { addr: addr.to_string(), timeout: self.connect_timeout })
+            }
+            Ok(Err(source)) => return Err(UpstreamError::Connect { addr: addr.to_string(), source }),
+            Ok(Ok(stream)) => stream,
+        };
+        let _ = stream.set_nodelay(true);
+        let owner: Arc<Owner> = Arc::default();
+        let io = TokioIo::new(OriginIo { stream: Some(stream), owner: owner.clone() });
+        let (sender, connection) = http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "origin connection ended with an error");
+            }
+        });
+        Ok(Conn { sender, owner })
+    }
+
+    /// Idle connections in the pool (tests and metrics).
+    pub fn idle(&self) -> usize {
+        self.idle.lock().expect("idle pool").len()
+    }
+}
+
+/// A connection that served a response, on its way back to the pool.
+pub struct Reuse {
+    conn: Conn,
+    pool: Arc<Mutex<Vec<Idle>>>,
+    max_idle: usize,
+}
+
+impl Reuse {
+    /// Puts the connection back in the pool once `resp` (its response) has been read to its
+    /// end, unless the origin said it ends the connection after it.
+    pub fn keep<B>(self, resp: &Response<B>) {
+        if self.max_idle == 0 || ends_connection(resp.version(), resp.headers()) {
+            return;
+        }
+        let Reuse { conn: Conn { mut sender, owner }, pool, max_idle } = self;
+        tokio::spawn(async move {
+            // Ready again when the answer was read to its end; an error: the connection ended.
+            if sender.ready().await.is_ok() {
+                owner.lock().expect("owner").take();
+                let mut pool = pool.lock().expect("idle pool");
+                if pool.len() < max_idle {
+                    pool.push(Idle { conn: Conn { sender, owner }, since: Instant::now() });
+                }
+            }
+        });
+    }
+}
+
+/// Whether the origin ends the connection after this response (`Connection: close`, or
+/// HTTP/1.0 without keep-alive).
+fn ends_connection(version: http::Version, headers: &http::HeaderMap) -> bool {
+    let has = |token: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if version == http::Version::HTTP_10 {
+        !has("keep-alive")
+    } else {
+        has("close")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    /// Whether the peer of `server` has closed: a read returns 0 within `wait`.
+    async fn closed(server: &mut TcpStream, wait: Duration) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(tokio::time::timeout(wait, server.read(&mut byte)).await, Ok(Ok(0)))
+    }
+
+    #[tokio::test]
+    async fn a_connection_ended_while_serving_a_client_closes_when_its_answer_is_released() {
+        let (client, mut server) = pair().await;
+        let after = Arc::new(AfterAnswer::default());
+        let owner: Arc<Owner> = Arc::new(Mutex::new(Some(after.clone())));
+        drop(OriginIo { stream: Some(client), owner });
+        assert_eq!(after.held(), 1);
+        // A loopback close delivers the FIN at once: none has arrived (no await before this).
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            server.try_read(&mut byte).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "closed before the answer"
+        );
+        after.release();
+        assert_eq!(after.held(), 0);
+        assert!(closed(&mut server, Duration::from_secs(1)).await);
+    }
+
+    #[tokio::test]
+    async fn a_held_connection_is_closed_anyway_when_no_answer_is_written() {
+        let (client, mut server) = pair().await;
+        let after = Arc::new(AfterAnswer::default());
+        let owner: Arc<Owner> = Arc::new(Mutex::new(Some(after.clone())));
+        drop(OriginIo { stream: Some(client), owner });
+        assert!(closed(&mut server, Duration::from_secs(1)).await, "the backstop closed it");
+        assert_eq!(after.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_serving_no_client_closes_at_once() {
+        let (client, mut server) = pair().await;
+        drop(OriginIo { stream: Some(client), owner: Arc::default() });
+        assert!(closed(&mut server, Duration::from_millis(100)).await);
+    }
+
+    #[test]
+    fn connection_close_and_http_1_0_end_the_connection() {
+        use http::Version;
+        let ends = |version, connection: Option<&str>| {
+            let mut headers = http::HeaderMap::new();
+            if let Some(c) = connection {
+                headers.insert(header::CONNECTION, HeaderValue::from_str(c).unwrap());
+            }
+            ends_connection(version, &headers)
+        };
+        assert!(ends(Version::HTTP_11, Some("close")));
+        assert!(ends(Version::HTTP_11, Some("x-foo, Close")));
+        assert!(!ends(Version::HTTP_11, None));
+        assert!(!ends(Version::HTTP_11, Some("keep-alive")));
+        assert!(ends(Version::HTTP_10, None));
+        assert!(!ends(Version::HTTP_10, Some("keep-alive")));
+    }
+}
