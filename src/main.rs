@@ -211,18 +211,25 @@ fn main() -> ExitCode {
             Err(errors) => return print_config_errors(&errors),
         }
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        builder.worker_threads(workers);
-    }
     if pin_workers {
         lotecache::worker_cpu::enable_pinning();
-        builder.on_thread_start(lotecache::worker_cpu::on_thread_start);
     }
-    let runtime = builder.enable_all().build().expect("tokio runtime");
-    runtime.block_on(async move {
+    // `serve`: this thread accepts and runs the admin side; each worker thread serves
+    // connections on a runtime of its own. Anything else: one multi-threaded runtime.
+    let (mut runtime, workers) = if matches!(cli.command, Command::Serve(_)) {
+        let threads = if workers > 0 { workers } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
+        (
+            runtime_builder(tokio::runtime::Builder::new_current_thread(), pin_workers),
+            WorkerThreads::start(threads, pin_workers),
+        )
+    } else {
+        (runtime_builder(tokio::runtime::Builder::new_multi_thread(), pin_workers), WorkerThreads::default())
+    };
+    let runtime = runtime.build().expect("tokio runtime");
+    let handles = workers.handles.clone();
+    let code = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args.config.clone(), args.overrides()).await,
+            Command::Serve(args) => serve(args.config.clone(), args.overrides(), handles).await,
             Command::CheckConfig { path } => match config::load(Some(&path), &config::Overrides::default()) {
                 Ok(_) => {
                     println!("ok");
@@ -244,7 +251,9 @@ fn main() -> ExitCode {
                 }
             },
         }
-    })
+    });
+    workers.stop();
+    code
 }
 
 fn print_config_errors(errors: &[config::ConfigError]) -> ExitCode {
@@ -446,13 +455,78 @@ async fn cache_verify(args: StoreArgs, remove: bool) -> ExitCode {
     }
 }
 
-async fn serve(path: Option<PathBuf>, overrides: config::Overrides) -> ExitCode {
+/// A runtime builder with what every runtime thread needs: the process's core mask back for
+/// threads a pinned worker starts, and the yield clock restarted when a worker goes idle.
+fn runtime_builder(mut builder: tokio::runtime::Builder, pin_workers: bool) -> tokio::runtime::Builder {
+    builder.enable_all().thread_name("tokio-rt-worker").on_thread_park(lotecache::worker_cpu::parked);
+    if pin_workers {
+        builder.on_thread_start(lotecache::worker_cpu::on_thread_start);
+    }
+    builder
+}
+
+/// Keeps a timer due within half a second, forever. Every request sets timers further out
+/// (`server.header_read_timeout`, `origin.response_timeout`); tokio wakes its own driver
+/// (an eventfd write, then one more `epoll_wait`) whenever a new timer is due before every other
+/// one, which on an idle worker was twice per request. With this one always due first, that
+/// happens twice a second instead.
+async fn keep_a_timer_set() {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// `serve`'s worker threads, each running a single-threaded runtime until stopped.
+#[derive(Default)]
+struct WorkerThreads {
+    handles: lotecache::server::Workers,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl WorkerThreads {
+    fn start(count: usize, pin_workers: bool) -> WorkerThreads {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for slot in 1..=count {
+            let runtime = runtime_builder(tokio::runtime::Builder::new_current_thread(), pin_workers)
+                .build()
+                .expect("worker runtime");
+            handles.push(runtime.handle().clone());
+            let mut stopped = stopped.clone();
+            let thread = std::thread::Builder::new().name("tokio-rt-worker".into()).spawn(move || {
+                lotecache::upstream::use_pool_slot(slot);
+                runtime.block_on(async move {
+                    tokio::select! {
+                        _ = stopped.wait_for(|stop| *stop) => {}
+                        _ = keep_a_timer_set() => {}
+                    }
+                });
+            });
+            threads.push(thread.expect("worker thread"));
+        }
+        WorkerThreads { handles: handles.into(), stop: Some(stop), threads }
+    }
+
+    /// Ends the worker runtimes (after the proxy's own graceful shutdown) and waits for them.
+    fn stop(self) {
+        if let Some(stop) = self.stop {
+            let _ = stop.send(true);
+        }
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn serve(path: Option<PathBuf>, overrides: config::Overrides, workers: lotecache::server::Workers) -> ExitCode {
     let config = match config::load(path.as_deref(), &overrides) {
         Ok(c) => c,
         Err(errors) => return print_config_errors(&errors),
     };
     let _log_guard = init_logging(&config.log);
-    let proxy = match RunningProxy::start(config).await {
+    let proxy = match RunningProxy::start_with_workers(config, workers).await {
         Ok(p) => p,
         Err(e) => {
             eprintln!("lotecache: {e}");

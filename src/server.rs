@@ -53,9 +53,23 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })
 }
 
+/// The runtimes connections are served on, one per worker thread, given connections in turn.
+/// Empty: the runtime that accepts them serves them.
+pub type Workers = Arc<[tokio::runtime::Handle]>;
+
 impl RunningProxy {
-    /// Opens the store, binds the listeners and starts serving.
+    /// Opens the store, binds the listeners and starts serving, every connection on this
+    /// runtime (tests; `lotecache serve` spreads them, see [`RunningProxy::start_with_workers`]).
     pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
+        RunningProxy::start_with_workers(config, Arc::new([])).await
+    }
+
+    /// [`RunningProxy::start`], serving proxy connections on `workers`' runtimes: one
+    /// single-threaded runtime per worker thread, so a request runs start to end on the thread
+    /// that took its connection (no task moves between threads, no thread wakes another),
+    /// nginx's worker model. This runtime accepts, and runs the admin listener and the
+    /// background loops.
+    pub async fn start_with_workers(config: Config, workers: Workers) -> Result<RunningProxy, StartError> {
         let metrics = Arc::new(Metrics::new());
         let store = Store::open(config.cache_dir.clone(), config.max_size, metrics.clone()).await?;
         store.set_gc_grace(config.gc_grace);
@@ -91,19 +105,20 @@ impl RunningProxy {
             max_connections: config.max_connections,
             send_buffer: config.send_buffer,
         };
-        let proxy_task = tokio::spawn(accept_loop(listener, limits, stopped.clone(), move |peer, after| {
+        let proxy_task = tokio::spawn(accept_loop(listener, limits, stopped.clone(), workers, move |peer, after| {
             TowerToHyperService::new(ProxyService::new(proxy_shared.clone(), peer, after))
         }));
         let admin_state = admin.clone();
         // The admin port serves operators and probes: a few connections are plenty.
         let admin_limits = Limits { max_connections: 64, send_buffer: 0, ..limits };
-        let admin_task = tokio::spawn(accept_loop(admin_listener, admin_limits, stopped.clone(), move |_, _| {
-            let admin = admin_state.clone();
-            hyper::service::service_fn(move |req: Request<Incoming>| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
-            })
-        }));
+        let admin_task =
+            tokio::spawn(accept_loop(admin_listener, admin_limits, stopped.clone(), Arc::new([]), move |_, _| {
+                let admin = admin_state.clone();
+                hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
+                })
+            }));
         let scrub_task =
             tokio::spawn(crate::cache::read::scrub_loop(store.clone(), config.scrub_rate, stopped.clone()));
         let mut tasks = vec![proxy_task, admin_task, scrub_task];
@@ -226,11 +241,13 @@ struct Limits {
 }
 
 /// Accepts connections until `stopped`, then lets open connections finish. At most
-/// `max_connections` are served at once: past that, new ones wait in the listen backlog.
+/// `max_connections` are served at once: past that, new ones wait in the listen backlog. Each
+/// connection is served on the next of `workers` in turn (none: here).
 async fn accept_loop<M, S, F>(
     listener: TcpListener,
     limits: Limits,
     mut stopped: watch::Receiver<bool>,
+    workers: Workers,
     make_service: M,
 ) where
     M: Fn(SocketAddr, Arc<AfterAnswer>) -> S,
@@ -247,6 +264,7 @@ async fn accept_loop<M, S, F>(
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut next_worker = 0;
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
@@ -263,25 +281,69 @@ async fn accept_loop<M, S, F>(
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
-                if limits.send_buffer > 0 {
-                    set_send_buffer(&stream, limits.send_buffer);
-                }
                 let after = Arc::new(AfterAnswer::default());
-                let io = TokioIo::new(StrictIo::new(stream, limits.max_header_bytes).with_after_answer(after.clone()));
-                let conn = graceful.watch(builder.serve_connection(io, make_service(peer, after)));
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                let conn = Conn {
+                    service: make_service(peer, after.clone()),
+                    after,
+                    builder: builder.clone(),
+                    limits,
+                    watcher: graceful.watcher(),
+                    permit,
+                    peer,
+                };
+                let Some(worker) = workers.get(next_worker % workers.len().max(1)) else {
+                    tokio::spawn(conn.serve(stream));
+                    continue;
+                };
+                next_worker += 1;
+                // A socket belongs to the runtime it is registered with: moved as a plain one.
+                match stream.into_std() {
+                    Ok(stream) => {
+                        worker.spawn(async move {
+                            match tokio::net::TcpStream::from_std(stream) {
+                                Ok(stream) => conn.serve(stream).await,
+                                Err(e) => tracing::warn!(%peer, error = %e, "cannot hand the connection to a worker"),
+                            }
+                        });
                     }
-                    drop(permit);
-                });
+                    Err(e) => tracing::warn!(%peer, error = %e, "cannot hand the connection to a worker"),
+                }
             }
             _ = stopped.changed() => break,
         }
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// An accepted connection with what serving it takes.
+struct Conn<S> {
+    service: S,
+    after: Arc<AfterAnswer>,
+    builder: http1::Builder,
+    limits: Limits,
+    watcher: hyper_util::server::graceful::Watcher,
+    /// The connection's slot under `max_connections`.
+    permit: tokio::sync::OwnedSemaphorePermit,
+    peer: SocketAddr,
+}
+
+impl<S, F> Conn<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible, Future = F>,
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>>,
+{
+    async fn serve(self, stream: tokio::net::TcpStream) {
+        let _ = stream.set_nodelay(true);
+        if self.limits.send_buffer > 0 {
+            set_send_buffer(&stream, self.limits.send_buffer);
+        }
+        let io = TokioIo::new(StrictIo::new(stream, self.limits.max_header_bytes).with_after_answer(self.after));
+        if let Err(e) = self.watcher.watch(self.builder.serve_connection(io, self.service)).await {
+            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+        }
+        drop(self.permit);
+    }
 }
 
 /// Fixes a connection's send buffer. With the kernel's autotuning, on a fast link each of many

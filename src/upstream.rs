@@ -36,7 +36,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// How long a held connection waits for its client's answer to be flushed before it is closed
-/// anyway (the answer failed, or the client went away): an origin worker waits for our close.
+/// anyway, on a multi-threaded runtime (see [`AfterAnswer::hold`]): an origin worker waits for
+/// our close.
 const HOLD_AT_MOST: Duration = Duration::from_millis(2);
 
 /// Origin connections ended while serving one client connection, held until that client's
@@ -57,8 +58,14 @@ impl AfterAnswer {
         };
         self.pending.store(true, Ordering::Release);
         if first {
-            // The backstop; a runtime that is shutting down drops the stream with the task.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // The backstop, for a multi-threaded runtime only: there the origin connection's
+            // task may end after the client's answer was flushed on another thread. On a
+            // single-threaded one it ends before (it hands over the answer's last bytes, then
+            // ends, in one poll), and the answer's flush, or the client connection's end,
+            // releases it: no timer to set (a timer earlier than any other costs the runtime a
+            // wake-up). A runtime that is shutting down drops the stream with the task.
+            let multi = |r: &tokio::runtime::Handle| r.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+            if let Some(runtime) = tokio::runtime::Handle::try_current().ok().filter(multi) {
                 let this = Arc::downgrade(self);
                 runtime.spawn(async move {
                     tokio::time::sleep(HOLD_AT_MOST).await;
@@ -174,14 +181,30 @@ struct Idle {
     since: Instant,
 }
 
+thread_local! {
+    /// This thread's pool of idle connections, an index into [`Upstream`]'s pools.
+    static POOL_SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Gives this thread its own pool of idle origin connections (`lotecache serve`'s worker
+/// threads: a connection is driven by the runtime that opened it, so one taken up by another
+/// thread's request would make the two threads wake each other for every read and write).
+pub fn use_pool_slot(slot: usize) {
+    POOL_SLOT.with(|s| s.set(slot));
+}
+
+type Pool = Arc<Mutex<Vec<Idle>>>;
+
 /// The pooled connections to one origin.
 pub struct Upstream {
     /// `host:port`.
     authority: http::uri::Authority,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// At most this many idle connections per pool.
     max_idle: usize,
-    idle: Arc<Mutex<Vec<Idle>>>,
+    /// One pool per slot ([`use_pool_slot`]).
+    pools: Arc<[Pool]>,
 }
 
 impl Upstream {
@@ -193,25 +216,29 @@ impl Upstream {
         idle_timeout: Duration,
         max_idle: usize,
     ) -> Upstream {
-        let idle: Arc<Mutex<Vec<Idle>>> = Arc::default();
+        // A slot per possible worker thread, and one for the thread that accepts.
+        let slots = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) + 1;
+        let pools: Arc<[Pool]> = (0..slots).map(|_| Pool::default()).collect();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let pool = Arc::downgrade(&idle);
+            let pools = Arc::downgrade(&pools);
             let every = (idle_timeout / 2).max(Duration::from_millis(100));
             runtime.spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
-                    let Some(pool) = pool.upgrade() else { return };
-                    let expired: Vec<Idle> = {
-                        let mut pool = pool.lock().expect("idle pool");
-                        let (keep, expired) = pool.drain(..).partition(|i| i.since.elapsed() < idle_timeout);
-                        *pool = keep;
-                        expired
-                    };
-                    drop(expired);
+                    let Some(pools) = pools.upgrade() else { return };
+                    for pool in pools.iter() {
+                        let expired: Vec<Idle> = {
+                            let mut pool = pool.lock().expect("idle pool");
+                            let (keep, expired) = pool.drain(..).partition(|i| i.since.elapsed() < idle_timeout);
+                            *pool = keep;
+                            expired
+                        };
+                        drop(expired);
+                    }
                 }
             });
         }
-        Upstream { authority, connect_timeout, idle_timeout, max_idle, idle }
+        Upstream { authority, connect_timeout, idle_timeout, max_idle, pools }
     }
 
     /// Sends `req` (absolute or origin-form URI) and returns the response head, with the
@@ -235,7 +262,7 @@ impl Upstream {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let reuse =
-                        Reuse { conn: Conn { sender, owner }, pool: self.idle.clone(), max_idle: self.max_idle };
+                        Reuse { conn: Conn { sender, owner }, pool: self.pool().clone(), max_idle: self.max_idle };
                     return Ok((resp, reuse));
                 }
                 Err(mut e) => {
@@ -266,8 +293,13 @@ impl Upstream {
         }
     }
 
+    /// This thread's pool.
+    fn pool(&self) -> &Pool {
+        &self.pools[POOL_SLOT.with(|s| s.get()) % self.pools.len()]
+    }
+
     fn checkout(&self) -> Option<Conn> {
-        let mut pool = self.idle.lock().expect("idle pool");
+        let mut pool = self.pool().lock().expect("idle pool");
         while let Some(idle) = pool.pop() {
             // A closed one is dropped here; an expired one too (the sweep may not have run).
             if idle.conn.sender.is_ready() && idle.since.elapsed() < self.idle_timeout {
@@ -298,16 +330,16 @@ impl Upstream {
         Ok(Conn { sender, owner })
     }
 
-    /// Idle connections in the pool (tests and metrics).
+    /// Idle connections in all pools (tests and metrics).
     pub fn idle(&self) -> usize {
-        self.idle.lock().expect("idle pool").len()
+        self.pools.iter().map(|p| p.lock().expect("idle pool").len()).sum()
     }
 }
 
 /// A connection that served a response, on its way back to the pool.
 pub struct Reuse {
     conn: Conn,
-    pool: Arc<Mutex<Vec<Idle>>>,
+    pool: Pool,
     max_idle: usize,
 }
 
@@ -388,14 +420,25 @@ mod tests {
         assert!(closed(&mut server, Duration::from_secs(1)).await);
     }
 
-    #[tokio::test]
-    async fn a_held_connection_is_closed_anyway_when_no_answer_is_written() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_a_multi_threaded_runtime_a_held_connection_is_closed_anyway_when_no_answer_is_written() {
         let (client, mut server) = pair().await;
         let after = Arc::new(AfterAnswer::default());
         let owner: Arc<Owner> = Arc::new(Mutex::new(Some(after.clone())));
         drop(OriginIo { stream: Some(client), owner });
         assert!(closed(&mut server, Duration::from_secs(1)).await, "the backstop closed it");
         assert_eq!(after.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn held_connections_close_when_their_client_connection_ends() {
+        let (client, mut server) = pair().await;
+        let after = Arc::new(AfterAnswer::default());
+        let owner: Arc<Owner> = Arc::new(Mutex::new(Some(after.clone())));
+        drop(OriginIo { stream: Some(client), owner });
+        assert_eq!(after.held(), 1);
+        drop(after);
+        assert!(closed(&mut server, Duration::from_millis(100)).await);
     }
 
     #[tokio::test]

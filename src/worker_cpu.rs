@@ -6,9 +6,11 @@
 //! every other runnable thread queued on that core — the origin, the clients, the other
 //! services of a small machine — waits that long. On the 2-core bench, with the load generator
 //! sharing the cores, that tick was the generator's p99 (4.3 ms) in every saturated 4 KB run. So
-//! a worker that starts a request `server.yield_interval` or more after its last yield calls
-//! `sched_yield` first: the same runs then mostly showed ~1 ms. With nothing else runnable on
-//! its core the call returns at once (well under a microsecond).
+//! a worker that starts a request `server.yield_interval` or more after it last gave its core
+//! away — by yielding, or by going idle ([`parked`]) — calls `sched_yield` first: the same runs
+//! then mostly showed ~1 ms. A worker that idles between requests never yields (it used to, on
+//! every request of a quiet proxy, handing its core to whatever else was runnable while a
+//! client waited).
 //!
 //! Pinning (`server.pin_workers`): yielding only helps when another thread shares the worker's
 //! core. Left to the kernel, the workers sometimes share one core while two other busy threads
@@ -58,6 +60,17 @@ pub fn checkpoint(interval: Duration, now: Instant) -> bool {
             false
         }
     })
+}
+
+/// The runtime's `on_thread_park` hook: a worker going idle gives its core away, which
+/// restarts its yield clock (a thread that has not served a request yet is left alone: its
+/// first request pins it).
+pub fn parked() {
+    LAST_YIELD.with(|last| {
+        if last.get().is_some() {
+            last.set(Some(Instant::now()));
+        }
+    });
 }
 
 /// Makes workers pin themselves (`server.pin_workers`). Call before the runtime starts, from
@@ -123,6 +136,17 @@ mod tests {
         assert!(checkpoint(interval, t0 + Duration::from_millis(50)));
         // The clock restarted at the yield (now, not t0 + 50 ms).
         assert!(!checkpoint(interval, Instant::now()));
+    }
+
+    #[test]
+    fn a_worker_that_went_idle_does_not_yield() {
+        let interval = Duration::from_millis(50);
+        let t0 = Instant::now();
+        parked(); // before the first request: nothing to restart
+        assert!(!checkpoint(interval, t0));
+        std::thread::sleep(Duration::from_millis(60));
+        parked();
+        assert!(!checkpoint(interval, Instant::now()), "it gave its core away 0 ms ago");
     }
 
     #[test]
