@@ -19,7 +19,7 @@ CONC=64
 
 source bench/lib.sh
 bench_tools
-cargo build --release --quiet --bin lotecache --example coldmiss
+cargo build --release --quiet --bin lotecache --example coldmiss --example hop_latency
 
 ORIGIN=$(free_port); NGINX=$(free_port); LC=$(free_port); ADMIN=$(free_port)
 FLASK=$(free_port); NGINX_FLASK=$(free_port); LC_FLASK=$(free_port); ADMIN_FLASK=$(free_port)
@@ -226,5 +226,23 @@ for route, by in p50.items():
     med = lambda l: f"{statistics.median(by[l]):.2f}"
     print(f"| {route} | {med('origin')} | {med('lotecache')} | **{over('lotecache')}** | {med('nginx')} | {over('nginx')} |")
 PY
+
+# The hop itself, with the drift cancelled: one request at a time, the origin directly, nginx and
+# lotecache interleaved request by request in a fresh random order each cycle (on this machine
+# the page's own time moves by a third between runs a minute apart, more than a hop costs).
+echo
+echo "## Pass-through, one request at a time: origin, nginx and lotecache interleaved request by request (examples/hop_latency)"
+echo
+echo "| route | target | requests | p50 µs | p90 µs | p50 over the origin |"
+echo "|---|---|---|---|---|---|"
+hop() { # ROUTE PATH REQUESTS ORIGIN_PORT NGINX_PORT LC_PORT
+  target/release/examples/hop_latency --requests "$3" --path "$2" \
+    "origin directly=127.0.0.1:$4" "nginx=127.0.0.1:$5" "lotecache=127.0.0.1:$6" \
+    | awk -F'\t' -v r="$1" '{ over = ($1 == "origin directly") ? "–" : sprintf("%+d µs (%+.1f %%)", $5, $6);
+        printf "| %s | %s | %s | %d | %d | %s |\n", r, $1, $2, $3, $4, ($1 == "lotecache") ? "**" over "**" : over }'
+}
+hop "GET /monitoreo (legacy Flask app)" /monitoreo 2000 $FLASK $NGINX_FLASK $LC_FLASK
+hop "GET /__stats (sample origin, ~60 µs)" /__stats 5000 $ORIGIN $NGINX $LC
+
 echo
 echo "machine: $(nproc) cores, $(uname -r); oha $(oha --version | awk '{print $2}'), $(nginx -v 2>&1 | cut -d/ -f2)"
