@@ -8,7 +8,9 @@
 # prints one markdown table: req/s, p50, p99, MB/s, server CPU µs per request, peak RSS, and
 # lotecache / nginx ratios. Then the cold miss (100 simultaneous requests, 500 ms origin)
 # against both, and the pass-through overhead (lotecache and nginx vs the origin directly), on
-# the sample origin and on the legacy Flask app's Monitoring page (gunicorn, 2 workers).
+# the sample origin and on the legacy Flask app's Monitoring page (gunicorn, 2 workers): under
+# oha at a fixed rate, and one request at a time with the three targets interleaved request by
+# request (examples/hop_latency), which cancels the machine's drift.
 #
 # Usage: bash bench/run.sh [SECONDS_PER_RUN]     (default 10; the whole run stays under 15 min)
 # Also: the hits' latency at equal load (the same offered rate to each), see below.
