@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# What one proxy hop adds to a request that is not cached, one request at a time (oha -c 1, so
-# the figure is the hop's own latency, not how 2 shared cores are divided under load).
+# What one proxy hop adds to a request that is not cached, one request at a time (so the figure
+# is the hop's own latency, not how 2 shared cores are divided under load).
 #
-# Compares, side by side in one run (A B C D E, three rounds, median of the rounds' p50):
+# Compares, side by side in one run (examples/hop_latency: the targets interleaved request by
+# request, in a fresh random order each cycle; three rounds, median of the rounds' p50):
 #   - the legacy Flask app's Monitoring page under gunicorn (sync workers: a new origin
 #     connection for every request): the origin directly, nginx, lotecache, and
 #     examples/hyper_floor (the smallest hyper + tokio pass-through proxy), also with its
@@ -17,8 +18,9 @@ N=${1:-2000}
 
 source bench/lib.sh
 bench_tools
-cargo build --release --quiet --bin lotecache --example hyper_floor
+cargo build --release --quiet --bin lotecache --example hyper_floor --example hop_latency
 FLOOR=$PWD/target/release/examples/hyper_floor
+HOP=$PWD/target/release/examples/hop_latency
 
 FLASK=$(free_port); ORIGIN=$(free_port)
 NGINX_FLASK=$(free_port); NGINX=$(free_port); NGINX_NEW=$(free_port)
@@ -59,14 +61,13 @@ FLASK_TARGETS=("origin directly=$FLASK" "nginx=$NGINX_FLASK" "lotecache=$LC_FLAS
   "hyper_floor --preconnect=$FLOOR_PRE")
 SAMPLE_TARGETS=("origin directly=$ORIGIN" "nginx, pooled=$NGINX" "lotecache, pooled=$LC"
   "nginx, new connection each=$NGINX_NEW" "hyper_floor, new connection each=$FLOOR_NEW")
-# measure ROUTE REQUESTS PATH TARGETS... → appends "route<TAB>label<TAB>p50 µs<TAB>non-200" to rows
+# measure ROUTE REQUESTS PATH TARGETS... → appends "route<TAB>label<TAB>p50 µs" to rows.
+# The targets are interleaved request by request (examples/hop_latency), so the machine's drift
+# falls on all of them alike; a non-200 answer stops the run.
 measure() {
   local route=$1 n=$2 path=$3; shift 3
-  for target in "$@"; do
-    oha -c 1 -n "$n" --no-tui --output-format json "http://127.0.0.1:${target##*=}$path" > "$W/oha.json" 2>/dev/null
-    jq -r --arg r "$route" --arg l "${target%=*}" --argjson n "$n" \
-      '[$r, $l, .latencyPercentiles.p50 * 1e6, $n - (.statusCodeDistribution["200"] // 0)] | @tsv' "$W/oha.json" >> "$W/rows"
-  done
+  local targets=(); for t in "$@"; do targets+=("${t%=*}=127.0.0.1:${t##*=}"); done
+  "$HOP" --requests "$n" --path "$path" "${targets[@]}" | awk -F'\t' -v r="$route" '{ print r "\t" $1 "\t" $3 }' >> "$W/rows"
 }
 : > "$W/rows"
 for round in 1 2 3; do
@@ -74,16 +75,16 @@ for round in 1 2 3; do
   measure "GET /__stats (sample origin)" "$((N * 5 / 2))" /__stats "${SAMPLE_TARGETS[@]}"
 done
 
-echo "## Pass-through, one request at a time: oha -c 1, $N requests per run on the Flask page ($((N * 5 / 2)) on the trivial route), median p50 of 3 rounds"
+echo "## Pass-through, one request at a time, targets interleaved: $N requests per target and round on the Flask page ($((N * 5 / 2)) on the trivial route), median p50 of 3 rounds"
 echo
-echo "| route | target | p50 µs | over the origin directly | over nginx | failed |"
-echo "|---|---|---|---|---|---|"
+echo "| route | target | p50 µs | over the origin directly | over nginx |"
+echo "|---|---|---|---|---|"
 python3 - "$W/rows" <<'PY'
 import sys, collections, statistics
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
-    route, label, p50, failed = line.rstrip("\n").split("\t")
-    rows.setdefault((route, label), []).append((float(p50), int(failed)))
+    route, label, p50 = line.rstrip("\n").split("\t")
+    rows.setdefault((route, label), []).append((float(p50),))
 for (route, label), runs in rows.items():
     p50 = statistics.median(r[0] for r in runs)
     direct = statistics.median(r[0] for r in rows[(route, "origin directly")])
@@ -92,7 +93,7 @@ for (route, label), runs in rows.items():
     same = [l for l in proxies if ("new connection" in l) == ("new connection" in label)]
     nginx = statistics.median(r[0] for r in rows[(route, (same or proxies)[0])])
     over = lambda base: "–" if label == "origin directly" or base == p50 else f"{p50 - base:+.0f} µs ({(p50 / base - 1) * 100:+.1f} %)"
-    print(f"| {route} | {label} | {p50:.0f} | {over(direct)} | {'–' if label.startswith('nginx') else over(nginx)} | {sum(r[1] for r in runs)} |")
+    print(f"| {route} | {label} | {p50:.0f} | {over(direct)} | {'–' if label.startswith('nginx') else over(nginx)} |")
 PY
 echo
 echo "machine: $(nproc) cores, $(uname -r); oha $(oha --version | awk '{print $2}'), $(nginx -v 2>&1 | cut -d/ -f2)"

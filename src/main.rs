@@ -456,9 +456,13 @@ async fn cache_verify(args: StoreArgs, remove: bool) -> ExitCode {
 }
 
 /// A runtime builder with what every runtime thread needs: the process's core mask back for
-/// threads a pinned worker starts, and the yield clock restarted when a worker goes idle.
+/// threads a pinned worker starts, and the yield clock restarted when a worker sleeps.
 fn runtime_builder(mut builder: tokio::runtime::Builder, pin_workers: bool) -> tokio::runtime::Builder {
-    builder.enable_all().thread_name("tokio-rt-worker").on_thread_park(lotecache::worker_cpu::parked);
+    builder
+        .enable_all()
+        .thread_name("tokio-rt-worker")
+        .on_thread_park(lotecache::worker_cpu::parked)
+        .on_thread_unpark(lotecache::worker_cpu::unparked);
     if pin_workers {
         builder.on_thread_start(lotecache::worker_cpu::on_thread_start);
     }

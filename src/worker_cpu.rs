@@ -7,10 +7,11 @@
 //! services of a small machine — waits that long. On the 2-core bench, with the load generator
 //! sharing the cores, that tick was the generator's p99 (4.3 ms) in every saturated 4 KB run. So
 //! a worker that starts a request `server.yield_interval` or more after it last gave its core
-//! away — by yielding, or by going idle ([`parked`]) — calls `sched_yield` first: the same runs
-//! then mostly showed ~1 ms. A worker that idles between requests never yields (it used to, on
-//! every request of a quiet proxy, handing its core to whatever else was runnable while a
-//! client waited).
+//! away — by yielding, or by sleeping while idle ([`unparked`]) — calls `sched_yield` first: the
+//! same runs then mostly showed ~1 ms. A worker that sleeps between requests never yields (it
+//! used to, on every request of a quiet proxy, handing its core to whatever else was runnable
+//! while a client waited). Going idle is not enough: under load a worker's park mostly finds
+//! events waiting and returns without leaving the core; only one that slept counts.
 //!
 //! Pinning (`server.pin_workers`): yielding only helps when another thread shares the worker's
 //! core. Left to the kernel, the workers sometimes share one core while two other busy threads
@@ -29,8 +30,10 @@ use std::{
 };
 
 thread_local! {
-    /// When this thread last yielded (or first checked in).
+    /// When this thread last yielded, slept (or first checked in).
     static LAST_YIELD: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// When this thread went idle, until it wakes.
+    static PARKED_AT: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// Whether workers pin themselves; set once at start-up.
@@ -62,15 +65,29 @@ pub fn checkpoint(interval: Duration, now: Instant) -> bool {
     })
 }
 
-/// The runtime's `on_thread_park` hook: a worker going idle gives its core away, which
-/// restarts its yield clock (a thread that has not served a request yet is left alone: its
-/// first request pins it).
+/// A park at least this long blocked: the thread slept, and its core ran something else. A park
+/// that finds events waiting returns in a microsecond or two without leaving the core.
+const SLEPT: Duration = Duration::from_micros(50);
+
+/// The runtime's `on_thread_park` hook: notes when the worker went idle.
 pub fn parked() {
-    LAST_YIELD.with(|last| {
-        if last.get().is_some() {
-            last.set(Some(Instant::now()));
-        }
-    });
+    PARKED_AT.with(|at| at.set(Some(Instant::now())));
+}
+
+/// The runtime's `on_thread_unpark` hook: a worker that slept gave its core away, which
+/// restarts its yield clock (one that only polled ready events did not: under load that is
+/// most parks). A thread that has not served a request yet is left alone: its first request
+/// pins it.
+pub fn unparked() {
+    let Some(at) = PARKED_AT.with(|p| p.take()) else { return };
+    let now = Instant::now();
+    if now.saturating_duration_since(at) >= SLEPT {
+        LAST_YIELD.with(|last| {
+            if last.get().is_some() {
+                last.set(Some(now));
+            }
+        });
+    }
 }
 
 /// Makes workers pin themselves (`server.pin_workers`). Call before the runtime starts, from
@@ -139,14 +156,21 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_that_went_idle_does_not_yield() {
+    fn a_worker_that_slept_does_not_yield_and_one_that_only_polled_does() {
         let interval = Duration::from_millis(50);
         let t0 = Instant::now();
-        parked(); // before the first request: nothing to restart
+        parked();
+        unparked(); // before the first request: nothing to restart
         assert!(!checkpoint(interval, t0));
         std::thread::sleep(Duration::from_millis(60));
         parked();
-        assert!(!checkpoint(interval, Instant::now()), "it gave its core away 0 ms ago");
+        std::thread::sleep(SLEPT * 2);
+        unparked();
+        assert!(!checkpoint(interval, Instant::now()), "it slept just now");
+        std::thread::sleep(Duration::from_millis(60));
+        parked();
+        unparked(); // a park that found events waiting
+        assert!(checkpoint(interval, Instant::now()), "busy for 60 ms: it yields");
     }
 
     #[test]
