@@ -395,6 +395,16 @@ mod tests {
         (client, server)
     }
 
+    /// An origin connection ended while serving a client connection: that client's hold on it,
+    /// and the origin's end of it.
+    async fn ended_while_serving_a_client() -> (Arc<AfterAnswer>, TcpStream) {
+        let (client, server) = pair().await;
+        let after = Arc::new(AfterAnswer::default());
+        let owner: Arc<Owner> = Arc::new(Mutex::new(Some(after.clone())));
+        drop(OriginIo { stream: Some(client), owner });
+        (after, server)
+    }
+
     /// Whether the peer of `server` has closed: a read returns 0 within `wait`.
     async fn closed(server: &mut TcpStream, wait: Duration) -> bool {
         let mut byte = [0u8; 1];
@@ -403,12 +413,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_ended_while_serving_a_client_closes_when_its_answer_is_released() {
-        let (client, mut server) = pair().await;
-        let after = Arc::new(AfterAnswer::default());
-        let owner: Arc<Owner> = Arc::new(Mutex::new(Some(after.clone())));
-        drop(OriginIo { stream: Some(client), owner });
+        let (after, mut server) = ended_while_serving_a_client().await;
         assert_eq!(after.held(), 1);
-        // A loopback close delivers the FIN at once: none has arrived (no await before this).
+        // A loopback close delivers the FIN at once: none has arrived.
         let mut byte = [0u8; 1];
         assert_eq!(
             server.try_read(&mut byte).unwrap_err().kind(),
@@ -422,20 +429,14 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn on_a_multi_threaded_runtime_a_held_connection_is_closed_anyway_when_no_answer_is_written() {
-        let (client, mut server) = pair().await;
-        let after = Arc::new(AfterAnswer::default());
-        let owner: Arc<Owner> = Arc::new(Mutex::new(Some(after.clone())));
-        drop(OriginIo { stream: Some(client), owner });
+        let (after, mut server) = ended_while_serving_a_client().await;
         assert!(closed(&mut server, Duration::from_secs(1)).await, "the backstop closed it");
         assert_eq!(after.held(), 0);
     }
 
     #[tokio::test]
     async fn held_connections_close_when_their_client_connection_ends() {
-        let (client, mut server) = pair().await;
-        let after = Arc::new(AfterAnswer::default());
-        let owner: Arc<Owner> = Arc::new(Mutex::new(Some(after.clone())));
-        drop(OriginIo { stream: Some(client), owner });
+        let (after, mut server) = ended_while_serving_a_client().await;
         assert_eq!(after.held(), 1);
         drop(after);
         assert!(closed(&mut server, Duration::from_millis(100)).await);
