@@ -1,6 +1,7 @@
 //! Building the proxy from a `Config` and running it: the proxy and admin listeners, one
-//! HTTP/1.1 connection task per client, the periodic garbage collector, hot reload, and
-//! graceful shutdown. Tests start it in-process on `127.0.0.1:0`.
+//! HTTP/1.1 connection task per client (on the worker runtime it is handed to, if any), the
+//! periodic garbage collector, hot reload, and graceful shutdown. Tests start it in-process on
+//! `127.0.0.1:0`.
 
 use crate::admin::Admin;
 use crate::body::ProxyBody;
