@@ -212,16 +212,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     remove_where(headers, |_| false);
 }
 
+/// The tokens of the `Connection` header(s), trimmed.
+pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
+}
+
 /// Removes hop-by-hop headers, those the `Connection` header names, and those `also` picks,
 /// in one pass over the names present (no lookup per name that could be there).
 fn remove_where(headers: &mut HeaderMap, also: impl Fn(&str) -> bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    let named: Vec<HeaderName> =
+        connection_tokens(headers).filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()).collect();
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|n| is_hop_by_hop(n.as_str()) || also(n.as_str()) || named.contains(n))

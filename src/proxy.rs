@@ -11,7 +11,7 @@ use crate::rules::{Route, Rules};
 use crate::upstream::AfterAnswer;
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
-use http::{Request, Response, Version};
+use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::time::{Duration, Instant};
@@ -168,11 +168,9 @@ impl Shared {
         after: &Arc<AfterAnswer>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        parts.uri = match self.origin.uri(path) {
-            Ok(u) => u,
-            Err(e) => return e.to_response(None),
-        };
+        // Origin-form, as it goes on the wire (an absolute-form target naming another host was
+        // refused before routing).
+        parts.uri = parts.uri.path_and_query().cloned().map_or_else(|| Uri::from_static("/"), Uri::from);
         parts.version = Version::HTTP_11;
         forward_request_headers(&mut parts.headers, peer);
         // Remember a failure of the client's own body, to answer 400 rather than 502.

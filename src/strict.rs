@@ -472,7 +472,7 @@ mod tests {
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let after = Arc::new(AfterAnswer::default());
         let mut io = StrictIo::new(client, 64 * 1024).with_after_answer(after.clone());
-        // No await from here to the flush returns pending: the backstop (2 ms) cannot run.
+        // A single-threaded runtime: nothing but the flush releases it (no backstop timer).
         after.hold(origin_side);
         io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
         assert_eq!(after.held(), 1, "written, not yet flushed");

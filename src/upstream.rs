@@ -329,11 +329,6 @@ impl Upstream {
         });
         Ok(Conn { sender, owner })
     }
-
-    /// Idle connections in all pools (tests and metrics).
-    pub fn idle(&self) -> usize {
-        self.pools.iter().map(|p| p.lock().expect("idle pool").len()).sum()
-    }
 }
 
 /// A connection that served a response, on its way back to the pool.
@@ -367,14 +362,7 @@ impl Reuse {
 /// Whether the origin ends the connection after this response (`Connection: close`, or
 /// HTTP/1.0 without keep-alive).
 fn ends_connection(version: http::Version, headers: &http::HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
+    let has = |token: &str| crate::origin::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token));
     if version == http::Version::HTTP_10 {
         !has("keep-alive")
     } else {
