@@ -104,6 +104,17 @@ impl Origin {
         self.config.body_idle_timeout
     }
 
+    /// An origin response passed on as it came: hop-by-hop headers removed, `Via` added, the
+    /// body streamed under the idle timeout. The head waits (briefly) for the body's first
+    /// bytes so both leave in one write: see [`FirstFrameRead`].
+    pub async fn relay(&self, resp: Response<Incoming>) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        forward_response_headers(&mut parts.headers);
+        let body = FirstFrameRead::read(body, HEAD_WAITS_FOR_BODY).await;
+        let body = IdleTimeoutBody::new(body, self.config.body_idle_timeout);
+        Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
+    }
+
     /// Sends `req` (already rewritten, absolute URI) and waits for the response head, at most
     /// the configured response timeout.
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
@@ -294,6 +305,70 @@ fn ip_text(ip: std::net::IpAddr) -> Vec<u8> {
     }
 }
 
+/// How long a relayed response head waits for its body's first bytes before it goes alone.
+pub const HEAD_WAITS_FOR_BODY: Duration = Duration::from_millis(1);
+
+/// A body whose first frame was read before its response head went to the client.
+///
+/// Origins often write a head and its body apart (gunicorn uses two `send`s). When the proxy
+/// wakes between the two, a head relayed as it comes goes out alone and the body in a second
+/// write: the client wakes twice, and so does the proxy. With the first frame in hand, hyper
+/// writes head and body in one `writev`, as nginx does with `postpone_output`. Unlike nginx,
+/// the wait is bounded: a head whose body does not follow within the window (a stream that
+/// starts late) goes out alone, as before. (On loopback here gunicorn's two sends come close
+/// enough together that the split showed only with every syscall slowed by `perf trace`; it
+/// matters for an origin across a network, or one that pauses between head and body.)
+pub struct FirstFrameRead<B: Body> {
+    first: Option<Result<Frame<B::Data>, B::Error>>,
+    inner: B,
+}
+
+impl<B: Body + Unpin> FirstFrameRead<B> {
+    /// Waits at most `window` for `body`'s first frame. No timer is set when the frame is
+    /// already there or the body is empty.
+    pub async fn read(mut body: B, window: Duration) -> Self {
+        if body.is_end_stream() {
+            return FirstFrameRead { first: None, inner: body };
+        }
+        let first = tokio::time::timeout(window, http_body_util::BodyExt::frame(&mut body)).await.ok().flatten();
+        FirstFrameRead { first, inner: body }
+    }
+}
+
+// The held frame is never pinned: moving the whole is fine whenever the body itself may move.
+impl<B: Body + Unpin> Unpin for FirstFrameRead<B> {}
+
+impl<B: Body + Unpin> Body for FirstFrameRead<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        match this.first.take() {
+            Some(first) => Poll::Ready(Some(first)),
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held = match &self.first {
+            Some(Ok(frame)) => frame.data_ref().map_or(0, |d| bytes::Buf::remaining(d) as u64),
+            _ => return self.inner.size_hint(),
+        };
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + held);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
+    }
+}
+
 /// The origin went silent for longer than the body idle timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("origin body idle for more than {0:?}")]
@@ -356,6 +431,60 @@ use std::future::Future as _;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body fed by the returned sender; it ends when the sender is dropped.
+    fn channel_body() -> (
+        tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>,
+        impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        (tx, http_body_util::StreamBody::new(stream))
+    }
+
+    fn send_after(
+        tx: tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>,
+        after: Duration,
+        data: &'static [u8],
+    ) {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            tx.send(Ok(Frame::data(Bytes::from_static(data)))).unwrap();
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_frame_arriving_within_the_window_is_held_for_the_head() {
+        let (tx, body) = channel_body();
+        send_after(tx, Duration::from_millis(10), b"page");
+        let started = tokio::time::Instant::now();
+        let read = FirstFrameRead::read(body, Duration::from_millis(50)).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(10), "waited for the frame, not the window");
+        assert!(read.first.is_some());
+        assert!(!read.is_end_stream());
+        assert_eq!(read.size_hint().lower(), 4, "the held bytes count in the size hint");
+        assert_eq!(http_body_util::BodyExt::collect(read).await.unwrap().to_bytes(), "page");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_starts_after_the_window_lets_the_head_go_alone() {
+        let (tx, body) = channel_body();
+        send_after(tx, Duration::from_millis(100), b"late");
+        let started = tokio::time::Instant::now();
+        let read = FirstFrameRead::read(body, Duration::from_millis(50)).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(50), "the wait is bounded by the window");
+        assert!(read.first.is_none());
+        assert_eq!(http_body_util::BodyExt::collect(read).await.unwrap().to_bytes(), "late", "nothing is lost");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_body_is_not_waited_for() {
+        let started = tokio::time::Instant::now();
+        let read = FirstFrameRead::read(http_body_util::Empty::<Bytes>::new(), Duration::from_millis(50)).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert!(read.is_end_stream());
+        assert_eq!(read.size_hint().exact(), Some(0));
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {

@@ -6,7 +6,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::cache::{status, Cache};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::origin::{forward_request_headers, forward_response_headers, IdleTimeoutBody, Origin};
+use crate::origin::{forward_request_headers, Origin};
 use crate::rules::{Route, Rules};
 use crate::upstream::AfterAnswer;
 use arc_swap::ArcSwap;
@@ -183,12 +183,7 @@ impl Shared {
             })
             .boxed_unsync();
         match self.origin.send_for(Request::from_parts(parts, body), Some(after)).await {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                forward_response_headers(&mut parts.headers);
-                let body = IdleTimeoutBody::new(body, self.origin.body_idle_timeout()).boxed_unsync();
-                Response::from_parts(parts, body)
-            }
+            Ok(resp) => self.origin.relay(resp).await,
             Err(e) => match body_error.lock().expect("body error slot").take() {
                 Some(detail) => closing(ProxyError::MalformedBody { detail }.to_response(None)),
                 None => e.to_response(None),

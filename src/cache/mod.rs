@@ -15,7 +15,7 @@ use crate::body::{empty, full, ProxyBody};
 use crate::config::AccessPolicy;
 use crate::config::FillConfig;
 use crate::error::ProxyError;
-use crate::origin::{forward_request_headers, forward_response_headers, IdleTimeoutBody, Origin};
+use crate::origin::{forward_request_headers, Origin};
 use crate::rules::CacheTarget;
 use entry::Entry;
 use fill::{wait_end, wait_head, FillJob, Fills, Head, Lookup, Subscription};
@@ -180,7 +180,7 @@ impl Cache {
         *upstream.headers_mut() = headers;
         let cs = status::bypass("credentials");
         match self.origin.send(upstream).await {
-            Ok(resp) => with_cache_status(self.relay(resp), cs),
+            Ok(resp) => with_cache_status(self.origin.relay(resp).await, cs),
             Err(e) => e.to_response(Some(cs)),
         }
     }
@@ -231,7 +231,7 @@ impl Cache {
             }
             Ok(resp) if matches!(resp.status().as_u16(), 401 | 403) => {
                 tracing::info!(lote_id = %target.lote_id, status = resp.status().as_u16(), "access check refused the request");
-                Some(with_cache_status(self.relay(resp), denied))
+                Some(with_cache_status(self.origin.relay(resp).await, denied))
             }
             Ok(resp) => {
                 let err =
@@ -243,14 +243,6 @@ impl Cache {
                 Some(err.to_response(Some(status::rejected(&err.token()))))
             }
         }
-    }
-
-    /// An origin response passed on as it came (hop-by-hop removed, body streamed).
-    fn relay(&self, resp: Response<hyper::body::Incoming>) -> Response<ProxyBody> {
-        let (mut parts, body) = resp.into_parts();
-        forward_response_headers(&mut parts.headers);
-        let body = http_body_util::BodyExt::boxed_unsync(IdleTimeoutBody::new(body, self.origin.body_idle_timeout()));
-        Response::from_parts(parts, body)
     }
 
     fn fill_job<B>(&self, req: &Request<B>, target: &CacheTarget, peer: SocketAddr) -> FillJob {

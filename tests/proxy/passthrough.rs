@@ -155,3 +155,43 @@ async fn a_pooled_connection_the_origin_closed_while_idle_is_replaced_without_an
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn a_head_whose_body_comes_late_reaches_the_client_before_that_body() {
+    // The origin sends its head, then holds the body until the client has the head: a proxy
+    // that waited for the body before passing the head on would never finish this exchange.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let head_seen = Arc::new(tokio::sync::Notify::new());
+    let release = head_seen.clone();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n").await.unwrap();
+        release.notified().await;
+        stream.write_all(b"later").await.unwrap();
+        let _ = stream.read(&mut buf).await;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin, dir.path(), "").await;
+    let mut client = tokio::net::TcpStream::connect(proxy.local_addr()).await.unwrap();
+    client.write_all(b"GET /api/stream HTTP/1.1\r\nHost: lotes\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let within = Duration::from_secs(10);
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(within, client.read(&mut buf)).await.expect("the head arrives alone").unwrap();
+        assert!(n > 0, "connection closed before the head");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&got));
+    head_seen.notify_one();
+    while !got.ends_with(b"later") {
+        let n = tokio::time::timeout(within, client.read(&mut buf)).await.expect("the body follows").unwrap();
+        assert!(n > 0, "connection closed before the body");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("\r\ncontent-length: 5\r\n"), "{text}");
+}
