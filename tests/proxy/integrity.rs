@@ -231,14 +231,18 @@ async fn a_torn_index_line_is_skipped_and_the_entry_before_it_still_serves() {
 #[tokio::test]
 async fn a_process_killed_mid_fill_leaves_no_partial_entry_and_the_restart_serves_the_right_bytes() {
     let origin = TestOrigin::start().await;
-    origin.set("K-8mb", Behavior::Ok { delay: NO_DELAY, pieces: 16, gap: Duration::from_millis(100) });
+    // A 4 s fill; the process dies as soon as its temp file shows, well before the end. (A
+    // fixed pause before the check failed twice on a machine busy with a fresh build.)
+    origin.set("K-8mb", Behavior::Ok { delay: NO_DELAY, pieces: 40, gap: Duration::from_millis(100) });
     let dir = tempfile::tempdir().unwrap();
     let server = serve(origin.addr, dir.path(), &[]).await;
     let addr = server.addr();
     let download = tokio::spawn(async move { get(addr, &batch("K-8mb")).await });
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let tmp_files = std::fs::read_dir(dir.path().join("tmp")).map(|d| d.count()).unwrap_or(0);
-    assert!(tmp_files > 0, "the fill should be half-written when the process dies");
+    let tmp = dir.path().join("tmp");
+    let tmp_files = || std::fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0);
+    let filling = crate::support::wait_until(Duration::from_secs(3), || tmp_files() > 0).await;
+    assert!(filling, "the fill should be half-written when the process dies");
+    assert!(!download.is_finished(), "the download is cut mid-fill");
     server.kill9();
 
     let cut = download.await.unwrap();
