@@ -432,34 +432,28 @@ use std::future::Future as _;
 mod tests {
     use super::*;
 
-    /// A body fed by the returned sender; it ends when the sender is dropped.
-    fn channel_body() -> (
-        tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>,
-        impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin,
-    ) {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        (tx, http_body_util::StreamBody::new(stream))
-    }
-
-    fn send_after(
-        tx: tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>,
+    /// Reads the first frame of a body whose only frame, `data`, is sent `after` (paused
+    /// clock); returns how long the read waited and what it read.
+    async fn read_frame_sent_after(
         after: Duration,
         data: &'static [u8],
-    ) {
+        window: Duration,
+    ) -> (Duration, FirstFrameRead<impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
             tx.send(Ok(Frame::data(Bytes::from_static(data)))).unwrap();
         });
+        let started = tokio::time::Instant::now();
+        let read = FirstFrameRead::read(body, window).await;
+        (started.elapsed(), read)
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_first_frame_arriving_within_the_window_is_held_for_the_head() {
-        let (tx, body) = channel_body();
-        send_after(tx, Duration::from_millis(10), b"page");
-        let started = tokio::time::Instant::now();
-        let read = FirstFrameRead::read(body, Duration::from_millis(50)).await;
-        assert_eq!(started.elapsed(), Duration::from_millis(10), "waited for the frame, not the window");
+        let (waited, read) = read_frame_sent_after(Duration::from_millis(10), b"page", Duration::from_millis(50)).await;
+        assert_eq!(waited, Duration::from_millis(10), "waited for the frame, not the window");
         assert!(read.first.is_some());
         assert!(!read.is_end_stream());
         assert_eq!(read.size_hint().lower(), 4, "the held bytes count in the size hint");
@@ -468,11 +462,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_body_that_starts_after_the_window_lets_the_head_go_alone() {
-        let (tx, body) = channel_body();
-        send_after(tx, Duration::from_millis(100), b"late");
-        let started = tokio::time::Instant::now();
-        let read = FirstFrameRead::read(body, Duration::from_millis(50)).await;
-        assert_eq!(started.elapsed(), Duration::from_millis(50), "the wait is bounded by the window");
+        let (waited, read) =
+            read_frame_sent_after(Duration::from_millis(100), b"late", Duration::from_millis(50)).await;
+        assert_eq!(waited, Duration::from_millis(50), "the wait is bounded by the window");
         assert!(read.first.is_none());
         assert_eq!(http_body_util::BodyExt::collect(read).await.unwrap().to_bytes(), "late", "nothing is lost");
     }
