@@ -39,6 +39,7 @@ pub struct RawServer {
     pub workers: Option<usize>,
     pub pin_workers: Option<bool>,
     pub yield_interval: Option<Spanned<String>>,
+    pub worker_slice: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +164,8 @@ pub struct Config {
     pub pin_workers: bool,
     /// A busy worker yields its core at most this often (zero: never); see `worker_cpu`.
     pub yield_interval: Duration,
+    /// The scheduling slice `serve`'s workers ask for (zero: the kernel's); see `worker_cpu`.
+    pub worker_slice: Duration,
     pub origin: OriginConfig,
     pub cache_dir: PathBuf,
     /// Cap on the bytes of live entries (0: none).
@@ -512,6 +515,13 @@ impl<'a> Validator<'a> {
         let pin_workers = raw.server.pin_workers.unwrap_or(false);
         let yield_interval =
             self.duration_or_zero("server.yield_interval", raw.server.yield_interval.as_ref(), "250us");
+        let worker_slice = self.duration_or_zero("server.worker_slice", raw.server.worker_slice.as_ref(), "100us");
+        // The range the kernel accepts for a slice.
+        if !worker_slice.is_zero() && !(Duration::from_micros(100)..=Duration::from_millis(100)).contains(&worker_slice)
+        {
+            let at = self.pick(None, "", raw.server.worker_slice.as_ref(), "100us");
+            self.err(&at, "server.worker_slice", "must be between 100us and 100ms, or \"off\"");
+        }
 
         let url_at = self.pick(ov.origin.as_deref(), "--origin", raw.origin.url.as_ref(), DEFAULT_ORIGIN);
         let (scheme, authority) = match parse_origin_url(url_at.value) {
@@ -610,6 +620,7 @@ impl<'a> Validator<'a> {
                 workers,
                 pin_workers,
                 yield_interval,
+                worker_slice,
                 origin,
                 cache_dir,
                 max_size,
@@ -934,10 +945,28 @@ mod tests {
         assert_eq!(c.rules[0].key_suffix, "_resultados.json");
         assert_eq!(c.send_buffer, 256 * 1024);
         assert_eq!(c.yield_interval, Duration::from_micros(250));
+        assert_eq!(c.worker_slice, Duration::from_micros(100));
         assert!(!c.pin_workers);
-        let off =
-            parse("x", "[server]\nsend_buffer = \"off\"\nyield_interval = \"off\"\n", &Overrides::default()).unwrap();
-        assert_eq!((off.send_buffer, off.yield_interval), (0, Duration::ZERO));
+        let off = "[server]\nsend_buffer = \"off\"\nyield_interval = \"off\"\nworker_slice = \"off\"\n";
+        let off = parse("x", off, &Overrides::default()).unwrap();
+        assert_eq!((off.send_buffer, off.yield_interval, off.worker_slice), (0, Duration::ZERO, Duration::ZERO));
+    }
+
+    #[test]
+    fn a_worker_slice_outside_what_the_kernel_accepts_is_refused() {
+        for (value, ok) in [("100us", true), ("3ms", true), ("100ms", true), ("50us", false), ("1s", false)] {
+            let errors = parse("x", &format!("[server]\nworker_slice = \"{value}\"\n"), &Overrides::default()).err();
+            match errors {
+                None => assert!(ok, "{value} accepted"),
+                Some(errors) => {
+                    assert!(!ok, "{value} refused: {errors:?}");
+                    assert_eq!(errors.len(), 1);
+                    assert_eq!(errors[0].field, "server.worker_slice");
+                    assert_eq!(errors[0].location, "x:2:16");
+                    assert!(errors[0].message.contains("between 100us and 100ms"), "{}", errors[0].message);
+                }
+            }
+        }
     }
 
     #[test]

@@ -204,16 +204,17 @@ fn main() -> ExitCode {
         init_logging(&config::LogConfig { level: "info".into(), access: true, format: config::LogFormat::Text })
     });
     // `serve` reads its config first: it sizes the runtime.
-    let (mut workers, mut pin_workers) = (0, false);
+    let (mut workers, mut pin_workers, mut worker_slice) = (0, false, std::time::Duration::ZERO);
     if let Command::Serve(args) = &cli.command {
         match config::load(args.config.as_deref(), &args.overrides()) {
-            Ok(c) => (workers, pin_workers) = (c.workers, c.pin_workers),
+            Ok(c) => (workers, pin_workers, worker_slice) = (c.workers, c.pin_workers, c.worker_slice),
             Err(errors) => return print_config_errors(&errors),
         }
     }
     if pin_workers {
         lotecache::worker_cpu::enable_pinning();
     }
+    lotecache::worker_cpu::use_slice(worker_slice);
     // `serve`: this thread accepts and runs the admin side; each worker thread serves
     // connections on a runtime of its own. Anything else: one multi-threaded runtime.
     let (mut runtime, workers) = if matches!(cli.command, Command::Serve(_)) {

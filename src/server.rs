@@ -168,6 +168,7 @@ impl RunningProxy {
             ("server.workers", current.workers != new.workers),
             ("server.pin_workers", current.pin_workers != new.pin_workers),
             ("server.yield_interval", current.yield_interval != new.yield_interval),
+            ("server.worker_slice", current.worker_slice != new.worker_slice),
             ("admin.listen", current.admin.listen != new.admin.listen),
             ("cache.dir", current.cache_dir != new.cache_dir),
             ("origin", format!("{:?}", current.origin) != format!("{:?}", new.origin)),
