@@ -515,11 +515,11 @@ impl<'a> Validator<'a> {
         let pin_workers = raw.server.pin_workers.unwrap_or(false);
         let yield_interval =
             self.duration_or_zero("server.yield_interval", raw.server.yield_interval.as_ref(), "250us");
-        let worker_slice = self.duration_or_zero("server.worker_slice", raw.server.worker_slice.as_ref(), "100us");
+        let worker_slice = self.duration_or_zero("server.worker_slice", raw.server.worker_slice.as_ref(), "500us");
         // The range the kernel accepts for a slice.
         if !worker_slice.is_zero() && !(Duration::from_micros(100)..=Duration::from_millis(100)).contains(&worker_slice)
         {
-            let at = self.pick(None, "", raw.server.worker_slice.as_ref(), "100us");
+            let at = self.pick(None, "", raw.server.worker_slice.as_ref(), "500us");
             self.err(&at, "server.worker_slice", "must be between 100us and 100ms, or \"off\"");
         }
 
@@ -945,7 +945,7 @@ mod tests {
         assert_eq!(c.rules[0].key_suffix, "_resultados.json");
         assert_eq!(c.send_buffer, 256 * 1024);
         assert_eq!(c.yield_interval, Duration::from_micros(250));
-        assert_eq!(c.worker_slice, Duration::from_micros(100));
+        assert_eq!(c.worker_slice, Duration::from_micros(500));
         assert!(!c.pin_workers);
         let off = "[server]\nsend_buffer = \"off\"\nyield_interval = \"off\"\nworker_slice = \"off\"\n";
         let off = parse("x", off, &Overrides::default()).unwrap();

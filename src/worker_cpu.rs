@@ -22,7 +22,10 @@
 //! request. A tracepoint trace of the Monitoring page, one request at a time, showed that in
 //! 56 % of lotecache's requests and 21 % of nginx's. With a 100 µs slice the hop was 5–45 µs
 //! shorter than that of the same build with the slice off, beside it in four interleaved runs,
-//! and about nginx's; the hit benchmarks did not move. Older kernels are not asked.
+//! and about nginx's; 500 µs did as well (16–86 µs in three runs). 100 µs cost 16 MB hits
+//! ~10 % of their rate (more preemption in the middle of long `sendfile`s); 500 µs did not
+//! (three oha runs each, beside the slice off), so that is the default. Older kernels are not
+//! asked.
 //!
 //! Pinning (`server.pin_workers`): yielding only helps when another thread shares the worker's
 //! core. Left to the kernel, the workers sometimes share one core while two other busy threads

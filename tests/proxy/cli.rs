@@ -78,9 +78,9 @@ async fn serve_workers_run_with_the_configured_scheduling_slice() {
         if !lotecache::worker_cpu::kernel_takes_slices() || slices.is_empty() {
             return;
         }
-        let asked = slices.iter().filter(|&&s| s == 100_000).count();
+        let asked = slices.iter().filter(|&&s| s == 500_000).count();
         if expected {
-            assert!(asked >= 1, "a worker runs with a 100 µs slice: {slices:?}");
+            assert!(asked >= 1, "a worker runs with a 500 µs slice: {slices:?}");
         } else {
             assert_eq!(asked, 0, "worker_slice = \"off\" leaves the kernel's slice: {slices:?}");
         }
