@@ -129,7 +129,8 @@ struct SchedAttr {
 
 /// Asks the kernel to run this thread `slice` at a time (see the module doc), keeping its
 /// policy and nice value. False when the thread's policy has no slices (real-time) or the kernel
-/// refused; a kernel before 6.12 accepts and ignores it.
+/// refused. Before Linux 6.12 an ordinary thread has no slice of its own to set: see
+/// [`kernel_takes_slices`].
 pub fn request_slice(slice: Duration) -> bool {
     // SAFETY: plain syscalls on the calling thread; `attr` lives across the call and its
     // `size` field says how much of it the kernel may read.
@@ -155,7 +156,7 @@ pub fn request_slice(slice: Duration) -> bool {
 }
 
 /// Whether the running kernel takes a slice request from an ordinary thread (Linux 6.12 and
-/// later; older ones accept the call and ignore it).
+/// later).
 pub fn kernel_takes_slices() -> bool {
     static TAKES: OnceLock<bool> = OnceLock::new();
     *TAKES.get_or_init(|| {
