@@ -84,14 +84,14 @@ import sys, collections, statistics
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
     route, label, p50 = line.rstrip("\n").split("\t")
-    rows.setdefault((route, label), []).append((float(p50),))
+    rows.setdefault((route, label), []).append(float(p50))
 for (route, label), runs in rows.items():
-    p50 = statistics.median(r[0] for r in runs)
-    direct = statistics.median(r[0] for r in rows[(route, "origin directly")])
+    p50 = statistics.median(runs)
+    direct = statistics.median(rows[(route, "origin directly")])
     # nginx on the same kind of origin connection (pooled or new each time) as this target
     proxies = [l for (r2, l) in rows if r2 == route and l.startswith("nginx")]
     same = [l for l in proxies if ("new connection" in l) == ("new connection" in label)]
-    nginx = statistics.median(r[0] for r in rows[(route, (same or proxies)[0])])
+    nginx = statistics.median(rows[(route, (same or proxies)[0])])
     over = lambda base: "–" if label == "origin directly" or base == p50 else f"{p50 - base:+.0f} µs ({(p50 / base - 1) * 100:+.1f} %)"
     print(f"| {route} | {label} | {p50:.0f} | {over(direct)} | {'–' if label.startswith('nginx') else over(nginx)} |")
 PY

@@ -115,8 +115,8 @@ impl Origin {
         Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
     }
 
-    /// Sends `req` (already rewritten, absolute URI) and waits for the response head, at most
-    /// the configured response timeout.
+    /// Sends `req` (already rewritten; an absolute or origin-form target) and waits for the
+    /// response head, at most the configured response timeout.
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
         self.send_for(req, None).await
     }

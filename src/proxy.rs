@@ -11,7 +11,7 @@ use crate::rules::{Route, Rules};
 use crate::upstream::AfterAnswer;
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::time::{Duration, Instant};
@@ -167,10 +167,9 @@ impl Shared {
         peer: SocketAddr,
         after: &Arc<AfterAnswer>,
     ) -> Response<ProxyBody> {
+        // The target goes as the client sent it; the upstream writes an absolute-form one in
+        // origin-form (one naming another host than `Host` was refused before routing).
         let (mut parts, body) = req.into_parts();
-        // Origin-form, as it goes on the wire (an absolute-form target naming another host was
-        // refused before routing).
-        parts.uri = parts.uri.path_and_query().cloned().map_or_else(|| Uri::from_static("/"), Uri::from);
         parts.version = Version::HTTP_11;
         forward_request_headers(&mut parts.headers, peer);
         // Remember a failure of the client's own body, to answer 400 rather than 502.

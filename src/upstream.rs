@@ -281,10 +281,8 @@ impl Upstream {
     /// sent none.
     fn to_origin_form(&self, req: &mut Request<ProxyBody>) {
         if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-            let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            if let Ok(uri) = target.parse::<Uri>() {
-                *req.uri_mut() = uri;
-            }
+            // The parsed path and query as they are: nothing to parse again.
+            *req.uri_mut() = req.uri().path_and_query().cloned().map_or_else(|| Uri::from_static("/"), Uri::from);
         }
         if !req.headers().contains_key(header::HOST) {
             if let Ok(host) = HeaderValue::from_str(self.authority.as_str()) {
