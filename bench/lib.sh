@@ -30,10 +30,12 @@ start_flask() {
 # lotecache's config: its defaults (one runtime worker per core, not pinned: pinned, the hits
 # measured the same, and an uncached request under load waited longer for a worker whose core a
 # gunicorn worker held), but no access log, as nginx's.
-lotecache_config() { # PORT ADMIN_PORT ORIGIN_PORT CACHE_DIR
+# A fifth argument adds a line to [server] (the bench's pinned variant: "pin_workers = true").
+lotecache_config() { # PORT ADMIN_PORT ORIGIN_PORT CACHE_DIR [SERVER_LINE]
 cat <<TOML
 [server]
 listen = "127.0.0.1:$1"
+${5:-}
 [origin]
 url = "http://127.0.0.1:$3"
 [admin]

@@ -12,8 +12,11 @@
 # oha at a fixed rate, and one request at a time with the three targets interleaved request by
 # request (examples/hop_latency), which cancels the machine's drift.
 #
+# lotecache runs with its defaults; a second instance with its workers pinned to the cores
+# (server.pin_workers) is measured beside it where pinning changes the result: the hits'
+# latency at equal load (the same offered rate to each, see below) and the Flask page under load.
+#
 # Usage: bash bench/run.sh [SECONDS_PER_RUN]     (default 10; the whole run stays under 15 min)
-# Also: the hits' latency at equal load (the same offered rate to each), see below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -23,8 +26,8 @@ source bench/lib.sh
 bench_tools
 cargo build --release --quiet --bin lotecache --example coldmiss --example hop_latency
 
-ORIGIN=$(free_port); NGINX=$(free_port); LC=$(free_port); ADMIN=$(free_port)
-FLASK=$(free_port); NGINX_FLASK=$(free_port); LC_FLASK=$(free_port); ADMIN_FLASK=$(free_port)
+ORIGIN=$(free_port); NGINX=$(free_port); LC=$(free_port); ADMIN=$(free_port); LC_PIN=$(free_port)
+FLASK=$(free_port); NGINX_FLASK=$(free_port); LC_FLASK=$(free_port); ADMIN_FLASK=$(free_port); LC_FLASK_PIN=$(free_port)
 "$BIN" sample-origin --listen 127.0.0.1:$ORIGIN --delay 500ms 2>"$W/origin.log" & PIDS+=($!)
 start_flask $FLASK
 
@@ -60,9 +63,15 @@ nginx -c "$W/nginx.conf" & PIDS+=($!); NGINX_PID=$!
 
 lotecache_config $LC $ADMIN $ORIGIN "$W/lc-cache" > "$W/lc.toml"
 lotecache_config $LC_FLASK $ADMIN_FLASK $FLASK "$W/lc-flask-cache" > "$W/lc-flask.toml"
+# The same with each worker pinned to a core (server.pin_workers), measured beside the default
+# where the two differ: the hits' latency at equal load, and the Flask page under load.
+lotecache_config $LC_PIN $(free_port) $ORIGIN "$W/lc-pin-cache" "pin_workers = true" > "$W/lc-pin.toml"
+lotecache_config $LC_FLASK_PIN $(free_port) $FLASK "$W/lc-flask-pin-cache" "pin_workers = true" > "$W/lc-flask-pin.toml"
 "$BIN" serve --config "$W/lc.toml" 2>"$W/lc.log" & PIDS+=($!); LC_PID=$!
 "$BIN" serve --config "$W/lc-flask.toml" 2>"$W/lc-flask.log" & PIDS+=($!); LC_FLASK_PID=$!
-wait_port $ORIGIN; wait_port $NGINX; wait_port $LC; wait_port $FLASK; wait_port $NGINX_FLASK; wait_port $LC_FLASK
+"$BIN" serve --config "$W/lc-pin.toml" 2>"$W/lc-pin.log" & PIDS+=($!)
+"$BIN" serve --config "$W/lc-flask-pin.toml" 2>"$W/lc-flask-pin.log" & PIDS+=($!); LC_FLASK_PIN_PID=$!
+for p in $ORIGIN $NGINX $LC $LC_PIN $FLASK $NGINX_FLASK $LC_FLASK $LC_FLASK_PIN; do wait_port $p; done
 
 # CPU ticks (user+system) of a process tree's processes: nginx master + workers, or lotecache.
 # (nginx's cache loader exits during the run: processes that are gone count as 0.)
@@ -73,7 +82,7 @@ HZ=$(getconf CLK_TCK)
 
 declare -A SIZE_ID=([4KB]=bench-4kb [256KB]=bench-256kb [16MB]=bench-16mb)
 for id in "${SIZE_ID[@]}"; do
-  for port in $NGINX $LC; do curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; done
+  for port in $NGINX $LC $LC_PIN; do curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; done
 done
 
 # run LABEL PORT PIDS... → appends "label size rps p50 p99 mbs cpu_us rss" to $W/rows
@@ -128,7 +137,7 @@ PY
 # tail. So the same request rate — 80 % of nginx's saturated rate for that size — is also
 # offered to each, and their latencies compared there.
 echo
-echo "## Latency at equal load: oha -c $CONC -q (80 % of nginx's req/s above), ${SECS}s per run, A B A B"
+echo "## Latency at equal load: oha -c $CONC -q (80 % of nginx's req/s above), ${SECS}s per run, A B C A B C"
 echo
 echo "| size | server | offered req/s | p50 ms | p99 ms | p99.9 ms |"
 echo "|---|---|---|---|---|---|"
@@ -136,7 +145,7 @@ echo "|---|---|---|---|---|---|"
 for size in 4KB 256KB; do
   rate=$(awk -F'\t' -v s=$size '$1 == "nginx" && $2 == s { t += $3; n++ } END { printf "%d", 0.8 * t / n }' "$W/rows")
   for round in 1 2; do
-    for target in "lotecache=$LC" "nginx=$NGINX"; do
+    for target in "lotecache=$LC" "lotecache, pin_workers=$LC_PIN" "nginx=$NGINX"; do
       url="http://127.0.0.1:${target#*=}/download_batch_results/${SIZE_ID[$size]}"
       oha -c $CONC -z ${SECS}s -q "$rate" --no-tui --output-format json "$url" > "$W/oha.json" 2>/dev/null
       jq -r --arg l "${target%%=*}" --arg s "$size" --arg q "$rate" \
@@ -199,27 +208,32 @@ pass() {
 }
 half_saturated_rate() { oha -c 16 -z ${SECS}s --no-tui --output-format json "$1" 2>/dev/null | jq '.summary.requestsPerSec / 2 | floor'; }
 NGINX_PIDS=$(nginx_pids)
-# pass_route ROUTE PATH RATE LC_PORT LC_PID NGINX_PORT ORIGIN_PORT [OHA_ARGS...]: A B C, $PASS_ROUNDS rounds
+# pass_route ROUTE PATH RATE TARGET... [-- OHA_ARGS...], each TARGET "label=port=pid,pid" (no
+# pids: no CPU counted): the targets in turn, $PASS_ROUNDS rounds
 pass_route() {
-  local route=$1 path=$2 rate=$3 lc=$4 lc_pid=$5 ng=$6 origin=$7; shift 7
+  local route=$1 path=$2 rate=$3; shift 3
+  local targets=(); while [ $# -gt 0 ] && [ "$1" != -- ]; do targets+=("$1"); shift; done; [ $# -gt 0 ] && shift
   for round in $(seq $PASS_ROUNDS); do
-    pass lotecache "$route" "http://127.0.0.1:$lc$path" "$rate" $lc_pid -- "$@"
-    pass nginx "$route" "http://127.0.0.1:$ng$path" "$rate" $NGINX_PIDS -- "$@"
-    pass origin "$route" "http://127.0.0.1:$origin$path" "$rate" -- "$@"
+    for t in "${targets[@]}"; do
+      IFS== read -r label port pids <<< "$t"
+      pass "$label" "$route" "http://127.0.0.1:$port$path" "$rate" ${pids//,/ } -- "$@"
+    done
   done
 }
+NGINX_CSV=${NGINX_PIDS// /,}
 pass_route "GET /__stats (sample origin, ~60 µs)" /__stats "$(half_saturated_rate "http://127.0.0.1:$NGINX/__stats")" \
-  $LC $LC_PID $NGINX $ORIGIN
+  "lotecache=$LC=$LC_PID" "nginx=$NGINX=$NGINX_CSV" "origin=$ORIGIN="
 pass_route "GET /monitoreo (legacy Flask app)" /monitoreo "$(half_saturated_rate "http://127.0.0.1:$NGINX_FLASK/monitoreo")" \
-  $LC_FLASK $LC_FLASK_PID $NGINX_FLASK $FLASK
+  "lotecache=$LC_FLASK=$LC_FLASK_PID" "lotecache, pin_workers=$LC_FLASK_PIN=$LC_FLASK_PIN_PID" \
+  "nginx=$NGINX_FLASK=$NGINX_CSV" "origin=$FLASK="
 pass_route "POST batch (sample origin, 500 ms generation)" /download_batch_results/pass-4kb 0 \
-  $LC $LC_PID $NGINX $ORIGIN -m POST
+  "lotecache=$LC=$LC_PID" "nginx=$NGINX=$NGINX_CSV" "origin=$ORIGIN=" -- -m POST
 echo
 echo "Pass-through overhead: median p50 of the $PASS_ROUNDS rounds, and the median of each round's own ratio"
 echo "to the origin measured beside it (the origin's own time drifts between rounds)."
 echo
-echo "| route | origin p50 ms | lotecache p50 ms | lotecache over origin | nginx p50 ms | nginx over origin |"
-echo "|---|---|---|---|---|---|"
+echo "| route | target | p50 ms | over the origin |"
+echo "|---|---|---|---|"
 python3 - "$W/pass-rows" <<'PY'
 import collections, statistics, sys
 p50 = collections.OrderedDict()  # route -> label -> [p50 per round]
@@ -228,9 +242,9 @@ for line in open(sys.argv[1]):
     p50.setdefault(cells[0], {}).setdefault(cells[1], []).append(float(cells[4]))
 for route, by in p50.items():
     o = by["origin"]
-    over = lambda l: f"{(statistics.median(x / y for x, y in zip(by[l], o)) - 1) * 100:+.1f} %"
-    med = lambda l: f"{statistics.median(by[l]):.2f}"
-    print(f"| {route} | {med('origin')} | {med('lotecache')} | **{over('lotecache')}** | {med('nginx')} | {over('nginx')} |")
+    for label, runs in by.items():
+        over = "–" if label == "origin" else f"{(statistics.median(x / y for x, y in zip(runs, o)) - 1) * 100:+.1f} %"
+        print(f"| {route} | {label} | {statistics.median(runs):.2f} | {'**' + over + '**' if label == 'lotecache' else over} |")
 PY
 
 # The hop itself, with the drift cancelled: one request at a time, the origin directly, nginx and
