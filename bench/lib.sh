@@ -27,10 +27,9 @@ start_flask() {
   (cd examples/legacy-backend && LEGACY_DB="$W/legacy.db" exec "$PWD/../../$VENV/bin/python" -m gunicorn -w 2 -b "127.0.0.1:$1" app:app 2>"$W/flask.log") & PIDS+=($!)
 }
 
-# lotecache's config: its defaults (one runtime worker per core, not pinned: pinned, the hits
-# measured the same, and an uncached request under load waited longer for a worker whose core a
-# gunicorn worker held), but no access log, as nginx's.
-# A fifth argument adds a line to [server] (the bench's pinned variant: "pin_workers = true").
+# lotecache's config: its defaults (one runtime worker per core), but no access log, as nginx's.
+# A fifth argument adds a line to [server]: the bench pins the workers, as nginx's 2 worker
+# processes are (worker_cpu_affinity auto), with "pin_workers = true".
 lotecache_config() { # PORT ADMIN_PORT ORIGIN_PORT CACHE_DIR [SERVER_LINE]
 cat <<TOML
 [server]

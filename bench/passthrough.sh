@@ -48,8 +48,8 @@ start_flask $FLASK
 NGINX
 } > "$W/nginx.conf"
 nginx -c "$W/nginx.conf" & PIDS+=($!)
-lotecache_config $LC_FLASK $(free_port) $FLASK "$W/lc-flask-cache" > "$W/lc-flask.toml"
-lotecache_config $LC $(free_port) $ORIGIN "$W/lc-cache" > "$W/lc.toml"
+lotecache_config $LC_FLASK $(free_port) $FLASK "$W/lc-flask-cache" "pin_workers = true" > "$W/lc-flask.toml"
+lotecache_config $LC $(free_port) $ORIGIN "$W/lc-cache" "pin_workers = true" > "$W/lc.toml"
 "$BIN" serve --config "$W/lc-flask.toml" 2>"$W/lc-flask.log" & PIDS+=($!)
 "$BIN" serve --config "$W/lc.toml" 2>"$W/lc.log" & PIDS+=($!)
 "$FLOOR" --listen 127.0.0.1:$FLOOR_FLASK --origin 127.0.0.1:$FLASK & PIDS+=($!)

@@ -12,9 +12,10 @@
 # oha at a fixed rate, and one request at a time with the three targets interleaved request by
 # request (examples/hop_latency), which cancels the machine's drift.
 #
-# lotecache runs with its defaults; a second instance with its workers pinned to the cores
-# (server.pin_workers) is measured beside it where pinning changes the result: the hits'
-# latency at equal load (the same offered rate to each, see below) and the Flask page under load.
+# lotecache runs with its workers pinned to the cores (server.pin_workers), as nginx's are; a
+# second instance with the default, unpinned, is measured beside it where the two can differ:
+# the hits' latency at equal load (the same offered rate to each, see below) and the Flask page
+# under load.
 #
 # Usage: bash bench/run.sh [SECONDS_PER_RUN]     (default 10; the whole run stays under 15 min)
 set -euo pipefail
@@ -26,8 +27,8 @@ source bench/lib.sh
 bench_tools
 cargo build --release --quiet --bin lotecache --example coldmiss --example hop_latency
 
-ORIGIN=$(free_port); NGINX=$(free_port); LC=$(free_port); ADMIN=$(free_port); LC_PIN=$(free_port)
-FLASK=$(free_port); NGINX_FLASK=$(free_port); LC_FLASK=$(free_port); ADMIN_FLASK=$(free_port); LC_FLASK_PIN=$(free_port)
+ORIGIN=$(free_port); NGINX=$(free_port); LC=$(free_port); ADMIN=$(free_port); LC_UNPIN=$(free_port)
+FLASK=$(free_port); NGINX_FLASK=$(free_port); LC_FLASK=$(free_port); ADMIN_FLASK=$(free_port); LC_FLASK_UNPIN=$(free_port)
 "$BIN" sample-origin --listen 127.0.0.1:$ORIGIN --delay 500ms 2>"$W/origin.log" & PIDS+=($!)
 start_flask $FLASK
 
@@ -61,17 +62,17 @@ NGINX
 } > "$W/nginx.conf"
 nginx -c "$W/nginx.conf" & PIDS+=($!); NGINX_PID=$!
 
-lotecache_config $LC $ADMIN $ORIGIN "$W/lc-cache" > "$W/lc.toml"
-lotecache_config $LC_FLASK $ADMIN_FLASK $FLASK "$W/lc-flask-cache" > "$W/lc-flask.toml"
-# The same with each worker pinned to a core (server.pin_workers), measured beside the default
-# where the two differ: the hits' latency at equal load, and the Flask page under load.
-lotecache_config $LC_PIN $(free_port) $ORIGIN "$W/lc-pin-cache" "pin_workers = true" > "$W/lc-pin.toml"
-lotecache_config $LC_FLASK_PIN $(free_port) $FLASK "$W/lc-flask-pin-cache" "pin_workers = true" > "$W/lc-flask-pin.toml"
+lotecache_config $LC $ADMIN $ORIGIN "$W/lc-cache" "pin_workers = true" > "$W/lc.toml"
+lotecache_config $LC_FLASK $ADMIN_FLASK $FLASK "$W/lc-flask-cache" "pin_workers = true" > "$W/lc-flask.toml"
+# The same with the default, unpinned workers, measured beside it where the two can differ: the
+# hits' latency at equal load, and the Flask page under load.
+lotecache_config $LC_UNPIN $(free_port) $ORIGIN "$W/lc-unpin-cache" > "$W/lc-unpin.toml"
+lotecache_config $LC_FLASK_UNPIN $(free_port) $FLASK "$W/lc-flask-unpin-cache" > "$W/lc-flask-unpin.toml"
 "$BIN" serve --config "$W/lc.toml" 2>"$W/lc.log" & PIDS+=($!); LC_PID=$!
 "$BIN" serve --config "$W/lc-flask.toml" 2>"$W/lc-flask.log" & PIDS+=($!); LC_FLASK_PID=$!
-"$BIN" serve --config "$W/lc-pin.toml" 2>"$W/lc-pin.log" & PIDS+=($!)
-"$BIN" serve --config "$W/lc-flask-pin.toml" 2>"$W/lc-flask-pin.log" & PIDS+=($!); LC_FLASK_PIN_PID=$!
-for p in $ORIGIN $NGINX $LC $LC_PIN $FLASK $NGINX_FLASK $LC_FLASK $LC_FLASK_PIN; do wait_port $p; done
+"$BIN" serve --config "$W/lc-unpin.toml" 2>"$W/lc-unpin.log" & PIDS+=($!)
+"$BIN" serve --config "$W/lc-flask-unpin.toml" 2>"$W/lc-flask-unpin.log" & PIDS+=($!); LC_FLASK_UNPIN_PID=$!
+for p in $ORIGIN $NGINX $LC $LC_UNPIN $FLASK $NGINX_FLASK $LC_FLASK $LC_FLASK_UNPIN; do wait_port $p; done
 
 # CPU ticks (user+system) of a process tree's processes: nginx master + workers, or lotecache.
 # (nginx's cache loader exits during the run: processes that are gone count as 0.)
@@ -82,7 +83,7 @@ HZ=$(getconf CLK_TCK)
 
 declare -A SIZE_ID=([4KB]=bench-4kb [256KB]=bench-256kb [16MB]=bench-16mb)
 for id in "${SIZE_ID[@]}"; do
-  for port in $NGINX $LC $LC_PIN; do curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; done
+  for port in $NGINX $LC $LC_UNPIN; do curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; curl -s -o /dev/null "http://127.0.0.1:$port/download_batch_results/$id"; done
 done
 
 # run LABEL PORT PIDS... → appends "label size rps p50 p99 mbs cpu_us rss" to $W/rows
@@ -145,7 +146,7 @@ echo "|---|---|---|---|---|---|"
 for size in 4KB 256KB; do
   rate=$(awk -F'\t' -v s=$size '$1 == "nginx" && $2 == s { t += $3; n++ } END { printf "%d", 0.8 * t / n }' "$W/rows")
   for round in 1 2; do
-    for target in "lotecache=$LC" "lotecache, pin_workers=$LC_PIN" "nginx=$NGINX"; do
+    for target in "lotecache=$LC" "lotecache, unpinned (default)=$LC_UNPIN" "nginx=$NGINX"; do
       url="http://127.0.0.1:${target#*=}/download_batch_results/${SIZE_ID[$size]}"
       oha -c $CONC -z ${SECS}s -q "$rate" --no-tui --output-format json "$url" > "$W/oha.json" 2>/dev/null
       jq -r --arg l "${target%%=*}" --arg s "$size" --arg q "$rate" \
@@ -224,7 +225,7 @@ NGINX_CSV=${NGINX_PIDS// /,}
 pass_route "GET /__stats (sample origin, ~60 µs)" /__stats "$(half_saturated_rate "http://127.0.0.1:$NGINX/__stats")" \
   "lotecache=$LC=$LC_PID" "nginx=$NGINX=$NGINX_CSV" "origin=$ORIGIN="
 pass_route "GET /monitoreo (legacy Flask app)" /monitoreo "$(half_saturated_rate "http://127.0.0.1:$NGINX_FLASK/monitoreo")" \
-  "lotecache=$LC_FLASK=$LC_FLASK_PID" "lotecache, pin_workers=$LC_FLASK_PIN=$LC_FLASK_PIN_PID" \
+  "lotecache=$LC_FLASK=$LC_FLASK_PID" "lotecache, unpinned (default)=$LC_FLASK_UNPIN=$LC_FLASK_UNPIN_PID" \
   "nginx=$NGINX_FLASK=$NGINX_CSV" "origin=$FLASK="
 pass_route "POST batch (sample origin, 500 ms generation)" /download_batch_results/pass-4kb 0 \
   "lotecache=$LC=$LC_PID" "nginx=$NGINX=$NGINX_CSV" "origin=$ORIGIN=" -- -m POST
