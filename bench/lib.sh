@@ -46,6 +46,18 @@ access = false   # nginx runs with access_log off
 TOML
 }
 
+# An nginx upstream NAME (127.0.0.1:ORIGIN_PORT, kept alive) and a server on LISTEN_PORT that
+# passes everything to it: nginx_pass_block NAME ORIGIN_PORT LISTEN_PORT
+nginx_pass_block() {
+cat <<NGINX
+  upstream $1 { server 127.0.0.1:$2; keepalive 32; }
+  server {
+    listen 127.0.0.1:$3;
+    location / { proxy_pass http://$1; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+NGINX
+}
+
 # The start of an nginx config (close the http block after the servers): 2 workers pinned to
 # the cores, no access log, sendfile, client keep-alive without a request limit.
 nginx_conf_head() {

@@ -22,15 +22,7 @@ cargo build --release --quiet --bin lotecache --example hyper_floor
 
 FLASK=$(free_port); NGINX=$(free_port); LC=$(free_port); LC1=$(free_port); FLOOR=$(free_port)
 start_flask $FLASK
-{ nginx_conf_head; cat <<NGINX
-  upstream flask { server 127.0.0.1:$FLASK; keepalive 32; }
-  server {
-    listen 127.0.0.1:$NGINX;
-    location / { proxy_pass http://flask; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-NGINX
-} > "$W/nginx.conf"
+{ nginx_conf_head; nginx_pass_block flask $FLASK $NGINX; echo "}"; } > "$W/nginx.conf"
 nginx -c "$W/nginx.conf" & PIDS+=($!); NGINX_PID=$!
 lotecache_config $LC $(free_port) $FLASK "$W/lc-cache" "pin_workers = true" > "$W/lc.toml"
 lotecache_config $LC1 $(free_port) $FLASK "$W/lc1-cache" "pin_workers = true

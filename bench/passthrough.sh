@@ -28,17 +28,7 @@ LC_FLASK=$(free_port); LC=$(free_port)
 FLOOR_FLASK=$(free_port); FLOOR_PRE=$(free_port); FLOOR_NEW=$(free_port)
 start_flask $FLASK
 "$BIN" sample-origin --listen 127.0.0.1:$ORIGIN 2>"$W/origin.log" & PIDS+=($!)
-{ nginx_conf_head; cat <<NGINX
-  upstream flask { server 127.0.0.1:$FLASK; keepalive 32; }
-  server {
-    listen 127.0.0.1:$NGINX_FLASK;
-    location / { proxy_pass http://flask; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 32; }
-  server {
-    listen 127.0.0.1:$NGINX;
-    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
+{ nginx_conf_head; nginx_pass_block flask $FLASK $NGINX_FLASK; nginx_pass_block origin $ORIGIN $NGINX; cat <<NGINX
   upstream origin_new { server 127.0.0.1:$ORIGIN; }
   server {
     listen 127.0.0.1:$NGINX_NEW;

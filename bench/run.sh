@@ -52,13 +52,9 @@ mkdir -p "$W/nginx-cache"
     }
     location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
-  upstream flask { server 127.0.0.1:$FLASK; keepalive 32; }
-  server {
-    listen 127.0.0.1:$NGINX_FLASK;
-    location / { proxy_pass http://flask; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
 NGINX
+nginx_pass_block flask $FLASK $NGINX_FLASK
+echo "}"
 } > "$W/nginx.conf"
 nginx -c "$W/nginx.conf" & PIDS+=($!); NGINX_PID=$!
 
