@@ -28,9 +28,9 @@ start_flask() {
 }
 
 # lotecache's config: its defaults (one runtime worker per core), but no access log, as nginx's.
-# A fifth argument adds a line to [server]: the bench pins the workers, as nginx's 2 worker
+# A fifth argument adds its lines to [server]: the benches pin the workers, as nginx's 2 worker
 # processes are (worker_cpu_affinity auto), with "pin_workers = true".
-lotecache_config() { # PORT ADMIN_PORT ORIGIN_PORT CACHE_DIR [SERVER_LINE]
+lotecache_config() { # PORT ADMIN_PORT ORIGIN_PORT CACHE_DIR [SERVER_LINES]
 cat <<TOML
 [server]
 listen = "127.0.0.1:$1"
