@@ -6,7 +6,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::config::OriginConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::upstream::{AfterAnswer, Upstream};
+use crate::upstream::{AfterAnswer, Upstream, UpstreamError};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
@@ -129,19 +129,18 @@ impl Origin {
         after: Option<&Arc<AfterAnswer>>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let started = std::time::Instant::now();
-        let sent = self.upstream.send(req, after);
-        let result = match tokio::time::timeout(self.config.response_timeout, sent).await {
-            Err(_) => Err(ProxyError::OriginTimeout { phase: "response head" }),
+        let result = match self.upstream.send(req, after, self.config.response_timeout).await {
+            Err(UpstreamError::ResponseTimeout) => Err(ProxyError::OriginTimeout { phase: "response head" }),
             // Not kept, a refused response's connection is discarded: never reused.
-            Ok(Ok((resp, reuse))) => match framing_problem(resp.headers()) {
+            Ok((resp, reuse)) => match framing_problem(resp.headers()) {
                 Some(problem) => Err(ProxyError::OriginFailed(Box::new(MalformedResponse(problem)))),
                 None => {
                     reuse.keep(&resp);
                     Ok(resp)
                 }
             },
-            Ok(Err(e)) if e.is_connect() => Err(ProxyError::OriginUnreachable(Box::new(e))),
-            Ok(Err(e)) => Err(ProxyError::OriginFailed(Box::new(e))),
+            Err(e) if e.is_connect() => Err(ProxyError::OriginUnreachable(Box::new(e))),
+            Err(e) => Err(ProxyError::OriginFailed(Box::new(e))),
         };
         match &result {
             Ok(resp) => {
@@ -229,16 +228,25 @@ pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &st
 }
 
 /// Removes hop-by-hop headers, those the `Connection` header names, and those `also` picks,
-/// in one pass over the names present (no lookup per name that could be there).
+/// in one pass over the names present (no lookup per name that could be there), allocating
+/// nothing when the `Connection` header is single (a name it lists, such as `close`, is
+/// compared as text, never built as a header name).
 fn remove_where(headers: &mut HeaderMap, also: impl Fn(&str) -> bool) {
-    let named: Vec<HeaderName> =
-        connection_tokens(headers).filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()).collect();
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n.as_str()) || also(n.as_str()) || named.contains(n))
-        .cloned()
-        .collect();
-    for name in doomed {
+    // The `Connection` values are kept aside: the header itself is among those removed.
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    let first = values.next().cloned();
+    let more: Vec<HeaderValue> = values.cloned().collect();
+    let named = |name: &str| {
+        first
+            .iter()
+            .chain(&more)
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(name))
+    };
+    let doomed = |n: &HeaderName| is_hop_by_hop(n.as_str()) || also(n.as_str()) || named(n.as_str());
+    // Found and removed one at a time: a header map cannot drop entries while iterated.
+    while let Some(name) = headers.keys().find(|n| doomed(n)).cloned() {
         headers.remove(name);
     }
 }
@@ -249,6 +257,8 @@ fn remove_where(headers: &mut HeaderMap, also: impl Fn(&str) -> bool) {
 pub fn forward_request_headers(headers: &mut HeaderMap, peer: SocketAddr) {
     // Headers some frameworks trust for routing or identity: never from a client.
     remove_where(headers, is_client_untrusted);
+    // Room for the four added below at once, rather than a regrowth on the way.
+    headers.reserve(4);
     let peer_ip = ip_text(peer.ip());
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => HeaderValue::from_bytes(&[prev.as_bytes(), b", ", &peer_ip].concat()),

@@ -7,13 +7,13 @@ use crate::cache::{status, Cache};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::origin::{forward_request_headers, Origin};
-use crate::rules::{Route, Rules};
+use crate::rules::{CacheTarget, Route, Rules};
 use crate::upstream::AfterAnswer;
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use std::time::{Duration, Instant};
 use std::{
     convert::Infallible,
@@ -58,8 +58,25 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let (shared, peer, after) = (self.shared.clone(), self.peer, self.after_answer.clone());
-        Box::pin(async move { Ok(shared.handle(req, peer, &after).await) })
+        // Routing needs no waiting: only the chosen branch's future is built and boxed. (One
+        // future for every branch would be the size of the largest, the cache path's, and
+        // would be copied whole into its box on every request, pass-through ones included.)
+        let shared = self.shared.clone();
+        match shared.route(req) {
+            Routed::Pass(req) => {
+                let (peer, after) = (self.peer, self.after_answer.clone());
+                Box::pin(async move { Ok(shared.pass_through(req, peer, &after).await) })
+            }
+            Routed::Cache { req, target, started } => {
+                let peer = self.peer;
+                Box::pin(async move {
+                    let lote_id = target.lote_id.clone();
+                    let resp = shared.cache.handle(req, target, peer).await;
+                    Ok(shared.finish(resp, lote_id, started))
+                })
+            }
+            Routed::Answered(resp) => Box::pin(std::future::ready(Ok(resp))),
+        }
     }
 }
 
@@ -104,13 +121,18 @@ fn outcome(cache_status: &str) -> &'static str {
     }
 }
 
+/// Where a request goes, decided before anything is awaited.
+enum Routed {
+    /// To the origin as it is.
+    Pass(Request<Incoming>),
+    /// Through the cache; `started` is when the request came in (access log).
+    Cache { req: Request<Incoming>, target: CacheTarget, started: Instant },
+    /// Nowhere: answered at once (a refusal).
+    Answered(Response<ProxyBody>),
+}
+
 impl Shared {
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        after: &Arc<AfterAnswer>,
-    ) -> Response<ProxyBody> {
+    fn route(&self, req: Request<Incoming>) -> Routed {
         let started = Instant::now();
         if crate::worker_cpu::checkpoint(self.yield_interval, started) {
             self.metrics.worker_yields.inc();
@@ -118,23 +140,25 @@ impl Shared {
         if let Some(problem) = ambiguous_target(&req) {
             self.metrics.outcome.rejected.inc();
             let err = ProxyError::BadRequest { detail: problem.into() };
-            return closing(err.to_response(None));
+            return Routed::Answered(closing(err.to_response(None)));
         }
-        let route = self.rules.load().route(&req);
-        let (resp, lote_id) = match route {
+        match self.rules.load().route(&req) {
             Route::Pass => {
                 self.metrics.outcome.pass.inc();
-                return self.pass_through(req, peer, after).await;
+                Routed::Pass(req)
             }
             Route::Reject { rule, error } => {
                 tracing::info!(rule = %rule, path = ?req.uri().path(), "cache route request rejected");
-                (closing(error.to_response(Some(status::rejected(&error.token())))), String::new())
+                let resp = closing(error.to_response(Some(status::rejected(&error.token()))));
+                Routed::Answered(self.finish(resp, String::new(), started))
             }
-            Route::Cache(target) => {
-                let lote_id = target.lote_id.clone();
-                (self.cache.handle(req, target, peer).await, lote_id)
-            }
-        };
+            Route::Cache(target) => Routed::Cache { req, target, started },
+        }
+    }
+
+    /// Counts a cache-route answer's outcome and, when the access log is on, wraps its body to
+    /// write the log line once the body is sent.
+    fn finish(&self, resp: Response<ProxyBody>, lote_id: String, started: Instant) -> Response<ProxyBody> {
         let cache_status = resp.headers().get(status::CACHE_STATUS).and_then(|v| v.to_str().ok()).unwrap_or("");
         let outcome = outcome(cache_status);
         self.metrics.outcome.of(outcome).inc();
@@ -172,6 +196,14 @@ impl Shared {
         let (mut parts, body) = req.into_parts();
         parts.version = Version::HTTP_11;
         forward_request_headers(&mut parts.headers, peer);
+        // A request without a body (most of them) has none to fail: nothing to set up.
+        if body.is_end_stream() {
+            let empty = http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync();
+            return match self.origin.send_for(Request::from_parts(parts, empty), Some(after)).await {
+                Ok(resp) => self.origin.relay(resp).await,
+                Err(e) => e.to_response(None),
+            };
+        }
         // Remember a failure of the client's own body, to answer 400 rather than 502.
         let body_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
         let seen = body_error.clone();

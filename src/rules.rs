@@ -148,7 +148,8 @@ impl Rules {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return Route::Pass;
         }
-        let decoded: Vec<u8> = percent_decode_str(req.uri().path()).collect();
+        // Borrowed unless the path has escapes (most pass-through paths have none).
+        let decoded: std::borrow::Cow<[u8]> = percent_decode_str(req.uri().path()).into();
         for rule in &self.rules {
             let Some(raw_id) = decoded
                 .strip_prefix(rule.path_prefix.as_bytes())

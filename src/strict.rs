@@ -151,44 +151,15 @@ impl<S> StrictIo<S> {
 
     /// A complete head: check it, release it (or its refusal), and set the body framing.
     fn end_of_head(&mut self) {
-        let mut content_length = None;
-        let mut chunked = false;
-        let mut transfer_encoding = false;
-        let mut upgrade = false;
-        let value = |v: &[u8]| String::from_utf8_lossy(v).trim().to_ascii_lowercase();
-        for line in self.head.split(|&b| b == b'\n').skip(1) {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
-            let name = &line[..colon];
-            // Only the framing headers' values are looked at (and allocated).
-            if name.eq_ignore_ascii_case(b"content-length") {
-                content_length = value(&line[colon + 1..]).parse::<u64>().ok().or(Some(u64::MAX));
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                transfer_encoding = true;
-                chunked = value(&line[colon + 1..]).rsplit(',').next().is_some_and(|last| last.trim() == "chunked");
-            } else if name.eq_ignore_ascii_case(b"upgrade") {
-                upgrade = true;
+        match framing(&self.head) {
+            Err(why) => self.refuse(why),
+            Ok(state) => {
+                self.ready.extend_from_slice(&self.head);
+                // Cleared, not taken: the next request's head reuses the allocation.
+                self.head.clear();
+                self.state = state;
             }
         }
-        if transfer_encoding && content_length.is_some() {
-            self.refuse("ambiguous framing: Content-Length together with Transfer-Encoding");
-            return;
-        }
-        self.ready.extend_from_slice(&self.head);
-        let connect = self.head.starts_with(b"CONNECT ");
-        // Cleared, not taken: the next request's head reuses the allocation.
-        self.head.clear();
-        self.state = if upgrade || connect || (transfer_encoding && !chunked) || content_length == Some(u64::MAX) {
-            // hyper refuses these or takes the connection over: stop following it.
-            State::Opaque
-        } else if chunked {
-            State::Chunked(Chunk::Size { size: 0, digits: false, ext: false })
-        } else {
-            match content_length {
-                Some(n) if n > 0 => State::Body(n),
-                _ => State::Head,
-            }
-        };
     }
 
     /// Replaces the head being collected with a line hyper refuses, and stops following. The
@@ -248,6 +219,61 @@ impl<S> StrictIo<S> {
     }
 }
 
+/// Checks a complete request head (request line to the empty line) and gives the framing of
+/// what follows it, or why the head is refused.
+fn framing(head: &[u8]) -> Result<State, &'static str> {
+    let mut content_length = None;
+    let mut chunked = false;
+    let mut transfer_encoding = false;
+    let mut upgrade = false;
+    let value = |v: &[u8]| String::from_utf8_lossy(v).trim().to_ascii_lowercase();
+    for line in head.split(|&b| b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let name = &line[..colon];
+        // Only the framing headers' values are looked at (and allocated).
+        if name.eq_ignore_ascii_case(b"content-length") {
+            content_length = value(&line[colon + 1..]).parse::<u64>().ok().or(Some(u64::MAX));
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_encoding = true;
+            chunked = value(&line[colon + 1..]).rsplit(',').next().is_some_and(|last| last.trim() == "chunked");
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = true;
+        }
+    }
+    if transfer_encoding && content_length.is_some() {
+        return Err("ambiguous framing: Content-Length together with Transfer-Encoding");
+    }
+    let connect = head.starts_with(b"CONNECT ");
+    Ok(if upgrade || connect || (transfer_encoding && !chunked) || content_length == Some(u64::MAX) {
+        // hyper refuses these or takes the connection over: stop following it.
+        State::Opaque
+    } else if chunked {
+        State::Chunked(Chunk::Size { size: 0, digits: false, ext: false })
+    } else {
+        match content_length {
+            Some(n) if n > 0 => State::Body(n),
+            _ => State::Head,
+        }
+    })
+}
+
+/// Whether `input` is exactly one request head: a request line and header lines each ending in
+/// CRLF (no bare LF, no empty line before the request line), then the empty line, and nothing
+/// after it.
+fn is_one_whole_head(input: &[u8]) -> bool {
+    let Some(lines) = input.strip_suffix(b"\r\n") else { return false };
+    let mut line_start = 0;
+    for (i, _) in lines.iter().enumerate().filter(|&(_, &b)| b == b'\n') {
+        // A bare LF, or an empty line (the head's end, before the end of the input).
+        if i == 0 || lines[i - 1] != b'\r' || i - 1 == line_start {
+            return false;
+        }
+        line_start = i + 1;
+    }
+    line_start == lines.len() && line_start > 0
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
@@ -282,7 +308,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
                     }
                 }
                 Poll::Ready(Ok(())) => {
-                    this.process(&buf.filled()[before..]);
+                    let input = &buf.filled()[before..];
+                    // The common read: one whole head, nothing held back or queued. Checked
+                    // where it lies, it stays in the caller's buffer (no copies through ours).
+                    if this.state == State::Head && this.head.is_empty() && this.ready.is_empty() {
+                        if let Some(Ok(state)) = is_one_whole_head(input).then(|| framing(input)) {
+                            this.state = state;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    this.process(input);
                     buf.set_filled(before);
                 }
             }
@@ -577,5 +612,64 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
         let out = seen(&input, 4);
         assert!(out.starts_with(first));
         assert_eq!(&out[first.len()..first.len() + REFUSED.len()], REFUSED);
+    }
+
+    /// What hyper reads through the wrapper when `first` arrives in one read and `rest` after
+    /// it (reads into a buffer large enough for either).
+    async fn read_through(first: &[u8], rest: &[u8]) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut io = StrictIo::new(first.chain(rest), 64 * 1024);
+        let mut out = Vec::with_capacity(4096);
+        while io.read_buf(&mut out).await.unwrap() > 0 {
+            out.reserve(4096);
+        }
+        out
+    }
+
+    #[test]
+    fn only_exactly_one_well_formed_head_counts_as_one_whole_head() {
+        assert!(is_one_whole_head(b"GET / HTTP/1.1\r\n\r\n"));
+        assert!(is_one_whole_head(b"GET / HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n"));
+        for not_one in [
+            &b""[..],
+            b"\r\n",
+            b"\r\n\r\n",
+            b"\r\nGET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n",
+            b"GET / HTTP/1.1\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
+        ] {
+            assert!(!is_one_whole_head(not_one), "{:?}", String::from_utf8_lossy(not_one));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_read_whole_is_checked_and_followed_as_one_read_in_pieces_is() {
+        let cases: [(&[u8], &[u8]); 8] = [
+            (b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", b""),
+            (b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"),
+            // The body after a head read alone is followed as a body, however it looks.
+            (
+                b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n",
+                b"GET /\n\n\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n",
+            ),
+            (
+                b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"5\r\nGET /\r\n0\r\n\r\nGET /d HTTP/1.1\nX: y\n\n",
+            ),
+            // Refused whether read whole or not.
+            (b"GET /x HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", b""),
+            (b"POST /x HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", b"0\r\n\r\n"),
+            (b"\r\nGET /a HTTP/1.1\r\n\r\n", b""),
+            (b"GET /a HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", b"\x00anything\n"),
+        ];
+        for (first, rest) in cases {
+            let whole = [first, rest].concat();
+            let read = read_through(first, rest).await;
+            assert_eq!(read, seen(&whole, 1), "{:?}", String::from_utf8_lossy(&whole));
+            assert_eq!(read_through(&whole, b"").await, read, "{:?} in one read", String::from_utf8_lossy(&whole));
+        }
     }
 }

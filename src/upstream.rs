@@ -159,6 +159,8 @@ pub enum UpstreamError {
     Connect { addr: String, source: io::Error },
     #[error("no connection to the origin {addr} within {timeout:?}")]
     ConnectTimeout { addr: String, timeout: Duration },
+    #[error("no response head from the origin in time")]
+    ResponseTimeout,
     #[error(transparent)]
     Http(#[from] hyper::Error),
 }
@@ -166,7 +168,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Whether no connection could be opened (as opposed to a failure on an open one).
     pub fn is_connect(&self) -> bool {
-        !matches!(self, UpstreamError::Http(_))
+        matches!(self, UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
     }
 }
 
@@ -245,21 +247,51 @@ impl Upstream {
     /// connection's way back to the pool: [`Reuse::keep`] once the head is found acceptable
     /// (dropped, the connection is discarded). `after`: the client connection this request
     /// serves, whose answer a closing origin connection waits for (none for requests no client
-    /// waits on directly, such as fills).
+    /// waits on directly, such as fills). The head must come within `response_timeout` of the
+    /// call, a new connection within the connect timeout.
     pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
         after: Option<&Arc<AfterAnswer>>,
+        response_timeout: Duration,
     ) -> Result<(Response<Incoming>, Reuse), UpstreamError> {
         self.to_origin_form(&mut req);
+        let now = tokio::time::Instant::now();
+        let response_deadline = now + response_timeout;
+        let connect_deadline = (now + self.connect_timeout).min(response_deadline);
+        // One timer for both limits, set for the connect if there is one and then moved out to
+        // the response's deadline: moving a timer later only updates it, while a second timer
+        // would be registered with the runtime and removed again on every request.
+        let mut pooled = self.checkout();
+        let timer = tokio::time::sleep_until(if pooled.is_some() { response_deadline } else { connect_deadline });
+        tokio::pin!(timer);
         loop {
-            let (conn, reused) = match self.checkout() {
+            let (conn, reused) = match pooled.take() {
                 Some(conn) => (conn, true),
-                None => (self.connect().await?, false),
+                None => {
+                    if timer.deadline() != connect_deadline {
+                        timer.as_mut().reset(connect_deadline);
+                    }
+                    let conn = tokio::select! {
+                        biased;
+                        conn = self.connect() => conn?,
+                        () = &mut timer => return Err(self.timed_out(connect_deadline < response_deadline)),
+                    };
+                    timer.as_mut().reset(response_deadline);
+                    (conn, false)
+                }
             };
             let Conn { mut sender, owner } = conn;
             *owner.lock().expect("owner") = after.cloned();
-            match sender.try_send_request(req).await {
+            let sent = tokio::select! {
+                biased;
+                sent = sender.try_send_request(req) => sent,
+                () = &mut timer => {
+                    owner.lock().expect("owner").take();
+                    return Err(UpstreamError::ResponseTimeout);
+                }
+            };
+            match sent {
                 Ok(resp) => {
                     let reuse =
                         Reuse { conn: Conn { sender, owner }, pool: self.pool().clone(), max_idle: self.max_idle };
@@ -269,11 +301,23 @@ impl Upstream {
                     owner.lock().expect("owner").take();
                     match e.take_message() {
                         // Never written: the pooled connection had been closed by the origin.
-                        Some(unsent) if reused => req = unsent,
+                        Some(unsent) if reused => {
+                            req = unsent;
+                            pooled = self.checkout();
+                        }
                         _ => return Err(UpstreamError::Http(e.into_error())),
                     }
                 }
             }
+        }
+    }
+
+    /// The error for a timer that fired while connecting: the connect timeout's, or the
+    /// response's when that came first.
+    fn timed_out(&self, connecting: bool) -> UpstreamError {
+        match connecting {
+            true => UpstreamError::ConnectTimeout { addr: self.authority.to_string(), timeout: self.connect_timeout },
+            false => UpstreamError::ResponseTimeout,
         }
     }
 
@@ -307,15 +351,12 @@ impl Upstream {
         None
     }
 
+    /// A new connection, handshake included (the caller bounds it in time).
     async fn connect(&self) -> Result<Conn, UpstreamError> {
         let addr = self.authority.as_str();
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Err(_) => {
-                return Err(UpstreamError::ConnectTimeout { addr: addr.to_string(), timeout: self.connect_timeout })
-            }
-            Ok(Err(source)) => return Err(UpstreamError::Connect { addr: addr.to_string(), source }),
-            Ok(Ok(stream)) => stream,
-        };
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| UpstreamError::Connect { addr: addr.to_string(), source })?;
         let _ = stream.set_nodelay(true);
         let owner: Arc<Owner> = Arc::default();
         let io = TokioIo::new(OriginIo { stream: Some(stream), owner: owner.clone() });

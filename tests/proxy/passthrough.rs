@@ -195,3 +195,27 @@ async fn a_head_whose_body_comes_late_reaches_the_client_before_that_body() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.contains("\r\ncontent-length: 5\r\n"), "{text}");
 }
+
+#[tokio::test]
+async fn a_pass_through_request_the_origin_never_answers_gets_504_at_the_response_timeout_not_the_connect_one() {
+    // An origin that accepts every connection and never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut silent = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            silent.push(conn);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    // The support config: connect_timeout 1 s, response_timeout 2 s.
+    let proxy = start_proxy(addr, dir.path(), "").await;
+    let started = Instant::now();
+    let got = crate::support::get(proxy.local_addr(), "/monitoreo").await;
+    let waited = started.elapsed();
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(got.headers["content-type"], "application/json");
+    assert_eq!(got.json()["error"], "origin timed out");
+    // Connected at once, the wait runs to the response's deadline, past the connect timeout's.
+    assert!(waited >= Duration::from_millis(1950), "answered after {waited:?}");
+}
