@@ -8,6 +8,7 @@ use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::upstream::{AfterAnswer, Upstream, UpstreamError};
 use bytes::Bytes;
+use http::header::Entry;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -227,27 +228,24 @@ pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &st
     headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
 }
 
-/// Removes hop-by-hop headers, those the `Connection` header names, and those `also` picks,
-/// in one pass over the names present (no lookup per name that could be there), allocating
-/// nothing when the `Connection` header is single (a name it lists, such as `close`, is
-/// compared as text, never built as a header name).
+/// Removes hop-by-hop headers, those the `Connection` header names, and those `also` picks:
+/// one pass over the names present for the first two kinds (no lookup per name that could be
+/// there), one lookup per `Connection` token (usually one: `close` or `keep-alive`) for the
+/// last, and no allocation unless there are several `Connection` headers.
 fn remove_where(headers: &mut HeaderMap, also: impl Fn(&str) -> bool) {
-    // The `Connection` values are kept aside: the header itself is among those removed.
+    // The `Connection` values are kept aside (a reference count each): the header itself is
+    // among those removed.
     let mut values = headers.get_all(header::CONNECTION).iter();
     let first = values.next().cloned();
     let more: Vec<HeaderValue> = values.cloned().collect();
-    let named = |name: &str| {
-        first
-            .iter()
-            .chain(&more)
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case(name))
-    };
-    let doomed = |n: &HeaderName| is_hop_by_hop(n.as_str()) || also(n.as_str()) || named(n.as_str());
     // Found and removed one at a time: a header map cannot drop entries while iterated.
-    while let Some(name) = headers.keys().find(|n| doomed(n)).cloned() {
+    while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n.as_str()) || also(n.as_str())).cloned() {
         headers.remove(name);
+    }
+    let tokens = first.iter().chain(&more).filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+    for token in tokens.map(str::trim).filter(|t| !t.is_empty()) {
+        // Looked up as text: a token that is no header name (`close`) finds nothing.
+        headers.remove(token);
     }
 }
 
@@ -260,12 +258,23 @@ pub fn forward_request_headers(headers: &mut HeaderMap, peer: SocketAddr) {
     // Room for the four added below at once, rather than a regrowth on the way.
     headers.reserve(4);
     let peer_ip = ip_text(peer.ip());
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => HeaderValue::from_bytes(&[prev.as_bytes(), b", ", &peer_ip].concat()),
-        _ => HeaderValue::from_bytes(&peer_ip),
-    };
-    if let Ok(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+    // One lookup per added header (an entry), not a `get` and then an `insert`.
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Occupied(mut prev) => {
+            let joined = match prev.get().to_str() {
+                Ok(p) if !p.trim().is_empty() => [p.as_bytes(), b", ", &peer_ip].concat(),
+                _ => peer_ip,
+            };
+            match HeaderValue::from_bytes(&joined) {
+                Ok(v) => drop(prev.insert(v)),
+                Err(_) => drop(prev.remove()),
+            }
+        }
+        Entry::Vacant(slot) => {
+            if let Ok(v) = HeaderValue::from_bytes(&peer_ip) {
+                slot.insert(v);
+            }
+        }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     match headers.get(header::HOST).cloned() {
@@ -282,12 +291,15 @@ pub fn forward_response_headers(headers: &mut HeaderMap) {
 }
 
 fn append_via(headers: &mut HeaderMap) {
-    let via = match headers.get(header::VIA) {
-        Some(prev) => HeaderValue::from_bytes(&[prev.as_bytes(), b", ", VIA.as_bytes()].concat()),
-        None => Ok(HeaderValue::from_static(VIA)),
-    };
-    if let Ok(v) = via {
-        headers.insert(header::VIA, v);
+    match headers.entry(header::VIA) {
+        Entry::Occupied(mut prev) => {
+            if let Ok(v) = HeaderValue::from_bytes(&[prev.get().as_bytes(), b", ", VIA.as_bytes()].concat()) {
+                prev.insert(v);
+            }
+        }
+        Entry::Vacant(slot) => {
+            slot.insert(HeaderValue::from_static(VIA));
+        }
     }
 }
 
@@ -498,6 +510,19 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn connection_tokens_name_headers_in_any_case_across_several_connection_headers() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        h.append(header::CONNECTION, HeaderValue::from_static(" , x-other ,not a name"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("2"));
+        h.insert("x-kept", HeaderValue::from_static("3"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]

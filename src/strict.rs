@@ -222,56 +222,93 @@ impl<S> StrictIo<S> {
 /// Checks a complete request head (request line to the empty line) and gives the framing of
 /// what follows it, or why the head is refused.
 fn framing(head: &[u8]) -> Result<State, &'static str> {
-    let mut content_length = None;
-    let mut chunked = false;
-    let mut transfer_encoding = false;
-    let mut upgrade = false;
-    let value = |v: &[u8]| String::from_utf8_lossy(v).trim().to_ascii_lowercase();
+    let mut framing = HeadFraming::default();
     for line in head.split(|&b| b == b'\n').skip(1) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
-        let name = &line[..colon];
-        // Only the framing headers' values are looked at (and allocated).
-        if name.eq_ignore_ascii_case(b"content-length") {
-            content_length = value(&line[colon + 1..]).parse::<u64>().ok().or(Some(u64::MAX));
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            transfer_encoding = true;
-            chunked = value(&line[colon + 1..]).rsplit(',').next().is_some_and(|last| last.trim() == "chunked");
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            upgrade = true;
-        }
+        framing.header_line(line.strip_suffix(b"\r").unwrap_or(line));
     }
-    if transfer_encoding && content_length.is_some() {
-        return Err("ambiguous framing: Content-Length together with Transfer-Encoding");
-    }
-    let connect = head.starts_with(b"CONNECT ");
-    Ok(if upgrade || connect || (transfer_encoding && !chunked) || content_length == Some(u64::MAX) {
-        // hyper refuses these or takes the connection over: stop following it.
-        State::Opaque
-    } else if chunked {
-        State::Chunked(Chunk::Size { size: 0, digits: false, ext: false })
-    } else {
-        match content_length {
-            Some(n) if n > 0 => State::Body(n),
-            _ => State::Head,
-        }
-    })
+    framing.finish(head)
 }
 
-/// Whether `input` is exactly one request head: a request line and header lines each ending in
-/// CRLF (no bare LF, no empty line before the request line), then the empty line, and nothing
-/// after it.
-fn is_one_whole_head(input: &[u8]) -> bool {
-    let Some(lines) = input.strip_suffix(b"\r\n") else { return false };
-    let mut line_start = 0;
-    for (i, _) in lines.iter().enumerate().filter(|&(_, &b)| b == b'\n') {
+/// [`framing`] of `input` if it is exactly one request head: a request line and header lines
+/// each ending in CRLF (no bare LF, no empty line before the request line), then the empty
+/// line, and nothing after it. One pass over the bytes.
+fn one_whole_head_framing(input: &[u8]) -> Option<Result<State, &'static str>> {
+    let mut rest = input.strip_suffix(b"\r\n")?;
+    let mut framing = HeadFraming::default();
+    let mut request_line = true;
+    while !rest.is_empty() {
+        let lf = rest.iter().position(|&b| b == b'\n')?;
         // A bare LF, or an empty line (the head's end, before the end of the input).
-        if i == 0 || lines[i - 1] != b'\r' || i - 1 == line_start {
-            return false;
+        if lf < 2 || rest[lf - 1] != b'\r' {
+            return None;
         }
-        line_start = i + 1;
+        if !request_line {
+            framing.header_line(&rest[..lf - 1]);
+        }
+        request_line = false;
+        rest = &rest[lf + 1..];
     }
-    line_start == lines.len() && line_start > 0
+    (!request_line).then(|| framing.finish(input))
+}
+
+/// The framing headers of a request head, read line by line.
+#[derive(Default)]
+struct HeadFraming {
+    /// `u64::MAX` for a value that is not a number.
+    content_length: Option<u64>,
+    transfer_encoding: bool,
+    chunked: bool,
+    upgrade: bool,
+}
+
+impl HeadFraming {
+    /// Takes one header line (without its line end).
+    fn header_line(&mut self, line: &[u8]) {
+        let value = |v: &[u8]| String::from_utf8_lossy(v).trim().to_ascii_lowercase();
+        // The value after `name:` if `line` is that header (a name is followed by its colon at
+        // once: no space is allowed between them).
+        let field = |name: &[u8]| -> Option<String> {
+            let (n, rest) = line.split_at_checked(name.len())?;
+            (n.eq_ignore_ascii_case(name) && rest.first() == Some(&b':')).then(|| value(&rest[1..]))
+        };
+        // Only the framing headers are looked at: the first letter rules out most lines, and
+        // only their values are allocated.
+        match line.first().map(u8::to_ascii_lowercase) {
+            Some(b'c') => {
+                if let Some(v) = field(b"content-length") {
+                    self.content_length = v.parse::<u64>().ok().or(Some(u64::MAX));
+                }
+            }
+            Some(b't') => {
+                if let Some(v) = field(b"transfer-encoding") {
+                    self.transfer_encoding = true;
+                    self.chunked = v.rsplit(',').next().is_some_and(|last| last.trim() == "chunked");
+                }
+            }
+            Some(b'u') => self.upgrade |= field(b"upgrade").is_some(),
+            _ => {}
+        }
+    }
+
+    /// The framing of what follows `head`, or why it is refused.
+    fn finish(self, head: &[u8]) -> Result<State, &'static str> {
+        let HeadFraming { content_length, transfer_encoding, chunked, upgrade } = self;
+        if transfer_encoding && content_length.is_some() {
+            return Err("ambiguous framing: Content-Length together with Transfer-Encoding");
+        }
+        let connect = head.starts_with(b"CONNECT ");
+        Ok(if upgrade || connect || (transfer_encoding && !chunked) || content_length == Some(u64::MAX) {
+            // hyper refuses these or takes the connection over: stop following it.
+            State::Opaque
+        } else if chunked {
+            State::Chunked(Chunk::Size { size: 0, digits: false, ext: false })
+        } else {
+            match content_length {
+                Some(n) if n > 0 => State::Body(n),
+                _ => State::Head,
+            }
+        })
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
@@ -312,7 +349,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
                     // The common read: one whole head, nothing held back or queued. Checked
                     // where it lies, it stays in the caller's buffer (no copies through ours).
                     if this.state == State::Head && this.head.is_empty() && this.ready.is_empty() {
-                        if let Some(Ok(state)) = is_one_whole_head(input).then(|| framing(input)) {
+                        if let Some(Ok(state)) = one_whole_head_framing(input) {
                             this.state = state;
                             return Poll::Ready(Ok(()));
                         }
@@ -627,9 +664,12 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
     }
 
     #[test]
-    fn only_exactly_one_well_formed_head_counts_as_one_whole_head() {
-        assert!(is_one_whole_head(b"GET / HTTP/1.1\r\n\r\n"));
-        assert!(is_one_whole_head(b"GET / HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n"));
+    fn only_exactly_one_well_formed_head_is_taken_whole() {
+        assert_eq!(one_whole_head_framing(b"GET / HTTP/1.1\r\n\r\n"), Some(Ok(State::Head)));
+        assert_eq!(
+            one_whole_head_framing(b"POST / HTTP/1.1\r\nHost: x\r\ncontent-length: 12\r\n\r\n"),
+            Some(Ok(State::Body(12)))
+        );
         for not_one in [
             &b""[..],
             b"\r\n",
@@ -641,7 +681,7 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
             b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi",
         ] {
-            assert!(!is_one_whole_head(not_one), "{:?}", String::from_utf8_lossy(not_one));
+            assert_eq!(one_whole_head_framing(not_one), None, "{:?}", String::from_utf8_lossy(not_one));
         }
     }
 

@@ -401,6 +401,15 @@ impl Reuse {
 /// Whether the origin ends the connection after this response (`Connection: close`, or
 /// HTTP/1.0 without keep-alive).
 fn ends_connection(version: http::Version, headers: &http::HeaderMap) -> bool {
+    // The usual case, a single `Connection: close`, without splitting it into tokens.
+    if version == http::Version::HTTP_11 {
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        if let (Some(v), None) = (values.next(), values.next()) {
+            if v.as_bytes().eq_ignore_ascii_case(b"close") {
+                return true;
+            }
+        }
+    }
     let has = |token: &str| crate::origin::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token));
     if version == http::Version::HTTP_10 {
         !has("keep-alive")
