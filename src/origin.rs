@@ -6,7 +6,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::config::OriginConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::upstream::{AfterAnswer, Upstream, UpstreamError};
+use crate::upstream::{AfterAnswer, Reuse, Upstream, UpstreamError};
 use bytes::Bytes;
 use http::header::Entry;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
@@ -19,6 +19,7 @@ use std::sync::{
     Arc,
 };
 use std::{
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     task::{Context, Poll},
@@ -118,19 +119,33 @@ impl Origin {
 
     /// Sends `req` (already rewritten; an absolute or origin-form target) and waits for the
     /// response head, at most the configured response timeout.
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
-        self.send_for(req, None).await
+    pub fn send(&self, req: Request<ProxyBody>) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + '_ {
+        self.send_for(req, None)
     }
 
     /// [`Origin::send`] for a client connection waiting on the answer directly: should the
     /// origin end the connection, it is closed after that client's answer is written.
-    pub async fn send_for(
-        &self,
+    ///
+    /// The upstream's future with a closure after it, not an `async fn`: that would hold the
+    /// request a second time, and the future grows the one boxed for every pass-through request.
+    pub fn send_for<'a>(
+        &'a self,
         req: Request<ProxyBody>,
-        after: Option<&Arc<AfterAnswer>>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+        after: Option<&'a Arc<AfterAnswer>>,
+    ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + 'a {
         let started = std::time::Instant::now();
-        let result = match self.upstream.send(req, after, self.config.response_timeout).await {
+        let sent = self.upstream.send(req, after, self.config.response_timeout);
+        futures_util::FutureExt::map(sent, move |sent| self.answered(sent, started))
+    }
+
+    /// The outcome of a request sent at `started`: the head checked, the connection kept for
+    /// reuse if it may be, and the metrics told.
+    fn answered(
+        &self,
+        sent: Result<(Response<Incoming>, Reuse), UpstreamError>,
+        started: std::time::Instant,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let result = match sent {
             Err(UpstreamError::ResponseTimeout) => Err(ProxyError::OriginTimeout { phase: "response head" }),
             // Not kept, a refused response's connection is discarded: never reused.
             Ok((resp, reuse)) => match framing_problem(resp.headers()) {
@@ -447,8 +462,6 @@ where
         self.inner.size_hint()
     }
 }
-
-use std::future::Future as _;
 
 #[cfg(test)]
 mod tests {

@@ -63,10 +63,8 @@ impl tower::Service<Request<Incoming>> for ProxyService {
         // would be copied whole into its box on every request, pass-through ones included.)
         let shared = self.shared.clone();
         match shared.route(req) {
-            Routed::Pass(req) => {
-                let (peer, after) = (self.peer, self.after_answer.clone());
-                Box::pin(async move { Ok(shared.pass_through(req, peer, &after).await) })
-            }
+            // Boxed as it is: wrapped in an `async` block, its arguments would be held twice.
+            Routed::Pass(req) => Box::pin(shared.pass_through(req, self.peer, self.after_answer.clone())),
             Routed::Cache { req, target, started } => {
                 let peer = self.peer;
                 Box::pin(async move {
@@ -184,13 +182,14 @@ impl Shared {
         Response::from_parts(parts, access_log::wrap(body, log))
     }
 
-    /// Forwards a request the cache does not handle: bodies stream both ways.
+    /// Forwards a request the cache does not handle: bodies stream both ways. (It owns its
+    /// arguments, and is the future boxed for the request as it is: see `call`.)
     async fn pass_through(
-        &self,
+        self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
-        after: &Arc<AfterAnswer>,
-    ) -> Response<ProxyBody> {
+        after: Arc<AfterAnswer>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         // The target goes as the client sent it; the upstream writes an absolute-form one in
         // origin-form (one naming another host than `Host` was refused before routing).
         let (mut parts, body) = req.into_parts();
@@ -199,10 +198,10 @@ impl Shared {
         // A request without a body (most of them) has none to fail: nothing to set up.
         if body.is_end_stream() {
             let empty = http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync();
-            return match self.origin.send_for(Request::from_parts(parts, empty), Some(after)).await {
+            return Ok(match self.origin.send_for(Request::from_parts(parts, empty), Some(&after)).await {
                 Ok(resp) => self.origin.relay(resp).await,
                 Err(e) => e.to_response(None),
-            };
+            });
         }
         // Remember a failure of the client's own body, to answer 400 rather than 502.
         let body_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
@@ -213,12 +212,12 @@ impl Shared {
                 Box::new(e)
             })
             .boxed_unsync();
-        match self.origin.send_for(Request::from_parts(parts, body), Some(after)).await {
+        Ok(match self.origin.send_for(Request::from_parts(parts, body), Some(&after)).await {
             Ok(resp) => self.origin.relay(resp).await,
             Err(e) => match body_error.lock().expect("body error slot").take() {
                 Some(detail) => closing(ProxyError::MalformedBody { detail }.to_response(None)),
                 None => e.to_response(None),
             },
-        }
+        })
     }
 }

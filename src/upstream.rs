@@ -18,6 +18,7 @@
 //! dead is sent again on a new one.
 
 use crate::body::ProxyBody;
+use futures_util::FutureExt as _;
 use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -201,6 +202,8 @@ type Pool = Arc<Mutex<Vec<Idle>>>;
 pub struct Upstream {
     /// `host:port`.
     authority: http::uri::Authority,
+    /// The authority's address when its host is an IP address (parsed once, not per connect).
+    ip_addr: Option<std::net::SocketAddr>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     /// At most this many idle connections per pool.
@@ -240,7 +243,8 @@ impl Upstream {
                 }
             });
         }
-        Upstream { authority, connect_timeout, idle_timeout, max_idle, pools }
+        let ip_addr = authority.as_str().parse().ok();
+        Upstream { authority, ip_addr, connect_timeout, idle_timeout, max_idle, pools }
     }
 
     /// Sends `req` (absolute or origin-form URI) and returns the response head, with the
@@ -354,18 +358,22 @@ impl Upstream {
     /// A new connection, handshake included (the caller bounds it in time).
     async fn connect(&self) -> Result<Conn, UpstreamError> {
         let addr = self.authority.as_str();
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| UpstreamError::Connect { addr: addr.to_string(), source })?;
+        let connected = match self.ip_addr {
+            Some(ip_addr) => TcpStream::connect(ip_addr).await,
+            None => TcpStream::connect(addr).await,
+        };
+        let stream = connected.map_err(|source| UpstreamError::Connect { addr: addr.to_string(), source })?;
         let _ = stream.set_nodelay(true);
         let owner: Arc<Owner> = Arc::default();
         let io = TokioIo::new(OriginIo { stream: Some(stream), owner: owner.clone() });
         let (sender, connection) = http1::Builder::new().handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
+        // Spawned as it is, with a closure after it: an `async` block awaiting it would hold it
+        // twice (captured, and again while awaited), and the task would be twice its size.
+        tokio::spawn(connection.map(|ended| {
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "origin connection ended with an error");
             }
-        });
+        }));
         Ok(Conn { sender, owner })
     }
 }
