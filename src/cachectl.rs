@@ -276,6 +276,16 @@ pub async fn warm(ids: Vec<String>, via: &str, template: &str, concurrency: usiz
                     if !status.is_success() {
                         return Err(format!("status {status}"));
                     }
+                    // A miss's head goes out before its commit: whether it was stored is
+                    // asked of the store alone (only-if-cached never starts a fetch).
+                    if !cs.contains("; hit") && !cs.contains("detail=") && !cs.ends_with("; stored") {
+                        let check = hyper::Request::head(&url)
+                            .header("cache-control", "only-if-cached")
+                            .body(http_body_util::Empty::new())
+                            .map_err(|e| e.to_string())?;
+                        let stored = client.request(check).await.is_ok_and(|r| r.status().is_success());
+                        return Ok(if stored { "stored".to_string() } else { "not-stored".to_string() });
+                    }
                     Ok(cs)
                 }
                 .await;
@@ -287,7 +297,7 @@ pub async fn warm(ids: Vec<String>, via: &str, template: &str, concurrency: usiz
     while let Some((id, outcome)) = results.next().await {
         match outcome {
             Ok(cs) if cs.contains("; hit") => report.hit += 1,
-            Ok(cs) if cs.ends_with("; stored") || cs.contains("collapsed") => report.stored += 1,
+            Ok(cs) if cs.ends_with("stored") && !cs.ends_with("not-stored") => report.stored += 1,
             Ok(_) => report.not_stored += 1,
             Err(e) => report.failed.push(format!("{id}: {e}")),
         }

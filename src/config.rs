@@ -102,6 +102,10 @@ pub struct RawCache {
     pub replay_buffer: Option<Spanned<String>>,
     pub wait_timeout: Option<Spanned<String>>,
     pub fill_timeout: Option<Spanned<String>>,
+    pub min_free: Option<Spanned<String>>,
+    pub max_fills: Option<usize>,
+    pub max_fills_per_worker: Option<usize>,
+    pub fill_queue: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +127,12 @@ pub struct RawRule {
     pub auth: Option<RawAuth>,
     /// Response headers that do not prevent storing on this route.
     pub ignore_response: Option<Vec<Spanned<String>>>,
+    /// Client request headers a fill forwards (replaces the default list).
+    pub forward_headers: Option<Vec<Spanned<String>>>,
+    /// Request headers that carry credentials (replaces the default list).
+    pub credential_headers: Option<Vec<Spanned<String>>>,
+    /// Largest body stored on this route; larger ones are served, never written.
+    pub max_object_size: Option<Spanned<String>>,
     #[serde(default, rename = "assert")]
     pub asserts: Vec<RawAssert>,
 }
@@ -170,6 +180,9 @@ pub struct Config {
     pub cache_dir: PathBuf,
     /// Cap on the bytes of live entries (0: none).
     pub max_size: u64,
+    /// Free space kept on the cache's file system: below it, answers are served and not
+    /// stored (0: off).
+    pub min_free: u64,
     /// Bytes of verified small bodies kept in memory, and the largest body kept.
     pub memory_tier: u64,
     pub memory_object_max: u64,
@@ -268,6 +281,12 @@ pub struct FillConfig {
     pub wait_timeout: Duration,
     /// Longest a fill may run in all; a fill older than this is abandoned and replaced.
     pub fill_timeout: Duration,
+    /// Fills fetching from the origin at once, in the whole process and on one worker
+    /// thread; more wait in a queue of `fill_queue` (then `503` with `Retry-After`). Read at
+    /// start: a change needs a restart.
+    pub max_fills: usize,
+    pub max_fills_per_worker: usize,
+    pub fill_queue: usize,
 }
 
 impl Default for FillConfig {
@@ -276,6 +295,9 @@ impl Default for FillConfig {
             replay_buffer: 32 * 1024 * 1024,
             wait_timeout: Duration::from_secs(130),
             fill_timeout: Duration::from_secs(900),
+            max_fills: 64,
+            max_fills_per_worker: 32,
+            fill_queue: 1024,
         }
     }
 }
@@ -321,7 +343,86 @@ pub struct RuleConfig {
     pub ignore: IgnoreResponse,
     /// Checks a document must pass before it is stored (inactive when empty).
     pub validation: Arc<Validation>,
+    /// Which request headers a fill forwards, and which count as credentials.
+    pub headers: Arc<FillHeaders>,
+    /// Largest body stored on this route (None: only `cache.max_size` bounds it).
+    pub max_object_size: Option<u64>,
 }
+
+/// The request headers of a rule's fills: a fill is one request made on behalf of many
+/// clients, so it forwards only an explicit set, never the client's headers wholesale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FillHeaders {
+    /// Forwarded on every fill (`forward_headers`; default [`DEFAULT_FORWARD_HEADERS`]).
+    pub forward: Vec<http::HeaderName>,
+    /// Headers that identify a client (`credential_headers`; default
+    /// [`DEFAULT_CREDENTIAL_HEADERS`]). On a rule without an access policy a request carrying
+    /// any of them bypasses the cache; on a rule with an access check they go to the check
+    /// and on that request's fill; otherwise they are never forwarded on a fill.
+    pub credentials: Vec<http::HeaderName>,
+}
+
+impl FillHeaders {
+    /// Whether `headers` holds any credential header.
+    pub fn carries_credentials(&self, headers: &http::HeaderMap) -> bool {
+        self.credentials.iter().any(|name| headers.contains_key(name))
+    }
+}
+
+impl Default for FillHeaders {
+    fn default() -> Self {
+        let names = |list: &[&'static str]| list.iter().map(|&n| http::HeaderName::from_static(n)).collect();
+        FillHeaders { forward: names(DEFAULT_FORWARD_HEADERS), credentials: names(DEFAULT_CREDENTIAL_HEADERS) }
+    }
+}
+
+/// What a fill forwards by default: content negotiation, the client's software, tracing,
+/// and the addressing the backend may build links from. Nothing that identifies a user.
+pub const DEFAULT_FORWARD_HEADERS: &[&str] =
+    &["host", "accept", "accept-language", "user-agent", "x-request-id", "x-forwarded-for"];
+
+/// Request headers that carry credentials by default: HTTP's own, API keys, the identity
+/// headers of authenticating front ends (oauth2-proxy, Apache/nginx auth modules, AWS ALB,
+/// Azure App Service, Google IAP, Cloudflare Access) and client-certificate headers.
+pub const DEFAULT_CREDENTIAL_HEADERS: &[&str] = &[
+    "cookie",
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-access-token",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-preferred-username",
+    "x-forwarded-groups",
+    "x-forwarded-access-token",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-access-token",
+    "x-remote-user",
+    "remote-user",
+    "x-user",
+    "x-user-id",
+    "x-ssl-client-cert",
+    "x-ssl-client-dn",
+    "x-client-cert",
+    "x-client-dn",
+    "ssl-client-cert",
+    "x-forwarded-client-cert",
+    "x-arr-clientcert",
+    "x-amzn-oidc-data",
+    "x-amzn-oidc-identity",
+    "x-amzn-oidc-accesstoken",
+    "x-ms-client-principal",
+    "x-ms-client-principal-name",
+    "x-ms-client-principal-id",
+    "x-goog-authenticated-user-email",
+    "x-goog-authenticated-user-id",
+    "x-goog-iap-jwt-assertion",
+    "cf-access-jwt-assertion",
+    "cf-access-authenticated-user-email",
+];
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ORIGIN: &str = "http://127.0.0.1:5000";
@@ -461,6 +562,19 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// A count that must be at least one.
+    fn count(&mut self, field: &str, value: Option<usize>, default: usize) -> usize {
+        match value {
+            Some(0) => {
+                let at = Located { value: "", location: self.name.to_string() };
+                self.err(&at, field, "must be at least 1");
+                1
+            }
+            Some(n) => n,
+            None => default,
+        }
+    }
+
     fn size(&mut self, field: &str, value: Option<&Spanned<String>>, default: &str) -> u64 {
         let at = self.pick(None, "", value, default);
         match at.value.parse::<bytesize::ByteSize>() {
@@ -588,7 +702,11 @@ impl<'a> Validator<'a> {
             replay_buffer: self.size("cache.replay_buffer", raw.cache.replay_buffer.as_ref(), "32MiB"),
             wait_timeout: self.duration("cache.wait_timeout", raw.cache.wait_timeout.as_ref(), "130s"),
             fill_timeout: self.duration("cache.fill_timeout", raw.cache.fill_timeout.as_ref(), "15m"),
+            max_fills: self.count("cache.max_fills", raw.cache.max_fills, 64),
+            max_fills_per_worker: self.count("cache.max_fills_per_worker", raw.cache.max_fills_per_worker, 32),
+            fill_queue: raw.cache.fill_queue.unwrap_or(1024),
         };
+        let min_free = self.size_or_zero("cache.min_free", raw.cache.min_free.as_ref(), "256MiB");
 
         let shared = self.shared(raw.shared.as_ref(), ov);
 
@@ -596,11 +714,26 @@ impl<'a> Validator<'a> {
             None => vec![default_rule()],
             Some(list) => {
                 let mut names = std::collections::HashSet::new();
+                let mut keys = std::collections::HashMap::new();
                 let mut out = Vec::new();
                 for r in list {
                     if !names.insert(r.name.get_ref().clone()) {
                         let at = self.pick(None, "", Some(&r.name), "");
                         self.err(&at, "rules.name", format!("duplicate rule name {:?}", r.name.get_ref()));
+                    }
+                    // Entries are namespaced by rule, so overlapping keys are never confused;
+                    // one template twice is still a mistake (two rules fighting over one file).
+                    let key_at = self.pick(None, "", r.key.as_ref(), DEFAULT_KEY);
+                    let template = key_at.value.to_string();
+                    if let Some(first) = keys.insert(template.clone(), r.name.get_ref().clone()) {
+                        self.err(
+                            &key_at,
+                            "rules.key",
+                            format!(
+                                "rules {first:?} and {:?} have the same key template {template:?}; give each rule its own",
+                                r.name.get_ref()
+                            ),
+                        );
                     }
                     if let Some(rule) = self.rule(r) {
                         out.push(rule);
@@ -624,6 +757,7 @@ impl<'a> Validator<'a> {
                 origin,
                 cache_dir,
                 max_size,
+                min_free,
                 memory_tier,
                 memory_object_max,
                 memory_recheck,
@@ -791,6 +925,8 @@ impl<'a> Validator<'a> {
                 }
             }
         }
+        let headers = self.fill_headers(r);
+        let max_object_size = r.max_object_size.as_ref().map(|m| self.size("rules.max_object_size", Some(m), "0"));
         if self.errors.len() > before {
             return None;
         }
@@ -807,7 +943,49 @@ impl<'a> Validator<'a> {
             access,
             ignore,
             validation: Arc::new(validation),
+            headers: Arc::new(headers),
+            max_object_size: max_object_size.filter(|&n| n > 0),
         })
+    }
+
+    /// A rule's fill header lists: each name a valid header name, no hop-by-hop one, and no
+    /// credential in the forwarded list (credentials go only where an access check ran).
+    fn fill_headers(&mut self, r: &RawRule) -> FillHeaders {
+        let mut out = FillHeaders::default();
+        let names = |this: &mut Self, field: &str, list: &[Spanned<String>]| -> Vec<http::HeaderName> {
+            let mut v = Vec::new();
+            for n in list {
+                let at = this.pick(None, "", Some(n), "");
+                match http::HeaderName::from_bytes(n.get_ref().trim().as_bytes()) {
+                    Ok(h) if crate::origin::is_hop_by_hop(h.as_str()) => {
+                        this.err(&at, field, format!("{:?} is a hop-by-hop header; it is never forwarded", h.as_str()))
+                    }
+                    Ok(h) => v.push(h),
+                    Err(_) => this.err(&at, field, format!("{:?} is not a header name", n.get_ref())),
+                }
+            }
+            v
+        };
+        if let Some(list) = &r.credential_headers {
+            out.credentials = names(self, "rules.credential_headers", list);
+        }
+        if let Some(list) = &r.forward_headers {
+            out.forward = names(self, "rules.forward_headers", list);
+            for (n, h) in list.iter().zip(&out.forward) {
+                if out.credentials.contains(h) {
+                    let at = self.pick(None, "", Some(n), "");
+                    self.err(
+                        &at,
+                        "rules.forward_headers",
+                        format!(
+                            "{:?} is a credential header: fills forward credentials only on a rule with an access check ([rules.auth])",
+                            h.as_str()
+                        ),
+                    );
+                }
+            }
+        }
+        out
     }
 
     fn access(&mut self, r: &RawRule) -> AccessPolicy {
@@ -902,6 +1080,8 @@ pub fn default_rule() -> RuleConfig {
         access: AccessPolicy::CredentialsBypass,
         ignore: IgnoreResponse::default(),
         validation: Arc::new(Validation::default()),
+        headers: Arc::new(FillHeaders::default()),
+        max_object_size: None,
     }
 }
 

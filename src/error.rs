@@ -41,6 +41,20 @@ pub enum ProxyError {
     /// check): answered on the connection by [`crate::strict`], which then closes it.
     #[error("malformed request head")]
     MalformedHead { status: StatusCode, detail: String },
+    /// Too many fills run (or wait) already: answered `503` with `Retry-After`.
+    #[error("too many origin fetches in progress")]
+    Busy { detail: String },
+    /// The store could not be read for a reason that proves nothing about the entry (file
+    /// table full, I/O error, a hit past its deadline): `503`, the entry kept.
+    #[error("cache store temporarily unreadable")]
+    StoreUnavailable { detail: String },
+    /// A body of unknown length for a client that could not tell a cut one from a complete
+    /// one (HTTP/1.0), and too large to buffer.
+    #[error("cannot frame the response for this client")]
+    Unframed { detail: String },
+    /// `Cache-Control: only-if-cached` and nothing stored (RFC 9111 §5.2.1.7): `504`.
+    #[error("not in the cache")]
+    NotCached,
 }
 
 impl ProxyError {
@@ -55,8 +69,12 @@ impl ProxyError {
             | ProxyError::OriginFailed(_)
             | ProxyError::FillAborted
             | ProxyError::InvalidDocument { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::OriginTimeout { .. } | ProxyError::WaitTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::OriginTimeout { .. } | ProxyError::WaitTimeout | ProxyError::NotCached => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ProxyError::MalformedHead { status, .. } => *status,
+            ProxyError::Busy { .. } | ProxyError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Unframed { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -74,6 +92,10 @@ impl ProxyError {
             ProxyError::AccessCheckFailed { .. } => "access-check-failed",
             ProxyError::MalformedBody { .. } => "malformed-body",
             ProxyError::MalformedHead { .. } => "malformed-head",
+            ProxyError::Busy { .. } => "busy",
+            ProxyError::StoreUnavailable { .. } => "store-unavailable",
+            ProxyError::Unframed { .. } => "unframed-for-http10",
+            ProxyError::NotCached => "not-cached",
         })
     }
 
@@ -85,12 +107,16 @@ impl ProxyError {
             ProxyError::InvalidDocument { reason, .. } => reason.clone(),
             ProxyError::AccessCheckFailed { detail }
             | ProxyError::MalformedBody { detail }
-            | ProxyError::MalformedHead { detail, .. } => detail.clone(),
+            | ProxyError::MalformedHead { detail, .. }
+            | ProxyError::Busy { detail }
+            | ProxyError::StoreUnavailable { detail }
+            | ProxyError::Unframed { detail } => detail.clone(),
             ProxyError::OriginUnreachable(e) | ProxyError::OriginFailed(e) => error_chain(e.as_ref()),
             ProxyError::OriginTimeout { phase } => {
                 format!("no {phase} from the origin within the configured timeout")
             }
             ProxyError::FillAborted => "the origin fetch for this entry was abandoned".to_string(),
+            ProxyError::NotCached => "the request said only-if-cached and no fresh entry is stored".to_string(),
             ProxyError::WaitTimeout => {
                 "the fetch this request joined did not answer within cache.wait_timeout".to_string()
             }
@@ -106,6 +132,10 @@ impl ProxyError {
         resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(cs) = cache_status {
             resp.headers_mut().insert(crate::cache::status::CACHE_STATUS, cs);
+        }
+        if matches!(self, ProxyError::Busy { .. } | ProxyError::StoreUnavailable { .. }) {
+            // Both pass quickly: a fill slot frees, a file table drains.
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }

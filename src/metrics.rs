@@ -13,6 +13,9 @@ pub struct Metrics {
     pub validation_failures: IntCounterVec,
     /// Stored entries that failed verification on read, by reason.
     pub integrity_failures: IntCounterVec,
+    /// Stored entries that could not be read for a reason that proves nothing about them
+    /// (I/O error, file table full, past the hit deadline): answered 503, kept.
+    pub read_errors: IntCounter,
     /// Entries removed, by reason: lru, purge, corrupt, too-large.
     pub evictions: IntCounterVec,
     pub store_bytes: IntGauge,
@@ -151,6 +154,11 @@ impl Metrics {
             shared_uploads_pending: reg(
                 &registry,
                 IntGauge::new("lotecache_shared_uploads_pending", "Write-through uploads not finished").expect("valid"),
+            ),
+            read_errors: reg(
+                &registry,
+                IntCounter::new("lotecache_read_errors_total", "Stored entries that could not be read (kept)")
+                    .expect("valid"),
             ),
             shared_ops,
             outcome: Outcomes::new(&requests),

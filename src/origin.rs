@@ -173,7 +173,7 @@ impl Origin {
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Upgrade`.
-fn is_hop_by_hop(name: &str) -> bool {
+pub fn is_hop_by_hop(name: &str) -> bool {
     matches!(
         name,
         "connection"

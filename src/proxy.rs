@@ -104,7 +104,9 @@ fn closing(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
 
 /// The request outcome a `Cache-Status` value stands for (metrics and logs).
 fn outcome(cache_status: &str) -> &'static str {
-    if cache_status.contains("fwd=stale") {
+    if cache_status.contains("detail=store-unavailable") {
+        "error"
+    } else if cache_status.contains("fwd=stale") {
         "stale"
     } else if cache_status.starts_with("lotecache; hit") {
         "hit"

@@ -117,6 +117,10 @@ pub struct CacheTarget {
     pub stale_if_error: bool,
     pub access: crate::config::AccessPolicy,
     pub ignore: crate::config::IgnoreResponse,
+    /// Which request headers its fills forward, and which count as credentials.
+    pub headers: std::sync::Arc<crate::config::FillHeaders>,
+    /// Largest body stored on this route.
+    pub max_object_size: Option<u64>,
 }
 
 /// Bytes kept as they are when the id is put back into an upstream path.
@@ -194,6 +198,8 @@ impl Rules {
                 stale_if_error: rule.stale_if_error,
                 access: rule.access.clone(),
                 ignore: rule.ignore,
+                headers: rule.headers.clone(),
+                max_object_size: rule.max_object_size,
             });
         }
         Route::Pass

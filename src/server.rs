@@ -75,6 +75,7 @@ impl RunningProxy {
         let store = Store::open(config.cache_dir.clone(), config.max_size, metrics.clone()).await?;
         store.set_gc_grace(config.gc_grace);
         store.set_memory_tier(config.memory_tier, config.memory_object_max, config.memory_recheck);
+        store.set_min_free(config.min_free);
         let origin = Origin::new(config.origin.clone(), metrics.clone());
         let shared_store = match &config.shared {
             Some(c) => Some((SharedStore::new(c, metrics.clone())?, c.probe_interval)),
@@ -173,6 +174,8 @@ impl RunningProxy {
             ("cache.dir", current.cache_dir != new.cache_dir),
             ("origin", format!("{:?}", current.origin) != format!("{:?}", new.origin)),
             ("shared", current.shared != new.shared),
+            ("cache.max_fills", current.fill.max_fills != new.fill.max_fills),
+            ("cache.max_fills_per_worker", current.fill.max_fills_per_worker != new.fill.max_fills_per_worker),
         ];
         for (field, changed) in needs_restart {
             if changed {
@@ -182,6 +185,7 @@ impl RunningProxy {
         self.shared.rules.store(Arc::new(Rules::new(new.rules.clone())));
         self.shared.cache.fills.set_config(new.fill.clone());
         self.shared.cache.store.set_max_size(new.max_size);
+        self.shared.cache.store.set_min_free(new.min_free);
         self.shared.cache.store.set_gc_grace(new.gc_grace);
         self.shared.cache.store.set_memory_tier(new.memory_tier, new.memory_object_max, new.memory_recheck);
         self.admin.set_token(new.admin.token.clone());

@@ -23,6 +23,10 @@ pub enum StoredValue {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EntryMeta {
     pub v: u32,
+    /// The rule that stored it (entries are namespaced by rule). Entries written before
+    /// rules were recorded belong to the built-in rule's name, which the shipped config uses.
+    #[serde(default = "legacy_rule")]
+    pub rule: String,
     pub lote_id: String,
     pub status: u16,
     pub headers: Vec<(String, StoredValue)>,
@@ -30,8 +34,12 @@ pub struct EntryMeta {
     pub gen_ms: u64,
 }
 
+fn legacy_rule() -> String {
+    "batch-results".to_string()
+}
+
 impl EntryMeta {
-    pub fn new(lote_id: &str, status: StatusCode, headers: &HeaderMap, gen_ms: u64) -> Self {
+    pub fn new(rule: &str, lote_id: &str, status: StatusCode, headers: &HeaderMap, gen_ms: u64) -> Self {
         let headers = headers
             .iter()
             .map(|(n, v)| {
@@ -42,7 +50,14 @@ impl EntryMeta {
                 (n.as_str().to_string(), value)
             })
             .collect();
-        EntryMeta { v: META_VERSION, lote_id: lote_id.to_string(), status: status.as_u16(), headers, gen_ms }
+        EntryMeta {
+            v: META_VERSION,
+            rule: rule.to_string(),
+            lote_id: lote_id.to_string(),
+            status: status.as_u16(),
+            headers,
+            gen_ms,
+        }
     }
 
     /// The stored head as a header map; None if any stored name or value is no longer valid.
@@ -64,6 +79,8 @@ impl EntryMeta {
 #[derive(Debug)]
 pub struct Entry {
     pub key: String,
+    /// The rule that stored it: only that rule's requests are served it.
+    pub rule: String,
     pub lote_id: String,
     pub integrity: Integrity,
     /// The sha256 of the body, as raw bytes.

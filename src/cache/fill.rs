@@ -36,7 +36,10 @@ use std::{
     },
     time::Instant,
 };
-use tokio::{sync::watch, task::AbortHandle};
+use tokio::{
+    sync::{watch, Semaphore},
+    task::AbortHandle,
+};
 
 /// `Repr-Digest` (RFC 9530).
 pub const REPR_DIGEST: HeaderName = HeaderName::from_static("repr-digest");
@@ -45,8 +48,12 @@ pub const REPR_DIGEST: HeaderName = HeaderName::from_static("repr-digest");
 #[derive(Debug)]
 pub struct FillHead {
     pub status: StatusCode,
-    /// Headers for the client (hop-by-hop removed, `Via` added).
+    /// Headers for every subscriber (hop-by-hop and per-request headers removed, `Via`
+    /// added).
     pub headers: HeaderMap,
+    /// The origin's per-request headers (`Set-Cookie`, …): only for the request that
+    /// started the fill, whose request the origin answered.
+    pub requester_only: HeaderMap,
     /// `Cache-Status` for the request that started the fill.
     pub cache_status: HeaderValue,
 }
@@ -194,9 +201,16 @@ pub struct Subscription {
     cursor: Arc<Cursor>,
 }
 
-/// The registry of fills in flight, by cache key.
+/// A fill's place in the registry: its rule and key (entries are namespaced by rule).
+type FillKey = (String, String);
+
+/// The registry of fills in flight, by rule and cache key.
 pub struct Fills {
-    inflight: Mutex<HashMap<String, Arc<Fill>>>,
+    inflight: Mutex<HashMap<FillKey, Arc<Fill>>>,
+    /// Fills fetching at once in the whole process (`cache.max_fills`).
+    running: Arc<Semaphore>,
+    /// Fills waiting for a slot; more than `cache.fill_queue` and new ones are refused.
+    queued: AtomicUsize,
     /// The second tier, if configured: read before the origin, written after a commit.
     shared: OnceLock<Arc<SharedStore>>,
     /// Replaced on reload; each fill keeps the limits it started with.
@@ -214,12 +228,20 @@ pub enum Lookup {
     Joined(Subscription),
     /// A fill is running but past its replay buffer: wait for it to end, then look again.
     Closed(watch::Receiver<FillState>),
+    /// No fill may start now: too many wait for a slot already.
+    Busy(ProxyError),
 }
 
 /// What a fill needs to run.
 pub struct FillJob {
+    /// The rule whose entry this is (its namespace) and whose settings apply.
+    pub rule: String,
     pub key: String,
     pub lote_id: String,
+    /// Whether the request carries the client's credentials (rules with an access check).
+    pub credentials_forwarded: bool,
+    /// The rule's largest stored body.
+    pub max_object_size: Option<u64>,
     /// The rebuilt upstream request (GET, absolute URI, empty body).
     pub request: Request<ProxyBody>,
     /// Checks the document must pass before it is stored, if the route has any.
@@ -232,7 +254,14 @@ pub struct FillJob {
 
 impl Fills {
     pub fn new(config: FillConfig, metrics: Arc<Metrics>) -> Self {
-        Fills { inflight: Mutex::default(), shared: OnceLock::new(), config: ArcSwap::from_pointee(config), metrics }
+        Fills {
+            inflight: Mutex::default(),
+            running: Arc::new(Semaphore::new(config.max_fills)),
+            queued: AtomicUsize::new(0),
+            shared: OnceLock::new(),
+            config: ArcSwap::from_pointee(config),
+            metrics,
+        }
     }
 
     /// Sets the shared store fills read from and write through to (once, at start).
@@ -259,16 +288,18 @@ impl Fills {
         self: &Arc<Self>,
         store: &Arc<Store>,
         origin: &Origin,
+        rule: &str,
         key: &str,
         is_fresh: impl Fn(&Entry) -> bool,
         job: impl FnOnce() -> FillJob,
     ) -> Lookup {
         let config = self.config.load_full();
         let mut inflight = self.inflight.lock().expect("fills lock");
-        if let Some(entry) = store.get(key).filter(|e| is_fresh(e)) {
+        if let Some(entry) = store.get_for(rule, key).filter(|e| is_fresh(e)) {
             return Lookup::Stored(entry);
         }
-        if let Some(fill) = inflight.get(key) {
+        let fill_key = (rule.to_string(), key.to_string());
+        if let Some(fill) = inflight.get(&fill_key) {
             if fill.started.elapsed() > config.fill_timeout {
                 tracing::warn!(key, age = ?fill.started.elapsed(), "abandoning a fill older than fill_timeout");
                 abort_fill(fill);
@@ -280,11 +311,21 @@ impl Fills {
             }
             // Ended without storing: start afresh (the old task never removes a newer fill).
         }
+        if self.queued.load(Relaxed) >= config.fill_queue {
+            self.metrics.not_stored.with_label_values(&["busy"]).inc();
+            return Lookup::Busy(ProxyError::Busy {
+                detail: format!(
+                    "{} origin fetches are waiting for one of cache.max_fills = {} slots; try again shortly",
+                    config.fill_queue, config.max_fills
+                ),
+            });
+        }
+        self.queued.fetch_add(1, Relaxed);
         let job = job();
         let fill = Fill::new(&job.lote_id);
         let sub = fill.try_subscribe().expect("a new fill takes subscribers");
-        inflight.insert(key.to_string(), fill.clone());
-        let guard = FillGuard { fills: self.clone(), key: key.to_string(), fill: fill.clone() };
+        inflight.insert(fill_key.clone(), fill.clone());
+        let guard = FillGuard { fills: self.clone(), key: fill_key, fill: fill.clone(), queued: true };
         self.metrics.fills_in_flight.inc();
         let shared = self.shared.get().cloned();
         let task = tokio::spawn(run(guard, store.clone(), origin.clone(), job, (*config).clone(), shared));
@@ -292,18 +333,26 @@ impl Fills {
         Lookup::Started(sub)
     }
 
-    /// Aborts the fill of `key`, if one runs; its subscribers get an error. Returns whether
-    /// there was one.
+    /// Aborts the fills of `key` (under any rule), if any run; their subscribers get an
+    /// error. Returns whether there was one.
     pub fn abort(&self, key: &str) -> bool {
-        let fill = self.inflight.lock().expect("fills lock").get(key).cloned();
-        fill.map(|f| abort_fill(&f)).is_some()
+        let fills: Vec<_> = self
+            .inflight
+            .lock()
+            .expect("fills lock")
+            .iter()
+            .filter(|((_, k), _)| k == key)
+            .map(|(_, f)| f.clone())
+            .collect();
+        fills.iter().for_each(|f| abort_fill(f));
+        !fills.is_empty()
     }
 
     /// Lets go of the fills `which` covers: they finish for the requests already on them
     /// (their store refuses what they fetched), while new requests start fresh fills.
     pub fn detach(&self, which: &super::store::Purge) {
         let mut inflight = self.inflight.lock().expect("fills lock");
-        inflight.retain(|key, fill| !which.covers(key, &fill.lote_id));
+        inflight.retain(|(_, key), fill| !which.covers(key, &fill.lote_id));
     }
 
     /// Aborts every fill in flight (shutdown past its grace period).
@@ -333,12 +382,24 @@ fn abort_fill(fill: &Fill) {
 /// abort), and fails it if it had not ended, so no subscriber waits forever.
 struct FillGuard {
     fills: Arc<Fills>,
-    key: String,
+    key: FillKey,
     fill: Arc<Fill>,
+    /// Still counted among the fills waiting for a slot.
+    queued: bool,
+}
+
+impl FillGuard {
+    /// Leaves the queue of fills waiting for a slot (once).
+    fn dequeue(&mut self) {
+        if std::mem::take(&mut self.queued) {
+            self.fills.queued.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 impl Drop for FillGuard {
     fn drop(&mut self) {
+        self.dequeue();
         self.fill.fail(ProxyError::FillAborted);
         self.fills.metrics.fills_in_flight.dec();
         let mut inflight = self.fills.inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -351,7 +412,7 @@ impl Drop for FillGuard {
 /// The fill task: copy from the shared store, or fetch, fan out, validate, write, commit
 /// (and write through).
 async fn run(
-    guard: FillGuard,
+    mut guard: FillGuard,
     store: Arc<Store>,
     origin: Origin,
     job: FillJob,
@@ -360,8 +421,32 @@ async fn run(
 ) {
     let fill = guard.fill.clone();
     let key = job.key.clone();
+    // A slot on this worker and one in the process, waited for at most as long as the
+    // requests on this fill wait for it. Held until the fill ends (dropped with the task).
+    let worker = worker_fill_slots(config.max_fills_per_worker);
+    let running = guard.fills.running.clone();
+    let slots = tokio::time::timeout(config.wait_timeout, async move {
+        let w = worker.acquire_owned().await;
+        let g = running.acquire_owned().await;
+        (w, g)
+    })
+    .await;
+    guard.dequeue();
+    let _slots = match slots {
+        Ok((Ok(w), Ok(g))) => (w, g),
+        _ => {
+            let detail = format!(
+                "no origin fetch slot within cache.wait_timeout (cache.max_fills = {}, cache.max_fills_per_worker = {})",
+                config.max_fills, config.max_fills_per_worker
+            );
+            tracing::warn!(key = %key, "{detail}");
+            store.metrics().not_stored.with_label_values(&["busy"]).inc();
+            fill.fail(ProxyError::Busy { detail });
+            return;
+        }
+    };
     if let Some(shared) = &shared {
-        if promote(shared, &store, &job.key, &job.lote_id, job.ttl, job.validation.as_ref()).await {
+        if promote(shared, &store, &job.rule, &job.key, &job.lote_id, job.ttl, job.validation.as_ref()).await {
             fill.state.send_modify(|s| s.end = FillEnd::Promoted);
             return;
         }
@@ -379,12 +464,28 @@ async fn run(
 struct HeldHead {
     status: StatusCode,
     headers: HeaderMap,
+    requester_only: HeaderMap,
 }
 
 impl Fill {
-    fn publish_head(&self, status: StatusCode, headers: HeaderMap, cache_status: HeaderValue) {
-        self.state.send_modify(|s| s.head = Some(Arc::new(FillHead { status, headers, cache_status })));
+    fn publish_head(
+        &self,
+        status: StatusCode,
+        headers: HeaderMap,
+        requester_only: HeaderMap,
+        cache_status: HeaderValue,
+    ) {
+        self.state.send_modify(|s| s.head = Some(Arc::new(FillHead { status, headers, requester_only, cache_status })));
     }
+}
+
+thread_local! {
+    /// This worker thread's fill slots (`cache.max_fills_per_worker`), made on first use.
+    static WORKER_FILL_SLOTS: std::cell::OnceCell<Arc<Semaphore>> = const { std::cell::OnceCell::new() };
+}
+
+fn worker_fill_slots(per_worker: usize) -> Arc<Semaphore> {
+    WORKER_FILL_SLOTS.with(|slots| slots.get_or_init(|| Arc::new(Semaphore::new(per_worker))).clone())
 }
 
 /// Copies `job`'s entry from the shared store into the local one if a fresh record is
@@ -393,6 +494,7 @@ impl Fill {
 async fn promote(
     shared: &Arc<SharedStore>,
     store: &Arc<Store>,
+    rule: &str,
     key: &str,
     lote_id: &str,
     ttl: Option<std::time::Duration>,
@@ -411,6 +513,10 @@ async fn promote(
             return false;
         }
     };
+    if record.meta.rule != rule {
+        // Another rule's entry under a coinciding key: never this rule's document.
+        return false;
+    }
     let age_ms = super::store::now_ms().saturating_sub(record.stored_at_ms as u128);
     if ttl.is_some_and(|ttl| age_ms >= ttl.as_millis()) {
         tracing::info!(key = %key, age_ms = age_ms as u64, "shared entry expired; filling from the origin");
@@ -483,34 +589,63 @@ async fn fetch(
     let json_checked = job.validation.as_ref().is_some_and(|v| v.json);
     let mut decision = storability(parts.status, &parts.headers, json_checked, job.ignore);
     if let Storability::Store { expected_len: Some(n) } = decision {
-        if store.max_size().is_some_and(|max| n > max) {
+        if store.max_size().is_some_and(|max| n > max) || job.max_object_size.is_some_and(|max| n > max) {
             decision = Storability::DontStore("too-large".into());
         }
     }
+    if let Storability::Store { expected_len } = decision {
+        if !store.has_room_for(expected_len) {
+            decision = Storability::DontStore("disk-full".into());
+        }
+    }
+    if matches!(parts.status.as_u16(), 401 | 403) {
+        let hint = if job.credentials_forwarded {
+            "the client's credentials were forwarded and refused"
+        } else {
+            "fills on this rule carry no client credentials: give the rule an access check ([rules.auth]) if the backend needs them, or let the backend serve this route anonymously"
+        };
+        tracing::warn!(rule = %job.rule, key = %job.key, status = parts.status.as_u16(), hint, "the origin refused a fill; passed on, not stored");
+    }
     forward_response_headers(&mut parts.headers);
+    // Per-request headers go to the requester alone, never to joiners, never to the store.
+    let requester_only = super::policy::take_per_request(&mut parts.headers);
     let stored_headers = {
         let mut h = parts.headers.clone();
         h.remove(http::header::CONTENT_LENGTH);
         h.remove(http::header::VIA);
         h.remove(http::header::ETAG); // ours, from the digest, replaces the origin's
-        h.remove(http::header::SET_COOKIE); // one client's cookie is never replayed to another
         h
     };
+    if let Storability::DontStore(reason) = &decision {
+        tracing::info!(key = %job.key, reason = %reason, "origin response will not be stored");
+        store.metrics().not_stored.with_label_values(&[reason]).inc();
+    }
 
-    // Validation applies to what would be stored.
-    let validator = match (&decision, &job.validation) {
-        (Storability::Store { .. }, Some(v)) => Some(StreamingValidator::spawn(v.clone(), job.lote_id.clone())),
+    // Validation applies to every successful answer on a validated route, stored or not:
+    // a document that fails it never reaches a client as a complete response.
+    let validator = match &job.validation {
+        Some(v) if parts.status.is_success() => {
+            if parts.headers.get(http::header::CONTENT_ENCODING).is_some_and(|e| e.as_bytes() != b"identity") {
+                return Err(ProxyError::InvalidDocument {
+                    token: "content-encoding".into(),
+                    reason: "the origin sent an encoded body on a validated route (fills ask for identity); it cannot be checked".into(),
+                });
+            }
+            Some(StreamingValidator::spawn(v.clone(), job.lote_id.clone()))
+        }
         _ => None,
     };
+    // What a head sent before the end says: only a validated head, sent at the end, can say
+    // whether the entry was stored.
+    let early_status = match &decision {
+        Storability::Store { .. } => status::miss_pending(),
+        Storability::DontStore(reason) => status::miss_not_stored(reason),
+    };
     let mut held = None;
-    match (&decision, &validator) {
-        (_, Some(_)) => held = Some(HeldHead { status: parts.status, headers: parts.headers }),
-        (Storability::Store { .. }, None) => fill.publish_head(parts.status, parts.headers, status::miss_stored()),
-        (Storability::DontStore(reason), None) => {
-            tracing::info!(key = %job.key, reason = %reason, "origin response will not be stored");
-            store.metrics().not_stored.with_label_values(&[reason]).inc();
-            fill.publish_head(parts.status, parts.headers, status::miss_not_stored(reason));
-        }
+    if validator.is_some() {
+        held = Some(HeldHead { status: parts.status, headers: parts.headers, requester_only });
+    } else {
+        fill.publish_head(parts.status, parts.headers, requester_only, early_status.clone());
     }
 
     let mut writer = match &decision {
@@ -523,6 +658,12 @@ async fn fetch(
         },
         Storability::DontStore(_) => None,
     };
+    // The largest body this fill may store: past it, the rest is served and not written.
+    let store_limit = match (store.max_size(), job.max_object_size) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut too_large = false;
 
     let mut body = IdleTimeoutBody::new(body, origin.body_idle_timeout());
     loop {
@@ -542,8 +683,14 @@ async fn fetch(
         // A document too large to hold whole: start streaming; the last chunk stays held.
         if retained >= config.replay_buffer / 2 {
             if let Some(h) = held.take() {
-                fill.publish_head(h.status, h.headers, status::miss_pending());
+                fill.publish_head(h.status, h.headers, h.requester_only, early_status.clone());
             }
+        }
+        if writer.as_ref().is_some_and(|w| store_limit.is_some_and(|max| w.written() + data.len() as u64 > max)) {
+            // Never written past the limit, and nothing evicted for it.
+            tracing::info!(key = %job.key, limit = store_limit, "body larger than the route's max_object_size or cache.max_size; serving without storing");
+            writer = None;
+            too_large = true;
         }
         if let Some(w) = writer.as_mut() {
             if let Err(e) = w.write(&data).await {
@@ -558,9 +705,13 @@ async fn fetch(
     let gen_ms = started.elapsed().as_millis() as u64;
 
     let mut cache_status = match &decision {
+        Storability::Store { .. } if too_large => status::miss_not_stored("too-large"),
         Storability::Store { .. } => status::miss_stored(),
         Storability::DontStore(reason) => status::miss_not_stored(reason),
     };
+    if too_large {
+        store.metrics().not_stored.with_label_values(&["too-large"]).inc();
+    }
     if let Some(v) = validator {
         if let Verdict::Invalid { token, reason, on_fail } = v.finish().await {
             tracing::warn!(key = %job.key, lote_id = %job.lote_id, %reason, ?on_fail, "document failed validation; not stored");
@@ -568,9 +719,10 @@ async fn fetch(
             if on_fail == OnFail::Abort {
                 return Err(ProxyError::InvalidDocument { token, reason });
             }
-            writer = None;
-            store.metrics().not_stored.with_label_values(&[&token]).inc();
-            cache_status = status::miss_not_stored(&token);
+            if writer.take().is_some() {
+                store.metrics().not_stored.with_label_values(&[&token]).inc();
+                cache_status = status::miss_not_stored(&token);
+            }
         }
     }
 
@@ -579,7 +731,7 @@ async fn fetch(
     // completes the client's response.
     let mut stored = None;
     if let (Some(w), Storability::Store { expected_len }) = (writer, &decision) {
-        let meta = EntryMeta::new(&job.lote_id, StatusCode::OK, &stored_headers, gen_ms);
+        let meta = EntryMeta::new(&job.rule, &job.lote_id, StatusCode::OK, &stored_headers, gen_ms);
         let expect = Expect { len: *expected_len, since_purge: Some(since_purge), ..Expect::default() };
         match w.commit(store, &job.key, meta, expect).await {
             Ok(entry) => {
@@ -609,7 +761,11 @@ async fn fetch(
             h.headers.insert(http::header::ETAG, entry.etag.clone());
             h.headers.insert(REPR_DIGEST, entry.repr_digest.clone());
         }
-        fill.publish_head(h.status, h.headers, cache_status);
+        // The whole body is known now: its length frames it for every client (an HTTP/1.0
+        // one could not tell a cut close-delimited body from a complete one).
+        let total = fill.state.borrow().total;
+        h.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(total));
+        fill.publish_head(h.status, h.headers, h.requester_only, cache_status);
     }
     fill.state.send_modify(|s| s.end = FillEnd::Complete);
     Ok(())
@@ -737,8 +893,9 @@ mod tests {
         let fills = Arc::new(Fills::new(FillConfig::default(), Arc::default()));
         let fill = Fill::new("L");
         let mut sub = fill.try_subscribe().unwrap();
-        fills.inflight.lock().unwrap().insert("k".into(), fill.clone());
-        let guard = FillGuard { fills: fills.clone(), key: "k".into(), fill };
+        let key = ("r".to_string(), "k".to_string());
+        fills.inflight.lock().unwrap().insert(key.clone(), fill.clone());
+        let guard = FillGuard { fills: fills.clone(), key, fill, queued: false };
         let task = tokio::spawn(async move {
             let _guard = guard;
             panic!("fill task bug");

@@ -23,8 +23,8 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use std::{net::SocketAddr, sync::Arc};
 use store::Store;
 
-/// Request headers never sent on a fill: a fill fetches the whole, identity-encoded
-/// representation, whatever the request that started it asked for.
+/// Request headers never sent on a fill, even when a rule lists them: a fill fetches the
+/// whole, identity-encoded representation, whatever the request that started it asked for.
 const NOT_FORWARDED_ON_FILL: [header::HeaderName; 7] = [
     header::RANGE,
     header::IF_RANGE,
@@ -34,6 +34,10 @@ const NOT_FORWARDED_ON_FILL: [header::HeaderName; 7] = [
     header::IF_UNMODIFIED_SINCE,
     header::ACCEPT_ENCODING,
 ];
+
+/// Longest a hit may take to open and verify its entry before it answers `503` (the file
+/// table full, a disk stalled): a hit never hangs behind the fills or the blocking pool.
+const HIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The cache: its store, its fills in flight, and the origin it fills from.
 pub struct Cache {
@@ -50,11 +54,22 @@ impl Cache {
 
     /// Answers a request on a cache route.
     pub async fn handle<B>(&self, req: Request<B>, target: CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
+        // A client that cannot tell a cut body from a complete one gets only framed bodies.
+        let unframed_ok = req.version() >= http::Version::HTTP_11;
+        let resp = self.answer(req, &target, peer).await;
+        if unframed_ok {
+            return resp;
+        }
+        self.framed_for_http10(resp, &target).await
+    }
+
+    async fn answer<B>(&self, req: Request<B>, target: &CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
+        let target = target.clone();
         let head_only = req.method() == Method::HEAD;
         match &target.access {
             AccessPolicy::Public => {}
             AccessPolicy::CredentialsBypass => {
-                if carries_credentials(req.headers()) {
+                if target.headers.carries_credentials(req.headers()) {
                     return self.bypass(&req, &target, peer).await;
                 }
             }
@@ -70,12 +85,19 @@ impl Cache {
             |e: &Entry| target.ttl.is_none_or(|ttl| store::now_ms().saturating_sub(e.stored_at_ms) < ttl.as_millis());
         // An expired entry is kept aside: it is served if the refetch fails (stale-if-error).
         let mut stale = None;
-        if let Some(entry) = self.store.get(&target.key) {
+        if let Some(entry) = self.store.get_for(&target.rule, &target.key) {
             if !is_fresh(&entry) {
                 stale = target.stale_if_error.then_some(entry);
-            } else if let Some(resp) = self.serve_hit(entry, head_only, inm).await {
-                return resp;
+            } else {
+                match self.serve_hit(entry, head_only, inm).await {
+                    Served::Response(resp) => return resp,
+                    Served::Gone => {}
+                }
             }
+        }
+        if only_if_cached(req.headers()) {
+            let err = ProxyError::NotCached;
+            return err.to_response(Some(status::rejected(&err.token())));
         }
         let wait_timeout = self.fills.config().wait_timeout;
         let mut waited = false;
@@ -84,23 +106,27 @@ impl Cache {
         // A few rounds at most: a stored entry may be evicted under us, and a fill past its
         // replay buffer is waited for, then looked up again.
         for _ in 0..3 {
-            let lookup = self
-                .fills
-                .join_or_start(&self.store, &self.origin, &target.key, is_fresh, || self.fill_job(&req, &target, peer));
-            let (sub, collapsed) = match lookup {
+            let lookup =
+                self.fills.join_or_start(&self.store, &self.origin, &target.rule, &target.key, is_fresh, || {
+                    self.fill_job(&req, &target, peer)
+                });
+            let (sub, collapsed, requester) = match lookup {
                 Lookup::Stored(entry) => {
-                    if let Some(mut resp) = self.serve_hit(entry, head_only, inm).await {
-                        if from_shared {
-                            resp.headers_mut().insert(status::CACHE_STATUS, status::shared_hit());
-                        } else if waited {
-                            resp.headers_mut().insert(status::CACHE_STATUS, status::collapsed());
+                    if let Served::Response(mut resp) = self.serve_hit(entry, head_only, inm).await {
+                        if resp.status().is_success() || resp.status() == http::StatusCode::NOT_MODIFIED {
+                            if from_shared {
+                                resp.headers_mut().insert(status::CACHE_STATUS, status::shared_hit());
+                            } else if waited {
+                                resp.headers_mut().insert(status::CACHE_STATUS, status::collapsed());
+                            }
                         }
                         return resp;
                     }
                     continue;
                 }
-                Lookup::Started(sub) => (sub, None),
-                Lookup::Joined(sub) => (sub, Some(status::collapsed())),
+                Lookup::Started(sub) => (sub, None, true),
+                Lookup::Joined(sub) => (sub, Some(status::collapsed()), false),
+                Lookup::Busy(err) => return err.to_response(Some(status::miss_not_stored(&err.token()))),
                 Lookup::Closed(rx) => {
                     waited = true;
                     if tokio::time::timeout(wait_timeout, wait_end(rx)).await.is_err() {
@@ -110,7 +136,7 @@ impl Cache {
                     continue;
                 }
             };
-            return match respond_from_fill(sub, head_only, collapsed, wait_timeout).await {
+            return match respond_from_fill(sub, head_only, collapsed, requester, wait_timeout).await {
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
                     from_shared = true;
@@ -118,12 +144,12 @@ impl Cache {
                 }
                 Err((origin_status, resp)) => match stale.take() {
                     Some(entry) => match self.serve_hit(entry, head_only, inm).await {
-                        Some(mut stale_resp) => {
+                        Served::Response(mut stale_resp) if stale_resp.status().is_success() => {
                             tracing::warn!(key = %target.key, origin_status, "origin failed; serving the expired entry");
                             stale_resp.headers_mut().insert(status::CACHE_STATUS, status::stale(origin_status));
                             stale_resp
                         }
-                        None => resp,
+                        _ => resp,
                     },
                     None => resp,
                 },
@@ -133,27 +159,38 @@ impl Cache {
         err.to_response(Some(status::miss_not_stored(&err.token())))
     }
 
-    /// Serves a stored entry; None if it turned out unreadable (it is then evicted and the
-    /// caller fetches it again). `HEAD` and `304` answers verify the content too, so no
-    /// answer vouches for an entry that could not be served.
-    async fn serve_hit(
-        &self,
-        entry: Arc<Entry>,
-        head_only: bool,
-        if_none_match: Option<&HeaderValue>,
-    ) -> Option<Response<ProxyBody>> {
+    /// Serves a stored entry. `Gone` if its content proved bad (missing, wrong size or
+    /// digest, changed): it is then evicted and the caller fetches it again. A read that
+    /// failed without proving anything (file table full, I/O error, past the hit deadline)
+    /// answers `503` and keeps the entry. `HEAD` and `304` answers verify the content too, so
+    /// no answer vouches for an entry that could not be served.
+    async fn serve_hit(&self, entry: Arc<Entry>, head_only: bool, if_none_match: Option<&HeaderValue>) -> Served {
         let not_modified = if_none_match.is_some_and(|v| etag_matches(v, &entry.etag));
-        let body = if head_only || not_modified {
-            read::verify(&self.store, entry.clone()).await.map(|()| empty())
-        } else {
-            read::open(self.store.clone(), entry.clone()).await.map(full)
+        let read = async {
+            if head_only || not_modified {
+                read::verify(&self.store, entry.clone()).await.map(|()| empty())
+            } else {
+                read::open(self.store.clone(), entry.clone()).await.map(full)
+            }
         };
-        let body = match body {
-            Ok(b) => b,
-            Err(e) => {
+        let body = match tokio::time::timeout(HIT_DEADLINE, read).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) if e.proves_bad_content() => {
                 self.store.metrics().integrity_failures.with_label_values(&[e.reason()]).inc();
                 self.store.evict(&entry, e.reason()).await;
-                return None;
+                return Served::Gone;
+            }
+            Ok(Err(e)) => {
+                self.store.metrics().read_errors.inc();
+                let err = ProxyError::StoreUnavailable { detail: format!("reading the stored entry failed: {e}") };
+                return Served::Response(err.to_response(Some(status::hit_failed(&err.token()))));
+            }
+            Err(_) => {
+                self.store.metrics().read_errors.inc();
+                let err = ProxyError::StoreUnavailable {
+                    detail: format!("the stored entry could not be opened and verified within {HIT_DEADLINE:?}"),
+                };
+                return Served::Response(err.to_response(Some(status::hit_failed(&err.token()))));
             }
         };
         entry.touch();
@@ -166,11 +203,72 @@ impl Cache {
         } else {
             *resp.status_mut() = entry.status;
         }
-        Some(resp)
+        Served::Response(resp)
     }
 
-    /// A credentialed request on a rule with no access policy: forwarded as is (rebuilt URI),
-    /// answered by the origin, never stored, never joined to another user's fetch.
+    /// `resp` for a client that cannot detect a cut body (HTTP/1.0): a body without a
+    /// `Content-Length` is read whole first (up to half the replay buffer) and sent with
+    /// one; a larger one is served from the store once its fill committed it, or refused.
+    /// Never a close-delimited body that might end early and look complete.
+    async fn framed_for_http10(&self, resp: Response<ProxyBody>, target: &CacheTarget) -> Response<ProxyBody> {
+        use http_body::Body as _;
+        use http_body_util::BodyExt as _;
+        if resp.headers().contains_key(header::CONTENT_LENGTH) || resp.body().is_end_stream() {
+            return resp;
+        }
+        let cap = (self.fills.config().replay_buffer / 2) as usize;
+        let cs = resp.headers().get(status::CACHE_STATUS).cloned();
+        let (mut parts, mut body) = resp.into_parts();
+        let mut whole = bytes::BytesMut::new();
+        let mut over = false;
+        let ended = loop {
+            match body.frame().await {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(e.to_string()),
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    if !over && whole.len() + data.len() > cap {
+                        over = true;
+                        whole = bytes::BytesMut::new();
+                    }
+                    if !over {
+                        whole.extend_from_slice(&data);
+                    }
+                }
+            }
+        };
+        let refuse = |detail: String| {
+            let err = ProxyError::Unframed { detail };
+            err.to_response(Some(status::miss_not_stored(&err.token())))
+        };
+        match ended {
+            Err(e) => refuse(format!(
+                "the download failed before its end ({e}); an HTTP/1.0 client could not tell the cut body from a complete one"
+            )),
+            Ok(()) if !over => {
+                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
+                Response::from_parts(parts, full(whole.freeze()))
+            }
+            Ok(()) => {
+                // Read to its end: the fill committed (or declined) the entry by now.
+                if let Some(entry) = self.store.get_for(&target.rule, &target.key) {
+                    if let Served::Response(mut hit) = self.serve_hit(entry, false, None).await {
+                        if let Some(cs) = cs.filter(|_| hit.status().is_success()) {
+                            hit.headers_mut().insert(status::CACHE_STATUS, cs);
+                        }
+                        return hit;
+                    }
+                }
+                refuse(format!(
+                    "the document has no Content-Length, is larger than {cap} bytes and was not stored; an HTTP/1.0 client cannot be sent it safely"
+                ))
+            }
+        }
+    }
+
+    /// A credentialed request on a rule with no access policy: forwarded with its headers
+    /// (rebuilt URI), answered by the origin, never stored, never joined to another user's
+    /// fetch.
     async fn bypass<B>(&self, req: &Request<B>, target: &CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
         let mut headers = req.headers().clone();
         forward_request_headers(&mut headers, peer);
@@ -197,8 +295,8 @@ impl Cache {
     ) -> Option<Response<ProxyBody>> {
         let id = crate::rules::encode_id(&target.lote_id);
         let mut headers = HeaderMap::new();
-        for name in [header::COOKIE, header::AUTHORIZATION] {
-            for v in client.get_all(&name) {
+        for name in &target.headers.credentials {
+            for v in client.get_all(name) {
                 headers.append(name.clone(), v.clone());
             }
         }
@@ -225,13 +323,32 @@ impl Cache {
         }
         match self.origin.subrequest(check, timeout).await {
             Ok(resp) if resp.status().is_success() => {
-                // Read the (small) answer to the end so its connection returns to the pool.
-                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                // Read the (small) answer to the end so its connection returns to the pool,
+                // within limits: a check that streams without end must not hold the request.
+                let body = http_body_util::Limited::new(resp.into_body(), ACCESS_ANSWER_MAX);
+                let _ = tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await;
                 None
             }
             Ok(resp) if matches!(resp.status().as_u16(), 401 | 403) => {
                 tracing::info!(lote_id = %target.lote_id, status = resp.status().as_u16(), "access check refused the request");
-                Some(with_cache_status(self.origin.relay(resp).await, denied))
+                // The refusal is passed on as the backend sent it, read whole within limits.
+                let (mut parts, body) = resp.into_parts();
+                let body = http_body_util::Limited::new(body, ACCESS_ANSWER_MAX);
+                let collected = tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await;
+                let Ok(Ok(body)) = collected else {
+                    let err = ProxyError::AccessCheckFailed {
+                        detail: format!(
+                            "the access check's {} answer was larger than {ACCESS_ANSWER_MAX} bytes or slower than its timeout",
+                            parts.status
+                        ),
+                    };
+                    return Some(err.to_response(Some(status::rejected(&err.token()))));
+                };
+                crate::origin::forward_response_headers(&mut parts.headers);
+                parts.headers.remove(header::CONTENT_LENGTH);
+                let body = body.to_bytes();
+                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                Some(with_cache_status(Response::from_parts(parts, full(body)), denied))
             }
             Ok(resp) => {
                 let err =
@@ -245,10 +362,21 @@ impl Cache {
         }
     }
 
+    /// The fill for `req`: a request of its own, carrying only the rule's forwarded headers
+    /// and, on a rule with an access check (which this request passed), its credentials.
     fn fill_job<B>(&self, req: &Request<B>, target: &CacheTarget, peer: SocketAddr) -> FillJob {
-        let mut headers = req.headers().clone();
-        for h in NOT_FORWARDED_ON_FILL {
-            headers.remove(h);
+        let policy = &target.headers;
+        let credentials_forwarded = matches!(target.access, AccessPolicy::Auth { .. });
+        let mut headers = HeaderMap::new();
+        let forwarded = policy.forward.iter().filter(|n| !policy.credentials.contains(n));
+        let credentials = policy.credentials.iter().filter(|_| credentials_forwarded);
+        for name in forwarded.chain(credentials) {
+            if NOT_FORWARDED_ON_FILL.contains(name) {
+                continue;
+            }
+            for v in req.headers().get_all(name) {
+                headers.append(name.clone(), v.clone());
+            }
         }
         forward_request_headers(&mut headers, peer);
         let mut request = Request::new(empty());
@@ -257,8 +385,11 @@ impl Cache {
         *request.uri_mut() = self.origin.uri(&target.upstream_path).expect("rebuilt upstream path is a valid URI");
         *request.headers_mut() = headers;
         FillJob {
+            rule: target.rule.clone(),
             key: target.key.clone(),
             lote_id: target.lote_id.clone(),
+            credentials_forwarded,
+            max_object_size: target.max_object_size,
             request,
             validation: target.validation.clone(),
             ignore: target.ignore,
@@ -271,10 +402,13 @@ impl Cache {
 /// `None`: the fill put the entry in the local store (from the shared one); serve it.
 /// `Err` carries the origin's failure (its status, and the response to send when no stale
 /// entry can stand in): a fill error before the head, or a 5xx head.
+/// `requester`: this request started the fill, so the origin's per-request headers
+/// (`Set-Cookie`, …) answer it; a joiner never gets them.
 async fn respond_from_fill(
     mut sub: Subscription,
     head_only: bool,
     cache_status: Option<HeaderValue>,
+    requester: bool,
     wait_timeout: std::time::Duration,
 ) -> Result<Option<Response<ProxyBody>>, (u16, Response<ProxyBody>)> {
     let head = match tokio::time::timeout(wait_timeout, wait_head(&mut sub.rx)).await {
@@ -294,6 +428,11 @@ async fn respond_from_fill(
     let mut resp = Response::new(if head_only { empty() } else { sub.into_body() });
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers.clone();
+    if requester {
+        for (name, value) in &head.requester_only {
+            resp.headers_mut().append(name.clone(), value.clone());
+        }
+    }
     let cs = cache_status.unwrap_or_else(|| head.cache_status.clone());
     resp.headers_mut().insert(status::CACHE_STATUS, cs);
     if server_error {
@@ -303,9 +442,25 @@ async fn respond_from_fill(
     }
 }
 
-/// Whether a request carries credentials that could make the origin's answer personal.
-fn carries_credentials(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::COOKIE) || headers.contains_key(header::AUTHORIZATION)
+/// `Cache-Control: only-if-cached`: answer from the store or not at all.
+fn only_if_cached(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case("only-if-cached"))
+}
+
+/// Largest access-check answer read (its body is discarded, or passed on when it refuses).
+const ACCESS_ANSWER_MAX: usize = 64 * 1024;
+
+/// What serving a stored entry came to.
+enum Served {
+    /// The answer: the entry, a `304`, or a `503` when the store could not be read.
+    Response(Response<ProxyBody>),
+    /// The entry proved bad and was evicted: fetch it again.
+    Gone,
 }
 
 fn with_cache_status(mut resp: Response<ProxyBody>, cs: HeaderValue) -> Response<ProxyBody> {

@@ -2,7 +2,33 @@
 //! written. A refusal names its reason, which becomes `Cache-Status: …; detail=<reason>`.
 
 use crate::config::IgnoreResponse;
-use http::{header, HeaderMap, StatusCode};
+use http::{header, HeaderMap, HeaderName, StatusCode};
+
+/// Response headers addressed to the one request the origin answered: a session cookie set
+/// or refreshed, an authentication exchange, an order to clear the client's own data. A fill
+/// hands them only to the request that started it; a request that joins the fill, a hit and
+/// a shared-store copy never carry them, and they are never stored.
+pub const PER_REQUEST_RESPONSE_HEADERS: [HeaderName; 5] = [
+    header::SET_COOKIE,
+    HeaderName::from_static("set-cookie2"),
+    HeaderName::from_static("authentication-info"),
+    HeaderName::from_static("proxy-authentication-info"),
+    HeaderName::from_static("clear-site-data"),
+];
+
+/// Removes the per-request headers from `headers` and returns them.
+pub fn take_per_request(headers: &mut HeaderMap) -> HeaderMap {
+    let mut taken = HeaderMap::new();
+    for name in PER_REQUEST_RESPONSE_HEADERS {
+        if let header::Entry::Occupied(e) = headers.entry(name) {
+            let (name, values) = e.remove_entry_mult();
+            for v in values {
+                taken.append(name.clone(), v);
+            }
+        }
+    }
+    taken
+}
 
 /// The outcome of looking at an origin response head.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -56,6 +56,13 @@ impl ReadError {
             ReadError::Io(_) => "read-error",
         }
     }
+
+    /// Whether the error proves the content is not the entry's (missing, wrong size or
+    /// digest, changed): only then is the entry evicted. An I/O error (file table full, a
+    /// disk error) proves nothing about the bytes: the entry is kept.
+    pub fn proves_bad_content(&self) -> bool {
+        !matches!(self, ReadError::Io(_))
+    }
 }
 
 /// Whether `entry` was verified in exactly this file state.
@@ -238,6 +245,11 @@ pub async fn scrub_loop(store: Arc<Store>, bytes_per_sec: u64, mut stopped: toki
                 _ = stopped.changed() => return,
             };
             if let Ok(Err(err)) = result {
+                if !err.proves_bad_content() {
+                    tracing::warn!(key = %entry.key, error = %err, "scrub could not read an entry; kept, tried again next pass");
+                    store.metrics().read_errors.inc();
+                    continue;
+                }
                 if !matches!(err, ReadError::Missing) || store.get(&entry.key).is_some() {
                     tracing::warn!(key = %entry.key, reason = err.reason(), "scrub found a bad entry");
                     store.metrics().integrity_failures.with_label_values(&[err.reason()]).inc();

@@ -795,7 +795,13 @@ mod tests {
             sha256: Sha256::digest(body).into(),
             size: body.len() as u64,
             stored_at_ms: 0,
-            meta: super::super::entry::EntryMeta::new("K", http::StatusCode::OK, &http::HeaderMap::new(), 0),
+            meta: super::super::entry::EntryMeta::new(
+                "batch-results",
+                "K",
+                http::StatusCode::OK,
+                &http::HeaderMap::new(),
+                0,
+            ),
         }
     }
 

@@ -36,6 +36,11 @@ pub fn miss_not_stored(detail: &str) -> HeaderValue {
     value(&format!("lotecache; fwd=uri-miss; detail={detail}"))
 }
 
+/// `lotecache; hit; detail=<token>` — the entry is stored but could not be read now.
+pub fn hit_failed(detail: &str) -> HeaderValue {
+    value(&format!("lotecache; hit; detail={detail}"))
+}
+
 /// `lotecache; detail=<token>` — answered by the proxy itself, not forwarded.
 pub fn rejected(detail: &str) -> HeaderValue {
     value(&format!("lotecache; detail={detail}"))

@@ -65,6 +65,8 @@ pub struct Store {
     bytes: AtomicU64,
     /// Size cap in bytes (0: none). Changes on reload.
     max_size: AtomicU64,
+    /// Free space (bytes) kept on the file system: below it nothing is stored. Changes on reload.
+    min_free: AtomicU64,
     /// Content files younger than this (ms) are never collected.
     gc_grace_ms: AtomicU64,
     /// Content files being read right now, with their reader counts: never collected.
@@ -135,6 +137,7 @@ impl Store {
             index_write: Mutex::new(()),
             bytes: AtomicU64::new(bytes),
             max_size: AtomicU64::new(max_size),
+            min_free: AtomicU64::new(0),
             gc_grace_ms: AtomicU64::new(GC_GRACE.as_millis() as u64),
             readers: Mutex::default(),
             memory_bytes: AtomicU64::new(0),
@@ -157,6 +160,12 @@ impl Store {
     /// The live entry under `key`, from memory.
     pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
         self.index.read().expect("index lock").get(key).cloned()
+    }
+
+    /// The live entry under `key` if rule `rule` stored it: entries are namespaced by rule,
+    /// so two rules whose keys happen to coincide never serve each other's documents.
+    pub fn get_for(&self, rule: &str, key: &str) -> Option<Arc<Entry>> {
+        self.get(key).filter(|e| e.rule == rule)
     }
 
     /// Every live entry, sorted by key.
@@ -189,6 +198,20 @@ impl Store {
         self.max_size.store(max_size, Relaxed);
     }
 
+    pub fn set_min_free(&self, min_free: u64) {
+        self.min_free.store(min_free, Relaxed);
+    }
+
+    /// Whether a body of `len` bytes (unknown: 0) may be written now without taking the file
+    /// system below `cache.min_free`. A failed `statvfs` says no: storing is optional.
+    pub fn has_room_for(&self, len: Option<u64>) -> bool {
+        let min_free = self.min_free.load(Relaxed);
+        if min_free == 0 {
+            return true;
+        }
+        free_bytes(&self.dir).is_some_and(|free| free >= min_free.saturating_add(len.unwrap_or(0)))
+    }
+
     /// Sizes the memory tier: at most `total` bytes of verified bodies, each at most `object`,
     /// their files re-checked at most every `recheck`.
     pub fn set_memory_tier(&self, total: u64, object: u64, recheck: Duration) {
@@ -217,6 +240,17 @@ impl Store {
         let checked_ms = AtomicU64::new(now_ms() as u64);
         let old = entry.verified.swap(Some(Arc::new(super::entry::Verified { fingerprint, body, checked_ms })));
         self.release_memory(old.as_deref());
+        // A read that finishes after its entry was replaced or removed: the removal already
+        // released the entry's memory, so release what was just added (each body is swapped
+        // out, and released, exactly once).
+        if !self.is_live(entry) {
+            self.forget_verified(entry);
+        }
+    }
+
+    /// Whether `entry` is the live entry of its key.
+    pub fn is_live(&self, entry: &Entry) -> bool {
+        self.index.read().expect("index lock").get(&entry.key).is_some_and(|e| std::ptr::eq(e.as_ref(), entry))
     }
 
     /// Forgets `entry`'s verification (its file changed, or it is gone).
@@ -283,7 +317,11 @@ impl Store {
     /// Starts writing a new body. Nothing is visible until [`PendingWrite::commit`].
     pub async fn begin(&self) -> Result<PendingWrite, StoreError> {
         let writer = cacache::WriteOpts::new().algorithm(Algorithm::Sha256).open_hash(&self.dir).await?;
-        Ok(PendingWrite { writer: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, writer), written: 0 })
+        Ok(PendingWrite {
+            writer: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, writer),
+            written: 0,
+            hasher: sha2::Sha256::default(),
+        })
     }
 
     /// Marks `path` as being read until the guard drops: the collector leaves it alone.
@@ -329,13 +367,51 @@ impl Store {
         Ok(true)
     }
 
+    /// Whether the content file at `path` holds exactly the `size` bytes hashing to
+    /// `sha256`: trusted without reading when a live entry verified it in its current state,
+    /// hashed otherwise. Blocking.
+    fn holds_content(&self, path: &Path, sha256: &[u8; 32], size: u64) -> bool {
+        let Ok(meta) = std::fs::metadata(path) else { return false };
+        if meta.len() != size {
+            return false;
+        }
+        let fp = super::entry::Fingerprint::of(&meta);
+        let vouched = self
+            .index
+            .read()
+            .expect("index lock")
+            .values()
+            .any(|e| e.path == path && e.verified.load().as_ref().is_some_and(|v| v.fingerprint == fp));
+        if vouched {
+            return true;
+        }
+        let Ok(mut file) = std::fs::File::open(path) else { return false };
+        let mut hasher = sha2::Sha256::default();
+        if io::copy(&mut file, &mut hasher).is_err() {
+            return false;
+        }
+        let got: [u8; 32] = sha2::Digest::finalize(hasher).into();
+        // Unchanged while hashed, too.
+        got == *sha256 && std::fs::metadata(path).is_ok_and(|m| super::entry::Fingerprint::of(&m) == fp)
+    }
+
     /// Removes `entry` because it can no longer be served (corrupt or missing content):
-    /// tombstones its key unless a newer entry replaced it, and deletes its content file.
-    pub async fn evict(self: &Arc<Self>, entry: &Arc<Entry>, reason: &str) {
+    /// tombstones its key unless a newer entry replaced it, and deletes its content file
+    /// unless a live entry still references it (content is named by digest: a newer entry of
+    /// this key, or another key, may hold the same bytes in a good file by now).
+    pub async fn evict(self: &Arc<Self>, entry: &Arc<Entry>, reason: &'static str) {
         tracing::warn!(key = %entry.key, lote_id = %entry.lote_id, reason, "evicting entry");
         let (this, entry) = (self.clone(), entry.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            this.unpublish_sync(&entry.key, Some(&entry), "corrupt")?;
+            if !this.unpublish_sync(&entry.key, Some(&entry), reason)? {
+                return Ok(()); // another version is live now: not the one judged
+            }
+            let _w = this.index_write.lock().expect("index write lock");
+            let referenced = this.index.read().expect("index lock").values().any(|e| e.path == entry.path);
+            // A commit of the same bytes may be about to index this very file.
+            if referenced || this.readers.lock().expect("readers lock").contains_key(&entry.path) {
+                return Ok(());
+            }
             match std::fs::remove_file(&entry.path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
                 _ => Ok(()),
@@ -382,6 +458,12 @@ impl Store {
         let max = self.max_size.load(Relaxed);
         if max == 0 {
             return Ok(());
+        }
+        if keep.size > max {
+            // Nothing is evicted to make room for an entry that cannot fit anyway.
+            tracing::warn!(key = %keep.key, size = keep.size, max, "entry larger than max_size; not kept");
+            self.unpublish_sync(&keep.key, Some(keep), "too-large")?;
+            return Err(StoreError::TooLarge { size: keep.size, max });
         }
         while self.bytes.load(Relaxed) > max {
             let victim = {
@@ -501,13 +583,22 @@ pub struct Expect {
 pub struct PendingWrite {
     writer: tokio::io::BufWriter<cacache::Writer>,
     written: u64,
+    /// Our own digest of what was written, known before cacache's commit renames the temp
+    /// file into place: identical content already on disk is then kept, not replaced.
+    hasher: sha2::Sha256,
 }
 
 impl PendingWrite {
     pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
         self.writer.write_all(data).await?;
+        sha2::Digest::update(&mut self.hasher, data);
         self.written += data.len() as u64;
         Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     /// Makes the body durable and visible under `key`: commit the content, fsync it and its
@@ -527,7 +618,24 @@ impl PendingWrite {
             }
         }
         self.writer.flush().await?;
-        let integrity = self.writer.into_inner().commit().await?;
+        let digest: [u8; 32] = sha2::Digest::finalize(self.hasher).into();
+        let known = Integrity::from_hex(hex::encode(digest), Algorithm::Sha256).map_err(|_| StoreError::Algorithm)?;
+        let known_path = content_path(&store.dir, &known);
+        // Kept from the collector from here until the index line names it.
+        let _reading = store.reading(&known_path);
+        let (s, p, size) = (store.clone(), known_path.clone(), self.written);
+        let on_disk = tokio::task::spawn_blocking(move || s.holds_content(&p, &digest, size))
+            .await
+            .map_err(|e| StoreError::Io(io::Error::other(e)))?;
+        let integrity = if on_disk {
+            // The same bytes are on disk, verified: renaming a new file over them would change
+            // the file under every download of it in progress (and abort them). The temp
+            // file is removed as the writer drops.
+            drop(self.writer);
+            known
+        } else {
+            self.writer.into_inner().commit().await?
+        };
         let path = content_path(&store.dir, &integrity);
         let sha256 = sha256_of(&integrity).ok_or(StoreError::Algorithm)?;
         if let Some(expected) = expect.sha256.filter(|e| *e != sha256) {
@@ -546,6 +654,7 @@ impl PendingWrite {
                 etag,
                 repr_digest,
                 key: key.clone(),
+                rule: meta.rule.clone(),
                 lote_id: meta.lote_id,
                 integrity: integrity.clone(),
                 sha256,
@@ -742,6 +851,7 @@ fn entry_from_index(dir: &Path, md: cacache::Metadata) -> Option<Entry> {
         etag,
         repr_digest,
         key: md.key,
+        rule: meta.rule,
         lote_id: meta.lote_id,
         integrity: md.integrity,
         size: md.size as u64,
@@ -769,6 +879,18 @@ fn sync_file_and_dirs(file: &Path, root: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes available to this process on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `st` a writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 pub fn now_ms() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }
@@ -781,7 +903,7 @@ mod tests {
     fn meta() -> EntryMeta {
         let mut h = HeaderMap::new();
         h.insert("content-type", "application/json".parse().unwrap());
-        EntryMeta::new("L1", StatusCode::OK, &h, 5)
+        EntryMeta::new("batch-results", "L1", StatusCode::OK, &h, 5)
     }
 
     #[tokio::test]

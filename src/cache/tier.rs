@@ -42,12 +42,12 @@ impl Record {
     pub fn sanitized(mut self) -> Record {
         let mut headers = stored_head(&self.meta.header_map().unwrap_or_default());
         crate::origin::forward_response_headers(&mut headers);
-        for h in
-            [http::header::TRANSFER_ENCODING, http::header::SET_COOKIE, http::header::CONTENT_LENGTH, http::header::VIA]
-        {
+        for h in [http::header::TRANSFER_ENCODING, http::header::CONTENT_LENGTH, http::header::VIA] {
             headers.remove(h);
         }
-        self.meta = EntryMeta::new(&self.meta.lote_id, http::StatusCode::OK, &headers, self.meta.gen_ms);
+        super::policy::take_per_request(&mut headers);
+        self.meta =
+            EntryMeta::new(&self.meta.rule, &self.meta.lote_id, http::StatusCode::OK, &headers, self.meta.gen_ms);
         self
     }
 
@@ -59,7 +59,7 @@ impl Record {
             sha256: entry.sha256,
             size: entry.size,
             stored_at_ms: entry.stored_at_ms as u64,
-            meta: EntryMeta::new(&entry.lote_id, entry.status, &stored_head(&entry.headers), entry.gen_ms),
+            meta: EntryMeta::new(&entry.rule, &entry.lote_id, entry.status, &stored_head(&entry.headers), entry.gen_ms),
         }
     }
 }

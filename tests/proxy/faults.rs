@@ -36,7 +36,7 @@ async fn a_body_cut_short_of_its_content_length_is_an_error_and_is_not_stored() 
     assert!(proxy.store().is_empty());
     origin.set("E-cut", Behavior::Ok { delay: Duration::ZERO, pieces: 1, gap: Duration::ZERO });
     let again = get(proxy.local_addr(), &batch("E-cut")).await;
-    assert_eq!(again.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(again.cache_status(), "lotecache; fwd=uri-miss");
     assert_eq!(again.bytes(), &document("E-cut"));
     assert_eq!(origin.generations("E-cut"), 2);
 }
@@ -142,7 +142,7 @@ async fn a_flipped_byte_in_a_small_stored_entry_is_never_served_and_is_refetched
     let got = get(proxy.local_addr(), &batch("C-small")).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.bytes(), &document("C-small"), "the corrupt copy was served");
-    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss");
     assert_eq!(origin.generations("C-small"), 2);
     let hit = get(proxy.local_addr(), &batch("C-small")).await;
     assert_eq!(hit.cache_status(), "lotecache; hit");
@@ -159,7 +159,7 @@ async fn a_flipped_byte_in_a_large_stored_entry_is_never_sent_and_is_refetched_a
     flip_a_byte(&proxy, "C-large-3mb_resultados.json");
 
     let got = get(proxy.local_addr(), &batch("C-large-3mb")).await;
-    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored", "hashed before the head, found bad");
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss", "hashed before the head, found bad");
     assert_eq!(got.bytes(), &document("C-large-3mb"));
     assert_eq!(origin.generations("C-large-3mb"), 2);
     let hit = get(proxy.local_addr(), &batch("C-large-3mb")).await;
@@ -181,7 +181,7 @@ async fn deleted_or_truncated_content_is_refetched_not_served() {
     for id in ["C-del", "C-trunc-2mb"] {
         let got = get(proxy.local_addr(), &batch(id)).await;
         assert_eq!(got.bytes(), &document(id));
-        assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored", "{id}");
+        assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss", "{id}");
         assert_eq!(origin.generations(id), 2);
     }
 }
@@ -202,7 +202,7 @@ async fn a_small_entry_served_from_memory_is_still_never_served_after_its_file_c
     assert_eq!(meanwhile.bytes(), &document("C-mem"));
     tokio::time::sleep(Duration::from_millis(150)).await; // memory_recheck = 100ms here
     let got = get(proxy.local_addr(), &batch("C-mem")).await;
-    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored", "the changed file is re-verified, found bad");
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss", "the changed file is re-verified, found bad");
     assert_eq!(got.bytes(), &document("C-mem"));
     assert_eq!(origin.generations("C-mem"), 2);
 }
@@ -221,7 +221,7 @@ async fn a_large_entry_verified_once_is_verified_again_after_its_file_changes() 
     }
     flip_a_byte(&proxy, "C-big-3mb_resultados.json");
     let got = get(proxy.local_addr(), &batch("C-big-3mb")).await;
-    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored", "a trusted file that changed is hashed again");
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss", "a trusted file that changed is hashed again");
     assert_eq!(got.bytes(), &document("C-big-3mb"));
     assert_eq!(origin.generations("C-big-3mb"), 2);
 }
@@ -252,7 +252,7 @@ async fn a_large_entry_in_the_memory_tier_whose_file_changes_is_refetched_within
     flip_a_byte(&proxy, "C-tier-3mb_resultados.json");
     tokio::time::sleep(Duration::from_millis(150)).await;
     let got = get(proxy.local_addr(), &batch("C-tier-3mb")).await;
-    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss");
     assert_eq!(got.bytes(), &document("C-tier-3mb"));
     assert_eq!(origin.generations("C-tier-3mb"), 2);
 }

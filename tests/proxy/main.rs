@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod faults;
+mod hardening;
 mod integrity;
 mod miss_hit;
 mod operations;

@@ -12,7 +12,7 @@ async fn miss_then_hit_serves_identical_bytes_and_headers_with_one_generation() 
 
     let miss = get(proxy.local_addr(), &batch("L-1")).await;
     assert_eq!(miss.status, StatusCode::OK);
-    assert_eq!(miss.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(miss.cache_status(), "lotecache; fwd=uri-miss");
     assert_eq!(miss.bytes(), &document("L-1"));
 
     let hit = get(proxy.local_addr(), &batch("L-1")).await;
@@ -94,7 +94,7 @@ async fn a_complete_chunked_body_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = start_proxy(origin.addr, dir.path(), "").await;
     let miss = get(proxy.local_addr(), &batch("L-6")).await;
-    assert_eq!(miss.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(miss.cache_status(), "lotecache; fwd=uri-miss");
     assert_eq!(miss.bytes(), &document("L-6"));
     let hit = get(proxy.local_addr(), &batch("L-6")).await;
     assert_eq!(hit.cache_status(), "lotecache; hit");

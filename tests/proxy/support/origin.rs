@@ -41,6 +41,8 @@ pub enum Behavior {
     WithHeaders(Vec<(String, String)>),
     /// 200 with Content-Length and this body instead of the batch's document.
     Custom(Bytes),
+    /// 200 with Content-Length, this body and these extra header lines.
+    CustomWithHeaders(Bytes, Vec<(String, String)>),
     /// These exact bytes as the response (malformed framing on purpose), then close.
     RawResponse(Vec<u8>),
     /// Waits, then behaves as the inner behaviour.
@@ -260,6 +262,11 @@ async fn respond_batch(s: &mut TcpStream, id: &str, mut behavior: Behavior, head
         Behavior::Delayed(..) => unreachable!("unwrapped above"),
         Behavior::Custom(body) => {
             let head = head(200, &format!("{disposition}content-length: {}\r\n", body.len()));
+            s.write_all(head.as_bytes()).await.is_ok() && s.write_all(&body).await.is_ok()
+        }
+        Behavior::CustomWithHeaders(body, extra) => {
+            let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+            let head = head(200, &format!("{disposition}content-length: {}\r\n{extra}", body.len()));
             s.write_all(head.as_bytes()).await.is_ok() && s.write_all(&body).await.is_ok()
         }
         Behavior::WithHeaders(extra) => {

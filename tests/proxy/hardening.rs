@@ -1,0 +1,374 @@
+//! The hardening defects found by an outside review, one behaviour test each: per-user
+//! response headers, credentials in unexpected headers, bounded fills, HTTP/1.0 framing,
+//! validation of answers that are not stored, rule namespaces, object-size and free-space
+//! limits, eviction and re-storing races, and transient read errors.
+
+use crate::support::raw::raw;
+use crate::support::{assert_intact, batch, get, origin::*, request, send, shipped_rules, start_proxy};
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use std::time::Duration;
+
+async fn setup(extra: &str) -> (TestOrigin, tempfile::TempDir, lotecache::RunningProxy) {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), extra).await;
+    (origin, dir, proxy)
+}
+
+/// A rule on the batch route with an access check on the test origin's `/auth/{lote_id}`.
+const AUTH_RULE: &str = "[[rules]]\nname = \"b\"\npath = \"/download_batch_results/{lote_id}\"\nignore_response = [\"set-cookie\"]\n[rules.auth]\nurl = \"/auth/{lote_id}\"\n";
+
+fn with_header(
+    proxy: std::net::SocketAddr,
+    id: &str,
+    name: &str,
+    value: &str,
+) -> http::Request<http_body_util::Full<Bytes>> {
+    let mut req = request(Method::GET, proxy, &batch(id));
+    req.headers_mut().insert(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+    req
+}
+
+/// The headers the origin received on its (only) request for batch `id`.
+fn fill_headers_seen(origin: &TestOrigin, id: &str) -> Vec<(String, String)> {
+    let seen: Vec<_> = origin.seen().into_iter().filter(|s| s.target == batch(id)).collect();
+    assert_eq!(seen.len(), 1, "one fill for {id}");
+    seen[0].headers.clone()
+}
+
+// 1. Per-user response headers.
+
+#[tokio::test]
+async fn a_joiner_never_receives_another_requests_set_cookie() {
+    let (origin, _dir, proxy) = setup(AUTH_RULE).await;
+    let p = proxy.local_addr();
+    origin.set(
+        "SC-1",
+        Behavior::Delayed(
+            Duration::from_millis(400),
+            Box::new(Behavior::WithHeaders(vec![
+                ("set-cookie".into(), "session=alice-refreshed".into()),
+                ("clear-site-data".into(), "\"cookies\"".into()),
+            ])),
+        ),
+    );
+    let alice = tokio::spawn(send(with_header(p, "SC-1", "cookie", "user=ok; who=alice")));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let bob = send(with_header(p, "SC-1", "cookie", "user=ok; who=bob")).await;
+    let alice = alice.await.unwrap();
+    assert_eq!(origin.generations("SC-1"), 1, "bob joined alice's fill");
+    assert_eq!(alice.bytes(), &document("SC-1"));
+    assert_eq!(alice.headers["set-cookie"], "session=alice-refreshed", "the requester gets its own cookie");
+    assert_eq!(bob.bytes(), &document("SC-1"));
+    assert_eq!(bob.cache_status(), "lotecache; fwd=uri-miss; collapsed");
+    assert!(bob.headers.get("set-cookie").is_none(), "bob got alice's session: {:?}", bob.headers);
+    assert!(bob.headers.get("clear-site-data").is_none(), "bob was told to clear his data");
+    let hit = send(with_header(p, "SC-1", "cookie", "user=ok; who=carol")).await;
+    assert_eq!(hit.cache_status(), "lotecache; hit");
+    assert!(hit.headers.get("set-cookie").is_none() && hit.headers.get("clear-site-data").is_none());
+}
+
+// 2. Credentials in other headers; what a fill forwards.
+
+#[tokio::test]
+async fn credentials_in_other_headers_bypass_the_cache_on_a_rule_without_an_access_policy() {
+    let (origin, _dir, proxy) = setup("").await;
+    let p = proxy.local_addr();
+    for (name, value) in
+        [("x-api-key", "secret-1"), ("x-forwarded-user", "alice"), ("x-ssl-client-cert", "-----BEGIN%20CERT")]
+    {
+        let got = send(with_header(p, "CR-1", name, value)).await;
+        assert_eq!(got.bytes(), &document("CR-1"));
+        assert_eq!(got.cache_status(), "lotecache; fwd=bypass; detail=credentials", "{name}");
+    }
+    assert!(proxy.store().is_empty(), "nothing fetched with credentials is stored");
+    let anonymous = get(p, &batch("CR-1")).await;
+    assert_eq!(anonymous.cache_status(), "lotecache; fwd=uri-miss");
+    let keyed = send(with_header(p, "CR-1", "x-api-key", "secret-2")).await;
+    assert_eq!(keyed.cache_status(), "lotecache; fwd=bypass; detail=credentials", "never the stored copy");
+    assert_eq!(origin.generations("CR-1"), 5);
+}
+
+#[tokio::test]
+async fn a_fill_forwards_only_the_documented_headers_and_credentials_only_after_an_access_check() {
+    let (origin, _dir, proxy) = setup("").await;
+    let mut req = request(Method::GET, proxy.local_addr(), &batch("FH-1"));
+    for (k, v) in
+        [("accept-language", "es"), ("user-agent", "ua-test"), ("x-tenant-debug", "1"), ("x-request-id", "r1")]
+    {
+        req.headers_mut().insert(k, v.parse().unwrap());
+    }
+    assert_eq!(send(req).await.status, StatusCode::OK);
+    let seen = fill_headers_seen(&origin, "FH-1");
+    let has = |name: &str| seen.iter().any(|(k, _)| k == name);
+    assert!(has("accept-language") && has("user-agent") && has("x-request-id"), "{seen:?}");
+    assert!(!has("x-tenant-debug"), "an unlisted client header reached the fill: {seen:?}");
+
+    // On a rule with an access check, the checked request's credentials go on its fill.
+    let (origin, _dir, proxy) = setup(AUTH_RULE).await;
+    let got = send(with_header(proxy.local_addr(), "FH-2", "cookie", "user=ok; who=alice")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let seen = fill_headers_seen(&origin, "FH-2");
+    assert!(seen.iter().any(|(k, v)| k == "cookie" && v == "user=ok; who=alice"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_rule_may_name_the_headers_its_fills_forward_but_never_a_credential() {
+    let (origin, _dir, proxy) = setup(
+        "[[rules]]\nname = \"b\"\npath = \"/download_batch_results/{lote_id}\"\nforward_headers = [\"x-tenant\"]\n",
+    )
+    .await;
+    let mut req = with_header(proxy.local_addr(), "FH-3", "x-tenant", "t1");
+    req.headers_mut().insert("accept-language", "es".parse().unwrap());
+    assert_eq!(send(req).await.status, StatusCode::OK);
+    let seen = fill_headers_seen(&origin, "FH-3");
+    assert!(seen.iter().any(|(k, v)| k == "x-tenant" && v == "t1"), "{seen:?}");
+    assert!(!seen.iter().any(|(k, _)| k == "accept-language"), "the list replaces the default: {seen:?}");
+
+    let bad = "[[rules]]\nname = \"b\"\npath = \"/d/{lote_id}\"\nforward_headers = [\"x-api-key\"]\n";
+    let errors = lotecache::config::parse("t.toml", bad, &Default::default()).unwrap_err();
+    assert!(
+        errors.iter().any(|e| e.field == "rules.forward_headers" && e.message.contains("credential")),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_origin_401_to_a_fill_is_passed_through_and_never_stored() {
+    let (origin, _dir, proxy) = setup("").await;
+    origin.set("AU-1", Behavior::Status(401));
+    for n in 1..=2 {
+        let got = get(proxy.local_addr(), &batch("AU-1")).await;
+        assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; detail=origin-status-401");
+        assert_eq!(origin.generations("AU-1"), n);
+    }
+    assert!(proxy.store().is_empty());
+}
+
+// 4. HTTP/1.0 clients.
+
+/// Status and body of a raw HTTP/1.0 exchange, and its Content-Length if any.
+async fn http10_get(proxy: std::net::SocketAddr, id: &str) -> (u16, Option<usize>, Vec<u8>) {
+    let req = format!("GET {} HTTP/1.0\r\nHost: a\r\n\r\n", batch(id));
+    let reply = raw(proxy, req.as_bytes(), Duration::from_secs(5)).await;
+    assert!(reply.closed, "an HTTP/1.0 exchange ends with the connection");
+    let split = reply.bytes.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let head = String::from_utf8_lossy(&reply.bytes[..split]).to_ascii_lowercase();
+    let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap();
+    let length = head.lines().find_map(|l| l.strip_prefix("content-length: ")).map(|v| v.trim().parse().unwrap());
+    (status, length, reply.bytes[split + 4..].to_vec())
+}
+
+#[tokio::test]
+async fn an_http10_client_gets_a_body_of_unknown_length_framed_or_an_error_never_cut_short() {
+    let (origin, _dir, proxy) = setup("").await;
+    origin.set("H10-1", Behavior::Chunked);
+    let (status, length, body) = http10_get(proxy.local_addr(), "H10-1").await;
+    assert_eq!(status, 200);
+    assert_eq!(length, Some(document("H10-1").len()), "sent with its length");
+    assert_eq!(body, document("H10-1"));
+
+    origin.set("H10-2", Behavior::ChunkedNoEnd);
+    let (status, length, body) = http10_get(proxy.local_addr(), "H10-2").await;
+    assert_eq!(status, 502, "a cut fill is an error for an HTTP/1.0 client, not a short 200");
+    assert_eq!(length, Some(body.len()));
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"], "cannot frame the response for this client");
+    assert!(proxy.store().get("H10-2_resultados.json").is_none());
+}
+
+#[tokio::test]
+async fn an_http10_client_of_a_document_larger_than_the_buffer_is_served_from_the_store() {
+    let (origin, _dir, proxy) = setup("replay_buffer = \"256KiB\"\n").await;
+    origin.set("H10-3-1mb", Behavior::Chunked);
+    let (status, length, body) = http10_get(proxy.local_addr(), "H10-3-1mb").await;
+    assert_eq!(status, 200);
+    assert_eq!(length, Some(document("H10-3-1mb").len()));
+    assert_eq!(body, document("H10-3-1mb"));
+    assert_eq!(origin.generations("H10-3-1mb"), 1);
+}
+
+// 5. Validation of answers that will not be stored.
+
+#[tokio::test]
+async fn a_validated_route_checks_every_answer_even_one_it_will_not_store() {
+    let other = Bytes::from(document("V-OTHER").to_vec());
+    for (id, header) in [
+        ("VN-1", ("set-cookie", "s=1")),
+        ("VN-2", ("cache-control", "no-store")),
+        ("VN-3", ("cache-control", "private")),
+        ("VN-4", ("content-encoding", "gzip")),
+    ] {
+        let (origin, _dir, proxy) = setup(&shipped_rules()).await;
+        origin.set(id, Behavior::CustomWithHeaders(other.clone(), vec![(header.0.into(), header.1.into())]));
+        let got = get(proxy.local_addr(), &batch(id)).await;
+        assert_intact(&got, id);
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{id} with {header:?}");
+        assert!(proxy.store().is_empty());
+    }
+    // Over the route's size limit: not stored, still checked.
+    let rules = shipped_rules().replacen("json = true", "json = true\nmax_object_size = \"1KiB\"", 1);
+    let (origin, _dir, proxy) = setup(&rules).await;
+    origin.set("VN-5", Behavior::Custom(other.clone()));
+    let got = get(proxy.local_addr(), &batch("VN-5")).await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert!(proxy.store().is_empty());
+}
+
+// 6. Rule namespaces.
+
+#[tokio::test]
+async fn entries_of_two_rules_whose_keys_coincide_are_never_confused() {
+    // Rule "b" (first) keys `B<id>` as `X<id>`; rule "a" keys `<id>` as `<id>_r.json`:
+    // `/…/X1` (rule a) and `/…/B1_r.json` (rule b) both make the key `X1_r.json`.
+    let rules = "[[rules]]\nname = \"b\"\npath = \"/download_batch_results/B{lote_id}\"\nkey = \"X{lote_id}\"\n\
+                 [[rules]]\nname = \"a\"\npath = \"/download_batch_results/{lote_id}\"\nkey = \"{lote_id}_r.json\"\n";
+    let (origin, _dir, proxy) = setup(rules).await;
+    let p = proxy.local_addr();
+    for _ in 0..2 {
+        let a = get(p, &batch("X1")).await;
+        assert_eq!(a.bytes(), &document("X1"));
+        let b = get(p, &batch("B1_r.json")).await;
+        assert_eq!(b.bytes(), &document("B1_r.json"), "rule b was served rule a's document");
+    }
+    assert!(origin.generations("X1") >= 1 && origin.generations("B1_r.json") >= 1);
+}
+
+#[test]
+fn check_config_rejects_two_rules_with_one_key_template() {
+    let rules = "[[rules]]\nname = \"a\"\npath = \"/a/{lote_id}\"\n[[rules]]\nname = \"b\"\npath = \"/b/{lote_id}\"\n";
+    let errors = lotecache::config::parse("t.toml", rules, &Default::default()).unwrap_err();
+    assert!(errors.iter().any(|e| e.field == "rules.key" && e.message.contains("same key template")), "{errors:?}");
+}
+
+// 7. Object size and free space.
+
+#[tokio::test]
+async fn a_body_over_max_object_size_is_served_never_written_and_evicts_nothing() {
+    let rules = "[[rules]]\nname = \"b\"\npath = \"/download_batch_results/{lote_id}\"\nmax_object_size = \"100KiB\"\n";
+    let (origin, dir, proxy) = setup(&format!("max_size = \"1MiB\"\n{rules}")).await;
+    let p = proxy.local_addr();
+    assert_eq!(get(p, &batch("MO-small")).await.cache_status(), "lotecache; fwd=uri-miss");
+    for (id, behavior) in [
+        ("MO-1-256kb", Behavior::Chunked),
+        ("MO-2-256kb", Behavior::Ok { delay: Duration::ZERO, pieces: 1, gap: Duration::ZERO }),
+    ] {
+        origin.set(id, behavior);
+        let got = get(p, &batch(id)).await;
+        assert_eq!(got.bytes(), &document(id), "served whole");
+        assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; detail=too-large", "{id}");
+    }
+    assert_eq!(proxy.store().len(), 1, "the small entry is still there");
+    assert!(proxy.store().get("MO-small_resultados.json").is_some());
+    let tmp = std::fs::read_dir(dir.path().join("tmp")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(tmp, 0, "no partial write left behind");
+}
+
+#[tokio::test]
+async fn a_body_of_unknown_length_over_max_size_never_empties_the_store() {
+    let (origin, _dir, proxy) = setup("max_size = \"200KiB\"\n").await;
+    let p = proxy.local_addr();
+    for id in ["MS-a", "MS-b"] {
+        assert_eq!(get(p, &batch(id)).await.cache_status(), "lotecache; fwd=uri-miss");
+    }
+    origin.set("MS-big-256kb", Behavior::Chunked);
+    let got = get(p, &batch("MS-big-256kb")).await;
+    assert_eq!(got.bytes(), &document("MS-big-256kb"));
+    assert!(proxy.store().get("MS-big-256kb_resultados.json").is_none());
+    assert_eq!(proxy.store().len(), 2, "nothing was evicted for an entry that cannot fit");
+}
+
+#[tokio::test]
+async fn below_min_free_answers_are_served_and_not_stored() {
+    let (_origin, _dir, proxy) = setup("min_free = \"1000000TiB\"\n").await;
+    let got = get(proxy.local_addr(), &batch("MF-1")).await;
+    assert_eq!(got.bytes(), &document("MF-1"));
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; detail=disk-full");
+    assert!(proxy.store().is_empty());
+}
+
+// 8. Eviction of a stale version.
+
+#[tokio::test]
+async fn evicting_a_stale_version_never_deletes_the_newer_entrys_content_file() {
+    let (_origin, _dir, proxy) = setup("").await;
+    let p = proxy.local_addr();
+    get(p, &batch("EV-1")).await;
+    let old = proxy.store().get("EV-1_resultados.json").unwrap();
+    let purge = lotecache::cache::store::Purge::Key("EV-1_resultados.json".into());
+    assert_eq!(proxy.store().purge(purge).await.unwrap().len(), 1);
+    assert_eq!(get(p, &batch("EV-1")).await.cache_status(), "lotecache; fwd=uri-miss");
+    let new = proxy.store().get("EV-1_resultados.json").unwrap();
+    assert_eq!(old.path, new.path, "same bytes, same content file");
+    // A slow scrub pass judging its old snapshot of the entry:
+    proxy.store().evict(&old, "digest-mismatch").await;
+    assert!(new.path.exists(), "the live entry's file was deleted");
+    let hit = get(p, &batch("EV-1")).await;
+    assert_eq!(hit.cache_status(), "lotecache; hit");
+    assert_eq!(hit.bytes(), &document("EV-1"));
+}
+
+// 9. Transient read errors.
+
+#[tokio::test]
+async fn a_stored_entry_that_cannot_be_read_in_time_answers_503_and_is_kept() {
+    let (origin, _dir, proxy) = setup("memory_tier = \"0\"\n").await;
+    let p = proxy.local_addr();
+    get(p, &batch("RE-1")).await;
+    let entry = proxy.store().get("RE-1_resultados.json").unwrap();
+    // A FIFO in place of the file: opening it blocks, as a stalled disk would.
+    let saved = std::fs::read(&entry.path).unwrap();
+    std::fs::remove_file(&entry.path).unwrap();
+    let path = std::ffi::CString::new(entry.path.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let got = get(p, &batch("RE-1")).await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(got.headers["retry-after"], "1");
+    assert_eq!(got.json()["error"], "cache store temporarily unreadable");
+    assert!(proxy.store().get("RE-1_resultados.json").is_some(), "nothing proved the entry bad: kept");
+    assert_eq!(origin.generations("RE-1"), 1, "not regenerated");
+    // Release the blocked open, put the bytes back: the next click is a hit again.
+    use std::os::unix::fs::OpenOptionsExt;
+    let writer = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&entry.path);
+    drop(writer);
+    std::fs::remove_file(&entry.path).unwrap();
+    std::fs::write(&entry.path, saved).unwrap();
+    let hit = get(p, &batch("RE-1")).await;
+    assert_eq!(hit.cache_status(), "lotecache; hit");
+    assert_eq!(hit.bytes(), &document("RE-1"));
+}
+
+// 10. Re-storing identical bytes.
+
+#[tokio::test]
+async fn storing_the_same_bytes_again_never_disturbs_a_download_in_progress() {
+    use tokio::io::AsyncReadExt;
+    let (_origin, _dir, proxy) = setup("memory_tier = \"0\"\n").await;
+    let p = proxy.local_addr();
+    let id = "RS-8mb";
+    get(p, &batch(id)).await;
+    get(p, &batch(id)).await; // verified once: the next hit is sent from the file
+    let mut slow = crate::support::raw::slow_reader(p, &batch(id)).await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = slow.read(&mut buf).await.unwrap();
+    got.extend_from_slice(&buf[..n]);
+    // Purge and refetch: the same bytes are committed again under the same digest.
+    let purge = lotecache::cache::store::Purge::Key(format!("{id}_resultados.json"));
+    assert_eq!(proxy.store().purge(purge).await.unwrap().len(), 1);
+    assert_eq!(get(p, &batch(id)).await.cache_status(), "lotecache; fwd=uri-miss");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await.unwrap() {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+        if got.windows(4).position(|w| w == b"\r\n\r\n").is_some_and(|h| got.len() - h - 4 >= document(id).len()) {
+            break;
+        }
+    }
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(got.len() - head_end, document(id).len(), "the download in progress was cut");
+    assert!(got[head_end..] == document(id)[..]);
+}
