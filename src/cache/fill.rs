@@ -498,8 +498,8 @@ async fn fetch(
     };
 
     // Validation applies to what would be stored.
-    let validator = match (&decision, &job.validation) {
-        (Storability::Store { .. }, Some(v)) => Some(StreamingValidator::spawn(v.clone(), job.lote_id.clone())),
+    let mut validator = match (&decision, &job.validation) {
+        (Storability::Store { .. }, Some(v)) => Some(StreamingValidator::new(v.clone(), job.lote_id.clone())),
         _ => None,
     };
     let mut held = None;
@@ -536,8 +536,8 @@ async fn fetch(
             s.push(data.clone(), config.replay_buffer);
             retained = s.retained;
         });
-        if let Some(v) = &validator {
-            v.feed(data.clone());
+        if let Some(v) = validator.as_mut() {
+            v.feed(&data);
         }
         // A document too large to hold whole: start streaming; the last chunk stays held.
         if retained >= config.replay_buffer / 2 {
@@ -562,7 +562,7 @@ async fn fetch(
         Storability::DontStore(reason) => status::miss_not_stored(reason),
     };
     if let Some(v) = validator {
-        if let Verdict::Invalid { token, reason, on_fail } = v.finish().await {
+        if let Verdict::Invalid { token, reason, on_fail } = v.finish() {
             tracing::warn!(key = %job.key, lote_id = %job.lote_id, %reason, ?on_fail, "document failed validation; not stored");
             store.metrics().validation_failures.with_label_values(&[&token]).inc();
             if on_fail == OnFail::Abort {

@@ -1,14 +1,18 @@
 //! Validation of a document before it is stored: the body must parse as JSON, and values
 //! at configured JSON pointers must equal a template (`{lote_id}`) or be one of a list.
 //!
-//! The document is parsed as it streams in, on a blocking thread fed chunk by chunk, with a
-//! serde walk that materializes only the asserted values (everything else is skipped with
-//! `IgnoredAny`), so memory stays flat whatever the document's size.
+//! The document is parsed as it streams in, by a push parser fed chunk by chunk on the fill's
+//! own task (no thread, no channel: feeding never blocks). It accepts exactly what
+//! `serde_json::from_slice::<Value>` accepts, and materializes only the asserted values
+//! (everything else is checked and dropped byte by byte), so memory stays flat whatever the
+//! document's size.
 
-use bytes::Bytes;
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
-use std::{collections::BTreeMap, fmt, io, sync::mpsc};
+use std::{
+    collections::BTreeMap,
+    io,
+    sync::{Arc, OnceLock},
+};
 
 /// A route's validation rules.
 #[derive(Debug, Clone, Default)]
@@ -86,31 +90,29 @@ pub enum Verdict {
 
 /// Validates a whole document held in memory (used by tests and tools).
 pub fn validate_slice(v: &Validation, lote_id: &str, body: &[u8]) -> Verdict {
-    validate_reader(v, lote_id, body)
+    let mut p = Parser::new(v, lote_id);
+    p.feed(body);
+    p.finish()
 }
 
-/// Validates a document read from `reader`.
-pub fn validate_reader(v: &Validation, lote_id: &str, reader: impl io::Read) -> Verdict {
-    let tree = Node::build(&v.asserts);
-    let mut findings = Findings { failures: BTreeMap::new() };
-    let mut de = serde_json::Deserializer::from_reader(io::BufReader::with_capacity(64 * 1024, reader));
-    let walked = Walk { node: &tree, asserts: &v.asserts, lote_id, findings: &mut findings }.deserialize(&mut de);
-    if let Err(e) = walked.and_then(|_| de.end()) {
-        return Verdict::Invalid {
-            token: "invalid-json".into(),
-            reason: format!("the body is not one valid JSON document: {e}"),
-            on_fail: OnFail::Abort,
-        };
-    }
-    // Aborting failures take precedence over don't-store ones.
-    let worst = findings.failures.into_iter().min_by_key(|(i, _)| (v.asserts[*i].on_fail != OnFail::Abort, *i));
-    match worst {
-        None => Verdict::Valid,
-        Some((i, reason)) => {
-            let a = &v.asserts[i];
-            Verdict::Invalid { token: detail_token(&a.pointer), reason, on_fail: a.on_fail }
+/// Validates a document read from `reader` (blocking reads; the parsing itself is the push
+/// parser's, so the verdicts are those of [`StreamingValidator`]).
+pub fn validate_reader(v: &Validation, lote_id: &str, mut reader: impl io::Read) -> Verdict {
+    let mut p = Parser::new(v, lote_id);
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => p.feed(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return invalid_json(format!("the body could not be read: {e}")),
         }
     }
+    p.finish()
+}
+
+fn invalid_json(reason: String) -> Verdict {
+    Verdict::Invalid { token: "invalid-json".into(), reason, on_fail: OnFail::Abort }
 }
 
 /// `validation:<pointer>` with any character a structured-field token cannot hold replaced.
@@ -123,85 +125,93 @@ fn detail_token(pointer: &str) -> String {
 }
 
 /// Validation running beside a fill: chunks go in as they arrive, the verdict comes out.
+///
+/// Push-based: each chunk is parsed inline by [`StreamingValidator::feed`], which never blocks
+/// and holds no thread; the state kept between chunks is the container stack (at most
+/// [`MAX_DEPTH`] frames), a key being matched against the asserted pointers, and the value at an
+/// asserted pointer while it is read. Once the document is known to be malformed, feeding is a
+/// no-op.
 pub struct StreamingValidator {
-    tx: mpsc::Sender<Bytes>,
-    handle: tokio::task::JoinHandle<Verdict>,
+    parser: Parser<Arc<Validation>, String>,
 }
 
 impl StreamingValidator {
-    /// Starts validating on a blocking thread.
-    pub fn spawn(v: std::sync::Arc<Validation>, lote_id: String) -> Self {
-        let (tx, rx) = mpsc::channel();
-        let handle = tokio::task::spawn_blocking(move || {
-            validate_reader(&v, &lote_id, ChannelReader { rx, current: Bytes::new() })
-        });
-        StreamingValidator { tx, handle }
+    pub fn new(v: Arc<Validation>, lote_id: String) -> Self {
+        StreamingValidator { parser: Parser::new(v, lote_id) }
     }
 
-    /// Hands a chunk to the validator (never blocks).
-    pub fn feed(&self, chunk: Bytes) {
-        let _ = self.tx.send(chunk);
+    /// Parses the next chunk of the body.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.parser.feed(chunk);
     }
 
-    /// Signals the end of the body and waits for the verdict.
-    pub async fn finish(self) -> Verdict {
-        drop(self.tx);
-        self.handle.await.unwrap_or_else(|e| Verdict::Invalid {
-            token: "validator-failed".into(),
-            reason: format!("validator task failed: {e}"),
-            on_fail: OnFail::Abort,
-        })
+    /// Signals the end of the body and gives the verdict.
+    pub fn finish(self) -> Verdict {
+        self.parser.finish()
     }
 }
 
-/// Reads chunks from a channel; the end of the channel is the end of the body.
-struct ChannelReader {
-    rx: mpsc::Receiver<Bytes>,
-    current: Bytes,
-}
+/// serde_json's recursion limit: its deserializer starts with 128 levels and fails when the
+/// count reaches zero, so a document may nest at most 127 arrays/objects. Deeper documents are
+/// rejected here too, so that "valid" means what `serde_json::from_slice::<Value>` says.
+const MAX_DEPTH: usize = 127;
 
-impl io::Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.recv() {
-                Ok(chunk) => self.current = chunk,
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
-        Ok(n)
-    }
-}
-
-/// The pointers as a tree, so one pass over the document evaluates all of them.
+/// The pointers as a tree (nodes by index, the root at 0), so one pass over the document
+/// evaluates all of them.
 #[derive(Default, Debug)]
 struct Node {
-    children: BTreeMap<String, Node>,
-    each: Option<Box<Node>>,
+    /// By key, in key order.
+    children: Vec<(String, usize)>,
+    each: Option<usize>,
     /// Assertions whose pointer ends here.
     leaves: Vec<usize>,
     /// Every assertion at or below this node.
     below: Vec<usize>,
+    /// The longest key in `children`, in bytes: longer keys are not collected.
+    max_key: usize,
 }
 
-impl Node {
-    fn build(asserts: &[Assertion]) -> Node {
-        let mut root = Node::default();
-        for (i, a) in asserts.iter().enumerate() {
-            let mut node = &mut root;
-            node.below.push(i);
-            for seg in &a.segments {
-                node = match seg {
-                    Segment::Key(k) => node.children.entry(k.clone()).or_default(),
-                    Segment::Each => node.each.get_or_insert_with(Default::default),
-                };
-                node.below.push(i);
-            }
-            node.leaves.push(i);
-        }
-        root
+fn build_tree(asserts: &[Assertion]) -> Vec<Node> {
+    #[derive(Default)]
+    struct B {
+        children: BTreeMap<String, usize>,
+        each: Option<usize>,
+        leaves: Vec<usize>,
+        below: Vec<usize>,
     }
+    let mut nodes = vec![B::default()];
+    for (i, a) in asserts.iter().enumerate() {
+        let mut n = 0;
+        nodes[n].below.push(i);
+        for seg in &a.segments {
+            let existing = match seg {
+                Segment::Key(k) => nodes[n].children.get(k).copied(),
+                Segment::Each => nodes[n].each,
+            };
+            let next = existing.unwrap_or_else(|| {
+                nodes.push(B::default());
+                let new = nodes.len() - 1;
+                match seg {
+                    Segment::Key(k) => nodes[n].children.insert(k.clone(), new),
+                    Segment::Each => nodes[n].each.replace(new),
+                };
+                new
+            });
+            n = next;
+            nodes[n].below.push(i);
+        }
+        nodes[n].leaves.push(i);
+    }
+    nodes
+        .into_iter()
+        .map(|b| Node {
+            max_key: b.children.keys().map(String::len).max().unwrap_or(0),
+            children: b.children.into_iter().collect(),
+            each: b.each,
+            leaves: b.leaves,
+            below: b.below,
+        })
+        .collect()
 }
 
 struct Findings {
@@ -249,128 +259,642 @@ fn check(a: &Assertion, lote_id: &str, v: &Value) -> Result<(), String> {
     })
 }
 
-/// One step of the walk: the node of the pointer tree the current value sits at.
-struct Walk<'a> {
-    node: &'a Node,
-    asserts: &'a [Assertion],
-    lote_id: &'a str,
-    findings: &'a mut Findings,
-}
-
-impl Walk<'_> {
-    fn child<'b>(&'b mut self, node: &'b Node) -> Walk<'b> {
-        Walk { node, asserts: self.asserts, lote_id: self.lote_id, findings: self.findings }
-    }
-
-    /// Evaluates this node's subtree on a materialized value.
-    fn eval(&mut self, node: &Node, v: &Value) {
-        for &i in &node.leaves {
-            if let Err(reason) = check(&self.asserts[i], self.lote_id, v) {
-                self.findings.fail(i, reason);
-            }
-        }
-        for (k, child) in &node.children {
-            match v.get(k) {
-                Some(cv) => self.eval(child, cv),
-                None => self.findings.missing(self.asserts, &child.below, k),
-            }
-        }
-        if let Some(each) = &node.each {
-            match v.as_array() {
-                Some(items) => items.iter().for_each(|item| self.eval(each, item)),
-                None => self.findings.missing(self.asserts, &each.below, "*"),
-            }
+/// Evaluates node `n`'s subtree on a materialized value.
+fn eval(nodes: &[Node], asserts: &[Assertion], lote_id: &str, findings: &mut Findings, n: usize, v: &Value) {
+    let node = &nodes[n];
+    for &i in &node.leaves {
+        if let Err(reason) = check(&asserts[i], lote_id, v) {
+            findings.fail(i, reason);
         }
     }
-
-    fn mismatch<E>(self) -> Result<(), E> {
-        let below: Vec<usize> = self.node.below.clone();
-        self.findings.missing(self.asserts, &below, "(not a container)");
-        Ok(())
+    for (k, child) in &node.children {
+        match v.get(k) {
+            Some(cv) => eval(nodes, asserts, lote_id, findings, *child, cv),
+            None => findings.missing(asserts, &nodes[*child].below, k),
+        }
+    }
+    if let Some(each) = node.each {
+        match v.as_array() {
+            Some(items) => items.iter().for_each(|item| eval(nodes, asserts, lote_id, findings, each, item)),
+            None => findings.missing(asserts, &nodes[each].below, "*"),
+        }
     }
 }
 
-impl<'de> DeserializeSeed<'de> for Walk<'_> {
-    type Value = ();
+/// Where the parser is in the grammar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// A value must come (the document's start, after `:`, after `,` in an array).
+    Value,
+    /// After `[`: a value or `]`.
+    ArrayFirst,
+    /// After `{`: a key or `}`.
+    ObjectFirst,
+    /// After `,` in an object: a key.
+    Key,
+    /// After a key: `:`.
+    Colon,
+    /// After a value in a container: `,` or the container's closing bracket.
+    AfterValue,
+    /// After the document's value: only whitespace may follow.
+    Done,
+    Str(Str),
+    Num(Num),
+    Lit {
+        word: &'static [u8],
+        at: u8,
+    },
+    Failed,
+}
 
-    fn deserialize<D: Deserializer<'de>>(mut self, d: D) -> Result<(), D::Error> {
-        if self.node.leaves.is_empty() {
-            return d.deserialize_any(self);
+/// Inside a string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Str {
+    Plain,
+    /// Inside a UTF-8 sequence: `need` more bytes, the next one in `lo..=hi`.
+    Utf8 {
+        need: u8,
+        lo: u8,
+        hi: u8,
+    },
+    /// After `\`.
+    Escape,
+    /// In `\uXXXX` after `n` digits; `high` is a leading surrogate this one must complete.
+    Hex {
+        n: u8,
+        acc: u16,
+        high: Option<u16>,
+    },
+    /// After a leading surrogate's escape: `\u` and a trailing surrogate must follow.
+    HighBackslash(u16),
+    HighU(u16),
+}
+
+/// Inside a number, in serde_json's grammar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Num {
+    Minus,
+    Zero,
+    Int,
+    FracFirst,
+    Frac,
+    ExpStart,
+    ExpSign,
+    Exp,
+}
+
+/// A number's value as serde_json (without `float_roundtrip`) accumulates it, to decide
+/// exactly as it does whether the number is out of range.
+#[derive(Debug, Default, Clone, Copy)]
+struct NumAcc {
+    significand: u64,
+    /// Decimal exponent: integer digits dropped on overflow, minus fraction digits kept.
+    exponent: i32,
+    /// The integer part overflowed `u64`: its further digits only scale.
+    long: bool,
+    /// The fraction overflowed: its further digits are ignored.
+    frac_full: bool,
+    exp_positive: bool,
+    exp: i32,
+    exp_overflow: bool,
+    /// `exponent` when the exponent part began.
+    start_exp: i32,
+}
+
+impl NumAcc {
+    /// Whether serde_json accepts the number (it fails with "number out of range" where the
+    /// value would be infinite).
+    fn in_range(&self, phase: Num) -> bool {
+        match phase {
+            Num::Zero | Num::Int if !self.long => true,
+            Num::Exp if self.exp_overflow => !(self.significand != 0 && self.exp_positive),
+            Num::Exp => {
+                let e = if self.exp_positive {
+                    self.start_exp.saturating_add(self.exp)
+                } else {
+                    self.start_exp.saturating_sub(self.exp)
+                };
+                f64_in_range(self.significand, e)
+            }
+            _ => f64_in_range(self.significand, self.exponent),
         }
-        // An asserted value: small by nature (an id, a state), so it is materialized.
-        let v = Value::deserialize(d)?;
-        let node = self.node;
-        self.eval(node, &v);
-        Ok(())
     }
 }
 
-use serde::Deserialize as _;
+/// serde_json's `f64_from_parts` without `float_roundtrip`: `significand * 10^exponent`, an
+/// error if infinite.
+fn f64_in_range(significand: u64, exponent: i32) -> bool {
+    static POW10: OnceLock<Vec<f64>> = OnceLock::new();
+    if exponent < 0 || significand == 0 {
+        return true;
+    }
+    let pow10 = POW10.get_or_init(|| (0..=308).map(|i| format!("1e{i}").parse().unwrap()).collect());
+    match pow10.get(exponent as usize) {
+        Some(pow) => (significand as f64 * pow).is_finite(),
+        None => false,
+    }
+}
 
-impl<'de> Visitor<'de> for Walk<'_> {
-    type Value = ();
+/// `a * 10 + d` would exceed `max` (serde_json's `overflow!`).
+fn overflows<T: Into<u64>>(a: T, d: u8, max: u64) -> bool {
+    let a = a.into();
+    a >= max / 10 && (a > max / 10 || u64::from(d) > max % 10)
+}
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON value")
+/// One open array or object.
+struct Frame {
+    object: bool,
+    /// The pointer tree's node at this container, when some assertion goes through it.
+    node: Option<usize>,
+    /// For an object at a node: which of the node's children have been seen.
+    seen: Vec<bool>,
+    /// For an object: the node of the current key's value.
+    pending: Option<usize>,
+}
+
+/// The push parser: a JSON tokenizer in serde_json's grammar (validity as
+/// `serde_json::from_slice::<Value>` decides it) that walks the pointer tree as it goes.
+struct Parser<V, L> {
+    v: V,
+    lote_id: L,
+    nodes: Vec<Node>,
+    findings: Findings,
+    state: State,
+    stack: Vec<Frame>,
+    num: NumAcc,
+    /// The current string is an object key.
+    in_key: bool,
+    /// The current key is collected (its object is at a node with children).
+    collect_key: bool,
+    key: Vec<u8>,
+    key_too_long: bool,
+    /// While an asserted value is read: the stack depth it started at.
+    capture: Option<usize>,
+    captured: Vec<u8>,
+    /// Where the capture starts in the current chunk.
+    capture_from: usize,
+    /// Bytes of the body before the current chunk.
+    offset: u64,
+    error: Option<String>,
+}
+
+impl<V: std::ops::Deref<Target = Validation>, L: AsRef<str>> Parser<V, L> {
+    fn new(v: V, lote_id: L) -> Self {
+        let nodes = build_tree(&v.asserts);
+        Parser {
+            v,
+            lote_id,
+            nodes,
+            findings: Findings { failures: BTreeMap::new() },
+            state: State::Value,
+            stack: Vec::new(),
+            num: NumAcc::default(),
+            in_key: false,
+            collect_key: false,
+            key: Vec::new(),
+            key_too_long: false,
+            capture: None,
+            captured: Vec::new(),
+            capture_from: 0,
+            offset: 0,
+            error: None,
+        }
     }
 
-    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
-        let node = self.node;
-        let mut seen = Vec::new();
-        while let Some(key) = map.next_key::<String>()? {
-            match node.children.get(&key) {
-                Some(child) => {
-                    map.next_value_seed(self.child(child))?;
-                    seen.push(key);
+    fn feed(&mut self, data: &[u8]) {
+        if self.state == State::Failed {
+            return;
+        }
+        self.capture_from = 0;
+        let mut i = 0;
+        while i < data.len() {
+            if let State::Str(Str::Plain) = self.state {
+                // The common case, a run of plain ASCII in a string.
+                let run = data[i..].iter().position(|&c| !(0x20..0x80).contains(&c) || c == b'"' || c == b'\\');
+                let end = run.map_or(data.len(), |r| i + r);
+                if end > i {
+                    if self.collect_key {
+                        self.key_bytes(&data[i..end]);
+                    }
+                    i = end;
+                    continue;
                 }
-                None => {
-                    map.next_value::<IgnoredAny>()?;
+            }
+            if self.byte(data, i) {
+                i += 1;
+            }
+            if self.state == State::Failed {
+                return;
+            }
+        }
+        if self.capture.is_some() {
+            self.captured.extend_from_slice(&data[self.capture_from..]);
+        }
+        self.offset += data.len() as u64;
+    }
+
+    fn finish(mut self) -> Verdict {
+        self.capture_from = 0;
+        if let State::Num(phase) = self.state {
+            if matches!(phase, Num::Zero | Num::Int | Num::Frac | Num::Exp) {
+                self.end_number(&[], 0, phase);
+            }
+        }
+        match self.state {
+            State::Failed => {}
+            State::Done => {}
+            State::Value if self.stack.is_empty() && self.offset == 0 => self.fail(0, "an empty body"),
+            _ => self.fail(0, "the body ends inside a value"),
+        }
+        if let Some(e) = self.error {
+            return invalid_json(format!("the body is not one valid JSON document: {e}"));
+        }
+        let asserts = &self.v.asserts;
+        // Aborting failures take precedence over don't-store ones.
+        let worst = self.findings.failures.into_iter().min_by_key(|(i, _)| (asserts[*i].on_fail != OnFail::Abort, *i));
+        match worst {
+            None => Verdict::Valid,
+            Some((i, reason)) => {
+                let a = &asserts[i];
+                Verdict::Invalid { token: detail_token(&a.pointer), reason, on_fail: a.on_fail }
+            }
+        }
+    }
+
+    fn fail(&mut self, i: usize, what: &str) {
+        self.state = State::Failed;
+        self.error = Some(format!("{what} at byte {}", self.offset + i as u64));
+        self.stack = Vec::new();
+        self.captured = Vec::new();
+        self.key = Vec::new();
+    }
+
+    /// Handles `data[i]`; false when the byte ended a number and must be handled again in the
+    /// state that follows.
+    fn byte(&mut self, data: &[u8], i: usize) -> bool {
+        let b = data[i];
+        let ws = matches!(b, b' ' | b'\n' | b'\t' | b'\r');
+        match self.state {
+            State::Value | State::ArrayFirst if ws => {}
+            State::ArrayFirst if b == b']' => self.close(data, i),
+            State::Value | State::ArrayFirst => self.value_start(data, i),
+            State::ObjectFirst | State::Key | State::Colon | State::AfterValue | State::Done if ws => {}
+            State::ObjectFirst if b == b'}' => self.close(data, i),
+            State::ObjectFirst | State::Key if b == b'"' => {
+                self.in_key = true;
+                let node = self.stack.last().and_then(|f| f.node);
+                self.collect_key = node.is_some_and(|n| !self.nodes[n].children.is_empty());
+                self.key.clear();
+                self.key_too_long = false;
+                self.state = State::Str(Str::Plain);
+            }
+            State::ObjectFirst | State::Key => self.fail(i, "expected a key"),
+            State::Colon if b == b':' => self.state = State::Value,
+            State::Colon => self.fail(i, "expected ':'"),
+            State::AfterValue => {
+                let object = self.stack.last().is_some_and(|f| f.object);
+                match (b, object) {
+                    (b',', true) => self.state = State::Key,
+                    (b',', false) => self.state = State::Value,
+                    (b'}', true) | (b']', false) => self.close(data, i),
+                    _ => self.fail(i, "expected ',' or the end of the container"),
+                }
+            }
+            State::Done => self.fail(i, "trailing characters"),
+            State::Lit { word, at } => {
+                if b != word[at as usize] {
+                    self.fail(i, "invalid literal");
+                } else if at as usize + 1 == word.len() {
+                    self.value_end(data, i + 1);
+                } else {
+                    self.state = State::Lit { word, at: at + 1 };
+                }
+            }
+            State::Num(phase) => return self.number(data, i, phase),
+            State::Str(s) => self.string(data, i, s),
+            State::Failed => {}
+        }
+        true
+    }
+
+    /// The first byte of a value.
+    fn value_start(&mut self, data: &[u8], i: usize) {
+        let b = data[i];
+        let container = b == b'{' || b == b'[';
+        if !container && !matches!(b, b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') {
+            return self.fail(i, "expected a value");
+        }
+        // The pointer tree's node at this value, if any.
+        let node = match self.capture.is_some() {
+            true => None,
+            false => match self.stack.last() {
+                None => Some(0),
+                Some(f) if f.object => f.pending,
+                Some(f) => f.node.and_then(|n| self.nodes[n].each),
+            },
+        };
+        let node = match node {
+            // An asserted value: small by nature (an id, a state), so it is materialized.
+            Some(n) if !self.nodes[n].leaves.is_empty() => {
+                self.capture = Some(self.stack.len());
+                self.captured.clear();
+                self.capture_from = i;
+                None
+            }
+            n => n,
+        };
+        if container {
+            if self.stack.len() >= MAX_DEPTH {
+                return self.fail(i, "recursion limit exceeded");
+            }
+            let object = b == b'{';
+            let seen = match node {
+                Some(n) if object => vec![false; self.nodes[n].children.len()],
+                _ => Vec::new(),
+            };
+            self.stack.push(Frame { object, node, seen, pending: None });
+            self.state = if object { State::ObjectFirst } else { State::ArrayFirst };
+            return;
+        }
+        if let Some(n) = node {
+            // A scalar where the pointers expect a container.
+            self.findings.missing(&self.v.asserts, &self.nodes[n].below, "(not a container)");
+        }
+        self.state = match b {
+            b'"' => {
+                self.in_key = false;
+                self.collect_key = false;
+                State::Str(Str::Plain)
+            }
+            b't' => State::Lit { word: b"true", at: 1 },
+            b'f' => State::Lit { word: b"false", at: 1 },
+            b'n' => State::Lit { word: b"null", at: 1 },
+            b'-' => {
+                self.num = NumAcc::default();
+                State::Num(Num::Minus)
+            }
+            b'0' => {
+                self.num = NumAcc::default();
+                State::Num(Num::Zero)
+            }
+            d => {
+                self.num = NumAcc { significand: u64::from(d - b'0'), ..NumAcc::default() };
+                State::Num(Num::Int)
+            }
+        };
+    }
+
+    /// A value ended just before `data[end]`.
+    fn value_end(&mut self, data: &[u8], end: usize) {
+        if self.capture == Some(self.stack.len()) {
+            self.capture = None;
+            self.captured.extend_from_slice(&data[self.capture_from..end]);
+            let node = match self.stack.last() {
+                None => 0,
+                Some(f) if f.object => f.pending.expect("a captured value has a node"),
+                Some(f) => self.nodes[f.node.expect("a captured value has a node")].each.expect("an array node"),
+            };
+            match serde_json::from_slice::<Value>(&self.captured) {
+                Ok(v) => {
+                    eval(&self.nodes, &self.v.asserts, self.lote_id.as_ref(), &mut self.findings, node, &v);
+                    self.captured.clear();
+                }
+                // Not expected: the tokenizer accepted it.
+                Err(e) => return self.fail(end, &format!("{e}")),
+            }
+        }
+        match self.stack.last_mut() {
+            None => self.state = State::Done,
+            Some(f) => {
+                f.pending = None;
+                self.state = State::AfterValue;
+            }
+        }
+    }
+
+    /// `data[i]` closes the innermost container.
+    fn close(&mut self, data: &[u8], i: usize) {
+        let f = self.stack.pop().expect("an open container");
+        if let Some(n) = f.node {
+            let (asserts, node) = (&self.v.asserts, &self.nodes[n]);
+            if f.object {
+                for ((k, child), seen) in node.children.iter().zip(&f.seen) {
+                    if !seen {
+                        self.findings.missing(asserts, &self.nodes[*child].below, k);
+                    }
+                }
+                if let Some(each) = node.each {
+                    self.findings.missing(asserts, &self.nodes[each].below, "* (an object, not an array)");
+                }
+            } else {
+                for (k, child) in &node.children {
+                    self.findings.missing(asserts, &self.nodes[*child].below, k);
                 }
             }
         }
-        for (k, child) in &node.children {
-            if !seen.contains(k) {
-                self.findings.missing(self.asserts, &child.below, k);
+        self.value_end(data, i + 1);
+    }
+
+    fn number(&mut self, data: &[u8], i: usize, phase: Num) -> bool {
+        let b = data[i];
+        let n = &mut self.num;
+        let next = match (phase, b) {
+            (Num::Minus, b'0') => Num::Zero,
+            (Num::Minus, b'1'..=b'9') => {
+                n.significand = u64::from(b - b'0');
+                Num::Int
             }
-        }
-        if let Some(each) = &node.each {
-            self.findings.missing(self.asserts, &each.below, "* (an object, not an array)");
-        }
-        Ok(())
+            (Num::Zero, b'0'..=b'9') => return self.fail_consumed(i, "invalid number (a leading zero)"),
+            (Num::Int, b'0'..=b'9') => {
+                let d = b - b'0';
+                if n.long || overflows(n.significand, d, u64::MAX) {
+                    // Past u64, serde_json drops the digit and scales.
+                    n.long = true;
+                    n.exponent = n.exponent.wrapping_add(1);
+                } else {
+                    n.significand = n.significand * 10 + u64::from(d);
+                }
+                Num::Int
+            }
+            (Num::Zero | Num::Int, b'.') => Num::FracFirst,
+            (Num::FracFirst | Num::Frac, b'0'..=b'9') => {
+                let d = b - b'0';
+                if n.frac_full || overflows(n.significand, d, u64::MAX) {
+                    n.frac_full = true;
+                } else {
+                    n.significand = n.significand * 10 + u64::from(d);
+                    n.exponent -= 1;
+                }
+                Num::Frac
+            }
+            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => {
+                n.start_exp = n.exponent;
+                n.exp_positive = true;
+                Num::ExpStart
+            }
+            (Num::ExpStart, b'+') => Num::ExpSign,
+            (Num::ExpStart, b'-') => {
+                n.exp_positive = false;
+                Num::ExpSign
+            }
+            (Num::ExpStart | Num::ExpSign | Num::Exp, b'0'..=b'9') => {
+                let d = b - b'0';
+                if phase != Num::Exp {
+                    n.exp = i32::from(d);
+                } else if n.exp_overflow || overflows(n.exp as u32, d, i32::MAX as u64) {
+                    n.exp_overflow = true;
+                } else {
+                    n.exp = n.exp * 10 + i32::from(d);
+                }
+                Num::Exp
+            }
+            (Num::Zero | Num::Int | Num::Frac | Num::Exp, _) => {
+                self.end_number(data, i, phase);
+                return false;
+            }
+            (Num::Minus | Num::FracFirst | Num::ExpStart | Num::ExpSign, _) => {
+                return self.fail_consumed(i, "invalid number");
+            }
+        };
+        self.state = State::Num(next);
+        true
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
-        let node = self.node;
-        match &node.each {
-            Some(each) => while seq.next_element_seed(self.child(each))?.is_some() {},
-            None => while seq.next_element::<IgnoredAny>()?.is_some() {},
-        }
-        for (k, child) in &node.children {
-            self.findings.missing(self.asserts, &child.below, k);
-        }
-        Ok(())
+    fn fail_consumed(&mut self, i: usize, what: &str) -> bool {
+        self.fail(i, what);
+        true
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        self.mismatch()
+    /// A complete number ends before `data[end]`.
+    fn end_number(&mut self, data: &[u8], end: usize, phase: Num) {
+        if !self.num.in_range(phase) {
+            return self.fail(end, "number out of range");
+        }
+        self.value_end(data, end);
     }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        self.mismatch()
+
+    fn string(&mut self, data: &[u8], i: usize, s: Str) {
+        let b = data[i];
+        let next = match s {
+            Str::Plain => match b {
+                b'"' => {
+                    if self.in_key {
+                        self.end_key();
+                    } else {
+                        self.value_end(data, i + 1);
+                    }
+                    return;
+                }
+                b'\\' => Str::Escape,
+                0x00..=0x1f => return self.fail(i, "a control character in a string"),
+                0x20..=0x7f => {
+                    self.key_bytes(&[b]);
+                    Str::Plain
+                }
+                0xc2..=0xdf => self.utf8_lead(b, 1, 0x80, 0xbf),
+                0xe0 => self.utf8_lead(b, 2, 0xa0, 0xbf),
+                0xe1..=0xec | 0xee..=0xef => self.utf8_lead(b, 2, 0x80, 0xbf),
+                0xed => self.utf8_lead(b, 2, 0x80, 0x9f),
+                0xf0 => self.utf8_lead(b, 3, 0x90, 0xbf),
+                0xf1..=0xf3 => self.utf8_lead(b, 3, 0x80, 0xbf),
+                0xf4 => self.utf8_lead(b, 3, 0x80, 0x8f),
+                _ => return self.fail(i, "invalid UTF-8 in a string"),
+            },
+            Str::Utf8 { need, lo, hi } => {
+                if !(lo..=hi).contains(&b) {
+                    return self.fail(i, "invalid UTF-8 in a string");
+                }
+                self.key_bytes(&[b]);
+                if need == 1 {
+                    Str::Plain
+                } else {
+                    Str::Utf8 { need: need - 1, lo: 0x80, hi: 0xbf }
+                }
+            }
+            Str::Escape => {
+                let c = match b {
+                    b'"' | b'\\' | b'/' => b,
+                    b'b' => 0x08,
+                    b'f' => 0x0c,
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    b'u' => {
+                        self.state = State::Str(Str::Hex { n: 0, acc: 0, high: None });
+                        return;
+                    }
+                    _ => return self.fail(i, "an invalid escape"),
+                };
+                self.key_bytes(&[c]);
+                Str::Plain
+            }
+            Str::Hex { n, acc, high } => {
+                let Some(d) = (b as char).to_digit(16) else { return self.fail(i, "an invalid \\u escape") };
+                let acc = acc << 4 | d as u16;
+                if n < 3 {
+                    Str::Hex { n: n + 1, acc, high }
+                } else {
+                    // serde_json wants surrogates paired, a leading one then a trailing one.
+                    match (high, acc) {
+                        (Some(h), 0xdc00..=0xdfff) => {
+                            let c = 0x10000 + ((u32::from(h) - 0xd800) << 10) + (u32::from(acc) - 0xdc00);
+                            self.key_char(c);
+                            Str::Plain
+                        }
+                        (Some(_), _) | (None, 0xdc00..=0xdfff) => return self.fail(i, "a lone surrogate"),
+                        (None, 0xd800..=0xdbff) => Str::HighBackslash(acc),
+                        (None, c) => {
+                            self.key_char(u32::from(c));
+                            Str::Plain
+                        }
+                    }
+                }
+            }
+            Str::HighBackslash(h) if b == b'\\' => Str::HighU(h),
+            Str::HighU(h) if b == b'u' => Str::Hex { n: 0, acc: 0, high: Some(h) },
+            Str::HighBackslash(_) | Str::HighU(_) => return self.fail(i, "a lone surrogate"),
+        };
+        self.state = State::Str(next);
     }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        self.mismatch()
+
+    fn utf8_lead(&mut self, b: u8, need: u8, lo: u8, hi: u8) -> Str {
+        self.key_bytes(&[b]);
+        Str::Utf8 { need, lo, hi }
     }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        self.mismatch()
+
+    fn key_char(&mut self, c: u32) {
+        let c = char::from_u32(c).expect("not a surrogate");
+        self.key_bytes(c.encode_utf8(&mut [0; 4]).as_bytes());
     }
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        self.mismatch()
+
+    /// Collects decoded bytes of a key, up to the longest key that could match.
+    fn key_bytes(&mut self, bytes: &[u8]) {
+        if !self.collect_key || self.key_too_long {
+            return;
+        }
+        let max = self.stack.last().and_then(|f| f.node).map_or(0, |n| self.nodes[n].max_key);
+        if self.key.len() + bytes.len() > max {
+            self.key_too_long = true;
+            self.key.clear();
+        } else {
+            self.key.extend_from_slice(bytes);
+        }
     }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        self.mismatch()
-    }
-    fn visit_none<E>(self) -> Result<(), E> {
-        self.mismatch()
+
+    fn end_key(&mut self) {
+        self.state = State::Colon;
+        if !self.collect_key || self.key_too_long {
+            return;
+        }
+        let f = self.stack.last_mut().expect("a key is in an object");
+        let node = &self.nodes[f.node.expect("keys are collected at a node")];
+        match node.children.binary_search_by(|(k, _)| k.as_bytes().cmp(&self.key)) {
+            Ok(at) => {
+                f.seen[at] = true;
+                f.pending = Some(node.children[at].1);
+            }
+            Err(_) => f.pending = None,
+        }
     }
 }
 
@@ -444,15 +968,11 @@ mod tests {
     #[test]
     fn streaming_in_arbitrary_chunks_gives_the_same_verdict() {
         let doc = lotecache_doc();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let verdict = rt.block_on(async {
-            let v = StreamingValidator::spawn(std::sync::Arc::new(batch_rules()), "L1".into());
-            for chunk in doc.as_bytes().chunks(7) {
-                v.feed(Bytes::copy_from_slice(chunk));
-            }
-            v.finish().await
-        });
-        assert_eq!(verdict, Verdict::Valid);
+        let mut v = StreamingValidator::new(Arc::new(batch_rules()), "L1".into());
+        for chunk in doc.as_bytes().chunks(7) {
+            v.feed(chunk);
+        }
+        assert_eq!(v.finish(), Verdict::Valid);
     }
 
     fn lotecache_doc() -> String {
