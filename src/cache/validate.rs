@@ -978,4 +978,443 @@ mod tests {
     fn lotecache_doc() -> String {
         crate::sample_origin::batch_document("L1", 20_000)
     }
+
+    fn json_only() -> Validation {
+        Validation { json: true, asserts: vec![] }
+    }
+
+    /// Feeds `doc` in chunks of the given sizes (cycled; 0 means 1).
+    fn fed(v: &Validation, lote_id: &str, doc: &[u8], sizes: &[usize]) -> Verdict {
+        let mut p = StreamingValidator::new(Arc::new(v.clone()), lote_id.into());
+        let mut rest = doc;
+        let mut sizes = sizes.iter().cycle();
+        while !rest.is_empty() {
+            let n = sizes.next().copied().unwrap_or(rest.len()).clamp(1, rest.len());
+            let (chunk, tail) = rest.split_at(n);
+            p.feed(chunk);
+            rest = tail;
+        }
+        p.finish()
+    }
+
+    fn serde_accepts(doc: &[u8]) -> bool {
+        serde_json::from_slice::<Value>(doc).is_ok()
+    }
+
+    fn is_valid(v: &Verdict) -> bool {
+        *v == Verdict::Valid
+    }
+
+    /// The classes where a JSON parser is most likely to disagree with serde_json.
+    #[test]
+    fn edge_cases_are_judged_as_serde_json_judges_them() {
+        let mut cases: Vec<Vec<u8>> = [
+            "",
+            " ",
+            "1",
+            " 1 ",
+            "1 x",
+            "\u{feff}1",
+            "01",
+            "-01",
+            "-",
+            "-0",
+            "1.",
+            "1.e5",
+            ".5",
+            "+1",
+            "1e",
+            "1e+",
+            "1E-0",
+            "0e99999999999999",
+            "1e99999999999999",
+            "1e-99999999999999",
+            "1e400",
+            "1e308",
+            "17e307",
+            "18e307",
+            "1.8e308",
+            "-1e309",
+            "184467440737095516160e290",
+            "18446744073709551615",
+            "18446744073709551616",
+            "18446744073709551616.5",
+            "-9223372036854775809",
+            "0.0000000000000000000000000000001e330",
+            "tru",
+            "true",
+            "nul",
+            "nulll",
+            "[1,]",
+            "[,1]",
+            "{\"a\":1,}",
+            "{\"a\"1}",
+            "{1:1}",
+            "[1 2]",
+            "\"\\ud800\"",
+            "\"\\udc00\"",
+            "\"\\ud800\\udc00\"",
+            "\"\\ud800\\u0041\"",
+            "\"\\ud800\\n\"",
+            "\"\\ud800\\ud800\\udc00\"",
+            "\"\\uD83D\\uDE00\"",
+            "\"\\u00e9\"",
+            "\"\\u00G9\"",
+            "\"\\x\"",
+            "\"\\/\"",
+            "\"\u{7f}\"",
+            "\"\t\"",
+            "\"a",
+            "[\"a\",\"b\"]]",
+            "{}}",
+            "\u{a0}1",
+            "1\u{c}",
+            "[1]\n\r\t ",
+            "{\"a\":[{\"b\":null}]}",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+        ]
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+        let long_int = format!("1{}", "0".repeat(400));
+        let long_frac = format!("0.{}1e400", "0".repeat(400));
+        cases.extend([long_int.into_bytes(), long_frac.into_bytes()]);
+        for bytes in
+            [&[0x22, 0xff, 0x22][..], &[0x22, 0xc3, 0x22], &[0x22, 0xc3, 0xa9, 0x22], &[0x22, 0xed, 0xa0, 0x80, 0x22]]
+        {
+            cases.push(bytes.to_vec());
+        }
+        cases.push(b"\"\xf4\x90\x80\x80\"".to_vec());
+        cases.push(b"\"\xf0\x9f\x98\x80\"".to_vec());
+        cases.push(b"\"\xe0\x80\xaf\"".to_vec());
+        for depth in 120..=135 {
+            cases.push(format!("{}{}", "[".repeat(depth), "]".repeat(depth)).into_bytes());
+            cases.push(format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth)).into_bytes());
+            cases.push(format!("{}{}", "[{\"a\":".repeat(depth / 2), "}]".repeat(depth / 2)).into_bytes());
+        }
+        for case in &cases {
+            let expected = serde_accepts(case);
+            for sizes in [&[usize::MAX][..], &[1], &[2, 3]] {
+                let got = fed(&json_only(), "L1", case, sizes);
+                assert_eq!(
+                    is_valid(&got),
+                    expected,
+                    "{:?} in chunks of {sizes:?}: {got:?}",
+                    String::from_utf8_lossy(case)
+                );
+            }
+            assert_eq!(is_valid(&validate_slice(&json_only(), "L1", case)), expected);
+        }
+    }
+
+    #[test]
+    fn feeding_after_malformed_json_keeps_the_verdict_and_holds_nothing() {
+        let mut v = StreamingValidator::new(Arc::new(batch_rules()), "L1".into());
+        v.feed(b"{\"metadata\":{\"lote_id\":\"L1\"}}}");
+        assert_eq!(v.parser.state, State::Failed);
+        for _ in 0..100 {
+            v.feed(&[b'['; 4096]);
+        }
+        assert!(v.parser.stack.capacity() == 0 && v.parser.captured.capacity() == 0);
+        assert_eq!(v.finish().token_and_fail().0, "invalid-json");
+    }
+
+    #[test]
+    fn unasserted_strings_and_keys_are_not_held_whatever_their_size() {
+        let big = "x".repeat(1 << 20);
+        let doc = format!(
+            r#"{{"metadata":{{"lote_id":"L1","{big}":1,"texto":"{big}"}},"{big}":["{big}"],"archivos_procesados":[{{"lote_id":"L1","t":"{big}"}}]}}"#
+        );
+        let mut v = StreamingValidator::new(Arc::new(batch_rules()), "L1".into());
+        let mut peak = 0;
+        for chunk in doc.as_bytes().chunks(1000) {
+            v.feed(chunk);
+            peak = peak.max(v.parser.captured.capacity() + v.parser.key.capacity());
+        }
+        assert!(peak < 1024, "held {peak} bytes");
+        assert_eq!(v.finish(), Verdict::Valid);
+    }
+
+    impl Verdict {
+        fn token_and_fail(&self) -> (String, Option<OnFail>) {
+            match self {
+                Verdict::Valid => (String::new(), None),
+                Verdict::Invalid { token, on_fail, .. } => (token.clone(), Some(*on_fail)),
+            }
+        }
+    }
+
+    use proptest::prelude::*;
+
+    fn arb_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+            (-1e6..1e6f64).prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            "[a-z\"\\\\/\u{0}-\u{1f}\u{7f}-\u{a0}\u{fffd}\u{1F600}]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(5, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((any::<String>(), inner), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn arb_document() -> impl Strategy<Value = Vec<u8>> {
+        (arb_value(), any::<bool>(), "[ \t\r\n]{0,3}").prop_map(|(v, pretty, ws)| {
+            let mut doc = if pretty { serde_json::to_vec_pretty(&v) } else { serde_json::to_vec(&v) }.unwrap();
+            doc.extend_from_slice(ws.as_bytes());
+            doc
+        })
+    }
+
+    /// Chunk sizes: sometimes all 1-byte chunks, otherwise a cycle of small and large sizes.
+    fn arb_sizes() -> impl Strategy<Value = Vec<usize>> {
+        prop_oneof![Just(vec![1]), Just(vec![usize::MAX]), prop::collection::vec(1usize..40, 1..8)]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Flip(prop::sample::Index, u8),
+        Insert(prop::sample::Index, u8),
+        Delete(prop::sample::Index),
+        Truncate(prop::sample::Index),
+    }
+
+    fn arb_byte() -> impl Strategy<Value = u8> {
+        prop_oneof![
+            prop::sample::select(b"{}[]:,\"\\/-+.eE0123456789 \n\tutfnlrabx".to_vec()),
+            prop::sample::select(vec![0x00, 0x1f, 0x7f, 0x80, 0xbf, 0xc0, 0xc3, 0xe0, 0xed, 0xa0, 0xf4, 0xf5, 0xff]),
+            any::<u8>(),
+        ]
+    }
+
+    fn arb_mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            (any::<prop::sample::Index>(), arb_byte()).prop_map(|(i, b)| Mutation::Flip(i, b)),
+            (any::<prop::sample::Index>(), arb_byte()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+            any::<prop::sample::Index>().prop_map(Mutation::Delete),
+            any::<prop::sample::Index>().prop_map(Mutation::Truncate),
+        ]
+    }
+
+    fn mutate(mut doc: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
+        for m in mutations {
+            let len = doc.len();
+            match m {
+                Mutation::Flip(i, b) if len > 0 => doc[i.index(len)] = *b,
+                Mutation::Insert(i, b) => doc.insert(i.index(len + 1), *b),
+                Mutation::Delete(i) if len > 0 => {
+                    doc.remove(i.index(len));
+                }
+                Mutation::Truncate(i) => doc.truncate(i.index(len + 1)),
+                _ => {}
+            }
+        }
+        doc
+    }
+
+    /// Number-like and string-escape-like fragments, where random mutation rarely lands.
+    fn arb_fragment() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            "-?[0-9]{0,25}(\\.[0-9]{0,25})?([eE][+-]?[0-9]{0,12})?".prop_map(String::into_bytes),
+            "[-+.eE0-9]{0,30}".prop_map(String::into_bytes),
+            prop::collection::vec(
+                prop::sample::select(vec![
+                    "\\ud800",
+                    "\\udbff",
+                    "\\udc00",
+                    "\\udfff",
+                    "\\u0041",
+                    "\\u00e9",
+                    "\\uD83D",
+                    "\\uDE00",
+                    "\\n",
+                    "\\x",
+                    "\\",
+                    "\\u12",
+                    "a",
+                    "\u{e9}",
+                    "\u{1F600}",
+                    "\t",
+                    "\u{7f}",
+                ]),
+                0..6
+            )
+            .prop_map(|parts| format!("\"{}\"", parts.concat()).into_bytes()),
+        ]
+        .prop_map(|f| {
+            let mut doc = b"[".to_vec();
+            doc.extend_from_slice(&f);
+            doc.push(b']');
+            doc
+        })
+    }
+
+    /// What the batch rules say, evaluated directly on a serde_json value.
+    fn reference_verdict(rules: &Validation, lote_id: &str, doc: &Value) -> (String, Option<OnFail>) {
+        fn values<'a>(v: &'a Value, segs: &[Segment], out: &mut Vec<Option<&'a Value>>) {
+            match segs.split_first() {
+                None => out.push(Some(v)),
+                Some((Segment::Key(k), rest)) => match v.as_object().and_then(|m| m.get(k)) {
+                    Some(c) => values(c, rest, out),
+                    None => out.push(None),
+                },
+                Some((Segment::Each, rest)) => match v.as_array() {
+                    Some(items) => items.iter().for_each(|item| values(item, rest, out)),
+                    None => out.push(None),
+                },
+            }
+        }
+        let text = |v: &Value| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        };
+        let failing = |a: &Assertion| {
+            let mut found = Vec::new();
+            values(doc, &a.segments, &mut found);
+            found.iter().any(|v| match v {
+                None => !a.optional,
+                Some(v) => match (&a.check, text(v)) {
+                    (_, None) => true,
+                    (Check::Equals(t), Some(g)) => g != t.replace("{lote_id}", lote_id),
+                    (Check::OneOf(list), Some(g)) => !list.contains(&g),
+                },
+            })
+        };
+        let failed: Vec<&Assertion> = rules.asserts.iter().filter(|a| failing(a)).collect();
+        let worst = failed.iter().find(|a| a.on_fail == OnFail::Abort).or(failed.first());
+        match worst {
+            None => (String::new(), None),
+            Some(a) => (detail_token(&a.pointer), Some(a.on_fail)),
+        }
+    }
+
+    fn arb_id_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => prop::sample::select(vec!["L1", "L2", "1", "true", "l1", ""]).prop_map(Value::from),
+            1 => Just(Value::from(1)),
+            1 => Just(Value::from(1.0)),
+            1 => Just(Value::Bool(true)),
+            1 => Just(Value::Null),
+            1 => Just(serde_json::json!({"lote_id": "L1"})),
+            1 => Just(serde_json::json!(["L1"])),
+        ]
+    }
+
+    /// Optional value: None leaves the key out.
+    fn arb_batch() -> impl Strategy<Value = Value> {
+        let item = prop_oneof![
+            4 => (arb_id_value(), any::<bool>()).prop_map(|(id, extra)| {
+                let mut m = serde_json::Map::new();
+                m.insert("lote_id".into(), id);
+                if extra {
+                    m.insert("texto".into(), Value::from("…"));
+                }
+                Value::Object(m)
+            }),
+            1 => Just(serde_json::json!({"nombre": "x"})),
+            1 => Just(Value::from("L1")),
+            1 => Just(serde_json::json!([{"lote_id": "L1"}])),
+        ];
+        let files = prop_oneof![
+            6 => prop::collection::vec(item, 0..5).prop_map(Value::Array),
+            1 => Just(serde_json::json!({"lote_id": "L1"})),
+            1 => Just(Value::from("L1")),
+            1 => Just(Value::Null),
+        ];
+        let estado = prop::option::of(prop_oneof![
+            Just(Value::from("completado")),
+            Just(Value::from("en_proceso")),
+            Just(Value::from(1)),
+            Just(Value::Null),
+        ]);
+        let metadata = prop_oneof![
+            6 => (prop::option::of(arb_id_value()), estado, any::<bool>()).prop_map(|(id, estado, extra)| {
+                let mut m = serde_json::Map::new();
+                if let Some(id) = id {
+                    m.insert("lote_id".into(), id);
+                }
+                if let Some(e) = estado {
+                    m.insert("estado".into(), e);
+                }
+                if extra {
+                    m.insert("x".into(), serde_json::json!([1, {"lote_id": "L9"}]));
+                }
+                Value::Object(m)
+            }),
+            1 => Just(serde_json::json!(["L1"])),
+            1 => Just(Value::from("L1")),
+        ];
+        (prop::option::of(metadata), prop::option::of(files), any::<bool>()).prop_map(|(metadata, files, extra)| {
+            let mut m = serde_json::Map::new();
+            if extra {
+                m.insert("a".into(), serde_json::json!({"metadata": {"lote_id": "L9"}}));
+            }
+            if let Some(md) = metadata {
+                m.insert("metadata".into(), md);
+            }
+            if let Some(f) = files {
+                m.insert("archivos_procesados".into(), f);
+            }
+            Value::Object(m)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn the_streaming_validator_accepts_every_generated_document_whatever_the_chunking(
+            doc in arb_document(),
+            sizes in arb_sizes(),
+        ) {
+            prop_assert_eq!(fed(&json_only(), "L1", &doc, &sizes), Verdict::Valid);
+        }
+
+        #[test]
+        fn the_streaming_validator_agrees_with_serde_json_on_mutated_documents(
+            doc in arb_document(),
+            mutations in prop::collection::vec(arb_mutation(), 1..4),
+            sizes in arb_sizes(),
+        ) {
+            let doc = mutate(doc, &mutations);
+            let got = fed(&json_only(), "L1", &doc, &sizes);
+            prop_assert_eq!(is_valid(&got), serde_accepts(&doc), "{:?}: {:?}", String::from_utf8_lossy(&doc), got);
+        }
+
+        #[test]
+        fn the_streaming_validator_agrees_with_serde_json_on_numbers_and_escapes(
+            doc in arb_fragment(),
+            mutations in prop::collection::vec(arb_mutation(), 0..2),
+            sizes in arb_sizes(),
+        ) {
+            let doc = mutate(doc, &mutations);
+            let got = fed(&json_only(), "L1", &doc, &sizes);
+            prop_assert_eq!(is_valid(&got), serde_accepts(&doc), "{:?}: {:?}", String::from_utf8_lossy(&doc), got);
+        }
+
+        #[test]
+        fn the_assertion_verdict_equals_a_direct_evaluation_of_the_pointers(
+            doc in arb_batch(),
+            pretty in any::<bool>(),
+            lote_id in prop::sample::select(vec!["L1", "L2", "1", "true"]),
+            sizes in arb_sizes(),
+        ) {
+            let rules = batch_rules();
+            let bytes = if pretty { serde_json::to_vec_pretty(&doc) } else { serde_json::to_vec(&doc) }.unwrap();
+            let got = fed(&rules, lote_id, &bytes, &sizes);
+            prop_assert_eq!(got.token_and_fail(), reference_verdict(&rules, lote_id, &doc), "{}", doc);
+        }
+    }
 }
