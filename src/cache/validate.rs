@@ -1109,6 +1109,27 @@ mod tests {
         }
     }
 
+    /// The regression this parser was written for: each validated fill held a blocking thread
+    /// for its whole life, so a few hundred fills starved the store's blocking work.
+    #[test]
+    fn validators_in_flight_hold_no_blocking_thread() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().max_blocking_threads(1).build().unwrap();
+        rt.block_on(async {
+            let rules = Arc::new(batch_rules());
+            let mut fills: Vec<_> = (0..300).map(|_| StreamingValidator::new(rules.clone(), "L1".into())).collect();
+            for v in &mut fills {
+                v.feed(br#"{"metadata":{"lote_id":"L1"},"archivos_procesados":[{"lote_id":"#);
+            }
+            let store_write = tokio::task::spawn_blocking(|| 7);
+            let done = tokio::time::timeout(std::time::Duration::from_secs(5), store_write).await;
+            assert_eq!(done.expect("the blocking pool is free").unwrap(), 7);
+            for mut v in fills {
+                v.feed(br#""L1"}]}"#);
+                assert_eq!(v.finish(), Verdict::Valid);
+            }
+        });
+    }
+
     #[test]
     fn feeding_after_malformed_json_keeps_the_verdict_and_holds_nothing() {
         let mut v = StreamingValidator::new(Arc::new(batch_rules()), "L1".into());
