@@ -127,10 +127,9 @@ fn detail_token(pointer: &str) -> String {
 /// Validation running beside a fill: chunks go in as they arrive, the verdict comes out.
 ///
 /// Push-based: each chunk is parsed inline by [`StreamingValidator::feed`], which never blocks
-/// and holds no thread; the state kept between chunks is the container stack (at most
-/// [`MAX_DEPTH`] frames), a key being matched against the asserted pointers, and the value at an
-/// asserted pointer while it is read. Once the document is known to be malformed, feeding is a
-/// no-op.
+/// and holds no thread; the state kept between chunks is the container stack (at most 127
+/// frames), a key being matched against the asserted pointers, and the value at an asserted
+/// pointer while it is read. Once the document is known to be malformed, feeding is a no-op.
 pub struct StreamingValidator {
     parser: Parser<Arc<Validation>, String>,
 }
