@@ -327,4 +327,101 @@ mod tests {
         let req = Request::get("/download_batch_results/A").header("content-length", "3").body(()).unwrap();
         assert!(matches!(Rules::new(vec![default_rule()]).route(&req), Route::Reject { .. }));
     }
+
+    use proptest::prelude::*;
+
+    /// Bytes an http path may carry unencoded (`%` never: it would start an escape).
+    fn raw_ok(b: u8) -> bool {
+        b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b)
+    }
+
+    /// An id's bytes: mostly characters the default pattern allows, some anything.
+    fn arb_id_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let byte = prop_oneof![
+            6 => prop::sample::select(b"AZaz09._-L".to_vec()),
+            1 => prop::sample::select(b"/%?#;: ~\x00\x7f".to_vec()),
+            1 => any::<u8>(),
+        ];
+        prop_oneof![
+            8 => prop::collection::vec(byte, 0..12),
+            1 => prop::collection::vec(Just(b'a'), 126..131),
+            1 => prop::sample::select(vec![b".".to_vec(), b"..".to_vec(), "ñ".as_bytes().to_vec(), vec![0xc3], vec![0xed, 0xa0, 0x80]]),
+        ]
+    }
+
+    /// Percent-encodes `id`: bytes a path cannot carry always, the others when `encode[i]`, in
+    /// upper or lower hex as `upper[i]` says.
+    fn encode_arbitrarily(id: &[u8], encode: &[bool], upper: &[bool]) -> String {
+        let mut out = String::new();
+        for (i, &b) in id.iter().enumerate() {
+            if !raw_ok(b) || encode[i % encode.len()] {
+                let hex = format!("%{b:02X}");
+                out.push_str(&if upper[i % upper.len()] { hex } else { hex.to_lowercase() });
+            } else {
+                out.push(b as char);
+            }
+        }
+        out
+    }
+
+    fn arb_pattern() -> impl Strategy<Value = String> {
+        let item = prop_oneof![
+            3 => prop::sample::select(b"abcxyzAZ09._-~:@".to_vec()).prop_map(|c| (c as char).to_string()),
+            2 => (prop::sample::select(b"aAm0z9Z".to_vec()), prop::sample::select(b"aAm0z9Z".to_vec()))
+                .prop_map(|(a, b)| format!("{}-{}", a as char, b as char)),
+        ];
+        (prop::collection::vec(item, 1..5), 0usize..6, 0usize..6, any::<bool>()).prop_map(|(items, a, b, exact)| {
+            let quant = if exact { format!("{{{a}}}") } else { format!("{{{},{}}}", a.min(b), a.max(b)) };
+            format!("[{}]{quant}", items.concat())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn a_percent_encoded_id_is_cached_under_its_decoded_self_exactly_when_it_is_allowed(
+            id in arb_id_bytes(),
+            encode in prop::collection::vec(any::<bool>(), 1..8),
+            upper in prop::collection::vec(any::<bool>(), 1..8),
+        ) {
+            let path = format!("/download_batch_results/{}", encode_arbitrarily(&id, &encode, &upper));
+            let pattern = regex_lite::Regex::new(&format!("^(?:{})$", crate::config::DEFAULT_ID_PATTERN)).unwrap();
+            let allowed = std::str::from_utf8(&id).ok().filter(|s| *s != "." && *s != ".." && pattern.is_match(s));
+            match (route(&path), allowed) {
+                (Route::Cache(t), Some(id)) => {
+                    prop_assert_eq!(&t.lote_id, id);
+                    prop_assert_eq!(t.key, format!("{id}_resultados.json"));
+                    prop_assert_eq!(t.upstream_path, format!("/download_batch_results/{}", encode_id(id)));
+                }
+                (Route::Reject { .. }, None) => {}
+                (other, allowed) => prop_assert!(false, "{path}: {other:?}, allowed: {allowed:?}"),
+            }
+        }
+
+        #[test]
+        fn the_character_class_fast_path_agrees_with_the_regex_on_generated_patterns(
+            pattern in arb_pattern(),
+            ids in prop::collection::vec("[a-zA-Z0-9._~:@ñ/ -]{0,7}", 1..16),
+        ) {
+            // A pattern the regex engine refuses is refused by IdPattern::new before the fast
+            // path could be used (e.g. `[a-m--]`, which CharRun alone would read).
+            let Ok(regex) = regex_lite::Regex::new(&format!("^(?:{pattern})$")) else {
+                prop_assert!(IdPattern::new(&pattern).is_err());
+                return Ok(());
+            };
+            let id_pattern = IdPattern::new(&pattern).unwrap();
+            prop_assume!(id_pattern.class.is_some());
+            for id in &ids {
+                prop_assert_eq!(id_pattern.is_match(id), regex.is_match(id), "pattern {}, id {:?}", pattern, id);
+            }
+        }
+
+        #[test]
+        fn an_encoded_id_decodes_back_to_itself(id in any::<String>()) {
+            let encoded = encode_id(&id);
+            prop_assert!(encoded.bytes().all(raw_ok) || encoded.contains('%'));
+            prop_assert_eq!(percent_decode_str(&encoded).decode_utf8().unwrap(), id.as_str());
+        }
+    }
 }

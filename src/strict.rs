@@ -712,4 +712,298 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
             assert_eq!(read_through(&whole, b"").await, read, "{:?} in one read", String::from_utf8_lossy(&whole));
         }
     }
+
+    use proptest::prelude::*;
+
+    /// A request's body framing.
+    #[derive(Debug, Clone)]
+    enum Body {
+        None,
+        Length(Vec<u8>),
+        /// Chunks (data, size in upper-case hex, extension), the last chunk's extension,
+        /// trailer lines.
+        Chunked {
+            chunks: Vec<(Vec<u8>, bool, Option<String>)>,
+            last_ext: Option<String>,
+            trailers: Vec<String>,
+        },
+    }
+
+    #[derive(Debug, Clone)]
+    struct Req {
+        leading_crlf: bool,
+        path: String,
+        headers: Vec<String>,
+        /// Index of the header-name spelling to use.
+        spelling: usize,
+        /// Spaces around framing header values.
+        padded: bool,
+        body: Body,
+    }
+
+    const CL: [&str; 4] = ["Content-Length", "content-length", "CONTENT-LENGTH", "Content-length"];
+    const TE: [&str; 4] = ["Transfer-Encoding", "transfer-encoding", "TRANSFER-ENCODING", "Transfer-encoding"];
+
+    impl Req {
+        /// The head's lines without their line ends (request line first; no empty line).
+        fn head_lines(&self, ambiguous: Option<bool>) -> Vec<String> {
+            let method = if matches!(self.body, Body::None) { "GET" } else { "POST" };
+            let mut lines = vec![format!("{method} {} HTTP/1.1", self.path)];
+            lines.extend(self.headers.iter().cloned());
+            let pad = if self.padded { " " } else { "" };
+            let cl = |n: usize| format!("{}:{pad}{n}{pad}", CL[self.spelling]);
+            let te = |v: &str| format!("{}:{pad}{v}{pad}", TE[self.spelling]);
+            match &self.body {
+                Body::None => {}
+                Body::Length(b) => lines.push(cl(b.len())),
+                Body::Chunked { .. } => {
+                    lines.push(te(if self.padded { "gzip, chunked" } else { "chunked" }));
+                }
+            }
+            // Both framings at once, the length before or after the chunking.
+            if let Some(length_first) = ambiguous {
+                let n = lines.len();
+                match (&self.body, length_first) {
+                    (Body::Chunked { .. }, true) => lines.insert(1, cl(4)),
+                    (Body::Chunked { .. }, false) => lines.insert(n, cl(4)),
+                    (Body::Length(_), true) => lines.insert(n, te("chunked")),
+                    (Body::Length(_), false) => lines.insert(1, te("chunked")),
+                    (Body::None, length_first) => {
+                        let (a, b) = if length_first { (cl(0), te("chunked")) } else { (te("chunked"), cl(0)) };
+                        lines.extend([a, b]);
+                    }
+                }
+            }
+            lines
+        }
+
+        fn body_bytes(&self) -> Vec<u8> {
+            match &self.body {
+                Body::None => Vec::new(),
+                Body::Length(b) => b.clone(),
+                Body::Chunked { chunks, last_ext, trailers } => {
+                    let mut out = Vec::new();
+                    for (data, upper, ext) in chunks {
+                        let size = if *upper { format!("{:X}", data.len()) } else { format!("{:x}", data.len()) };
+                        out.extend_from_slice(format!("{size}{}\r\n", ext.as_deref().unwrap_or("")).as_bytes());
+                        out.extend_from_slice(data);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    out.extend_from_slice(format!("0{}\r\n", last_ext.as_deref().unwrap_or("")).as_bytes());
+                    for t in trailers {
+                        out.extend_from_slice(format!("{t}\r\n").as_bytes());
+                    }
+                    out.extend_from_slice(b"\r\n");
+                    out
+                }
+            }
+        }
+
+        /// The request on the wire; `bare_lf` makes the line end of that head line (the empty
+        /// line counting as the last) a bare LF. Returns the bytes and, for a refused request,
+        /// where the refusal takes effect (what follows passes as it is).
+        fn wire(&self, ambiguous: Option<bool>, bare_lf: Option<prop::sample::Index>) -> (Vec<u8>, Option<usize>) {
+            let mut lines = self.head_lines(ambiguous);
+            lines.push(String::new());
+            let bare = bare_lf.map(|i| i.index(lines.len()));
+            let mut out = Vec::new();
+            if self.leading_crlf {
+                out.extend_from_slice(b"\r\n");
+            }
+            let mut refused_at = None;
+            for (i, line) in lines.iter().enumerate() {
+                out.extend_from_slice(line.as_bytes());
+                if bare == Some(i) {
+                    out.push(b'\n');
+                    refused_at = Some(out.len());
+                } else {
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+            if ambiguous.is_some() && refused_at.is_none() {
+                refused_at = Some(out.len());
+            }
+            out.extend_from_slice(&self.body_bytes());
+            (out, refused_at)
+        }
+    }
+
+    fn arb_ext() -> impl Strategy<Value = Option<String>> {
+        prop::option::of(
+            prop::sample::select(vec![";a=1", ";name", ";a=\"q s\";b", " ;x", "\t;y=2", ";"]).prop_map(String::from),
+        )
+    }
+
+    fn arb_req() -> impl Strategy<Value = Req> {
+        let header = prop_oneof![
+            Just("Host: x".to_string()),
+            "[A-Za-z-]{1,12}: [ -~]{0,16}".prop_map(|h| h.trim_end().to_string()),
+            Just("Upgrade-Insecure-Requests: 1".to_string()),
+            Just("Content-Type: text/plain".to_string()),
+            Just("TE: trailers".to_string()),
+            Just("Content-Lengthy: 7".to_string()),
+            Just("Transfer-Encodings: chunked".to_string()),
+        ]
+        .prop_filter("not a framing header", |h| {
+            let l = h.to_ascii_lowercase();
+            !l.starts_with("content-length:") && !l.starts_with("transfer-encoding:") && !l.starts_with("upgrade:")
+        });
+        let data = prop_oneof![
+            prop::collection::vec(any::<u8>(), 1..24),
+            prop::sample::select(vec![b"GET / HTTP/1.1\r\n\r\n".to_vec(), b"\n\n\r\n".to_vec(), b"0\r\n\r\n".to_vec()]),
+        ];
+        let body = prop_oneof![
+            2 => Just(Body::None),
+            2 => prop::collection::vec(any::<u8>(), 0..40).prop_map(Body::Length),
+            1 => data.clone().prop_map(Body::Length),
+            2 => (
+                prop::collection::vec((data, any::<bool>(), arb_ext()), 0..4),
+                arb_ext(),
+                prop::collection::vec("X-[A-Za-z]{1,6}: [ -~]{0,8}".prop_map(|t| t.trim_end().to_string()), 0..3),
+            )
+                .prop_map(|(chunks, last_ext, trailers)| Body::Chunked { chunks, last_ext, trailers }),
+        ];
+        (
+            prop::bool::weighted(0.1),
+            "/[a-z0-9/._%-]{0,12}",
+            prop::collection::vec(header, 0..4),
+            0..CL.len(),
+            any::<bool>(),
+            body,
+        )
+            .prop_map(|(leading_crlf, path, headers, spelling, padded, body)| Req {
+                leading_crlf,
+                path,
+                headers,
+                spelling,
+                padded,
+                body,
+            })
+    }
+
+    /// Where to cut the byte stream into reads.
+    #[derive(Debug, Clone)]
+    enum Split {
+        Bytes,
+        /// At each request's end (a head with nothing after it is read whole).
+        Requests,
+        At(Vec<prop::sample::Index>),
+    }
+
+    fn arb_split() -> impl Strategy<Value = Split> {
+        prop_oneof![
+            1 => Just(Split::Bytes),
+            1 => Just(Split::Requests),
+            4 => prop::collection::vec(any::<prop::sample::Index>(), 0..12).prop_map(Split::At),
+        ]
+    }
+
+    fn pieces(input: &[u8], boundaries: &[usize], split: &Split) -> Vec<Vec<u8>> {
+        let mut cuts: Vec<usize> = match split {
+            Split::Bytes => (1..input.len()).collect(),
+            Split::Requests => boundaries.to_vec(),
+            Split::At(at) => at.iter().map(|i| i.index(input.len() + 1)).collect(),
+        };
+        cuts.extend([0, input.len()]);
+        cuts.sort_unstable();
+        cuts.dedup();
+        cuts.windows(2).map(|w| input[w[0]..w[1]].to_vec()).collect()
+    }
+
+    /// A peer whose bytes arrive in the given pieces, one read each (at most).
+    struct Pieces(std::collections::VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Pieces {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if let Some(front) = self.0.front_mut() {
+                let n = front.len().min(buf.remaining());
+                buf.put_slice(&front[..n]);
+                front.drain(..n);
+                if front.is_empty() {
+                    self.0.pop_front();
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What hyper reads through StrictIo, in reads of `read_size`, and what the framing state
+    /// machine alone lets through for the same pieces.
+    fn read_both(pieces: Vec<Vec<u8>>, read_size: usize) -> (Vec<u8>, Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        let mut s = StrictIo::new((), 64 * 1024);
+        for p in &pieces {
+            s.process(p);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let read = rt.block_on(async {
+            let mut io = StrictIo::new(Pieces(pieces.into_iter().filter(|p| !p.is_empty()).collect()), 64 * 1024);
+            let (mut out, mut buf) = (Vec::new(), vec![0; read_size]);
+            loop {
+                let n = io.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break out;
+                }
+                out.extend_from_slice(&buf[..n]);
+            }
+        });
+        (read, s.ready)
+    }
+
+    fn wire_of(reqs: &[Req]) -> (Vec<u8>, Vec<usize>) {
+        let (mut input, mut boundaries) = (Vec::new(), Vec::new());
+        for r in reqs {
+            input.extend_from_slice(&r.wire(None, None).0);
+            boundaries.push(input.len());
+        }
+        (input, boundaries)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn well_formed_requests_reach_hyper_unchanged_however_the_stream_is_split(
+            reqs in prop::collection::vec(arb_req(), 1..5),
+            split in arb_split(),
+            read_size in prop::sample::select(vec![7usize, 64, 4096]),
+        ) {
+            let (input, boundaries) = wire_of(&reqs);
+            let (read, processed) = read_both(pieces(&input, &boundaries, &split), read_size);
+            prop_assert_eq!(&read, &input, "{:?}", String::from_utf8_lossy(&read));
+            prop_assert_eq!(&processed, &input);
+        }
+
+        #[test]
+        fn an_ambiguous_head_is_replaced_by_the_refusal_however_the_stream_is_split(
+            before in prop::collection::vec(arb_req(), 0..3),
+            bad in arb_req(),
+            // Some(length first): both Content-Length and Transfer-Encoding; None: a bare LF.
+            both in prop::option::of(any::<bool>()),
+            bare_lf in any::<prop::sample::Index>(),
+            after in prop::collection::vec(arb_req(), 0..2),
+            split in arb_split(),
+            read_size in prop::sample::select(vec![7usize, 64, 4096]),
+        ) {
+            let (mut input, mut boundaries) = wire_of(&before);
+            let (bad_wire, refused_at) = match both {
+                Some(length_first) => bad.wire(Some(length_first), None),
+                None => bad.wire(None, Some(bare_lf)),
+            };
+            let refused_at = input.len() + refused_at.expect("refused");
+            let head_start = input.len();
+            input.extend_from_slice(&bad_wire);
+            boundaries.push(input.len());
+            let (rest, _) = wire_of(&after);
+            input.extend_from_slice(&rest);
+
+            // Before it, intact (the empty line before its request line too); the bad head, up
+            // to where it is refused, replaced; after that, passed as it is.
+            let leading = if bad.leading_crlf { 2 } else { 0 };
+            let expected = [&input[..head_start + leading], REFUSED, &input[refused_at..]].concat();
+            let (read, processed) = read_both(pieces(&input, &boundaries, &split), read_size);
+            prop_assert_eq!(&read, &expected, "{:?}", String::from_utf8_lossy(&read));
+            prop_assert_eq!(&processed, &expected);
+        }
+    }
 }

@@ -623,7 +623,7 @@ async fn fetch(
 
     // Validation applies to every successful answer on a validated route, stored or not:
     // a document that fails it never reaches a client as a complete response.
-    let validator = match &job.validation {
+    let mut validator = match &job.validation {
         Some(v) if parts.status.is_success() => {
             if parts.headers.get(http::header::CONTENT_ENCODING).is_some_and(|e| e.as_bytes() != b"identity") {
                 return Err(ProxyError::InvalidDocument {
@@ -631,7 +631,7 @@ async fn fetch(
                     reason: "the origin sent an encoded body on a validated route (fills ask for identity); it cannot be checked".into(),
                 });
             }
-            Some(StreamingValidator::spawn(v.clone(), job.lote_id.clone()))
+            Some(StreamingValidator::new(v.clone(), job.lote_id.clone()))
         }
         _ => None,
     };
@@ -677,8 +677,8 @@ async fn fetch(
             s.push(data.clone(), config.replay_buffer);
             retained = s.retained;
         });
-        if let Some(v) = &validator {
-            v.feed(data.clone());
+        if let Some(v) = validator.as_mut() {
+            v.feed(&data);
         }
         // A document too large to hold whole: start streaming; the last chunk stays held.
         if retained >= config.replay_buffer / 2 {
@@ -713,7 +713,7 @@ async fn fetch(
         store.metrics().not_stored.with_label_values(&["too-large"]).inc();
     }
     if let Some(v) = validator {
-        if let Verdict::Invalid { token, reason, on_fail } = v.finish().await {
+        if let Verdict::Invalid { token, reason, on_fail } = v.finish() {
             tracing::warn!(key = %job.key, lote_id = %job.lote_id, %reason, ?on_fail, "document failed validation; not stored");
             store.metrics().validation_failures.with_label_values(&[&token]).inc();
             if on_fail == OnFail::Abort {

@@ -133,7 +133,7 @@ pub async fn copy_in(
     validation: Option<(&Arc<Validation>, &str)>,
 ) -> Result<(), TierError> {
     let body = from.read(record).await?;
-    let validator = validation.map(|(v, lote_id)| StreamingValidator::spawn(v.clone(), lote_id.to_string()));
+    let validator = validation.map(|(v, lote_id)| StreamingValidator::new(v.clone(), lote_id.to_string()));
     store_local(to, record, body, Some(since_purge), validator).await
 }
 
@@ -144,7 +144,7 @@ async fn store_local(
     record: &Record,
     mut body: Chunks,
     since_purge: Option<u64>,
-    validator: Option<StreamingValidator>,
+    mut validator: Option<StreamingValidator>,
 ) -> Result<(), TierError> {
     use sha2::Digest as _;
     let mut w = store.begin().await.map_err(local_error)?;
@@ -158,8 +158,8 @@ async fn store_local(
         if written > record.size {
             return Err(TierError::Corrupt { tier: LOCAL, detail: format!("body longer than {} bytes", record.size) });
         }
-        if let (Some(v), Some(h)) = (&validator, hasher.as_mut()) {
-            v.feed(chunk.clone());
+        if let (Some(v), Some(h)) = (validator.as_mut(), hasher.as_mut()) {
+            v.feed(&chunk);
             h.update(&chunk);
         }
         w.write(&chunk).await.map_err(local_error)?;
@@ -171,7 +171,7 @@ async fn store_local(
         if <[u8; 32]>::from(h.finalize()) != record.sha256 {
             return Err(TierError::Corrupt { tier: LOCAL, detail: "sha256 differs from the record's".into() });
         }
-        if let Verdict::Invalid { token, reason, .. } = v.finish().await {
+        if let Verdict::Invalid { token, reason, .. } = v.finish() {
             return Err(TierError::Invalid { tier: LOCAL, token, detail: reason });
         }
     }
