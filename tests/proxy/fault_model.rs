@@ -9,7 +9,8 @@
 //! Replay: `LOTECACHE_FAULT_MODEL_SEED=<seed>` runs that seed alone (decisions are the same;
 //! the interleaving with the proxy's own timing is not). `LOTECACHE_FAULT_MODEL_SECS=<n>`
 //! runs scenarios with seeds derived from the time for about `n` seconds. By default a fixed
-//! seed set runs in about a minute.
+//! seed set runs in about a minute. `LOTECACHE_FAULT_MODEL_LOG=1` prints every scenario's
+//! event log, passed or not.
 
 use crate::support::origin::{document, Behavior, TestOrigin};
 use crate::support::raw::{http10_get, RawEnd};
@@ -59,8 +60,10 @@ async fn a_randomized_fault_model_never_serves_a_wrong_document_or_another_users
         let scenario = Scenario::from_seed(seed, traffic);
         let outcome = run_scenario(&scenario).await;
         eprintln!("{}", outcome.summary);
-        if !outcome.failures.is_empty() {
+        if !outcome.failures.is_empty() || std::env::var_os("LOTECACHE_FAULT_MODEL_LOG").is_some() {
             eprintln!("{}", outcome.report);
+        }
+        if !outcome.failures.is_empty() {
             failed.push((seed, outcome.failures));
         }
     }
@@ -391,7 +394,7 @@ impl fmt::Display for Event {
             Event::Delete { id, file } => write!(f, "delete {id}: {file}"),
             Event::OriginFault { id, fault } => write!(f, "origin: next generation of {id} {fault:?}"),
             Event::OriginVersion { id, version } => write!(f, "origin: {id} re-processed, now version {version}"),
-            Event::CookiesOn { id } => write!(f, "origin: per-request Set-Cookie on for {id}"),
+            Event::CookiesOn { id } => write!(f, "origin: per-request Set-Cookie (and slow answers) on for {id}"),
             Event::CookiesOff { id } => write!(f, "origin: per-request Set-Cookie off for {id}"),
             Event::ModeOn { id, mode } => write!(f, "origin: {id} answers {mode:?}"),
             Event::ModeOff { id } => write!(f, "origin: {id} answers normally again"),
@@ -472,6 +475,8 @@ struct Ctx {
     /// Restart windows: (down at, up at) since the start; up is None while down.
     downtime: Mutex<Vec<(Duration, Option<Duration>)>>,
     etags: Mutex<HashMap<String, Vec<String>>>,
+    /// Per-answer cookie tokens received, and by which request first.
+    cookies: Mutex<HashMap<String, String>>,
 }
 
 impl Ctx {
@@ -535,6 +540,7 @@ async fn run_scenario(scenario: &Scenario) -> Outcome {
         restarts: AtomicU64::new(0),
         downtime: Mutex::default(),
         etags: Mutex::default(),
+        cookies: Mutex::default(),
     });
     start_live(&ctx).await;
 
@@ -588,12 +594,10 @@ async fn run_scenario(scenario: &Scenario) -> Outcome {
 }
 
 fn failure_report(ctx: &Ctx, failures: &[Failure]) -> String {
-    if failures.is_empty() {
-        return String::new();
-    }
     let seed = ctx.scenario.seed;
+    let verdict = if failures.is_empty() { "passed" } else { "FAILED" };
     let mut out = format!(
-        "==== fault model FAILED, seed {seed} ====\nreplay: LOTECACHE_FAULT_MODEL_SEED={seed} cargo test --test proxy fault_model -- --nocapture\n\
+        "==== fault model {verdict}, seed {seed} ====\nreplay: LOTECACHE_FAULT_MODEL_SEED={seed} cargo test --test proxy fault_model -- --nocapture\n\
          scenario: {} clients, traffic {:?}, restarts at {:?}, shrunk max_size {}, batches {:?}\n",
         ctx.scenario.clients,
         ctx.scenario.traffic,
@@ -848,10 +852,10 @@ fn check_reply(
         }
     }
     let request = format!("{request} -> {} [{cs}]", reply.status);
-    if let Err(detail) = oracle_cookies(&ctx.origin, token, &reply.headers) {
+    if let Err(detail) = oracle_cookies(&ctx.origin, &ctx.cookies, token, &request, &reply.headers) {
         ctx.fail("set-cookie-of-another-client", &request, detail);
     }
-    if let Err(detail) = oracle_error_body(reply) {
+    if let Err(detail) = oracle_error_body(kind, reply) {
         ctx.fail("proxy-error-without-json-body", &request, detail);
     }
     match kind {
@@ -894,18 +898,39 @@ fn check_reply(
     }
 }
 
-/// Every `Set-Cookie` a client receives must be the one the origin made for its own request.
-fn oracle_cookies(origin: &TestOrigin, token: &str, headers: &HeaderMap) -> Result<(), String> {
-    let mine = format!("session={token}");
+/// Every `Set-Cookie` a client receives was made by the origin for that client's own request:
+/// it names the client's token, or (the proxy does not forward `x-test-client` on a fill) a
+/// per-answer token `g<n>-<id>` that no other client has received. `received` maps each
+/// per-answer token to the request that got it first.
+fn oracle_cookies(
+    origin: &TestOrigin,
+    received: &Mutex<HashMap<String, String>>,
+    token: &str,
+    request: &str,
+    headers: &HeaderMap,
+) -> Result<(), String> {
     for v in headers.get_all("set-cookie") {
         let v = v.to_str().unwrap_or("<non-UTF-8>");
-        if v != mine {
-            let theirs = v.strip_prefix("session=").unwrap_or(v);
-            let whose = match origin.cookie_sent_for(theirs) {
-                Some(id) => format!("the origin made it for request {theirs} (batch {id})"),
-                None => "the origin never sent it".to_string(),
-            };
-            return Err(format!("received Set-Cookie {v:?}, expected only {mine:?}; {whose}"));
+        let theirs = v.strip_prefix("session=").unwrap_or(v);
+        if theirs == token {
+            continue;
+        }
+        let Some(id) = origin.cookie_sent_for(theirs) else {
+            return Err(format!("received Set-Cookie {v:?}, which the origin never sent"));
+        };
+        if !theirs.starts_with('g') {
+            return Err(format!("received Set-Cookie {v:?}, made for request {theirs} (batch {id}), not {token}"));
+        }
+        let mut seen = received.lock().unwrap();
+        match seen.get(theirs) {
+            Some(first) => {
+                return Err(format!(
+                    "received Set-Cookie {v:?} (one origin answer for {id}), already received by: {first}"
+                ))
+            }
+            None => {
+                seen.insert(theirs.to_string(), request.to_string());
+            }
         }
     }
     Ok(())
@@ -933,10 +958,10 @@ fn oracle_document(origin: &TestOrigin, scenario: &Scenario, id: &str, body: &[u
     Err(what)
 }
 
-/// An error answer (4xx/5xx) that ended cleanly carries a JSON body (the proxy's own errors
+/// An error answer (4xx/5xx, not to HEAD) that ended cleanly carries a JSON body (the proxy's own errors
 /// say so; the origin's errors in this model are JSON too).
-fn oracle_error_body(reply: &Reply) -> Result<(), String> {
-    if reply.status < 400 {
+fn oracle_error_body(kind: Kind, reply: &Reply) -> Result<(), String> {
+    if reply.status < 400 || matches!(kind, Kind::Head) {
         return Ok(());
     }
     match &reply.body {
@@ -1166,7 +1191,9 @@ async fn chaos_loop(ctx: Arc<Ctx>, mut rng: Rng) {
                 if fault.fails() {
                     ctx.book(&id, |b| b.faults += 1);
                 }
-                ctx.log(&Event::OriginFault { id, fault }, "");
+                // Mostly with a purge, so that the next request meets the fault.
+                let r = if rng.chance(60) { purge_key(&ctx, &batch).await } else { String::new() };
+                ctx.log(&Event::OriginFault { id, fault }, &r);
             }
             1 => {
                 let version = ctx.origin.bump_version(&id);
@@ -1174,18 +1201,26 @@ async fn chaos_loop(ctx: Arc<Ctx>, mut rng: Rng) {
                 ctx.log(&Event::OriginVersion { id, version }, "");
             }
             2 => {
-                if !ctx.book(&id, |b| b.cookies) {
+                let mode_on = undo.iter().any(|(_, u)| matches!(u, Undo::ModeOff(x) if *x == id));
+                if !ctx.book(&id, |b| b.cookies) && !mode_on {
                     ctx.origin.set_request_cookie(&id, true);
+                    // A slow generation, so that other requests join the fills of the window.
+                    let slow = Behavior::Ok { delay: rng.ms(50, 400), pieces: 4, gap: rng.ms(10, 50) };
+                    ctx.origin.set(&id, slow);
                     ctx.book(&id, |b| {
                         b.cookies = true;
                         b.unstorable_windows += 1;
                     });
                     undo.push((now + rng.ms(300, 2000), Undo::CookiesOff(id.clone())));
-                    ctx.log(&Event::CookiesOn { id }, "");
+                    // With a purge: the next requests miss, and answers with cookies are
+                    // never stored, so every request of the window reaches the origin.
+                    let r = purge_key(&ctx, &batch).await;
+                    ctx.log(&Event::CookiesOn { id }, &r);
                 }
             }
             3 => {
-                if !undo.iter().any(|(_, u)| matches!(u, Undo::ModeOff(x) if *x == id)) {
+                let busy = ctx.book(&id, |b| b.cookies);
+                if !busy && !undo.iter().any(|(_, u)| matches!(u, Undo::ModeOff(x) if *x == id)) {
                     let mode = if rng.chance(50) { Mode::CloseDelimited } else { Mode::Chunked };
                     ctx.origin.set(
                         &id,
@@ -1205,10 +1240,8 @@ async fn chaos_loop(ctx: Arc<Ctx>, mut rng: Rng) {
                 }
             }
             4 => {
-                let key = batch.key();
-                let r = admin(&ctx, Method::POST, "/purge", &format!("{{\"key\":\"{key}\"}}")).await;
-                ctx.book(&id, |b| b.invalidations += 1);
-                ctx.log(&Event::PurgeKey { key }, &r);
+                let r = purge_key(&ctx, &batch).await;
+                ctx.log(&Event::PurgeKey { key: batch.key() }, &r);
             }
             5 => {
                 let r = admin(&ctx, Method::POST, "/purge", &format!("{{\"lote_id\":\"{id}\"}}")).await;
@@ -1281,6 +1314,13 @@ fn pick_fault(rng: &mut Rng, scenario: &Scenario, batch: &Batch, origin: &TestOr
     }
 }
 
+/// Purges one batch's key through the admin API (counted as an invalidation).
+async fn purge_key(ctx: &Ctx, batch: &Batch) -> String {
+    ctx.book(&batch.id, |b| b.invalidations += 1);
+    let r = admin(ctx, Method::POST, "/purge", &format!("{{\"key\":\"{}\"}}", batch.key())).await;
+    format!("purge key: {r}")
+}
+
 async fn apply_undo(ctx: &Ctx, u: Undo) {
     match u {
         Undo::RestoreSize => {
@@ -1292,6 +1332,7 @@ async fn apply_undo(ctx: &Ctx, u: Undo) {
         }
         Undo::CookiesOff(id) => {
             ctx.origin.set_request_cookie(&id, false);
+            ctx.origin.set(&id, Behavior::Ok { delay: Duration::ZERO, pieces: 1, gap: Duration::ZERO });
             ctx.book(&id, |b| b.cookies = false);
             ctx.log(&Event::CookiesOff { id }, "");
         }

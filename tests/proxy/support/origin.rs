@@ -7,7 +7,8 @@
 //! For the fault model (`fault_model.rs`) it also keeps, per id, one-shot behaviours that
 //! take precedence over the set one, a current document VERSION (a re-processed batch) with a
 //! record of every version it generated, and a per-request `Set-Cookie: session=<token>`
-//! mode, the token being the request's `x-test-client` header, with a record of who got which.
+//! mode, the token being the request's `x-test-client` header (or, without one, a token
+//! unique to that answer), with a record of who got which.
 
 use bytes::Bytes;
 use std::{
@@ -187,7 +188,8 @@ impl TestOrigin {
     }
 
     /// Turns the per-request cookie of `id` on or off: while on, every answer for `id` carries
-    /// `Set-Cookie: session=<token>`, the token being the request's `x-test-client` header.
+    /// `Set-Cookie: session=<token>`, the token being the request's `x-test-client` header, or
+    /// when the request has none, `g<n>-<id>`, unique to this answer.
     pub fn set_request_cookie(&self, id: &str, on: bool) {
         let mut st = self.state.lock().unwrap();
         if on {
@@ -224,12 +226,15 @@ impl TestOrigin {
                         let behavior = once.or_else(|| st.behaviors.get(&id).cloned());
                         let version = st.versions.get(&id).copied().unwrap_or(0);
                         st.served.entry(id.clone()).or_default().insert(version);
-                        let cookie = match token {
-                            Some(t) if st.cookie_ids.contains(&id) => {
-                                st.cookies_sent.push((t.clone(), id.clone()));
-                                Some(t)
-                            }
-                            _ => None,
+                        // The request's own token when it came through; else one made
+                        // for this generation alone (`g<n>-<id>`).
+                        let cookie = if st.cookie_ids.contains(&id) {
+                            let n = st.cookies_sent.len();
+                            let t = token.unwrap_or_else(|| format!("g{n}-{id}"));
+                            st.cookies_sent.push((t.clone(), id.clone()));
+                            Some(t)
+                        } else {
+                            None
                         };
                         (behavior, version, cookie)
                     };
