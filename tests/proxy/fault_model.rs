@@ -11,6 +11,27 @@
 //! runs scenarios with seeds derived from the time for about `n` seconds. By default a fixed
 //! seed set runs in about a minute. `LOTECACHE_FAULT_MODEL_LOG=1` prints every scenario's
 //! event log, passed or not.
+//!
+//! The oracles (each a function below, each failure named after it):
+//! - `complete-200-is-not-a-served-version`: a complete `200` (clean end, Content-Length
+//!   matched) is exactly one version the origin generated for that id;
+//! - `http10-cut-body-passed-off-as-complete`: the same for an HTTP/1.0 `200` without
+//!   Content-Length that ended with a clean close (unless the proxy was killed meanwhile);
+//! - `set-cookie-of-another-client`: a Set-Cookie names the client's own token, or a
+//!   per-answer token no other client received;
+//! - `request-exceeded-its-bound`: every request ends within 15 s;
+//! - `proxy-error-without-json-body`: 4xx/5xx bodies are JSON;
+//! - `head-length-of-no-version`: a `200` HEAD announces the length of a served version;
+//! - `hit-cut-without-damage-or-restart`: a verified hit is only cut if chaos damaged its
+//!   file or killed the proxy during it;
+//! - at the end: `live-entry-lost-its-content-file`, `temp-file-left-at-rest`,
+//!   `orphan-content-file-after-gc` (after a restart and a GC with zero grace), and
+//!   `origin-generations-over-bound` (see [`oracle_generations`]).
+//!
+//! Not covered yet: the real binary killed with SIGKILL (restarts here drop the in-process
+//! proxy and its worker runtimes), silent corruption that keeps the file's fingerprint (the
+//! scrubber's job; the scrubber is off), transient read errors, the shared store, access
+//! checks and TTL / stale-if-error routes.
 
 use crate::support::origin::{document, Behavior, TestOrigin};
 use crate::support::raw::{http10_get, RawEnd};
