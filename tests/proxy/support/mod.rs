@@ -5,6 +5,7 @@
 pub mod origin;
 pub mod process;
 pub mod raw;
+pub mod workers;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};

@@ -1,7 +1,14 @@
 //! A test origin speaking raw HTTP/1.1 over TCP, so that it can break framing exactly as a
 //! faulty backend would. `/download_batch_results/<id>` serves `document(id)` according to
 //! the behaviour set for that id and counts a generation; every other path echoes the
-//! request back as JSON.
+//! request back as JSON. `/raw/download_batch_results/<id>` is the same batch (a second
+//! proxy route, one without validation, fetches it there).
+//!
+//! For the fault model (`fault_model.rs`) it also keeps, per id, one-shot behaviours that
+//! take precedence over the set one, a current document VERSION (a re-processed batch) with a
+//! record of every version it generated, and a per-request `Set-Cookie: session=<token>`
+//! mode, the token being the request's `x-test-client` header (or, without one, a token
+//! unique to that answer), with a record of who got which.
 
 use bytes::Bytes;
 use std::{
@@ -24,6 +31,9 @@ pub enum Behavior {
     Chunked,
     /// 200, chunked, connection closed before the last chunk.
     ChunkedNoEnd,
+    /// 200, chunked, connection closed after `send` bytes of the body (mid-chunk if it falls
+    /// there), no last chunk.
+    ChunkedCut { send: usize },
     /// 200 with the full Content-Length, but only `send` bytes, then close.
     CutShort { send: usize },
     /// 200 without Content-Length or chunking, ended by closing the connection after `send`
@@ -63,6 +73,18 @@ struct State {
     behaviors: HashMap<String, Behavior>,
     generations: HashMap<String, u64>,
     seen: Vec<Seen>,
+    /// Behaviours for the next generations of an id, used once each, before `behaviors`.
+    once: HashMap<String, std::collections::VecDeque<Behavior>>,
+    /// Current document version per id (absent: 0, the plain `document(id)`).
+    versions: HashMap<String, u32>,
+    /// Every version generated per id (a generation records its version before answering).
+    served: HashMap<String, std::collections::BTreeSet<u32>>,
+    /// Ids whose answers carry `Set-Cookie: session=<x-test-client of the request>`.
+    cookie_ids: std::collections::HashSet<String>,
+    /// `(token, id)` of every Set-Cookie sent.
+    cookies_sent: Vec<(String, String)>,
+    /// Documents built so far, by id and version.
+    docs: HashMap<(String, u32), Bytes>,
 }
 
 #[derive(Clone)]
@@ -75,6 +97,26 @@ pub struct TestOrigin {
 /// The body served for batch `id`: a results document of about `size_of(id)` bytes.
 pub fn document(id: &str) -> Bytes {
     Bytes::from(lotecache::sample_origin::batch_document(id, lotecache::sample_origin::target_size(id)))
+}
+
+/// Version `version` of batch `id`'s document: version 0 is [`document`]; a later one (the
+/// batch processed again) is the same document with a top-level `"revision"` member first.
+pub fn versioned_document(id: &str, version: u32) -> Bytes {
+    let doc = document(id);
+    if version == 0 {
+        return doc;
+    }
+    let mut out = format!("{{\"revision\":{version},").into_bytes();
+    out.extend_from_slice(&doc[1..]);
+    Bytes::from(out)
+}
+
+/// The batch id of a request target on either batch path (query string dropped).
+fn batch_id(target: &str) -> Option<String> {
+    let rest = target
+        .strip_prefix("/download_batch_results/")
+        .or_else(|| target.strip_prefix("/raw/download_batch_results/"))?;
+    Some(rest.split('?').next().unwrap_or("").to_string())
 }
 
 impl TestOrigin {
@@ -112,6 +154,63 @@ impl TestOrigin {
         self.state.lock().unwrap().seen.clone()
     }
 
+    /// The next generation of `id` behaves as `behavior` (queued after earlier ones), then
+    /// the set behaviour applies again.
+    pub fn push_once(&self, id: &str, behavior: Behavior) {
+        self.state.lock().unwrap().once.entry(id.to_string()).or_default().push_back(behavior);
+    }
+
+    /// One-shot behaviours of `id` not used yet.
+    pub fn pending_once(&self, id: &str) -> usize {
+        self.state.lock().unwrap().once.get(id).map_or(0, |q| q.len())
+    }
+
+    /// The batch is processed again: later generations of `id` serve a new version. Returns it.
+    pub fn bump_version(&self, id: &str) -> u32 {
+        let mut st = self.state.lock().unwrap();
+        let v = st.versions.entry(id.to_string()).or_default();
+        *v += 1;
+        *v
+    }
+
+    /// The versions of `id` generated so far (a generation counts even if its body was cut).
+    pub fn served_versions(&self, id: &str) -> Vec<u32> {
+        self.state.lock().unwrap().served.get(id).map(|s| s.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// Version `version` of `id`'s document (built once, then kept).
+    pub fn document_version(&self, id: &str, version: u32) -> Bytes {
+        let key = (id.to_string(), version);
+        if let Some(d) = self.state.lock().unwrap().docs.get(&key) {
+            return d.clone();
+        }
+        let doc = versioned_document(id, version);
+        self.state.lock().unwrap().docs.insert(key, doc.clone());
+        doc
+    }
+
+    /// Turns the per-request cookie of `id` on or off: while on, every answer for `id` carries
+    /// `Set-Cookie: session=<token>`, the token being the request's `x-test-client` header, or
+    /// when the request has none, `g<n>-<id>`, unique to this answer.
+    pub fn set_request_cookie(&self, id: &str, on: bool) {
+        let mut st = self.state.lock().unwrap();
+        if on {
+            st.cookie_ids.insert(id.to_string());
+        } else {
+            st.cookie_ids.remove(id);
+        }
+    }
+
+    /// Which id's answer the cookie `token` was sent with, if it was sent.
+    pub fn cookie_sent_for(&self, token: &str) -> Option<String> {
+        self.state.lock().unwrap().cookies_sent.iter().find(|(t, _)| t == token).map(|(_, id)| id.clone())
+    }
+
+    /// How many Set-Cookie headers were sent.
+    pub fn cookies_sent(&self) -> usize {
+        self.state.lock().unwrap().cookies_sent.len()
+    }
+
     async fn serve(&self, stream: TcpStream) {
         let mut reader = BufReader::new(stream);
         loop {
@@ -119,17 +218,33 @@ impl TestOrigin {
                 return;
             };
             self.state.lock().unwrap().seen.push(req.clone());
-            let keep = match req.target.strip_prefix("/download_batch_results/") {
+            let keep = match batch_id(&req.target) {
                 Some(id) => {
-                    let id = id.split('?').next().unwrap().to_string();
-                    let behavior = {
+                    let token = req.headers.iter().find(|(k, _)| k == "x-test-client").map(|(_, v)| v.clone());
+                    let (behavior, version, cookie) = {
                         let mut st = self.state.lock().unwrap();
                         *st.generations.entry(id.clone()).or_default() += 1;
-                        st.behaviors.get(&id).cloned()
+                        let once = st.once.get_mut(&id).and_then(|q| q.pop_front());
+                        let behavior = once.or_else(|| st.behaviors.get(&id).cloned());
+                        let version = st.versions.get(&id).copied().unwrap_or(0);
+                        st.served.entry(id.clone()).or_default().insert(version);
+                        // The request's own token when it came through; else one made
+                        // for this generation alone (`g<n>-<id>`).
+                        let cookie = if st.cookie_ids.contains(&id) {
+                            let n = st.cookies_sent.len();
+                            let t = token.unwrap_or_else(|| format!("g{n}-{id}"));
+                            st.cookies_sent.push((t.clone(), id.clone()));
+                            Some(t)
+                        } else {
+                            None
+                        };
+                        (behavior, version, cookie)
                     };
                     let behavior =
                         behavior.unwrap_or(Behavior::Ok { delay: Duration::ZERO, pieces: 1, gap: Duration::ZERO });
-                    respond_batch(reader.get_mut(), &id, behavior, req.method == "HEAD").await
+                    let doc = self.document_version(&id, version);
+                    let extra = cookie.map(|t| format!("set-cookie: session={t}\r\n")).unwrap_or_default();
+                    respond_batch(reader.get_mut(), &id, &doc, &extra, behavior, req.method == "HEAD").await
                 }
                 None if req.target.starts_with("/auth/") => auth(reader.get_mut(), &req).await,
                 None => echo(reader.get_mut(), &req).await,
@@ -184,14 +299,21 @@ fn head(status: u16, extra: &str) -> String {
     format!("HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{extra}\r\n")
 }
 
-/// Writes the answer for a batch; returns whether the connection may be reused.
-async fn respond_batch(s: &mut TcpStream, id: &str, mut behavior: Behavior, head_only: bool) -> bool {
+/// Writes the answer for a batch, `doc` being its document and `always` header lines every
+/// answer carries; returns whether the connection may be reused.
+async fn respond_batch(
+    s: &mut TcpStream,
+    id: &str,
+    doc: &Bytes,
+    always: &str,
+    mut behavior: Behavior,
+    head_only: bool,
+) -> bool {
     while let Behavior::Delayed(delay, inner) = behavior {
         tokio::time::sleep(delay).await;
         behavior = *inner;
     }
-    let doc = document(id);
-    let disposition = format!("content-disposition: attachment; filename={id}_resultados.json\r\n");
+    let disposition = format!("content-disposition: attachment; filename={id}_resultados.json\r\n{always}");
     let with_len = |extra: &str| head(200, &format!("{disposition}content-length: {}\r\n{extra}", doc.len()));
     match behavior {
         Behavior::Ok { delay, pieces, gap } => {
@@ -227,6 +349,24 @@ async fn respond_batch(s: &mut TcpStream, id: &str, mut behavior: Behavior, head
             let _ = s.write_all(&out).await;
             complete
         }
+        Behavior::ChunkedCut { send } => {
+            let mut out = head(200, &format!("{disposition}transfer-encoding: chunked\r\n")).into_bytes();
+            let mut left = send.min(doc.len());
+            for chunk in doc.chunks(1000) {
+                if left == 0 {
+                    break;
+                }
+                out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                let n = left.min(chunk.len());
+                out.extend_from_slice(&chunk[..n]);
+                left -= n;
+                if n == chunk.len() {
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+            let _ = s.write_all(&out).await;
+            false
+        }
         Behavior::CutShort { send } => {
             let _ = s.write_all(with_len("").as_bytes()).await;
             let _ = s.write_all(&doc[..send.min(doc.len())]).await;
@@ -239,7 +379,7 @@ async fn respond_batch(s: &mut TcpStream, id: &str, mut behavior: Behavior, head
         }
         Behavior::Status(code) => {
             let body = format!("{{\"error\":\"status {code}\"}}");
-            let _ = s.write_all(head(code, &format!("content-length: {}\r\n", body.len())).as_bytes()).await;
+            let _ = s.write_all(head(code, &format!("{always}content-length: {}\r\n", body.len())).as_bytes()).await;
             let _ = s.write_all(body.as_bytes()).await;
             true
         }
@@ -272,7 +412,7 @@ async fn respond_batch(s: &mut TcpStream, id: &str, mut behavior: Behavior, head
         Behavior::WithHeaders(extra) => {
             let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
             let _ = s.write_all(with_len(&extra).as_bytes()).await;
-            let _ = s.write_all(&doc).await;
+            let _ = s.write_all(doc).await;
             true
         }
     }

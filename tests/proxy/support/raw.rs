@@ -52,3 +52,57 @@ pub async fn slow_reader(addr: SocketAddr, path: &str) -> tokio::net::TcpStream 
     s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
     s
 }
+
+/// How a raw read ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawEnd {
+    /// The server closed the connection cleanly (FIN).
+    Eof,
+    /// The read failed (e.g. connection reset).
+    Error(String),
+}
+
+/// An HTTP/1.0 response read to the end of the connection.
+pub struct Http10Reply {
+    /// None when no complete response head arrived.
+    pub status: Option<u16>,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+    pub end: RawEnd,
+}
+
+/// Sends `GET path HTTP/1.0` with `headers` and reads until the server closes the connection
+/// (the caller bounds the wait). Err only when the connection cannot be made or written.
+pub async fn http10_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Http10Reply> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let mut req = format!("GET {path} HTTP/1.0\r\nhost: {addr}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = loop {
+        match s.read(&mut buf).await {
+            Ok(0) => break RawEnd::Eof,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) => break RawEnd::Error(e.to_string()),
+        }
+    };
+    let Some(split) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(Http10Reply { status: None, headers: http::HeaderMap::new(), body: bytes, end });
+    };
+    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok());
+    let mut map = http::HeaderMap::new();
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.trim().as_bytes()), v.trim().parse()) {
+                map.append(k, v);
+            }
+        }
+    }
+    Ok(Http10Reply { status, headers: map, body: bytes[split + 4..].to_vec(), end })
+}
