@@ -177,9 +177,18 @@ pub struct ExportReport {
 }
 
 /// The file name an entry is exported under: its key (by default the owner's
-/// `<lote_id>_resultados.json`), with anything a file name cannot hold replaced.
+/// `<lote_id>_resultados.json`) when that is a plain file name; otherwise the key with
+/// anything a file name cannot hold replaced, plus a digest of the key, so two keys never
+/// share a file (`a/b` and `a_b` would otherwise both be `a_b`).
 pub fn export_name(key: &str) -> String {
-    key.chars().map(|c| if c == '/' || c == '\\' || c == '\0' || c.is_control() { '_' } else { c }).collect()
+    let clean: String =
+        key.chars().map(|c| if c == '/' || c == '\\' || c == '\0' || c.is_control() { '_' } else { c }).collect();
+    if clean == key && !matches!(key, "" | "." | "..") && !key.starts_with('.') && !key.contains('~') {
+        return clean;
+    }
+    use sha2::Digest as _;
+    let digest = hex::encode(&sha2::Sha256::digest(key.as_bytes())[..6]);
+    format!("{}~{digest}", clean.trim_start_matches('.'))
 }
 
 /// Writes each entry as `<key>` in `out`: copied while hashing into a temp file, checked
@@ -305,4 +314,21 @@ pub async fn warm(ids: Vec<String>, via: &str, template: &str, concurrency: usiz
     }
     bar.finish_and_clear();
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::export_name;
+
+    #[test]
+    fn two_keys_never_export_to_one_file_name() {
+        assert_eq!(export_name("L-1_resultados.json"), "L-1_resultados.json");
+        let names = ["a/b", "a_b", "a\\b", "a\nb", "..", ".", ".hidden", "x~1"].map(export_name);
+        for (i, a) in names.iter().enumerate() {
+            assert!(!a.contains('/') && !a.starts_with('.') && !a.is_empty(), "{a:?}");
+            for b in &names[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
 }

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cachectl;
 pub mod config;
 pub mod error;
+pub mod log_escape;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;

@@ -187,10 +187,11 @@ fn init_logging(log: &config::LogConfig) -> tracing_appender::non_blocking::Work
     let (writer, guard) =
         tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
     use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal(); // no colour codes in journald or files
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal()) // no colour codes in journald or files
-        .with_writer(writer);
+        .with_ansi(ansi)
+        .with_writer(lotecache::log_escape::Escaping::new(writer, ansi));
     match log.format {
         config::LogFormat::Json => builder.json().init(),
         config::LogFormat::Text => builder.init(),

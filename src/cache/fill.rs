@@ -311,24 +311,31 @@ impl Fills {
             }
             // Ended without storing: start afresh (the old task never removes a newer fill).
         }
-        if self.queued.load(Relaxed) >= config.fill_queue {
-            self.metrics.not_stored.with_label_values(&["busy"]).inc();
-            return Lookup::Busy(ProxyError::Busy {
-                detail: format!(
-                    "{} origin fetches are waiting for one of cache.max_fills = {} slots; try again shortly",
-                    config.fill_queue, config.max_fills
-                ),
-            });
+        // Slots taken now when free (on the worker this request runs on, where its fill will
+        // run); otherwise the fill waits for them in a bounded queue.
+        let worker = worker_fill_slots(config.max_fills_per_worker);
+        let slots =
+            worker.try_acquire_owned().ok().and_then(|w| Some((w, self.running.clone().try_acquire_owned().ok()?)));
+        if slots.is_none() {
+            if self.queued.load(Relaxed) >= config.fill_queue {
+                self.metrics.not_stored.with_label_values(&["busy"]).inc();
+                return Lookup::Busy(ProxyError::Busy {
+                    detail: format!(
+                        "{} origin fetches already wait for a slot (cache.max_fills = {}, cache.max_fills_per_worker = {}); try again shortly",
+                        config.fill_queue, config.max_fills, config.max_fills_per_worker
+                    ),
+                });
+            }
+            self.queued.fetch_add(1, Relaxed);
         }
-        self.queued.fetch_add(1, Relaxed);
         let job = job();
         let fill = Fill::new(&job.lote_id);
         let sub = fill.try_subscribe().expect("a new fill takes subscribers");
         inflight.insert(fill_key.clone(), fill.clone());
-        let guard = FillGuard { fills: self.clone(), key: fill_key, fill: fill.clone(), queued: true };
+        let guard = FillGuard { fills: self.clone(), key: fill_key, fill: fill.clone(), queued: slots.is_none() };
         self.metrics.fills_in_flight.inc();
         let shared = self.shared.get().cloned();
-        let task = tokio::spawn(run(guard, store.clone(), origin.clone(), job, (*config).clone(), shared));
+        let task = tokio::spawn(run(guard, slots, store.clone(), origin.clone(), job, (*config).clone(), shared));
         let _ = fill.abort.set(task.abort_handle());
         Lookup::Started(sub)
     }
@@ -413,6 +420,7 @@ impl Drop for FillGuard {
 /// (and write through).
 async fn run(
     mut guard: FillGuard,
+    slots: Option<FillSlots>,
     store: Arc<Store>,
     origin: Origin,
     job: FillJob,
@@ -423,26 +431,31 @@ async fn run(
     let key = job.key.clone();
     // A slot on this worker and one in the process, waited for at most as long as the
     // requests on this fill wait for it. Held until the fill ends (dropped with the task).
-    let worker = worker_fill_slots(config.max_fills_per_worker);
-    let running = guard.fills.running.clone();
-    let slots = tokio::time::timeout(config.wait_timeout, async move {
-        let w = worker.acquire_owned().await;
-        let g = running.acquire_owned().await;
-        (w, g)
-    })
-    .await;
-    guard.dequeue();
     let _slots = match slots {
-        Ok((Ok(w), Ok(g))) => (w, g),
-        _ => {
-            let detail = format!(
-                "no origin fetch slot within cache.wait_timeout (cache.max_fills = {}, cache.max_fills_per_worker = {})",
-                config.max_fills, config.max_fills_per_worker
-            );
-            tracing::warn!(key = %key, "{detail}");
-            store.metrics().not_stored.with_label_values(&["busy"]).inc();
-            fill.fail(ProxyError::Busy { detail });
-            return;
+        Some(slots) => slots,
+        None => {
+            let worker = worker_fill_slots(config.max_fills_per_worker);
+            let running = guard.fills.running.clone();
+            let waited = tokio::time::timeout(config.wait_timeout, async move {
+                let w = worker.acquire_owned().await;
+                let g = running.acquire_owned().await;
+                (w, g)
+            })
+            .await;
+            guard.dequeue();
+            match waited {
+                Ok((Ok(w), Ok(g))) => (w, g),
+                _ => {
+                    let detail = format!(
+                        "no origin fetch slot within cache.wait_timeout (cache.max_fills = {}, cache.max_fills_per_worker = {})",
+                        config.max_fills, config.max_fills_per_worker
+                    );
+                    tracing::warn!(key = %key, "{detail}");
+                    store.metrics().not_stored.with_label_values(&["busy"]).inc();
+                    fill.fail(ProxyError::Busy { detail });
+                    return;
+                }
+            }
         }
     };
     if let Some(shared) = &shared {
@@ -483,6 +496,9 @@ thread_local! {
     /// This worker thread's fill slots (`cache.max_fills_per_worker`), made on first use.
     static WORKER_FILL_SLOTS: std::cell::OnceCell<Arc<Semaphore>> = const { std::cell::OnceCell::new() };
 }
+
+/// A fill's hold on a slot of its worker and one of the process.
+type FillSlots = (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit);
 
 fn worker_fill_slots(per_worker: usize) -> Arc<Semaphore> {
     WORKER_FILL_SLOTS.with(|slots| slots.get_or_init(|| Arc::new(Semaphore::new(per_worker))).clone())

@@ -423,6 +423,20 @@ async fn respond_from_fill(
             return Err((err.status().as_u16(), err.to_response(Some(status::miss_not_stored(&err.token())))));
         }
     };
+    if head_only && !head.status.is_server_error() {
+        // A head without a body vouches for a body: wait for the fill's verdict (a document
+        // that fails validation after its head went out ends the fill in an error).
+        let ended = tokio::time::timeout(wait_timeout, wait_end(sub.rx.clone())).await;
+        let failed = match &sub.rx.borrow().end {
+            fill::FillEnd::Failed(e) => Some(e.clone()),
+            _ if ended.is_err() => Some(Arc::new(ProxyError::WaitTimeout)),
+            _ => None,
+        };
+        if let Some(e) = failed {
+            let resp = e.to_response(Some(status::miss_not_stored(&e.token())));
+            return Err((resp.status().as_u16(), resp));
+        }
+    }
     let server_error = head.status.is_server_error();
     // A HEAD request drops its subscription here, so it pins no replay data.
     let mut resp = Response::new(if head_only { empty() } else { sub.into_body() });

@@ -147,6 +147,57 @@ async fn an_origin_401_to_a_fill_is_passed_through_and_never_stored() {
     assert!(proxy.store().is_empty());
 }
 
+// 3. Bounded fills; hits never wait for them.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_fills_beyond_the_limit_queue_or_get_503_and_a_hit_never_waits_for_them() {
+    let (origin, _dir, proxy) =
+        setup(&format!("max_fills = 2\nfill_queue = 4\nreplay_buffer = \"256KiB\"\n{}", shipped_rules())).await;
+    let p = proxy.local_addr();
+    assert_eq!(get(p, &batch("BF-hit-300kb")).await.status, StatusCode::OK);
+    let ids: Vec<String> = (0..12).map(|i| format!("BF-{i}-300kb")).collect();
+    for id in &ids {
+        let slow = Behavior::Ok { delay: Duration::from_millis(1500), pieces: 1, gap: Duration::ZERO };
+        origin.set(id, slow);
+    }
+    let cold: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let path = batch(id);
+            tokio::spawn(async move { get(p, &path).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every fill is still waiting on the origin (or for a slot) when the hit is answered;
+    // only refusals are done by then.
+    let hit = get(p, &batch("BF-hit-300kb")).await;
+    assert_eq!(hit.cache_status(), "lotecache; hit");
+    assert_eq!(hit.bytes(), &document("BF-hit-300kb"));
+    let finished_before_the_hit: Vec<bool> = cold.iter().map(|c| c.is_finished()).collect();
+    let mut served = 0;
+    let mut busy = 0;
+    for ((c, id), early) in cold.into_iter().zip(&ids).zip(finished_before_the_hit) {
+        let got = c.await.unwrap();
+        match got.status {
+            StatusCode::OK => {
+                assert!(!early, "{id}: the hit waited for this fill to finish");
+                assert_eq!(got.bytes(), &document(id));
+                served += 1;
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(got.headers["retry-after"], "1");
+                assert_eq!(got.json()["error"], "too many origin fetches in progress");
+                assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; detail=busy");
+                busy += 1;
+            }
+            other => panic!("{id}: {other}"),
+        }
+    }
+    assert_eq!((served, busy), (6, 6), "2 running + 4 queued served, the rest refused");
+    let generated: u64 = ids.iter().map(|id| origin.generations(id)).sum();
+    assert_eq!(generated, 6, "a refused request never reached the origin");
+}
+
 // 4. HTTP/1.0 clients.
 
 /// Status and body of a raw HTTP/1.0 exchange, and its Content-Length if any.
@@ -217,6 +268,19 @@ async fn a_validated_route_checks_every_answer_even_one_it_will_not_store() {
     assert!(proxy.store().is_empty());
 }
 
+#[tokio::test]
+async fn a_head_request_never_vouches_for_a_document_that_fails_validation_after_its_head() {
+    let id = "VH-1-2mb";
+    let mut wrong: serde_json::Value = serde_json::from_slice(&document(id)).unwrap();
+    let last = wrong["archivos_procesados"].as_array().unwrap().len() - 1;
+    wrong["archivos_procesados"][last]["lote_id"] = "VH-OTHER".into();
+    let (origin, _dir, proxy) = setup(&format!("replay_buffer = \"512KiB\"\n{}", shipped_rules())).await;
+    origin.set(id, Behavior::Custom(Bytes::from(wrong.to_string())));
+    let head = send(request(Method::HEAD, proxy.local_addr(), &batch(id))).await;
+    assert_eq!(head.status, StatusCode::BAD_GATEWAY, "a HEAD vouched for another batch's document");
+    assert!(proxy.store().is_empty());
+}
+
 // 6. Rule namespaces.
 
 #[tokio::test]
@@ -251,14 +315,17 @@ async fn a_body_over_max_object_size_is_served_never_written_and_evicts_nothing(
     let (origin, dir, proxy) = setup(&format!("max_size = \"1MiB\"\n{rules}")).await;
     let p = proxy.local_addr();
     assert_eq!(get(p, &batch("MO-small")).await.cache_status(), "lotecache; fwd=uri-miss");
-    for (id, behavior) in [
-        ("MO-1-256kb", Behavior::Chunked),
-        ("MO-2-256kb", Behavior::Ok { delay: Duration::ZERO, pieces: 1, gap: Duration::ZERO }),
+    // Known too large from its Content-Length: the head says so. Of unknown length: found
+    // out while streaming, after the head went out.
+    let with_length = Behavior::Ok { delay: Duration::ZERO, pieces: 1, gap: Duration::ZERO };
+    for (id, behavior, said) in [
+        ("MO-1-256kb", with_length, "lotecache; fwd=uri-miss; detail=too-large"),
+        ("MO-2-256kb", Behavior::Chunked, "lotecache; fwd=uri-miss"),
     ] {
         origin.set(id, behavior);
         let got = get(p, &batch(id)).await;
         assert_eq!(got.bytes(), &document(id), "served whole");
-        assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; detail=too-large", "{id}");
+        assert_eq!(got.cache_status(), said, "{id}");
     }
     assert_eq!(proxy.store().len(), 1, "the small entry is still there");
     assert!(proxy.store().get("MO-small_resultados.json").is_some());
@@ -347,10 +414,15 @@ async fn storing_the_same_bytes_again_never_disturbs_a_download_in_progress() {
     use tokio::io::AsyncReadExt;
     let (_origin, _dir, proxy) = setup("memory_tier = \"0\"\n").await;
     let p = proxy.local_addr();
-    let id = "RS-8mb";
+    let id = "RS-16mb";
     get(p, &batch(id)).await;
-    get(p, &batch(id)).await; // verified once: the next hit is sent from the file
-    let mut slow = crate::support::raw::slow_reader(p, &batch(id)).await;
+    // Verified once: the next hit is sent from the file. A download that reads only its
+    // start: the rest waits in the proxy's send (16 MB is more than the socket buffers hold).
+    get(p, &batch(id)).await;
+    let mut slow = tokio::net::TcpStream::connect(p).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, format!("GET {} HTTP/1.1\r\nhost: x\r\n\r\n", batch(id)).as_bytes())
+        .await
+        .unwrap();
     let mut got = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     let n = slow.read(&mut buf).await.unwrap();
@@ -359,16 +431,14 @@ async fn storing_the_same_bytes_again_never_disturbs_a_download_in_progress() {
     let purge = lotecache::cache::store::Purge::Key(format!("{id}_resultados.json"));
     assert_eq!(proxy.store().purge(purge).await.unwrap().len(), 1);
     assert_eq!(get(p, &batch(id)).await.cache_status(), "lotecache; fwd=uri-miss");
-    loop {
+    let doc = document(id);
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").expect("the head came first") + 4;
+    while got.len() - head_end < doc.len() {
         match tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await.unwrap() {
             Ok(0) | Err(_) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
-        if got.windows(4).position(|w| w == b"\r\n\r\n").is_some_and(|h| got.len() - h - 4 >= document(id).len()) {
-            break;
-        }
     }
-    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    assert_eq!(got.len() - head_end, document(id).len(), "the download in progress was cut");
-    assert!(got[head_end..] == document(id)[..]);
+    assert_eq!(got.len() - head_end, doc.len(), "the download in progress was cut");
+    assert!(got[head_end..] == doc[..]);
 }
