@@ -22,6 +22,9 @@ pub struct AccessLog {
     pub origin_ms: Option<u64>,
     /// The response's Content-Length: hyper stops polling a body once that much is sent.
     pub content_length: Option<u64>,
+    /// The fill this response streamed from, if any: its stored state is logged at the end
+    /// (the head went out before the commit).
+    pub fill: Option<crate::cache::fill::FillOutcome>,
 }
 
 /// Wraps `body` so that `log` is written when it ends, fails, or is dropped by the client.
@@ -38,6 +41,7 @@ struct LoggedBody {
 impl LoggedBody {
     fn finish(&mut self, end: &'static str) {
         if let Some(l) = self.log.take() {
+            let fill = l.fill.as_ref().and_then(|f| f.ended_as());
             tracing::info!(
                 target: "lotecache::access",
                 lote_id = %l.lote_id,
@@ -47,6 +51,7 @@ impl LoggedBody {
                 bytes = self.bytes,
                 total_ms = l.started.elapsed().as_millis() as u64,
                 origin_ms = l.origin_ms,
+                fill = fill.as_deref(),
                 end,
                 "request"
             );

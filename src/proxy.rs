@@ -174,6 +174,7 @@ impl Shared {
             outcome,
             started,
             origin_ms: forwarded.then(|| started.elapsed().as_millis() as u64),
+            fill: resp.extensions().get::<crate::cache::fill::FillOutcome>().cloned(),
             content_length: resp
                 .headers()
                 .get(http::header::CONTENT_LENGTH)

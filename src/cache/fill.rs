@@ -103,7 +103,25 @@ pub struct FillState {
     /// Chunks were dropped: the fill can no longer be replayed from the start.
     closed: bool,
     pub end: FillEnd,
+    /// How the fill ended for the store (`Cache-Status` text: stored, or not and why), set
+    /// as it completes: a head sent before the commit cannot say it, the access log does.
+    pub outcome: Option<HeaderValue>,
     cursors: Vec<Weak<Cursor>>,
+}
+
+/// A response's view of the fill it came from, for the access log's stored state.
+#[derive(Clone)]
+pub struct FillOutcome(pub watch::Receiver<FillState>);
+
+impl FillOutcome {
+    /// The `Cache-Status` the fill ended with, once it has ended.
+    pub fn ended_as(&self) -> Option<String> {
+        let s = self.0.borrow();
+        match &s.end {
+            FillEnd::Failed(e) => Some(format!("failed: {}", e.token())),
+            _ => s.outcome.as_ref().and_then(|v| v.to_str().ok()).map(str::to_string),
+        }
+    }
 }
 
 impl FillState {
@@ -162,6 +180,7 @@ impl Fill {
             total: 0,
             closed: false,
             end: FillEnd::Open,
+            outcome: None,
             cursors: Vec::new(),
         });
         Arc::new(Fill { state, abort: OnceLock::new(), started: Instant::now(), lote_id: lote_id.to_string() })
@@ -781,9 +800,12 @@ async fn fetch(
         // one could not tell a cut close-delimited body from a complete one).
         let total = fill.state.borrow().total;
         h.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(total));
-        fill.publish_head(h.status, h.headers, h.requester_only, cache_status);
+        fill.publish_head(h.status, h.headers, h.requester_only, cache_status.clone());
     }
-    fill.state.send_modify(|s| s.end = FillEnd::Complete);
+    fill.state.send_modify(|s| {
+        s.outcome = Some(cache_status);
+        s.end = FillEnd::Complete;
+    });
     Ok(())
 }
 

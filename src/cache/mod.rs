@@ -438,6 +438,7 @@ async fn respond_from_fill(
         }
     }
     let server_error = head.status.is_server_error();
+    let outcome = fill::FillOutcome(sub.rx.clone());
     // A HEAD request drops its subscription here, so it pins no replay data.
     let mut resp = Response::new(if head_only { empty() } else { sub.into_body() });
     *resp.status_mut() = head.status;
@@ -447,6 +448,7 @@ async fn respond_from_fill(
             resp.headers_mut().append(name.clone(), value.clone());
         }
     }
+    resp.extensions_mut().insert(outcome);
     let cs = cache_status.unwrap_or_else(|| head.cache_status.clone());
     resp.headers_mut().insert(status::CACHE_STATUS, cs);
     if server_error {

@@ -442,3 +442,40 @@ async fn storing_the_same_bytes_again_never_disturbs_a_download_in_progress() {
     assert_eq!(got.len() - head_end, doc.len(), "the download in progress was cut");
     assert!(got[head_end..] == doc[..]);
 }
+
+// 11. Smaller ones.
+
+#[tokio::test]
+async fn control_characters_an_id_pattern_lets_through_never_reach_a_log_line_raw() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (log, cache, config) = (dir.path().join("log.txt"), dir.path().join("cache"), dir.path().join("c.toml"));
+    // A pattern that accepts anything, control characters included.
+    let rule =
+        "[[rules]]\nname = \"any\"\npath = \"/download_batch_results/{lote_id}\"\nid_pattern = \"(?s).{1,64}\"\n";
+    std::fs::write(&config, rule).unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let server = crate::support::process::serve_logging(origin.addr, &cache, &args, Some(&log)).await;
+    let got = get(server.addr(), "/download_batch_results/A%0d%0aINJECTED%20fake%1b[2J").await;
+    assert_eq!(got.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("entry stored"), "{text}");
+    assert!(text.lines().all(|l| !l.starts_with("INJECTED")), "a client forged a log line:\n{text}");
+    assert!(!text.contains('\x1b') && !text.contains('\r'), "raw control characters in the log:\n{text:?}");
+    assert!(text.contains(r"A\r\nINJECTED fake\u{1b}[2J"), "the id is logged escaped:\n{text}");
+}
+
+#[tokio::test]
+async fn a_read_finishing_after_its_entry_was_replaced_leaves_no_memory_tier_bytes_behind() {
+    let (_origin, _dir, proxy) = setup("").await;
+    let p = proxy.local_addr();
+    get(p, &batch("MT-1")).await;
+    let old = proxy.store().get("MT-1_resultados.json").unwrap();
+    let purge = lotecache::cache::store::Purge::Key("MT-1_resultados.json".into());
+    proxy.store().purge(purge).await.unwrap();
+    assert_eq!(proxy.store().memory_bytes(), 0);
+    // A first read of the old entry that finishes only now, after the purge:
+    lotecache::cache::read::open(proxy.store().clone(), old).await.unwrap();
+    assert_eq!(proxy.store().memory_bytes(), 0, "bytes counted for an entry nobody can reach");
+}
