@@ -64,17 +64,16 @@ impl Cache {
     }
 
     async fn answer<B>(&self, req: Request<B>, target: &CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
-        let target = target.clone();
         let head_only = req.method() == Method::HEAD;
         match &target.access {
             AccessPolicy::Public => {}
             AccessPolicy::CredentialsBypass => {
                 if target.headers.carries_credentials(req.headers()) {
-                    return self.bypass(&req, &target, peer).await;
+                    return self.bypass(&req, target, peer).await;
                 }
             }
             AccessPolicy::Auth { url, timeout } => {
-                if let Some(refusal) = self.check_access(req.headers(), &target, url, *timeout, peer).await {
+                if let Some(refusal) = self.check_access(req.headers(), target, url, *timeout, peer).await {
                     return refusal;
                 }
             }
@@ -108,7 +107,7 @@ impl Cache {
         for _ in 0..3 {
             let lookup =
                 self.fills.join_or_start(&self.store, &self.origin, &target.rule, &target.key, is_fresh, || {
-                    self.fill_job(&req, &target, peer)
+                    self.fill_job(&req, target, peer)
                 });
             let (sub, collapsed, requester) = match lookup {
                 Lookup::Stored(entry) => {
@@ -423,11 +422,20 @@ async fn respond_from_fill(
             return Err((err.status().as_u16(), err.to_response(Some(status::miss_not_stored(&err.token())))));
         }
     };
-    if head_only && !head.status.is_server_error() {
+    let server_error = head.status.is_server_error();
+    let outcome = fill::FillOutcome(sub.rx.clone());
+    // A HEAD request drops its subscription here, so it pins no replay data.
+    let body = if head_only {
+        drop(sub);
+        empty()
+    } else {
+        sub.into_body()
+    };
+    if head_only && !server_error {
         // A head without a body vouches for a body: wait for the fill's verdict (a document
         // that fails validation after its head went out ends the fill in an error).
-        let ended = tokio::time::timeout(wait_timeout, wait_end(sub.rx.clone())).await;
-        let failed = match &sub.rx.borrow().end {
+        let ended = tokio::time::timeout(wait_timeout, wait_end(outcome.0.clone())).await;
+        let failed = match &outcome.0.borrow().end {
             fill::FillEnd::Failed(e) => Some(e.clone()),
             _ if ended.is_err() => Some(Arc::new(ProxyError::WaitTimeout)),
             _ => None,
@@ -437,10 +445,7 @@ async fn respond_from_fill(
             return Err((resp.status().as_u16(), resp));
         }
     }
-    let server_error = head.status.is_server_error();
-    let outcome = fill::FillOutcome(sub.rx.clone());
-    // A HEAD request drops its subscription here, so it pins no replay data.
-    let mut resp = Response::new(if head_only { empty() } else { sub.into_body() });
+    let mut resp = Response::new(body);
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers.clone();
     if requester {

@@ -1039,9 +1039,9 @@ fn oracle_hit_not_cut_without_cause(
 }
 
 /// Origin generations per id stay within what the chaos explains:
-/// `2 + invalidations (purges, damage) + restarts + 2 × faults + unstorable requests
-///  + unstorable windows + shrink windows` — one fill per event that can empty the entry,
-/// two per injected fault (the failing one, and a retry of a request on a reused origin
+/// `2 + invalidations (purges, damage) + restarts + 2 × faults + unstorable requests +
+/// unstorable windows + shrink windows`: one fill per event that can empty the entry, two
+/// per injected fault (the failing one, and a retry of a request on a reused origin
 /// connection), one per request while the batch cannot be stored.
 fn oracle_generations(ctx: &Ctx) {
     let restarts = ctx.restarts.load(SeqCst);
