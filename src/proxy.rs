@@ -40,11 +40,18 @@ pub struct ProxyService {
     peer: SocketAddr,
     /// The connection's hold on origin connections its answers came over.
     after_answer: Arc<AfterAnswer>,
+    /// What the connection's socket accepted: access-log lines count bytes really sent.
+    written: Arc<access_log::Written>,
 }
 
 impl ProxyService {
-    pub fn new(shared: Arc<Shared>, peer: SocketAddr, after_answer: Arc<AfterAnswer>) -> Self {
-        ProxyService { shared, peer, after_answer }
+    pub fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        after_answer: Arc<AfterAnswer>,
+        written: Arc<access_log::Written>,
+    ) -> Self {
+        ProxyService { shared, peer, after_answer, written }
     }
 }
 
@@ -67,10 +74,11 @@ impl tower::Service<Request<Incoming>> for ProxyService {
             Routed::Pass(req) => Box::pin(shared.pass_through(req, self.peer, self.after_answer.clone())),
             Routed::Cache { req, target, started } => {
                 let peer = self.peer;
+                let written = self.written.clone();
                 Box::pin(async move {
                     let lote_id = target.lote_id.clone();
                     let resp = shared.cache.handle(req, target, peer).await;
-                    Ok(shared.finish(resp, lote_id, started))
+                    Ok(shared.finish(resp, lote_id, started, Some(&written)))
                 })
             }
             Routed::Answered(resp) => Box::pin(std::future::ready(Ok(resp))),
@@ -152,7 +160,7 @@ impl Shared {
             Route::Reject { rule, error } => {
                 tracing::info!(rule = %rule, path = ?req.uri().path(), "cache route request rejected");
                 let resp = closing(error.to_response(Some(status::rejected(&error.token()))));
-                Routed::Answered(self.finish(resp, String::new(), started))
+                Routed::Answered(self.finish(resp, String::new(), started, None))
             }
             Route::Cache(target) => Routed::Cache { req, target, started },
         }
@@ -160,7 +168,13 @@ impl Shared {
 
     /// Counts a cache-route answer's outcome and, when the access log is on, wraps its body to
     /// write the log line once the body is sent.
-    fn finish(&self, resp: Response<ProxyBody>, lote_id: String, started: Instant) -> Response<ProxyBody> {
+    fn finish(
+        &self,
+        resp: Response<ProxyBody>,
+        lote_id: String,
+        started: Instant,
+        written: Option<&Arc<access_log::Written>>,
+    ) -> Response<ProxyBody> {
         let cache_status = resp.headers().get(status::CACHE_STATUS).and_then(|v| v.to_str().ok()).unwrap_or("");
         let outcome = outcome(cache_status);
         self.metrics.outcome.of(outcome).inc();
@@ -184,7 +198,8 @@ impl Shared {
                 .and_then(|v| v.parse().ok()),
         };
         let (parts, body) = resp.into_parts();
-        Response::from_parts(parts, access_log::wrap(body, log))
+        let body = access_log::wrap(body, log, written.map(|w| (w, &parts)));
+        Response::from_parts(parts, body)
     }
 
     /// Forwards a request the cache does not handle: bodies stream both ways. (It owns its

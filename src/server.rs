@@ -107,14 +107,15 @@ impl RunningProxy {
             max_connections: config.max_connections,
             send_buffer: config.send_buffer,
         };
-        let proxy_task = tokio::spawn(accept_loop(listener, limits, stopped.clone(), workers, move |peer, after| {
-            TowerToHyperService::new(ProxyService::new(proxy_shared.clone(), peer, after))
-        }));
+        let proxy_task =
+            tokio::spawn(accept_loop(listener, limits, stopped.clone(), workers, move |peer, after, written| {
+                TowerToHyperService::new(ProxyService::new(proxy_shared.clone(), peer, after, written))
+            }));
         let admin_state = admin.clone();
         // The admin port serves operators and probes: a few connections are plenty.
         let admin_limits = Limits { max_connections: 64, send_buffer: 0, ..limits };
         let admin_task =
-            tokio::spawn(accept_loop(admin_listener, admin_limits, stopped.clone(), Arc::new([]), move |_, _| {
+            tokio::spawn(accept_loop(admin_listener, admin_limits, stopped.clone(), Arc::new([]), move |_, _, _| {
                 let admin = admin_state.clone();
                 hyper::service::service_fn(move |req: Request<Incoming>| {
                     let admin = admin.clone();
@@ -256,7 +257,7 @@ async fn accept_loop<M, S, F>(
     workers: Workers,
     make_service: M,
 ) where
-    M: Fn(SocketAddr, Arc<AfterAnswer>) -> S,
+    M: Fn(SocketAddr, Arc<AfterAnswer>, Arc<crate::access_log::Written>) -> S,
     S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible, Future = F>
         + Send
         + 'static,
@@ -288,9 +289,11 @@ async fn accept_loop<M, S, F>(
                     }
                 };
                 let after = Arc::new(AfterAnswer::default());
+                let written = Arc::new(crate::access_log::Written::default());
                 let conn = Conn {
-                    service: make_service(peer, after.clone()),
+                    service: make_service(peer, after.clone(), written.clone()),
                     after,
+                    written,
                     builder: builder.clone(),
                     limits,
                     watcher: graceful.watcher(),
@@ -326,6 +329,8 @@ async fn accept_loop<M, S, F>(
 struct Conn<S> {
     service: S,
     after: Arc<AfterAnswer>,
+    /// What the socket accepted, for the access log.
+    written: Arc<crate::access_log::Written>,
     builder: http1::Builder,
     limits: Limits,
     watcher: hyper_util::server::graceful::Watcher,
@@ -344,7 +349,11 @@ where
         if self.limits.send_buffer > 0 {
             set_send_buffer(&stream, self.limits.send_buffer);
         }
-        let io = TokioIo::new(StrictIo::new(stream, self.limits.max_header_bytes).with_after_answer(self.after));
+        let io = TokioIo::new(
+            StrictIo::new(stream, self.limits.max_header_bytes)
+                .with_after_answer(self.after)
+                .with_written(self.written),
+        );
         if let Err(e) = self.watcher.watch(self.builder.serve_connection(io, self.service)).await {
             tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
         }

@@ -74,6 +74,8 @@ pub struct StrictIo<S> {
     /// Origin connections ended while serving this client, closed once an answer is flushed
     /// (see [`crate::upstream`]).
     after_answer: Option<Arc<AfterAnswer>>,
+    /// The connection's count of bytes its socket accepted (the access log's).
+    written: Option<Arc<crate::access_log::Written>>,
 }
 
 impl<S> StrictIo<S> {
@@ -89,6 +91,7 @@ impl<S> StrictIo<S> {
             answer: Vec::new(),
             answer_pos: 0,
             after_answer: None,
+            written: None,
         }
     }
 
@@ -96,6 +99,18 @@ impl<S> StrictIo<S> {
     pub fn with_after_answer(mut self, after: Arc<AfterAnswer>) -> Self {
         self.after_answer = Some(after);
         self
+    }
+
+    /// Reports every byte the socket accepts to `written`, and the connection's end.
+    pub fn with_written(mut self, written: Arc<crate::access_log::Written>) -> Self {
+        self.written = Some(written);
+        self
+    }
+
+    fn count(&self, polled: &Poll<io::Result<usize>>) {
+        if let (Some(w), Poll::Ready(Ok(n))) = (&self.written, polled) {
+            w.wrote(*n);
+        }
     }
 
     /// Runs `input` through the framing state machine, appending what hyper may see to
@@ -477,16 +492,19 @@ impl<S: AsyncWrite + Unpin> StrictIo<S> {
     }
 }
 
+impl<S> Drop for StrictIo<S> {
+    fn drop(&mut self) {
+        if let Some(w) = &self.written {
+            w.closed();
+        }
+    }
+}
+
 impl<S: ZeroCopySocket> AsyncWrite for StrictIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if let Some((region, offset)) = crate::sendfile::lookup(buf) {
-            return self.poll_sendfile(cx, &region, offset, buf.len());
-        }
-        if self.replaced_parser_answer(buf) {
-            return Poll::Ready(Ok(buf.len()));
-        }
-        std::task::ready!(self.poll_answer(cx))?;
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = self.as_mut().poll_write_counted(cx, buf);
+        self.count(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -494,20 +512,9 @@ impl<S: ZeroCopySocket> AsyncWrite for StrictIo<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
-            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        };
-        if let Some((region, offset)) = crate::sendfile::lookup(&bufs[first]) {
-            return self.poll_sendfile(cx, &region, offset, bufs[first].len());
-        }
-        if bufs[first + 1..].iter().all(|b| b.is_empty()) && self.replaced_parser_answer(&bufs[first]) {
-            return Poll::Ready(Ok(bufs[first].len()));
-        }
-        std::task::ready!(self.poll_answer(cx))?;
-        // Ordinary bytes up to the first file-backed slice go out with one writev.
-        let end =
-            bufs[first..].iter().position(|b| crate::sendfile::lookup(b).is_some()).map_or(bufs.len(), |p| first + p);
-        Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[first..end])
+        let polled = self.as_mut().poll_write_vectored_counted(cx, bufs);
+        self.count(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -529,6 +536,40 @@ impl<S: ZeroCopySocket> AsyncWrite for StrictIo<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         std::task::ready!(self.poll_answer(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: ZeroCopySocket> StrictIo<S> {
+    fn poll_write_counted(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Some((region, offset)) = crate::sendfile::lookup(buf) {
+            return self.poll_sendfile(cx, &region, offset, buf.len());
+        }
+        if self.replaced_parser_answer(buf) {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        std::task::ready!(self.poll_answer(cx))?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored_counted(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
+            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        };
+        if let Some((region, offset)) = crate::sendfile::lookup(&bufs[first]) {
+            return self.poll_sendfile(cx, &region, offset, bufs[first].len());
+        }
+        if bufs[first + 1..].iter().all(|b| b.is_empty()) && self.replaced_parser_answer(&bufs[first]) {
+            return Poll::Ready(Ok(bufs[first].len()));
+        }
+        std::task::ready!(self.poll_answer(cx))?;
+        // Ordinary bytes up to the first file-backed slice go out with one writev.
+        let end =
+            bufs[first..].iter().position(|b| crate::sendfile::lookup(b).is_some()).map_or(bufs.len(), |p| first + p);
+        Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[first..end])
     }
 }
 
@@ -558,7 +599,7 @@ mod tests {
         for piece in input.chunks(step) {
             s.process(piece);
         }
-        s.ready
+        std::mem::take(&mut s.ready)
     }
 
     #[test]
@@ -947,7 +988,7 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
                 out.extend_from_slice(&buf[..n]);
             }
         });
-        (read, s.ready)
+        (read, std::mem::take(&mut s.ready))
     }
 
     fn wire_of(reqs: &[Req]) -> (Vec<u8>, Vec<usize>) {

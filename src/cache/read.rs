@@ -265,3 +265,24 @@ pub async fn scrub_loop(store: Arc<Store>, bytes_per_sec: u64, mut stopped: toki
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ReadError;
+    use std::io;
+
+    #[test]
+    fn only_a_proven_mismatch_counts_as_bad_content() {
+        for proven in [
+            ReadError::Missing,
+            ReadError::WrongSize { actual: 1, expected: 2 },
+            ReadError::DigestMismatch,
+            ReadError::Changed,
+        ] {
+            assert!(proven.proves_bad_content(), "{proven}");
+        }
+        for transient in [io::Error::from_raw_os_error(libc::EMFILE), io::Error::from_raw_os_error(libc::EIO)] {
+            assert!(!ReadError::Io(transient).proves_bad_content());
+        }
+    }
+}

@@ -368,31 +368,22 @@ impl Store {
     }
 
     /// Whether the content file at `path` holds exactly the `size` bytes hashing to
-    /// `sha256`: trusted without reading when a live entry verified it in its current state,
-    /// hashed otherwise. Blocking.
+    /// `sha256`, unchanged while it was hashed. Always hashed, even when a live entry vouches
+    /// for the file: silent corruption changes no fingerprint, and re-storing is rare. Blocking.
     fn holds_content(&self, path: &Path, sha256: &[u8; 32], size: u64) -> bool {
-        let Ok(meta) = std::fs::metadata(path) else { return false };
-        if meta.len() != size {
+        let Ok(mut file) = std::fs::File::open(path) else { return false };
+        let Ok(before) = file.metadata() else { return false };
+        if before.len() != size {
             return false;
         }
-        let fp = super::entry::Fingerprint::of(&meta);
-        let vouched = self
-            .index
-            .read()
-            .expect("index lock")
-            .values()
-            .any(|e| e.path == path && e.verified.load().as_ref().is_some_and(|v| v.fingerprint == fp));
-        if vouched {
-            return true;
-        }
-        let Ok(mut file) = std::fs::File::open(path) else { return false };
         let mut hasher = sha2::Sha256::default();
         if io::copy(&mut file, &mut hasher).is_err() {
             return false;
         }
         let got: [u8; 32] = sha2::Digest::finalize(hasher).into();
-        // Unchanged while hashed, too.
-        got == *sha256 && std::fs::metadata(path).is_ok_and(|m| super::entry::Fingerprint::of(&m) == fp)
+        let unchanged =
+            file.metadata().is_ok_and(|m| super::entry::Fingerprint::of(&m) == super::entry::Fingerprint::of(&before));
+        got == *sha256 && unchanged
     }
 
     /// Removes `entry` because it can no longer be served (corrupt or missing content):

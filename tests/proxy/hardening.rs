@@ -480,3 +480,117 @@ async fn a_read_finishing_after_its_entry_was_replaced_leaves_no_memory_tier_byt
     lotecache::cache::read::open(proxy.store().clone(), old).await.unwrap();
     assert_eq!(proxy.store().memory_bytes(), 0, "bytes counted for an entry nobody can reach");
 }
+
+/// A one-connection-at-a-time server answering every request with `head` and then `body_len`
+/// bytes trickled one per 100 ms (an access check that never finishes its answer).
+async fn endless_answer(head: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for _ in 0..600 {
+                    if s.write_all(&[b'x'; 1024]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_access_check_answer_is_read_within_its_size_and_time_limits() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let allows = endless_answer("HTTP/1.1 200 OK\r\ncontent-length: 100000000\r\n\r\n").await;
+    let refuses = endless_answer("HTTP/1.1 403 Forbidden\r\ncontent-length: 100000000\r\n\r\n").await;
+    let rules = format!(
+        "[[rules]]\nname = \"a\"\npath = \"/download_batch_results/A{{lote_id}}\"\n[rules.auth]\nurl = \"http://{allows}/{{lote_id}}\"\ntimeout = \"1s\"\n\
+         [[rules]]\nname = \"r\"\npath = \"/download_batch_results/R{{lote_id}}\"\nkey = \"R{{lote_id}}\"\n[rules.auth]\nurl = \"http://{refuses}/{{lote_id}}\"\ntimeout = \"1s\"\n"
+    );
+    let proxy = start_proxy(origin.addr, dir.path(), &rules).await;
+    let p = proxy.local_addr();
+    // Allowed: the endless answer is abandoned after the check's timeout, and the batch served.
+    let got = tokio::time::timeout(Duration::from_secs(10), send(with_header(p, "A-1", "cookie", "u=1")))
+        .await
+        .expect("the request never ended: the check's answer was read without limit");
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.bytes(), &document("A-1"));
+    // Refused with an answer too large to pass on: the check failed, closed.
+    let got = tokio::time::timeout(Duration::from_secs(10), send(with_header(p, "R-1", "cookie", "u=1")))
+        .await
+        .expect("the request never ended: the refusal was read without limit");
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(got.json()["error"], "access check failed");
+    assert_eq!(origin.generations("R-1"), 0);
+}
+
+#[tokio::test]
+async fn evictions_are_counted_under_their_own_reason() {
+    let (_origin, _dir, proxy) = setup("memory_tier = \"0\"\n").await;
+    let p = proxy.local_addr();
+    get(p, &batch("EL-1")).await;
+    let entry = proxy.store().get("EL-1_resultados.json").unwrap();
+    let mut bytes = std::fs::read(&entry.path).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&entry.path, bytes).unwrap();
+    assert_eq!(get(p, &batch("EL-1")).await.bytes(), &document("EL-1"), "refetched");
+    let metrics = proxy.store().metrics().render();
+    assert!(metrics.contains("lotecache_evictions_total{reason=\"digest-mismatch\"} 1"), "{metrics}");
+    assert!(!metrics.contains("reason=\"corrupt\""), "{metrics}");
+}
+
+#[tokio::test]
+async fn the_access_log_counts_the_bytes_the_client_was_sent_not_those_handed_to_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (log, cache) = (dir.path().join("log.txt"), dir.path().join("cache"));
+    let server = crate::support::process::serve_logging(origin.addr, &cache, &[], Some(&log)).await;
+    let id = "AL-16mb";
+    let doc_len = document(id).len() as u64;
+    assert_eq!(get(server.addr(), &batch(id)).await.status, StatusCode::OK);
+    assert_eq!(get(server.addr(), &batch(id)).await.status, StatusCode::OK);
+    // A client that reads 64 KiB of the (file-backed, taken whole by hyper) body and leaves.
+    let mut s = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    s.write_all(format!("GET {} HTTP/1.1\r\nhost: x\r\n\r\n", batch(id)).as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let _ = s.read(&mut buf).await.unwrap();
+    drop(s);
+    let lines = |text: &str| -> Vec<(u64, String)> {
+        text.lines()
+            .filter(|l| l.contains("lotecache::access") && l.contains(id))
+            .map(|l| {
+                let field = |name: &str| {
+                    let rest =
+                        &l[l.find(&format!(" {name}=")).unwrap_or_else(|| panic!("{name} in {l}")) + name.len() + 2..];
+                    rest.split(' ').next().unwrap().trim_matches('"').to_string()
+                };
+                (field("bytes").parse().unwrap(), field("end"))
+            })
+            .collect()
+    };
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        found = lines(&std::fs::read_to_string(&log).unwrap());
+        if found.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert_eq!(found[0], (doc_len, "complete".to_string()));
+    assert_eq!(found[1], (doc_len, "complete".to_string()));
+    let (bytes, end) = &found[2];
+    assert_eq!(end, "client-gone", "a download the client left was logged {end}");
+    assert!(*bytes < doc_len / 2, "logged {bytes} of {doc_len} bytes for a client that read 64 KiB");
+}
