@@ -588,6 +588,10 @@ async fn the_access_log_counts_the_bytes_the_client_was_sent_not_those_handed_to
         }
     }
     assert_eq!(found.len(), 3, "{found:?}");
+    // The miss's head went out before the commit; its line says how the fill ended.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let first = text.lines().find(|l| l.contains("lotecache::access") && l.contains(id)).unwrap();
+    assert!(first.contains("fill=\"lotecache; fwd=uri-miss; stored\""), "{first}");
     assert_eq!(found[0], (doc_len, "complete".to_string()));
     assert_eq!(found[1], (doc_len, "complete".to_string()));
     let (bytes, end) = &found[2];
