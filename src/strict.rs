@@ -12,7 +12,7 @@
 //!
 //! hyper answers a head it cannot parse (or one refused here) itself, with a bare status line
 //! and no body, and no hook to change that. So the write side recognises that answer (see
-//! [`parser_answer`]) and sends the proxy's JSON error and log line in its place.
+//! `parser_answer`) and sends the proxy's JSON error and log line in its place.
 //!
 //! On the write side it sends registered file regions with `sendfile` (see
 //! [`crate::sendfile`]) and everything else as it is.
