@@ -125,7 +125,11 @@ impl Cache {
                 }
                 Lookup::Started(sub) => (sub, None, true),
                 Lookup::Joined(sub) => (sub, Some(status::collapsed()), false),
-                Lookup::Busy(err) => return err.to_response(Some(status::miss_not_stored(&err.token()))),
+                Lookup::Busy(err) => {
+                    // No fill may start: an expired entry kept for stale-if-error serves instead.
+                    let resp = err.to_response(Some(status::miss_not_stored(&err.token())));
+                    return self.stale_or(stale.take(), resp, head_only, inm, target).await;
+                }
                 Lookup::Closed(rx) => {
                     waited = true;
                     if tokio::time::timeout(wait_timeout, wait_end(rx)).await.is_err() {
@@ -141,21 +145,35 @@ impl Cache {
                     from_shared = true;
                     continue;
                 }
-                Err((origin_status, resp)) => match stale.take() {
-                    Some(entry) => match self.serve_hit(entry, head_only, inm).await {
-                        Served::Response(mut stale_resp) if stale_resp.status().is_success() => {
-                            tracing::warn!(key = %target.key, origin_status, "origin failed; serving the expired entry");
-                            stale_resp.headers_mut().insert(status::CACHE_STATUS, status::stale(origin_status));
-                            stale_resp
-                        }
-                        _ => resp,
-                    },
-                    None => resp,
-                },
+                Err((_, resp)) => self.stale_or(stale.take(), resp, head_only, inm, target).await,
             };
         }
         let err = ProxyError::FillAborted;
         err.to_response(Some(status::miss_not_stored(&err.token())))
+    }
+
+    /// `failed` (an origin failure, or no fill slot), unless `stale`, an expired entry kept
+    /// for stale-if-error, can be served in its place.
+    async fn stale_or(
+        &self,
+        stale: Option<Arc<Entry>>,
+        failed: Response<ProxyBody>,
+        head_only: bool,
+        inm: Option<&HeaderValue>,
+        target: &CacheTarget,
+    ) -> Response<ProxyBody> {
+        let Some(entry) = stale else { return failed };
+        let origin_status = failed.status().as_u16();
+        match self.serve_hit(entry, head_only, inm).await {
+            Served::Response(mut resp)
+                if resp.status().is_success() || resp.status() == http::StatusCode::NOT_MODIFIED =>
+            {
+                tracing::warn!(key = %target.key, origin_status, "no fresh answer; serving the expired entry");
+                resp.headers_mut().insert(status::CACHE_STATUS, status::stale(origin_status));
+                resp
+            }
+            _ => failed,
+        }
     }
 
     /// Serves a stored entry. `Gone` if its content proved bad (missing, wrong size or

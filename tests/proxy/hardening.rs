@@ -198,6 +198,25 @@ async fn cold_fills_beyond_the_limit_queue_or_get_503_and_a_hit_never_waits_for_
     assert_eq!(generated, 6, "a refused request never reached the origin");
 }
 
+#[tokio::test]
+async fn with_no_fill_slot_an_expired_entry_is_served_stale_rather_than_refused() {
+    let rule = "[[rules]]\nname = \"b\"\npath = \"/download_batch_results/{lote_id}\"\nttl = \"1s\"\n";
+    let (origin, _dir, proxy) = setup(&format!("max_fills = 1\nfill_queue = 0\n{rule}")).await;
+    let p = proxy.local_addr();
+    assert_eq!(get(p, &batch("ST-1")).await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // expired now
+    origin.set("ST-slow", Behavior::Ok { delay: Duration::from_millis(1500), pieces: 1, gap: Duration::ZERO });
+    let slow = tokio::spawn(async move { get(p, &batch("ST-slow")).await });
+    tokio::time::sleep(Duration::from_millis(200)).await; // the one slot is taken
+    let got = get(p, &batch("ST-1")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.cache_status(), "lotecache; hit; fwd=stale; fwd-status=503; detail=stale-if-error");
+    assert_eq!(got.bytes(), &document("ST-1"));
+    let cold = get(p, &batch("ST-2")).await;
+    assert_eq!(cold.status, StatusCode::SERVICE_UNAVAILABLE, "nothing stored to stand in");
+    assert_eq!(slow.await.unwrap().bytes(), &document("ST-slow"));
+}
+
 // 4. HTTP/1.0 clients.
 
 /// Status and body of a raw HTTP/1.0 exchange, and its Content-Length if any.
