@@ -4,17 +4,10 @@
 //! limits, eviction and re-storing races, and transient read errors.
 
 use crate::support::raw::raw;
-use crate::support::{assert_intact, batch, get, origin::*, request, send, shipped_rules, start_proxy};
+use crate::support::{assert_intact, batch, get, origin::*, request, send, setup, shipped_rules, start_proxy};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use std::time::Duration;
-
-async fn setup(extra: &str) -> (TestOrigin, tempfile::TempDir, lotecache::RunningProxy) {
-    let origin = TestOrigin::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(origin.addr, dir.path(), extra).await;
-    (origin, dir, proxy)
-}
 
 /// A rule on the batch route with an access check on the test origin's `/auth/{lote_id}`.
 const AUTH_RULE: &str = "[[rules]]\nname = \"b\"\npath = \"/download_batch_results/{lote_id}\"\nignore_response = [\"set-cookie\"]\n[rules.auth]\nurl = \"/auth/{lote_id}\"\n";

@@ -9,8 +9,6 @@ use http::{Method, StatusCode};
 use sha2::Digest;
 use std::time::Duration;
 
-const NO_DELAY: Duration = Duration::ZERO;
-
 async fn validated_proxy(origin: &TestOrigin, dir: &std::path::Path) -> lotecache::RunningProxy {
     start_proxy(origin.addr, dir, &shipped_rules()).await
 }

@@ -2,33 +2,12 @@
 //! eviction, garbage collection, the `cache` commands, logs, reload and shutdown.
 
 use crate::support::process::{serve, serve_logging, BIN};
-use crate::support::{batch, get, origin::*, send, start_proxy, start_proxy_admin, start_proxy_with, Got};
+use crate::support::{admin, batch, get, metric, origin::*, start_proxy, start_proxy_admin, start_proxy_with};
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::Full;
-use std::net::SocketAddr;
+use http::{Method, StatusCode};
 use std::time::Duration;
 
-const NO_DELAY: Duration = Duration::ZERO;
 const TOKEN: &str = "s3cret-admin-token";
-
-async fn admin(addr: SocketAddr, method: Method, path: &str, token: Option<&str>, body: &str) -> Got {
-    let mut req = Request::builder().method(method).uri(format!("http://{addr}{path}"));
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    send(req.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await
-}
-
-/// The value of one sample line of a Prometheus text exposition.
-fn metric(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
 
 #[tokio::test]
 async fn health_readiness_and_metrics_are_served_on_the_admin_port() {
@@ -50,16 +29,16 @@ async fn health_readiness_and_metrics_are_served_on_the_admin_port() {
     let m = admin(a, Method::GET, "/metrics", None, "").await;
     assert!(m.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = String::from_utf8(m.bytes().to_vec()).unwrap();
-    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"miss\"}"), 1.0);
-    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"hit\"}"), 1.0);
-    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"rejected\"}"), 1.0);
-    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"pass\"}"), 1.0);
-    assert_eq!(metric(&text, "lotecache_stored_total"), 1.0);
-    assert_eq!(metric(&text, "lotecache_store_entries"), 1.0);
-    assert_eq!(metric(&text, "lotecache_store_bytes"), document("O-1").len() as f64);
-    assert_eq!(metric(&text, "lotecache_fills_in_flight"), 0.0);
-    assert!(metric(&text, "lotecache_origin_seconds_saved_total") >= 0.2);
-    assert_eq!(metric(&text, "lotecache_origin_response_seconds_count"), 2.0);
+    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"miss\"}").expect("the sample is exposed"), 1.0);
+    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"hit\"}").expect("the sample is exposed"), 1.0);
+    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"rejected\"}").expect("the sample is exposed"), 1.0);
+    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"pass\"}").expect("the sample is exposed"), 1.0);
+    assert_eq!(metric(&text, "lotecache_stored_total").expect("the sample is exposed"), 1.0);
+    assert_eq!(metric(&text, "lotecache_store_entries").expect("the sample is exposed"), 1.0);
+    assert_eq!(metric(&text, "lotecache_store_bytes").expect("the sample is exposed"), document("O-1").len() as f64);
+    assert_eq!(metric(&text, "lotecache_fills_in_flight").expect("the sample is exposed"), 0.0);
+    assert!(metric(&text, "lotecache_origin_seconds_saved_total").expect("the sample is exposed") >= 0.2);
+    assert_eq!(metric(&text, "lotecache_origin_response_seconds_count").expect("the sample is exposed"), 2.0);
 }
 
 /// Requests at t, t (no pause), t + 1.2 s on one worker thread (a test's runtime has one);
@@ -74,7 +53,7 @@ async fn yields_over_three_requests(yield_interval: &str) -> f64 {
         assert_eq!(get(proxy.local_addr(), "/monitoreo").await.status, StatusCode::OK);
     }
     let m = admin(proxy.admin_addr(), Method::GET, "/metrics", None, "").await;
-    metric(std::str::from_utf8(m.bytes()).unwrap(), "lotecache_worker_yields_total")
+    metric(std::str::from_utf8(m.bytes()).unwrap(), "lotecache_worker_yields_total").expect("the sample is exposed")
 }
 
 #[tokio::test]
@@ -213,7 +192,7 @@ async fn a_fill_purged_before_its_commit_is_not_stored_and_says_why() {
     assert!(proxy.store().get("O-Q_resultados.json").is_none(), "the purged fill stored nothing");
     let metrics = admin(proxy.admin_addr(), Method::GET, "/metrics", None, "").await;
     let text = String::from_utf8(metrics.bytes().to_vec()).unwrap();
-    assert_eq!(metric(&text, "lotecache_not_stored_total{reason=\"purged\"}"), 1.0);
+    assert_eq!(metric(&text, "lotecache_not_stored_total{reason=\"purged\"}").expect("the sample is exposed"), 1.0);
     let again = get(p, &batch("O-Q")).await;
     assert_eq!(again.cache_status(), "lotecache; fwd=uri-miss");
     assert_eq!(origin.generations("O-Q"), 2);

@@ -2,18 +2,11 @@
 //! Framing cases talk raw HTTP over TCP.
 
 use crate::support::raw::raw;
-use crate::support::{batch, get, origin::*, request, send, start_proxy};
+use crate::support::{batch, get, origin::*, request, send, setup, start_proxy};
 use http::{Method, StatusCode};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_millis(1500);
-
-async fn setup(extra: &str) -> (TestOrigin, tempfile::TempDir, lotecache::RunningProxy) {
-    let origin = TestOrigin::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(origin.addr, dir.path(), extra).await;
-    (origin, dir, proxy)
-}
 
 /// A malformed request: refused with `status` and a JSON error body, the connection closed,
 /// the origin untouched.

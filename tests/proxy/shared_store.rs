@@ -3,14 +3,12 @@
 //! `/readyz` reports it. (The shared store working — promotion, write-through, corruption,
 //! a node or a replica lost — is tested against a real Garage cluster in tests/scaleout.)
 
-use crate::support::{batch, get, origin::*, send, start_proxy, start_proxy_admin, Got};
+use crate::support::{admin_get, batch, get, metric, origin::*, send, start_proxy, start_proxy_admin};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
-
-const NO_DELAY: Duration = Duration::ZERO;
 
 fn shared_toml(endpoints: &[String]) -> String {
     let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
@@ -26,16 +24,6 @@ fn shared_toml(endpoints: &[String]) -> String {
 fn closed_endpoint() -> String {
     let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     format!("http://{addr}")
-}
-
-async fn admin_get(addr: SocketAddr, path: &str) -> Got {
-    send(Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).unwrap()).await
-}
-
-fn metric(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
 #[tokio::test]
@@ -70,13 +58,13 @@ async fn an_unreachable_shared_store_never_fails_a_request_and_is_not_waited_on_
     assert!(shared["last_error"].as_str().unwrap().contains("127.0.0.1"), "{shared}");
 
     let text = String::from_utf8(admin_get(proxy.admin_addr(), "/metrics").await.bytes().to_vec()).unwrap();
-    assert_eq!(metric(&text, "lotecache_shared_up"), 0.0);
+    assert_eq!(metric(&text, "lotecache_shared_up").unwrap_or(0.0), 0.0);
     // While it is down, requests do not wait on it: no lookup, no write-through.
-    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"probe\",result=\"error\"}"), 1.0);
-    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"get-record\",result=\"error\"}"), 0.0);
-    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"put-record\",result=\"skipped\"}"), 1.0);
-    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"miss\"}"), 1.0);
-    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"hit\"}"), 1.0);
+    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"probe\",result=\"error\"}").unwrap_or(0.0), 1.0);
+    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"get-record\",result=\"error\"}").unwrap_or(0.0), 0.0);
+    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"put-record\",result=\"skipped\"}").unwrap_or(0.0), 1.0);
+    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"miss\"}").unwrap_or(0.0), 1.0);
+    assert_eq!(metric(&text, "lotecache_requests_total{outcome=\"hit\"}").unwrap_or(0.0), 1.0);
     proxy.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -201,6 +189,6 @@ async fn a_shared_blob_that_stalls_mid_body_is_abandoned_and_the_origin_answers_
     assert_eq!(origin.generations("SH-4"), 1);
     let text = String::from_utf8(admin_get(proxy.admin_addr(), "/metrics").await.bytes().to_vec()).unwrap();
     // The record was read (the write-through of the refetch may read it again, meanwhile).
-    assert!(metric(&text, "lotecache_shared_ops_total{op=\"get-record\",result=\"ok\"}") >= 1.0);
-    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"get-blob\",result=\"error\"}"), 1.0);
+    assert!(metric(&text, "lotecache_shared_ops_total{op=\"get-record\",result=\"ok\"}").unwrap_or(0.0) >= 1.0);
+    assert_eq!(metric(&text, "lotecache_shared_ops_total{op=\"get-blob\",result=\"error\"}").unwrap_or(0.0), 1.0);
 }

@@ -5,8 +5,6 @@ use http::{Method, StatusCode};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
-const NO_DELAY: Duration = Duration::ZERO;
-
 /// Fires `n` concurrent GETs for `id` and returns the responses.
 async fn concurrent(proxy: std::net::SocketAddr, id: &str, n: usize) -> Vec<Got> {
     let tasks: Vec<_> = (0..n)

@@ -15,6 +15,36 @@ use hyper_util::rt::TokioExecutor;
 use lotecache::{config, RunningProxy};
 use std::{net::SocketAddr, path::Path};
 
+/// A test origin, a temporary cache directory and the proxy in front of it, with any extra
+/// TOML appended to the proxy's config: the setup of most tests.
+pub async fn setup(extra: &str) -> (origin::TestOrigin, tempfile::TempDir, RunningProxy) {
+    let origin = origin::TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), extra).await;
+    (origin, dir, proxy)
+}
+
+/// A request to the admin listener at `addr`, with a bearer `token` if given.
+pub async fn admin(addr: SocketAddr, method: Method, path: &str, token: Option<&str>, body: &str) -> Got {
+    let mut req = Request::builder().method(method).uri(format!("http://{addr}{path}"));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    send(req.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await
+}
+
+/// A `GET` on the admin listener, without a token.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> Got {
+    admin(addr, Method::GET, path, None, "").await
+}
+
+/// The value of one sample line of a Prometheus text exposition, if it is there.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+}
+
 /// Starts the proxy in front of `origin` with the cache in `dir`, short timeouts, and any
 /// extra TOML appended to its config.
 pub async fn start_proxy(origin: SocketAddr, dir: &Path, extra_toml: &str) -> RunningProxy {

@@ -22,6 +22,9 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+/// No delay, for [`Behavior::Ok`]'s `delay` and `gap`.
+pub const NO_DELAY: Duration = Duration::ZERO;
+
 /// How the origin answers a batch.
 #[derive(Clone, Debug)]
 pub enum Behavior {
