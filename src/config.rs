@@ -971,8 +971,11 @@ impl<'a> Validator<'a> {
         }
         if let Some(list) = &r.forward_headers {
             out.forward = names(self, "rules.forward_headers", list);
-            for (n, h) in list.iter().zip(&out.forward) {
-                if out.credentials.contains(h) {
+            // Each written name against the credential list (the valid ones: an invalid name
+            // was reported above).
+            for n in list {
+                let Ok(h) = http::HeaderName::from_bytes(n.get_ref().trim().as_bytes()) else { continue };
+                if out.credentials.contains(&h) {
                     let at = self.pick(None, "", Some(n), "");
                     self.err(
                         &at,
