@@ -46,8 +46,11 @@ pub struct AccessLog {
 /// with `conn`, once the connection's socket took its bytes (or the connection ended).
 /// `head` is the response head, to count its bytes.
 pub fn wrap(body: ProxyBody, log: AccessLog, conn: Option<(&Arc<Written>, &http::response::Parts)>) -> ProxyBody {
-    let conn =
-        conn.map(|(written, head)| Sent { written: written.clone(), from: written.sent(), head: head_len(head) });
+    let conn = conn.map(|(written, head)| Sent {
+        written: written.clone(),
+        from: written.sent(),
+        head: head_len(head, &body),
+    });
     LoggedBody { inner: body, log: Some(log), bytes: 0, conn }.boxed_unsync()
 }
 
@@ -125,18 +128,26 @@ impl Written {
 }
 
 /// The bytes a response head takes on the wire, at least: status line, headers, the `Date`
-/// hyper adds, and `Transfer-Encoding: chunked` when it frames the body so.
-fn head_len(head: &http::response::Parts) -> u64 {
+/// hyper adds, and the framing header hyper adds when there is none (`Content-Length` for a
+/// body of known size, `Transfer-Encoding: chunked` otherwise). Never more than the real head:
+/// a line waits until the socket took this much more than the body.
+fn head_len(head: &http::response::Parts, body: &ProxyBody) -> u64 {
+    use http::header::{CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
     let status = "HTTP/1.1 200 \r\n".len() + head.status.canonical_reason().unwrap_or("").len();
     let headers: usize = head.headers.iter().map(|(n, v)| n.as_str().len() + 2 + v.len() + 2).sum();
-    let date =
-        if head.headers.contains_key(http::header::DATE) { 0 } else { "date: Thu, 01 Jan 1970 00:00:00 GMT\r\n".len() };
-    let chunked = if head.headers.contains_key(http::header::CONTENT_LENGTH) || head.version < http::Version::HTTP_11 {
-        0
-    } else {
-        "transfer-encoding: chunked\r\n".len()
-    };
-    (status + headers + date + chunked + 2) as u64
+    let date = if head.headers.contains_key(DATE) { 0 } else { "date: Thu, 01 Jan 1970 00:00:00 GMT\r\n".len() };
+    let bodiless = body.is_end_stream() || matches!(head.status.as_u16(), 100..=199 | 204 | 304);
+    let framing =
+        if head.headers.contains_key(CONTENT_LENGTH) || head.headers.contains_key(TRANSFER_ENCODING) || bodiless {
+            0
+        } else if let Some(n) = body.size_hint().exact() {
+            "content-length: \r\n".len() + n.to_string().len()
+        } else if head.version >= http::Version::HTTP_11 {
+            "transfer-encoding: chunked\r\n".len()
+        } else {
+            0
+        };
+    (status + headers + date + framing + 2) as u64
 }
 
 /// The response's place in its connection's byte count.

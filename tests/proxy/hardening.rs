@@ -610,3 +610,39 @@ async fn the_access_log_counts_the_bytes_the_client_was_sent_not_those_handed_to
     assert_eq!(end, "client-gone", "a download the client left was logged {end}");
     assert!(*bytes < doc_len / 2, "logged {bytes} of {doc_len} bytes for a client that read 64 KiB");
 }
+
+#[tokio::test]
+async fn access_log_lines_of_a_kept_alive_connection_are_written_without_waiting_for_its_end() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = TestOrigin::start().await;
+    origin.set("KA-1", Behavior::Chunked); // framed by hyper: chunked
+    origin.set("KA-2", Behavior::Refuse); // the proxy's own 502: Content-Length set by hyper
+    let dir = tempfile::tempdir().unwrap();
+    let (log, cache) = (dir.path().join("log.txt"), dir.path().join("cache"));
+    let server = crate::support::process::serve_logging(origin.addr, &cache, &[], Some(&log)).await;
+    let mut s = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    for (id, ends_with) in [("KA-1", &b"0\r\n\r\n"[..]), ("KA-2", &b"}"[..])] {
+        got.clear();
+        s.write_all(format!("GET {} HTTP/1.1\r\nhost: x\r\n\r\n", batch(id)).as_bytes()).await.unwrap();
+        while !got.ends_with(ends_with) {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "the connection stays open");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    // Both lines are written while the connection is still open.
+    let mut lines = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = std::fs::read_to_string(&log).unwrap();
+        lines = text.lines().filter(|l| l.contains("lotecache::access")).map(str::to_string).collect();
+        if lines.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().all(|l| l.contains("end=\"complete\"") || l.contains("end=complete")), "{lines:?}");
+    drop(s);
+}
