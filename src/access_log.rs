@@ -12,6 +12,7 @@
 //! so the count of a cut response can be over by those few bytes; never under.
 
 use crate::body::{BoxError, ProxyBody};
+use crate::cache::status::Outcome;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -31,7 +32,7 @@ pub struct AccessLog {
     pub lote_id: String,
     pub status: u16,
     pub cache_status: String,
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     pub started: Instant,
     /// Time waiting for the origin before the response head (forwarded requests only).
     pub origin_ms: Option<u64>,
@@ -181,7 +182,7 @@ fn write_line(l: &AccessLog, bytes: u64, end: &'static str) {
         lote_id = %l.lote_id,
         status = l.status,
         cache_status = %l.cache_status,
-        outcome = l.outcome,
+        outcome = l.outcome.label(),
         bytes,
         total_ms = l.started.elapsed().as_millis() as u64,
         origin_ms = l.origin_ms,

@@ -3,7 +3,7 @@
 
 use crate::body::{full, ProxyBody};
 use crate::cache::{entry::Entry, store::Purge};
-use crate::proxy::Shared;
+use crate::proxy::ProxyState;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -11,11 +11,19 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
 use std::{
     sync::{atomic::Ordering::Relaxed, Arc},
     time::{Duration, UNIX_EPOCH},
 };
 use subtle::ConstantTimeEq;
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for mutating endpoints (`LOTECACHE_ADMIN_TOKEN` overrides the file).
+    pub token: Option<String>,
+}
 
 /// How recently the origin must have answered for `/readyz` to skip a connect probe.
 const ORIGIN_RECENT: Duration = Duration::from_secs(30);
@@ -23,14 +31,14 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// The admin API's state.
 pub struct Admin {
-    shared: Arc<Shared>,
+    state: Arc<ProxyState>,
     /// Bearer token for mutating endpoints; None refuses them. Replaced on reload.
     token: ArcSwap<Option<String>>,
 }
 
 impl Admin {
-    pub fn new(shared: Arc<Shared>, token: Option<String>) -> Arc<Admin> {
-        Arc::new(Admin { shared, token: ArcSwap::from_pointee(token) })
+    pub fn new(state: Arc<ProxyState>, token: Option<String>) -> Arc<Admin> {
+        Arc::new(Admin { state, token: ArcSwap::from_pointee(token) })
     }
 
     pub fn set_token(&self, token: Option<String>) {
@@ -46,13 +54,13 @@ impl Admin {
             (&Method::GET, ["healthz"]) => reply(StatusCode::OK, json!({ "status": "ok" })),
             (&Method::GET, ["readyz"]) => self.readyz().await,
             (&Method::GET, ["metrics"]) => {
-                let mut resp = Response::new(full(self.shared.metrics.render()));
+                let mut resp = Response::new(full(self.state.metrics.render()));
                 resp.headers_mut()
                     .insert(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8".parse().expect("static"));
                 resp
             }
             (&Method::GET, ["entries"]) => self.list(req.uri().query().unwrap_or("")),
-            (&Method::GET, ["entries", key]) => match self.shared.cache.store.get(&decode(key)) {
+            (&Method::GET, ["entries", key]) => match self.state.cache.store.get(&decode(key)) {
                 Some(e) => reply(StatusCode::OK, entry_json(&e)),
                 None => error(StatusCode::NOT_FOUND, "no such entry", &format!("no entry under key {:?}", decode(key))),
             },
@@ -82,7 +90,7 @@ impl Admin {
                 if let Some(refusal) = self.refuse_unauthorized(&req) {
                     return refusal;
                 }
-                match self.shared.cache.store.gc().await {
+                match self.state.cache.store.gc().await {
                     Ok(report) => reply(StatusCode::OK, serde_json::to_value(report).expect("report")),
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "gc failed", &e.to_string()),
                 }
@@ -95,17 +103,17 @@ impl Admin {
     }
 
     async fn readyz(&self) -> Response<ProxyBody> {
-        let origin = self.shared.origin.reachable(ORIGIN_RECENT).await;
+        let origin = self.state.origin.reachable(ORIGIN_RECENT).await;
         let mut body = json!({
             "ready": origin,
             "store": "open",
             "origin": if origin { "reachable" } else { "unreachable" },
-            "fills_in_flight": self.shared.cache.fills.len(),
+            "fills_in_flight": self.state.cache.fills.len(),
         });
         // The shared store's state is reported, not required: without it this replica still
         // serves from its own tier and the origin. It is the state the last operation or the
         // background probe found: a health check never waits on a hanging store.
-        if let Some(s) = self.shared.cache.fills.shared() {
+        if let Some(s) = self.state.cache.fills.shared() {
             let (up, last_error) = s.state();
             let state = match (up, &last_error) {
                 (true, _) => "reachable",
@@ -128,7 +136,7 @@ impl Admin {
         };
         let offset = param("offset").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
         let limit = param("limit").and_then(|v| v.parse::<usize>().ok()).unwrap_or(100).clamp(1, 1000);
-        let all = self.shared.cache.store.entries();
+        let all = self.state.cache.store.entries();
         let page: Vec<Value> = all.iter().skip(offset).take(limit).map(|e| entry_json(e)).collect();
         reply(StatusCode::OK, json!({ "total": all.len(), "offset": offset, "limit": limit, "entries": page }))
     }
@@ -139,18 +147,18 @@ impl Admin {
     async fn purge(&self, which: Purge) -> Response<ProxyBody> {
         // First of all: fills and write-throughs already running see the purge from here on
         // and store nothing it covers; requests after it start fresh fills.
-        self.shared.cache.store.record_purge(&which);
-        self.shared.cache.fills.detach(&which);
-        let shared = self.shared.cache.fills.shared().cloned();
+        self.state.cache.store.record_purge(&which);
+        self.state.cache.fills.detach(&which);
+        let shared = self.state.cache.fills.shared().cloned();
         let mut shared_result = None;
         if let Some(s) = &shared {
             // Keys this replica holds, plus the keys the rules give the batch: another
             // replica may have stored it.
-            let store = &self.shared.cache.store;
+            let store = &self.state.cache.store;
             let mut keys: Vec<String> = match &which {
                 Purge::Key(k) => vec![k.clone()],
                 Purge::LoteId(id) => {
-                    let mut k = self.shared.rules.load().keys_of(id);
+                    let mut k = self.state.rules.load().keys_of(id);
                     k.extend(store.entries().iter().filter(|e| &e.lote_id == id).map(|e| e.key.clone()));
                     k
                 }
@@ -182,7 +190,7 @@ impl Admin {
             }
             shared_result = Some((removed, failed));
         }
-        match self.shared.cache.store.purge(which.clone()).await {
+        match self.state.cache.store.purge(which.clone()).await {
             Ok(removed) if removed.is_empty() && matches!(which, Purge::Key(_)) && shared.is_none() => {
                 error(StatusCode::NOT_FOUND, "no such entry", "nothing was removed")
             }

@@ -1,7 +1,15 @@
 //! Typed configuration: the TOML file format (`RawConfig`), command-line overrides, and
 //! validation into a ready-to-use `Config` with every error reported with its location.
 
+pub use crate::admin::AdminConfig;
+pub use crate::cache::fill::FillConfig;
+pub use crate::cache::policy::IgnoreResponse;
+pub use crate::cache::shared::SharedConfig;
+pub use crate::cache::target::{AccessPolicy, FillHeaders, DEFAULT_CREDENTIAL_HEADERS, DEFAULT_FORWARD_HEADERS};
 use crate::cache::validate::{parse_pointer, Assertion, Check, OnFail, Validation};
+pub use crate::logging::{LogConfig, LogFormat};
+pub use crate::origin::OriginConfig;
+pub use crate::rules::{QueryPolicy, RuleConfig};
 use serde::Deserialize;
 use std::sync::Arc;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -38,8 +46,9 @@ pub struct RawServer {
     pub send_buffer: Option<Spanned<String>>,
     pub workers: Option<usize>,
     pub pin_workers: Option<bool>,
-    pub yield_interval: Option<Spanned<String>>,
-    pub worker_slice: Option<Spanned<String>>,
+    /// Removed settings, still accepted (ignored, with a notice) so an old file keeps working.
+    pub yield_interval: Option<Spanned<toml::Value>>,
+    pub worker_slice: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,12 +179,8 @@ pub struct Config {
     pub send_buffer: usize,
     /// Runtime worker threads (0: one per core).
     pub workers: usize,
-    /// Each worker pinned to a core of its own; see `worker_cpu`.
+    /// Each worker pinned to a core of its own; see [`crate::server::runtime`].
     pub pin_workers: bool,
-    /// A busy worker yields its core at most this often (zero: never); see `worker_cpu`.
-    pub yield_interval: Duration,
-    /// The scheduling slice `serve`'s workers ask for (zero: the kernel's); see `worker_cpu`.
-    pub worker_slice: Duration,
     pub origin: OriginConfig,
     pub cache_dir: PathBuf,
     /// Cap on the bytes of live entries (0: none).
@@ -199,230 +204,10 @@ pub struct Config {
     pub rules: Vec<RuleConfig>,
     /// The shared store, if one is configured (a change needs a restart).
     pub shared: Option<SharedConfig>,
+    /// What the file says that is accepted but has no effect (removed settings), one line each:
+    /// logged as warnings at start and printed by `check-config`.
+    pub notices: Vec<String>,
 }
-
-/// The shared store: where, and how long each operation may take.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SharedConfig {
-    pub bucket: String,
-    /// Object-name prefix inside the bucket (may be empty).
-    pub prefix: String,
-    /// Endpoints tried in turn; empty: AWS, from the region.
-    pub endpoints: Vec<String>,
-    /// Region (else `AWS_REGION` / `AWS_DEFAULT_REGION`).
-    pub region: Option<String>,
-    /// Credentials from the file (else the `AWS_*` variables).
-    pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
-    pub virtual_hosted: bool,
-    /// Deadline of each small operation (record read, existence check, delete) per endpoint.
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-    /// Deadline of a whole body transfer.
-    pub transfer_timeout: Duration,
-    /// How often the store is probed for `/readyz` and `lotecache_shared_up`.
-    pub probe_interval: Duration,
-}
-
-/// Who may be served a stored entry of a rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccessPolicy {
-    /// No policy written: requests carrying `Cookie` or `Authorization` bypass the cache.
-    CredentialsBypass,
-    /// Anyone who can reach the proxy (written explicitly as `access = "public"`).
-    Public,
-    /// Every request is checked first with a sub-request to `url` (`{lote_id}` replaced; a
-    /// path is on the origin), carrying the client's `Cookie` and `Authorization`: 2xx allows,
-    /// 401/403 is returned.
-    Auth { url: String, timeout: Duration },
-}
-
-/// Response headers a rule stores despite (the default refuses to store them).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IgnoreResponse {
-    /// Store despite `Set-Cookie` (the cookie itself is never stored).
-    pub set_cookie: bool,
-    /// Store despite `Cache-Control: private` / `no-store`.
-    pub cache_control: bool,
-    /// Store despite `Vary: *`, `Cookie` or `Authorization`.
-    pub vary: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct AdminConfig {
-    pub listen: SocketAddr,
-    /// Bearer token for mutating endpoints (`LOTECACHE_ADMIN_TOKEN` overrides the file).
-    pub token: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone)]
-pub struct LogConfig {
-    /// A tracing filter, e.g. `info` or `lotecache=debug` (`RUST_LOG` overrides it).
-    pub level: String,
-    /// One line per cache-route request (target `lotecache::access`).
-    pub access: bool,
-    pub format: LogFormat,
-}
-
-/// Limits of fills (single-flight fetches).
-#[derive(Debug, Clone)]
-pub struct FillConfig {
-    /// Bytes of a fill kept in memory for replay to joiners; past it, consumed chunks are
-    /// dropped, new requests wait for the commit, and a subscriber lagging by more is cut.
-    pub replay_buffer: u64,
-    /// Longest a request waits for a fill's response head (or, past the replay buffer, for
-    /// its commit) before it gets `504`.
-    pub wait_timeout: Duration,
-    /// Longest a fill may run in all; a fill older than this is abandoned and replaced.
-    pub fill_timeout: Duration,
-    /// Fills fetching from the origin at once, in the whole process and on one worker
-    /// thread; more wait in a queue of `fill_queue` (then `503` with `Retry-After`). Read at
-    /// start: a change needs a restart.
-    pub max_fills: usize,
-    pub max_fills_per_worker: usize,
-    pub fill_queue: usize,
-}
-
-impl Default for FillConfig {
-    fn default() -> Self {
-        FillConfig {
-            replay_buffer: 32 * 1024 * 1024,
-            wait_timeout: Duration::from_secs(130),
-            fill_timeout: Duration::from_secs(900),
-            max_fills: 64,
-            max_fills_per_worker: 32,
-            fill_queue: 1024,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct OriginConfig {
-    /// `http://host:port`, no path.
-    pub scheme: http::uri::Scheme,
-    pub authority: http::uri::Authority,
-    pub connect_timeout: Duration,
-    /// Time allowed from sending the request to receiving the response head.
-    pub response_timeout: Duration,
-    /// Longest silence allowed between two body frames from the origin.
-    pub body_idle_timeout: Duration,
-    pub pool_idle_timeout: Duration,
-    pub pool_max_idle_per_host: usize,
-}
-
-/// How a query string on a cache route is treated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueryPolicy {
-    /// Any query string gets `400` (the default: the legacy route takes none).
-    Reject,
-    /// The raw query string is appended to the cache key and forwarded as is.
-    Key,
-}
-
-#[derive(Debug, Clone)]
-pub struct RuleConfig {
-    pub name: String,
-    /// Path template split at `{lote_id}`.
-    pub path_prefix: String,
-    pub path_suffix: String,
-    /// Anchored id pattern.
-    pub id_pattern: crate::rules::IdPattern,
-    /// Key template split at `{lote_id}`.
-    pub key_prefix: String,
-    pub key_suffix: String,
-    pub query: QueryPolicy,
-    pub ttl: Option<Duration>,
-    pub stale_if_error: bool,
-    pub access: AccessPolicy,
-    pub ignore: IgnoreResponse,
-    /// Checks a document must pass before it is stored (inactive when empty).
-    pub validation: Arc<Validation>,
-    /// Which request headers a fill forwards, and which count as credentials.
-    pub headers: Arc<FillHeaders>,
-    /// Largest body stored on this route (None: only `cache.max_size` bounds it).
-    pub max_object_size: Option<u64>,
-}
-
-/// The request headers of a rule's fills: a fill is one request made on behalf of many
-/// clients, so it forwards only an explicit set, never the client's headers wholesale.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FillHeaders {
-    /// Forwarded on every fill (`forward_headers`; default [`DEFAULT_FORWARD_HEADERS`]).
-    pub forward: Vec<http::HeaderName>,
-    /// Headers that identify a client (`credential_headers`; default
-    /// [`DEFAULT_CREDENTIAL_HEADERS`]). On a rule without an access policy a request carrying
-    /// any of them bypasses the cache; on a rule with an access check they go to the check
-    /// and on that request's fill; otherwise they are never forwarded on a fill.
-    pub credentials: Vec<http::HeaderName>,
-}
-
-impl FillHeaders {
-    /// Whether `headers` holds any credential header.
-    pub fn carries_credentials(&self, headers: &http::HeaderMap) -> bool {
-        self.credentials.iter().any(|name| headers.contains_key(name))
-    }
-}
-
-impl Default for FillHeaders {
-    fn default() -> Self {
-        let names = |list: &[&'static str]| list.iter().map(|&n| http::HeaderName::from_static(n)).collect();
-        FillHeaders { forward: names(DEFAULT_FORWARD_HEADERS), credentials: names(DEFAULT_CREDENTIAL_HEADERS) }
-    }
-}
-
-/// What a fill forwards by default: content negotiation, the client's software, tracing,
-/// and the addressing the backend may build links from. Nothing that identifies a user.
-pub const DEFAULT_FORWARD_HEADERS: &[&str] =
-    &["host", "accept", "accept-language", "user-agent", "x-request-id", "x-forwarded-for"];
-
-/// Request headers that carry credentials by default: HTTP's own, API keys, the identity
-/// headers of authenticating front ends (oauth2-proxy, Apache/nginx auth modules, AWS ALB,
-/// Azure App Service, Google IAP, Cloudflare Access) and client-certificate headers.
-pub const DEFAULT_CREDENTIAL_HEADERS: &[&str] = &[
-    "cookie",
-    "authorization",
-    "proxy-authorization",
-    "x-api-key",
-    "api-key",
-    "x-auth-token",
-    "x-access-token",
-    "x-forwarded-user",
-    "x-forwarded-email",
-    "x-forwarded-preferred-username",
-    "x-forwarded-groups",
-    "x-forwarded-access-token",
-    "x-auth-request-user",
-    "x-auth-request-email",
-    "x-auth-request-access-token",
-    "x-remote-user",
-    "remote-user",
-    "x-user",
-    "x-user-id",
-    "x-ssl-client-cert",
-    "x-ssl-client-dn",
-    "x-client-cert",
-    "x-client-dn",
-    "ssl-client-cert",
-    "x-forwarded-client-cert",
-    "x-arr-clientcert",
-    "x-amzn-oidc-data",
-    "x-amzn-oidc-identity",
-    "x-amzn-oidc-accesstoken",
-    "x-ms-client-principal",
-    "x-ms-client-principal-name",
-    "x-ms-client-principal-id",
-    "x-goog-authenticated-user-email",
-    "x-goog-authenticated-user-id",
-    "x-goog-iap-jwt-assertion",
-    "cf-access-jwt-assertion",
-    "cf-access-authenticated-user-email",
-];
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ORIGIN: &str = "http://127.0.0.1:5000";
@@ -487,6 +272,16 @@ pub fn load(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Con
         }
     }
     Ok(config)
+}
+
+/// Prints every error of a config that could not be loaded, then their count, on stderr; the
+/// exit status of a command that stops there.
+pub fn print_errors(errors: &[ConfigError]) -> std::process::ExitCode {
+    for e in errors {
+        eprintln!("{e}");
+    }
+    eprintln!("{} error(s)", errors.len());
+    std::process::ExitCode::FAILURE
 }
 
 /// Parses and validates config `text`; `name` is used in error locations.
@@ -590,14 +385,6 @@ impl<'a> Validator<'a> {
         }
     }
 
-    /// A duration where `"0"` (or `"off"`) means off.
-    fn duration_or_zero(&mut self, field: &str, value: Option<&Spanned<String>>, default: &str) -> Duration {
-        match value.map(|v| v.get_ref().trim()) {
-            Some("0") | Some("off") => Duration::ZERO,
-            _ => self.duration(field, value, default),
-        }
-    }
-
     /// A size where `"0"` (or `"off"`) means off.
     fn size_or_zero(&mut self, field: &str, value: Option<&Spanned<String>>, default: &str) -> u64 {
         match value.map(|v| v.get_ref().trim()) {
@@ -627,14 +414,14 @@ impl<'a> Validator<'a> {
         let send_buffer = self.size_or_zero("server.send_buffer", raw.server.send_buffer.as_ref(), "256KiB") as usize;
         let workers = raw.server.workers.unwrap_or(0);
         let pin_workers = raw.server.pin_workers.unwrap_or(false);
-        let yield_interval =
-            self.duration_or_zero("server.yield_interval", raw.server.yield_interval.as_ref(), "250us");
-        let worker_slice = self.duration_or_zero("server.worker_slice", raw.server.worker_slice.as_ref(), "500us");
-        // The range the kernel accepts for a slice.
-        if !worker_slice.is_zero() && !(Duration::from_micros(100)..=Duration::from_millis(100)).contains(&worker_slice)
+        let mut notices = Vec::new();
+        for (field, removed) in
+            [("server.yield_interval", &raw.server.yield_interval), ("server.worker_slice", &raw.server.worker_slice)]
         {
-            let at = self.pick(None, "", raw.server.worker_slice.as_ref(), "500us");
-            self.err(&at, "server.worker_slice", "must be between 100us and 100ms, or \"off\"");
+            if let Some(v) = removed {
+                let at = locate(self.name, self.text, v.span().start);
+                notices.push(format!("{at}: {field} was removed (it only helped a saturated benchmark); ignored"));
+            }
         }
 
         let url_at = self.pick(ov.origin.as_deref(), "--origin", raw.origin.url.as_ref(), DEFAULT_ORIGIN);
@@ -752,8 +539,7 @@ impl<'a> Validator<'a> {
                 send_buffer,
                 workers,
                 pin_workers,
-                yield_interval,
-                worker_slice,
+                notices,
                 origin,
                 cache_dir,
                 max_size,
@@ -957,7 +743,7 @@ impl<'a> Validator<'a> {
             for n in list {
                 let at = this.pick(None, "", Some(n), "");
                 match http::HeaderName::from_bytes(n.get_ref().trim().as_bytes()) {
-                    Ok(h) if crate::origin::is_hop_by_hop(h.as_str()) => {
+                    Ok(h) if crate::headers::is_hop_by_hop(h.as_str()) => {
                         this.err(&at, field, format!("{:?} is a hop-by-hop header; it is never forwarded", h.as_str()))
                     }
                     Ok(h) => v.push(h),
@@ -1127,29 +913,19 @@ mod tests {
         assert_eq!(c.rules[0].path_prefix, "/download_batch_results/");
         assert_eq!(c.rules[0].key_suffix, "_resultados.json");
         assert_eq!(c.send_buffer, 256 * 1024);
-        assert_eq!(c.yield_interval, Duration::from_micros(250));
-        assert_eq!(c.worker_slice, Duration::from_micros(500));
         assert!(!c.pin_workers);
-        let off = "[server]\nsend_buffer = \"off\"\nyield_interval = \"off\"\nworker_slice = \"off\"\n";
-        let off = parse("x", off, &Overrides::default()).unwrap();
-        assert_eq!((off.send_buffer, off.yield_interval, off.worker_slice), (0, Duration::ZERO, Duration::ZERO));
+        assert!(c.notices.is_empty());
+        let off = parse("x", "[server]\nsend_buffer = \"off\"\n", &Overrides::default()).unwrap();
+        assert_eq!(off.send_buffer, 0);
     }
 
     #[test]
-    fn a_worker_slice_outside_what_the_kernel_accepts_is_refused() {
-        for (value, ok) in [("100us", true), ("3ms", true), ("100ms", true), ("50us", false), ("1s", false)] {
-            let errors = parse("x", &format!("[server]\nworker_slice = \"{value}\"\n"), &Overrides::default()).err();
-            match errors {
-                None => assert!(ok, "{value} accepted"),
-                Some(errors) => {
-                    assert!(!ok, "{value} refused: {errors:?}");
-                    assert_eq!(errors.len(), 1);
-                    assert_eq!(errors[0].field, "server.worker_slice");
-                    assert_eq!(errors[0].location, "x:2:16");
-                    assert!(errors[0].message.contains("between 100us and 100ms"), "{}", errors[0].message);
-                }
-            }
-        }
+    fn a_removed_setting_is_ignored_with_a_notice_naming_its_line() {
+        let c = parse("x", "[server]\nyield_interval = \"250us\"\nworker_slice = \"off\"\n", &Overrides::default())
+            .expect("an old file still loads");
+        assert_eq!(c.notices.len(), 2, "{:?}", c.notices);
+        assert!(c.notices[0].starts_with("x:2:18: server.yield_interval was removed"), "{}", c.notices[0]);
+        assert!(c.notices[1].starts_with("x:3:16: server.worker_slice was removed"), "{}", c.notices[1]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Typed errors of the request path, and the one place where they become HTTP responses.
 
 use crate::body::{full, BoxError, ProxyBody};
+use crate::cache::status::CacheStatus;
 use http::{header, HeaderValue, Response, StatusCode};
 
 /// Why a request could not be answered by the origin or the store.
@@ -38,7 +39,7 @@ pub enum ProxyError {
     #[error("timed out waiting for the origin fetch")]
     WaitTimeout,
     /// The request head was refused before routing (by hyper's parser or the strict framing
-    /// check): answered on the connection by [`crate::strict`], which then closes it.
+    /// check): answered on the connection by [`crate::server::client_io`], which then closes it.
     #[error("malformed request head")]
     MalformedHead { status: StatusCode, detail: String },
     /// Too many fills run (or wait) already: answered `503` with `Retry-After`.
@@ -125,13 +126,13 @@ impl ProxyError {
 
     /// Turns the error into its response: status, `{"error","detail"}` JSON body, and a log line.
     /// `cache_status` is set on responses of cache routes.
-    pub fn to_response(&self, cache_status: Option<HeaderValue>) -> Response<ProxyBody> {
+    pub fn to_response(&self, cache_status: Option<CacheStatus>) -> Response<ProxyBody> {
         let mut resp = Response::new(full(self.logged_json_body()));
         *resp.status_mut() = self.status();
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(cs) = cache_status {
-            resp.headers_mut().insert(crate::cache::status::CACHE_STATUS, cs);
+            cs.set_on(&mut resp);
         }
         if matches!(self, ProxyError::Busy { .. } | ProxyError::StoreUnavailable { .. }) {
             // Both pass quickly: a fill slot frees, a file table drains.

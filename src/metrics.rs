@@ -1,6 +1,7 @@
 //! Prometheus metrics of one proxy instance (its own registry, so several instances in one
 //! process — tests — never mix their counts). Names are documented in README.md.
 
+use crate::cache::status::Outcome;
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 pub struct Metrics {
@@ -28,8 +29,6 @@ pub struct Metrics {
     /// Sum of the recorded generation time of each hit's entry.
     pub origin_seconds_saved: prometheus::Counter,
     pub gc_removed_files: IntCounter,
-    /// Times a busy worker gave its core away (`server.yield_interval`).
-    pub worker_yields: IntCounter,
     /// Shared-store operations by operation and result (ok, not-found, error, corrupt).
     pub shared_ops: IntCounterVec,
     /// 1 while the shared store answers, 0 after a failure until it answers again.
@@ -40,42 +39,17 @@ pub struct Metrics {
     pub outcome: Outcomes,
 }
 
-/// One counter per request outcome.
-pub struct Outcomes {
-    pub hit: IntCounter,
-    pub miss: IntCounter,
-    pub collapsed: IntCounter,
-    pub stale: IntCounter,
-    pub pass: IntCounter,
-    pub rejected: IntCounter,
-    pub error: IntCounter,
-}
+/// One counter per request outcome, resolved at start: the request path does no label lookup.
+pub struct Outcomes([IntCounter; Outcome::ALL.len()]);
 
 impl Outcomes {
     fn new(requests: &IntCounterVec) -> Outcomes {
-        let c = |o: &str| requests.with_label_values(&[o]);
-        Outcomes {
-            hit: c("hit"),
-            miss: c("miss"),
-            collapsed: c("collapsed"),
-            stale: c("stale"),
-            pass: c("pass"),
-            rejected: c("rejected"),
-            error: c("error"),
-        }
+        Outcomes(Outcome::ALL.map(|o| requests.with_label_values(&[o.label()])))
     }
 
-    /// The counter of `outcome` (one of the names above).
-    pub fn of(&self, outcome: &str) -> &IntCounter {
-        match outcome {
-            "hit" => &self.hit,
-            "miss" => &self.miss,
-            "collapsed" => &self.collapsed,
-            "stale" => &self.stale,
-            "pass" => &self.pass,
-            "rejected" => &self.rejected,
-            _ => &self.error,
-        }
+    /// The counter of `outcome`.
+    pub fn of(&self, outcome: Outcome) -> &IntCounter {
+        &self.0[Outcome::ALL.iter().position(|&o| o == outcome).expect("ALL lists every outcome")]
     }
 }
 
@@ -137,14 +111,6 @@ impl Metrics {
                 &registry,
                 IntCounter::new("lotecache_gc_removed_files_total", "Unreferenced content files removed")
                     .expect("valid"),
-            ),
-            worker_yields: reg(
-                &registry,
-                IntCounter::new(
-                    "lotecache_worker_yields_total",
-                    "Times a busy worker thread yielded its core to other runnable threads",
-                )
-                .expect("valid"),
             ),
             shared_up: reg(
                 &registry,

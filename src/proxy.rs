@@ -3,18 +3,21 @@
 
 use crate::access_log::{self, AccessLog};
 use crate::body::{BoxError, ProxyBody};
-use crate::cache::{status, Cache};
+use crate::cache::status::{CacheStatus, Outcome};
+use crate::cache::target::CacheTarget;
+use crate::cache::Cache;
 use crate::error::ProxyError;
+use crate::headers::forward_request_headers;
 use crate::metrics::Metrics;
-use crate::origin::{forward_request_headers, Origin};
-use crate::rules::{CacheTarget, Route, Rules};
-use crate::upstream::AfterAnswer;
+use crate::origin::Origin;
+use crate::pool::AfterAnswer;
+use crate::rules::{Route, Rules};
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -22,21 +25,19 @@ use std::{
     task::{Context, Poll},
 };
 
-/// State shared by every connection.
-pub struct Shared {
+/// The proxy's state, shared by every connection (and the admin API).
+pub struct ProxyState {
     /// Replaced on reload; a request keeps the rules it started with.
     pub rules: ArcSwap<Rules>,
     pub cache: Cache,
     pub origin: Origin,
     pub metrics: Arc<Metrics>,
-    /// How often a busy worker gives its core away (`server.yield_interval`; zero: never).
-    pub yield_interval: Duration,
 }
 
 /// The per-connection service.
 #[derive(Clone)]
 pub struct ProxyService {
-    shared: Arc<Shared>,
+    state: Arc<ProxyState>,
     peer: SocketAddr,
     /// The connection's hold on origin connections its answers came over.
     after_answer: Arc<AfterAnswer>,
@@ -46,12 +47,12 @@ pub struct ProxyService {
 
 impl ProxyService {
     pub fn new(
-        shared: Arc<Shared>,
+        state: Arc<ProxyState>,
         peer: SocketAddr,
         after_answer: Arc<AfterAnswer>,
         written: Arc<access_log::Written>,
     ) -> Self {
-        ProxyService { shared, peer, after_answer, written }
+        ProxyService { state, peer, after_answer, written }
     }
 }
 
@@ -68,17 +69,17 @@ impl tower::Service<Request<Incoming>> for ProxyService {
         // Routing needs no waiting: only the chosen branch's future is built and boxed. (One
         // future for every branch would be the size of the largest, the cache path's, and
         // would be copied whole into its box on every request, pass-through ones included.)
-        let shared = self.shared.clone();
-        match shared.route(req) {
+        let state = self.state.clone();
+        match state.route(req) {
             // Boxed as it is: wrapped in an `async` block, its arguments would be held twice.
-            Routed::Pass(req) => Box::pin(shared.pass_through(req, self.peer, self.after_answer.clone())),
+            Routed::Pass(req) => Box::pin(state.pass_through(req, self.peer, self.after_answer.clone())),
             Routed::Cache { req, target, started } => {
                 let peer = self.peer;
                 let written = self.written.clone();
                 Box::pin(async move {
                     let lote_id = target.lote_id.clone();
-                    let resp = shared.cache.handle(req, target, peer).await;
-                    Ok(shared.finish(resp, lote_id, started, Some(&written)))
+                    let resp = state.cache.handle(req, target, peer).await;
+                    Ok(state.finish(resp, lote_id, started, Some(&written)))
                 })
             }
             Routed::Answered(resp) => Box::pin(std::future::ready(Ok(resp))),
@@ -110,25 +111,6 @@ fn closing(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     resp
 }
 
-/// The request outcome a `Cache-Status` value stands for (metrics and logs).
-fn outcome(cache_status: &str) -> &'static str {
-    if cache_status.contains("detail=store-unavailable") {
-        "error"
-    } else if cache_status.contains("fwd=stale") {
-        "stale"
-    } else if cache_status.starts_with("lotecache; hit") {
-        "hit"
-    } else if cache_status.contains("collapsed") {
-        "collapsed"
-    } else if cache_status.contains("fwd=uri-miss") {
-        "miss"
-    } else if cache_status.starts_with("lotecache; detail=") {
-        "rejected"
-    } else {
-        "error"
-    }
-}
-
 /// Where a request goes, decided before anything is awaited. A stack value moved once per
 /// request (the chosen branch's future is what gets boxed), so its size matters little.
 #[allow(clippy::large_enum_variant)]
@@ -141,25 +123,22 @@ enum Routed {
     Answered(Response<ProxyBody>),
 }
 
-impl Shared {
+impl ProxyState {
     fn route(&self, req: Request<Incoming>) -> Routed {
         let started = Instant::now();
-        if crate::worker_cpu::checkpoint(self.yield_interval, started) {
-            self.metrics.worker_yields.inc();
-        }
         if let Some(problem) = ambiguous_target(&req) {
-            self.metrics.outcome.rejected.inc();
+            self.metrics.outcome.of(Outcome::Rejected).inc();
             let err = ProxyError::BadRequest { detail: problem.into() };
             return Routed::Answered(closing(err.to_response(None)));
         }
         match self.rules.load().route(&req) {
             Route::Pass => {
-                self.metrics.outcome.pass.inc();
+                self.metrics.outcome.of(Outcome::Pass).inc();
                 Routed::Pass(req)
             }
             Route::Reject { rule, error } => {
                 tracing::info!(rule = %rule, path = ?req.uri().path(), "cache route request rejected");
-                let resp = closing(error.to_response(Some(status::rejected(&error.token()))));
+                let resp = closing(error.to_response(Some(CacheStatus::Rejected(error.token()))));
                 Routed::Answered(self.finish(resp, String::new(), started, None))
             }
             Route::Cache(target) => Routed::Cache { req, target, started },
@@ -175,21 +154,20 @@ impl Shared {
         started: Instant,
         written: Option<&Arc<access_log::Written>>,
     ) -> Response<ProxyBody> {
-        let cache_status = resp.headers().get(status::CACHE_STATUS).and_then(|v| v.to_str().ok()).unwrap_or("");
-        let outcome = outcome(cache_status);
+        let cache_status = CacheStatus::of(&resp);
+        let outcome = cache_status.map_or(Outcome::Error, CacheStatus::outcome);
         self.metrics.outcome.of(outcome).inc();
         // The log wrapper costs an allocation per request: only when the line will be written.
         if !tracing::enabled!(target: "lotecache::access", tracing::Level::INFO) {
             return resp;
         }
-        let forwarded = matches!(outcome, "miss" | "collapsed" | "stale");
         let log = AccessLog {
             lote_id,
             status: resp.status().as_u16(),
-            cache_status: cache_status.to_string(),
+            cache_status: cache_status.map(CacheStatus::to_string).unwrap_or_default(),
             outcome,
             started,
-            origin_ms: forwarded.then(|| started.elapsed().as_millis() as u64),
+            origin_ms: outcome.forwarded().then(|| started.elapsed().as_millis() as u64),
             fill: resp.extensions().get::<crate::cache::fill::FillOutcome>().cloned(),
             content_length: resp
                 .headers()

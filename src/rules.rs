@@ -3,13 +3,50 @@
 //!
 //! Matching runs on the path percent-decoded exactly once. A path that starts with a rule's
 //! prefix is that rule's: its id must then match the rule's pattern or the request gets `400`
-//! — it is never passed through or stored under another key. The upstream request of a cache
+//! — it is never passed through or stored under another key. The origin request of a cache
 //! route is rebuilt from the parsed id, never forwarded raw.
 
-use crate::config::{QueryPolicy, RuleConfig};
+use crate::cache::policy::IgnoreResponse;
+use crate::cache::target::{encode_id, AccessPolicy, CacheTarget, FillHeaders};
+use crate::cache::validate::Validation;
 use crate::error::ProxyError;
 use http::{Method, Request};
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::percent_decode_str;
+use std::{sync::Arc, time::Duration};
+
+/// How a query string on a cache route is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryPolicy {
+    /// Any query string gets `400` (the default: the legacy route takes none).
+    Reject,
+    /// The raw query string is appended to the cache key and forwarded as is.
+    Key,
+}
+
+/// A rule as the config file defines it, validated.
+#[derive(Debug, Clone)]
+pub struct RuleConfig {
+    pub name: String,
+    /// Path template split at `{lote_id}`.
+    pub path_prefix: String,
+    pub path_suffix: String,
+    /// Anchored id pattern.
+    pub id_pattern: IdPattern,
+    /// Key template split at `{lote_id}`.
+    pub key_prefix: String,
+    pub key_suffix: String,
+    pub query: QueryPolicy,
+    pub ttl: Option<Duration>,
+    pub stale_if_error: bool,
+    pub access: AccessPolicy,
+    pub ignore: IgnoreResponse,
+    /// Checks a document must pass before it is stored (inactive when empty).
+    pub validation: Arc<Validation>,
+    /// Which request headers a fill forwards, and which count as credentials.
+    pub headers: Arc<FillHeaders>,
+    /// Largest body stored on this route (None: only `cache.max_size` bounds it).
+    pub max_object_size: Option<u64>,
+}
 
 /// A rule's id pattern, matched against the whole id. The common shape — one ASCII character
 /// class repeated `{m,n}` times, like the default `[A-Za-z0-9._-]{1,128}` — is matched with a
@@ -100,37 +137,6 @@ pub enum Route {
     Reject { rule: String, error: ProxyError },
 }
 
-/// A cache-route request, resolved.
-#[derive(Debug, Clone)]
-pub struct CacheTarget {
-    pub rule: String,
-    pub lote_id: String,
-    /// The store key, e.g. `L-1_resultados.json`.
-    pub key: String,
-    /// Path and query of the rebuilt upstream request.
-    pub upstream_path: String,
-    /// What a document must pass before it is stored (None: no validation).
-    pub validation: Option<std::sync::Arc<crate::cache::validate::Validation>>,
-    /// Entries older than this are refetched.
-    pub ttl: Option<std::time::Duration>,
-    /// Serve an expired entry when the origin fails or answers 5xx.
-    pub stale_if_error: bool,
-    pub access: crate::config::AccessPolicy,
-    pub ignore: crate::config::IgnoreResponse,
-    /// Which request headers its fills forward, and which count as credentials.
-    pub headers: std::sync::Arc<crate::config::FillHeaders>,
-    /// Largest body stored on this route.
-    pub max_object_size: Option<u64>,
-}
-
-/// Bytes kept as they are when the id is put back into an upstream path.
-const ID_KEEP: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
-
-/// `id` as it goes into an upstream URL path.
-pub fn encode_id(id: &str) -> String {
-    utf8_percent_encode(id, ID_KEEP).to_string()
-}
-
 /// The ordered rule list.
 #[derive(Debug, Clone)]
 pub struct Rules {
@@ -175,9 +181,9 @@ impl Rules {
                     error: ProxyError::BadRequest { detail: "a GET on a cache route must not carry a body".into() },
                 };
             }
-            let base_path = format!("{}{}{}", rule.path_prefix, utf8_percent_encode(id, ID_KEEP), rule.path_suffix);
+            let base_path = format!("{}{}{}", rule.path_prefix, encode_id(id), rule.path_suffix);
             let key = format!("{}{}{}", rule.key_prefix, id, rule.key_suffix);
-            let (key, upstream_path) = match (req.uri().query(), rule.query) {
+            let (key, origin_path) = match (req.uri().query(), rule.query) {
                 (None, _) => (key, base_path),
                 (Some(q), QueryPolicy::Key) => (format!("{key}?{q}"), format!("{base_path}?{q}")),
                 (Some(_), QueryPolicy::Reject) => {
@@ -192,7 +198,7 @@ impl Rules {
                 rule: rule.name.clone(),
                 lote_id: id.to_string(),
                 key,
-                upstream_path,
+                origin_path,
                 validation,
                 ttl: rule.ttl,
                 stale_if_error: rule.stale_if_error,
@@ -265,7 +271,7 @@ mod tests {
             Route::Cache(t) => {
                 assert_eq!(t.key, "LOTE-2025_07.16_resultados.json");
                 assert_eq!(t.lote_id, "LOTE-2025_07.16");
-                assert_eq!(t.upstream_path, "/download_batch_results/LOTE-2025_07.16");
+                assert_eq!(t.origin_path, "/download_batch_results/LOTE-2025_07.16");
             }
             other => panic!("{other:?}"),
         }
@@ -316,7 +322,7 @@ mod tests {
         match Rules::new(vec![rule]).route(&req) {
             Route::Cache(t) => {
                 assert_eq!(t.key, "A_resultados.json?x=1");
-                assert_eq!(t.upstream_path, "/download_batch_results/A?x=1");
+                assert_eq!(t.origin_path, "/download_batch_results/A?x=1");
             }
             other => panic!("{other:?}"),
         }
@@ -392,7 +398,7 @@ mod tests {
                 (Route::Cache(t), Some(id)) => {
                     prop_assert_eq!(&t.lote_id, id);
                     prop_assert_eq!(t.key, format!("{id}_resultados.json"));
-                    prop_assert_eq!(t.upstream_path, format!("/download_batch_results/{}", encode_id(id)));
+                    prop_assert_eq!(t.origin_path, format!("/download_batch_results/{}", encode_id(id)));
                 }
                 (Route::Reject { .. }, None) => {}
                 (other, allowed) => prop_assert!(false, "{path}: {other:?}, allowed: {allowed:?}"),

@@ -1,6 +1,6 @@
 //! Zero-copy sending of stored content: a large body served from a content file is handed to
 //! hyper as a read-only memory map registered here by address range; when the connection
-//! writer ([`crate::strict::StrictIo`]) is asked to write bytes inside a registered range, it
+//! writer ([`crate::server::client_io::ClientIo`]) is asked to write bytes inside a registered range, it
 //! sends them with `sendfile(2)` from the file instead of copying them through user memory
 //! (what nginx does with `sendfile on`). Nothing in user space reads the mapped pages.
 //!
@@ -9,7 +9,7 @@
 //! checked again on its descriptor; a changed file fails the write, and hyper aborts the
 //! response (never a complete `200` with changed bytes).
 
-use crate::cache::entry::Fingerprint;
+use crate::fingerprint::Fingerprint;
 use bytes::Bytes;
 use std::{
     collections::BTreeMap,
@@ -20,7 +20,9 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, RwLock,
     },
+    task::{Context, Poll},
 };
+use tokio::io::AsyncWrite;
 
 /// A registered memory range backed by a content file.
 #[derive(Clone)]
@@ -57,7 +59,7 @@ impl Drop for Mapped {
 }
 
 /// Maps `file` (whose state is `fingerprint`, already verified) and registers it: the returned
-/// bytes, written through a `StrictIo`, go out with `sendfile`.
+/// bytes, written through a `ClientIo`, go out with `sendfile`.
 pub fn map(file: File, fingerprint: Fingerprint, keep: Box<dyn Send + Sync>) -> io::Result<Bytes> {
     // SAFETY: content files are never truncated or rewritten in place by lotecache (cacache
     // writes new files and renames them); the pages are only handed to the kernel.
@@ -100,4 +102,44 @@ pub fn send(fd: &impl AsRawFd, region: &Region, offset: u64, len: usize) -> io::
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+/// A socket that can also send file ranges without copying them.
+pub trait ZeroCopySocket: AsyncWrite + Unpin + AsRawFd {
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_send(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize>;
+}
+
+impl ZeroCopySocket for tokio::net::TcpStream {
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_write_ready(cx)
+    }
+
+    fn try_send(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
+        self.try_io(tokio::io::Interest::WRITABLE, f)
+    }
+}
+
+/// Sends `len` bytes of a registered file region from `offset` to `socket` with `sendfile`,
+/// waiting for the socket to be writable.
+pub fn poll_send<S: ZeroCopySocket>(
+    socket: &S,
+    cx: &mut Context<'_>,
+    region: &Region,
+    offset: u64,
+    len: usize,
+) -> Poll<io::Result<usize>> {
+    loop {
+        match socket.poll_writable(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        match socket.try_send(|| send(socket, region, offset, len)) {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            // try_io cleared the readiness: wait for the socket again.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
 }

@@ -112,34 +112,10 @@ pub struct Entry {
     pub loading: tokio::sync::Mutex<()>,
 }
 
-/// What identifies a content file's state: any write, truncation, replacement or `touch`
-/// changes at least one of these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fingerprint {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-}
-
-impl Fingerprint {
-    pub fn of(m: &std::fs::Metadata) -> Fingerprint {
-        use std::os::unix::fs::MetadataExt;
-        Fingerprint {
-            dev: m.dev(),
-            ino: m.ino(),
-            len: m.len(),
-            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
-        }
-    }
-}
-
 /// A successful verification of an entry's content file.
 #[derive(Debug)]
 pub struct Verified {
-    pub fingerprint: Fingerprint,
+    pub fingerprint: crate::fingerprint::Fingerprint,
     /// The verified body, kept in memory (while the memory tier has room).
     pub body: Option<bytes::Bytes>,
     /// Unix ms when the file was last found unchanged (the memory tier re-checks it at most
@@ -151,7 +127,7 @@ impl Entry {
     /// Records a hit now.
     pub fn touch(&self) {
         self.hits.fetch_add(1, Relaxed);
-        self.last_hit_ms.store(super::store::now_ms() as u64, Relaxed);
+        self.last_hit_ms.store(crate::clock::now_ms() as u64, Relaxed);
     }
 }
 
@@ -159,9 +135,9 @@ impl Entry {
 pub fn hit_head(mut h: HeaderMap, size: u64, etag: &HeaderValue, repr_digest: &HeaderValue) -> HeaderMap {
     h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(size));
     h.insert(http::header::ETAG, etag.clone());
-    h.insert(super::fill::REPR_DIGEST, repr_digest.clone());
-    h.append(http::header::VIA, HeaderValue::from_static(crate::origin::VIA));
-    h.insert(super::status::CACHE_STATUS, super::status::hit());
+    h.insert(crate::headers::REPR_DIGEST, repr_digest.clone());
+    h.append(http::header::VIA, HeaderValue::from_static(crate::headers::VIA));
+    h.insert(super::status::CACHE_STATUS, super::status::CacheStatus::Hit.header_value());
     h
 }
 
@@ -171,7 +147,7 @@ pub fn stored_head(hit: &HeaderMap) -> HeaderMap {
     for name in [http::header::CONTENT_LENGTH, http::header::ETAG, http::header::VIA, http::header::AGE] {
         h.remove(name);
     }
-    h.remove(super::fill::REPR_DIGEST);
+    h.remove(crate::headers::REPR_DIGEST);
     h.remove(super::status::CACHE_STATUS);
     h
 }

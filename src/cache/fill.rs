@@ -14,20 +14,22 @@
 use super::entry::{Entry, EntryMeta};
 use super::policy::{storability, Storability};
 use super::shared::SharedStore;
-use super::status;
+use super::status::{CacheStatus, NotStored};
 use super::store::{Expect, Store};
 use super::tier::{copy_in, Record, Tier, TierError};
 use super::validate::{OnFail, StreamingValidator, Verdict};
 use crate::body::{BoxError, ProxyBody};
-use crate::config::FillConfig;
+
 use crate::error::ProxyError;
+use crate::headers::{forward_response_headers, REPR_DIGEST};
 use crate::metrics::Metrics;
-use crate::origin::{forward_response_headers, IdleTimeoutBody, Origin};
+use crate::origin::{body::IdleTimeoutBody, Origin};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use std::time::Duration;
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
@@ -41,8 +43,37 @@ use tokio::{
     task::AbortHandle,
 };
 
-/// `Repr-Digest` (RFC 9530).
-pub const REPR_DIGEST: HeaderName = HeaderName::from_static("repr-digest");
+/// Limits of fills (single-flight fetches).
+#[derive(Debug, Clone)]
+pub struct FillConfig {
+    /// Bytes of a fill kept in memory for replay to joiners; past it, consumed chunks are
+    /// dropped, new requests wait for the commit, and a subscriber lagging by more is cut.
+    pub replay_buffer: u64,
+    /// Longest a request waits for a fill's response head (or, past the replay buffer, for
+    /// its commit) before it gets `504`.
+    pub wait_timeout: Duration,
+    /// Longest a fill may run in all; a fill older than this is abandoned and replaced.
+    pub fill_timeout: Duration,
+    /// Fills fetching from the origin at once, in the whole process and on one worker
+    /// thread; more wait in a queue of `fill_queue` (then `503` with `Retry-After`). Read at
+    /// start: a change needs a restart.
+    pub max_fills: usize,
+    pub max_fills_per_worker: usize,
+    pub fill_queue: usize,
+}
+
+impl Default for FillConfig {
+    fn default() -> Self {
+        FillConfig {
+            replay_buffer: 32 * 1024 * 1024,
+            wait_timeout: Duration::from_secs(130),
+            fill_timeout: Duration::from_secs(900),
+            max_fills: 64,
+            max_fills_per_worker: 32,
+            fill_queue: 1024,
+        }
+    }
+}
 
 /// The response head of a fill, as sent to subscribers.
 #[derive(Debug)]
@@ -55,7 +86,7 @@ pub struct FillHead {
     /// started the fill, whose request the origin answered.
     pub requester_only: HeaderMap,
     /// `Cache-Status` for the request that started the fill.
-    pub cache_status: HeaderValue,
+    pub cache_status: CacheStatus,
 }
 
 /// How a fill ended, if it has.
@@ -105,7 +136,7 @@ pub struct FillState {
     pub end: FillEnd,
     /// How the fill ended for the store (`Cache-Status` text: stored, or not and why), set
     /// as it completes: a head sent before the commit cannot say it, the access log does.
-    pub outcome: Option<HeaderValue>,
+    pub outcome: Option<CacheStatus>,
     cursors: Vec<Weak<Cursor>>,
 }
 
@@ -119,7 +150,7 @@ impl FillOutcome {
         let s = self.0.borrow();
         match &s.end {
             FillEnd::Failed(e) => Some(format!("failed: {}", e.token())),
-            _ => s.outcome.as_ref().and_then(|v| v.to_str().ok()).map(str::to_string),
+            _ => s.outcome.as_ref().map(CacheStatus::to_string),
         }
     }
 }
@@ -261,12 +292,12 @@ pub struct FillJob {
     pub credentials_forwarded: bool,
     /// The rule's largest stored body.
     pub max_object_size: Option<u64>,
-    /// The rebuilt upstream request (GET, absolute URI, empty body).
+    /// The rebuilt origin request (GET, absolute URI, empty body).
     pub request: Request<ProxyBody>,
     /// Checks the document must pass before it is stored, if the route has any.
     pub validation: Option<Arc<super::validate::Validation>>,
     /// Response headers this route stores despite.
-    pub ignore: crate::config::IgnoreResponse,
+    pub ignore: super::policy::IgnoreResponse,
     /// The route's TTL: an older shared entry is not copied, but refetched.
     pub ttl: Option<std::time::Duration>,
 }
@@ -505,7 +536,7 @@ impl Fill {
         status: StatusCode,
         headers: HeaderMap,
         requester_only: HeaderMap,
-        cache_status: HeaderValue,
+        cache_status: CacheStatus,
     ) {
         self.state.send_modify(|s| s.head = Some(Arc::new(FillHead { status, headers, requester_only, cache_status })));
     }
@@ -552,7 +583,7 @@ async fn promote(
         // Another rule's entry under a coinciding key: never this rule's document.
         return false;
     }
-    let age_ms = super::store::now_ms().saturating_sub(record.stored_at_ms as u128);
+    let age_ms = crate::clock::now_ms().saturating_sub(record.stored_at_ms as u128);
     if ttl.is_some_and(|ttl| age_ms >= ttl.as_millis()) {
         tracing::info!(key = %key, age_ms = age_ms as u64, "shared entry expired; filling from the origin");
         return false;
@@ -625,12 +656,12 @@ async fn fetch(
     let mut decision = storability(parts.status, &parts.headers, json_checked, job.ignore);
     if let Storability::Store { expected_len: Some(n) } = decision {
         if store.max_size().is_some_and(|max| n > max) || job.max_object_size.is_some_and(|max| n > max) {
-            decision = Storability::DontStore("too-large".into());
+            decision = Storability::DontStore(NotStored::TooLarge);
         }
     }
     if let Storability::Store { expected_len } = decision {
         if !store.has_room_for(expected_len) {
-            decision = Storability::DontStore("disk-full".into());
+            decision = Storability::DontStore(NotStored::DiskFull);
         }
     }
     if matches!(parts.status.as_u16(), 401 | 403) {
@@ -652,8 +683,8 @@ async fn fetch(
         h
     };
     if let Storability::DontStore(reason) = &decision {
-        tracing::info!(key = %job.key, reason = %reason, "origin response will not be stored");
-        store.metrics().not_stored.with_label_values(&[reason]).inc();
+        tracing::info!(key = %job.key, reason = %reason.token(), "origin response will not be stored");
+        store.metrics().not_stored.with_label_values(&[&reason.token()]).inc();
     }
 
     // Validation applies to every successful answer on a validated route, stored or not:
@@ -673,8 +704,8 @@ async fn fetch(
     // What a head sent before the end says: only a validated head, sent at the end, can say
     // whether the entry was stored.
     let early_status = match &decision {
-        Storability::Store { .. } => status::miss_pending(),
-        Storability::DontStore(reason) => status::miss_not_stored(reason),
+        Storability::Store { .. } => CacheStatus::MissPending,
+        Storability::DontStore(reason) => CacheStatus::NotStored(reason.clone()),
     };
     let mut held = None;
     if validator.is_some() {
@@ -740,9 +771,9 @@ async fn fetch(
     let gen_ms = started.elapsed().as_millis() as u64;
 
     let mut cache_status = match &decision {
-        Storability::Store { .. } if too_large => status::miss_not_stored("too-large"),
-        Storability::Store { .. } => status::miss_stored(),
-        Storability::DontStore(reason) => status::miss_not_stored(reason),
+        Storability::Store { .. } if too_large => CacheStatus::NotStored(NotStored::TooLarge),
+        Storability::Store { .. } => CacheStatus::MissStored,
+        Storability::DontStore(reason) => CacheStatus::NotStored(reason.clone()),
     };
     if too_large {
         store.metrics().not_stored.with_label_values(&["too-large"]).inc();
@@ -756,7 +787,7 @@ async fn fetch(
             }
             if writer.take().is_some() {
                 store.metrics().not_stored.with_label_values(&[&token]).inc();
-                cache_status = status::miss_not_stored(&token);
+                cache_status = CacheStatus::NotStored(NotStored::Invalid(token));
             }
         }
     }
@@ -778,18 +809,18 @@ async fn fetch(
             }
             Err(e) => {
                 let reason = match e {
-                    super::store::StoreError::TooLarge { .. } => "too-large",
-                    super::store::StoreError::Purged => "purged",
-                    _ => "store-error",
+                    super::store::StoreError::TooLarge { .. } => NotStored::TooLarge,
+                    super::store::StoreError::Purged => NotStored::Purged,
+                    _ => NotStored::StoreError,
                 };
                 tracing::warn!(key = %job.key, error = %e, "commit failed; nothing stored");
-                store.metrics().not_stored.with_label_values(&[reason]).inc();
-                cache_status = status::miss_not_stored(reason);
+                store.metrics().not_stored.with_label_values(&[&reason.token()]).inc();
+                cache_status = CacheStatus::NotStored(reason);
             }
         }
-    } else if matches!(decision, Storability::Store { .. }) && cache_status == status::miss_stored() {
-        store.metrics().not_stored.with_label_values(&["store-error"]).inc();
-        cache_status = status::miss_not_stored("store-error");
+    } else if matches!(decision, Storability::Store { .. }) && cache_status == CacheStatus::MissStored {
+        store.metrics().not_stored.with_label_values(&[&NotStored::StoreError.token()]).inc();
+        cache_status = CacheStatus::NotStored(NotStored::StoreError);
     }
     if let Some(mut h) = held {
         if let Some(entry) = &stored {
@@ -841,7 +872,7 @@ pub async fn wait_end(mut rx: watch::Receiver<FillState>) {
 /// The fill ended in failure after this subscriber's response had started, or this
 /// subscriber fell too far behind.
 #[derive(Debug, thiserror::Error)]
-#[error("upstream fill failed: {0}")]
+#[error("origin fill failed: {0}")]
 pub struct FillFailed(String);
 
 enum Step {

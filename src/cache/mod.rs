@@ -8,20 +8,21 @@ pub mod read;
 pub mod shared;
 pub mod status;
 pub mod store;
+pub mod target;
 pub mod tier;
 pub mod validate;
 
 use crate::body::{empty, full, ProxyBody};
-use crate::config::AccessPolicy;
-use crate::config::FillConfig;
 use crate::error::ProxyError;
-use crate::origin::{forward_request_headers, Origin};
-use crate::rules::CacheTarget;
+use crate::headers::forward_request_headers;
+use crate::origin::Origin;
 use entry::Entry;
-use fill::{wait_end, wait_head, FillJob, Fills, Head, Lookup, Subscription};
+use fill::{wait_end, wait_head, FillConfig, FillJob, Fills, Head, Lookup, Subscription};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
+use status::{CacheStatus, NotStored};
 use std::{net::SocketAddr, sync::Arc};
 use store::Store;
+use target::{AccessPolicy, CacheTarget};
 
 /// Request headers never sent on a fill, even when a rule lists them: a fill fetches the
 /// whole, identity-encoded representation, whatever the request that started it asked for.
@@ -80,8 +81,9 @@ impl Cache {
         }
         let inm = req.headers().get(header::IF_NONE_MATCH).cloned();
         let inm = inm.as_ref();
-        let is_fresh =
-            |e: &Entry| target.ttl.is_none_or(|ttl| store::now_ms().saturating_sub(e.stored_at_ms) < ttl.as_millis());
+        let is_fresh = |e: &Entry| {
+            target.ttl.is_none_or(|ttl| crate::clock::now_ms().saturating_sub(e.stored_at_ms) < ttl.as_millis())
+        };
         // An expired entry is kept aside: it is served if the refetch fails (stale-if-error).
         let mut stale = None;
         if let Some(entry) = self.store.get_for(&target.rule, &target.key) {
@@ -96,7 +98,7 @@ impl Cache {
         }
         if only_if_cached(req.headers()) {
             let err = ProxyError::NotCached;
-            return err.to_response(Some(status::rejected(&err.token())));
+            return err.to_response(Some(CacheStatus::Rejected(err.token())));
         }
         let wait_timeout = self.fills.config().wait_timeout;
         let mut waited = false;
@@ -114,9 +116,9 @@ impl Cache {
                     if let Served::Response(mut resp) = self.serve_hit(entry, head_only, inm).await {
                         if resp.status().is_success() || resp.status() == http::StatusCode::NOT_MODIFIED {
                             if from_shared {
-                                resp.headers_mut().insert(status::CACHE_STATUS, status::shared_hit());
+                                CacheStatus::SharedHit.set_on(&mut resp);
                             } else if waited {
-                                resp.headers_mut().insert(status::CACHE_STATUS, status::collapsed());
+                                CacheStatus::Collapsed.set_on(&mut resp);
                             }
                         }
                         return resp;
@@ -124,17 +126,17 @@ impl Cache {
                     continue;
                 }
                 Lookup::Started(sub) => (sub, None, true),
-                Lookup::Joined(sub) => (sub, Some(status::collapsed()), false),
+                Lookup::Joined(sub) => (sub, Some(CacheStatus::Collapsed), false),
                 Lookup::Busy(err) => {
                     // No fill may start: an expired entry kept for stale-if-error serves instead.
-                    let resp = err.to_response(Some(status::miss_not_stored(&err.token())));
+                    let resp = err.to_response(Some(CacheStatus::NotStored(NotStored::Failed(err.token()))));
                     return self.stale_or(stale.take(), resp, head_only, inm, target).await;
                 }
                 Lookup::Closed(rx) => {
                     waited = true;
                     if tokio::time::timeout(wait_timeout, wait_end(rx)).await.is_err() {
                         let err = ProxyError::WaitTimeout;
-                        return err.to_response(Some(status::miss_not_stored(&err.token())));
+                        return err.to_response(Some(CacheStatus::NotStored(NotStored::Failed(err.token()))));
                     }
                     continue;
                 }
@@ -149,7 +151,7 @@ impl Cache {
             };
         }
         let err = ProxyError::FillAborted;
-        err.to_response(Some(status::miss_not_stored(&err.token())))
+        err.to_response(Some(CacheStatus::NotStored(NotStored::Failed(err.token()))))
     }
 
     /// `failed` (an origin failure, or no fill slot), unless `stale`, an expired entry kept
@@ -169,7 +171,7 @@ impl Cache {
                 if resp.status().is_success() || resp.status() == http::StatusCode::NOT_MODIFIED =>
             {
                 tracing::warn!(key = %target.key, origin_status, "no fresh answer; serving the expired entry");
-                resp.headers_mut().insert(status::CACHE_STATUS, status::stale(origin_status));
+                CacheStatus::Stale { origin_status }.set_on(&mut resp);
                 resp
             }
             _ => failed,
@@ -200,20 +202,22 @@ impl Cache {
             Ok(Err(e)) => {
                 self.store.metrics().read_errors.inc();
                 let err = ProxyError::StoreUnavailable { detail: format!("reading the stored entry failed: {e}") };
-                return Served::Response(err.to_response(Some(status::hit_failed(&err.token()))));
+                return Served::Response(err.to_response(Some(CacheStatus::HitFailed(err.token()))));
             }
             Err(_) => {
                 self.store.metrics().read_errors.inc();
                 let err = ProxyError::StoreUnavailable {
                     detail: format!("the stored entry could not be opened and verified within {HIT_DEADLINE:?}"),
                 };
-                return Served::Response(err.to_response(Some(status::hit_failed(&err.token()))));
+                return Served::Response(err.to_response(Some(CacheStatus::HitFailed(err.token()))));
             }
         };
         entry.touch();
         self.store.metrics().origin_seconds_saved.inc_by(entry.gen_ms as f64 / 1000.0);
         let mut resp = Response::new(body);
         *resp.headers_mut() = hit_headers(&entry);
+        // The header is in the entry's stored hit head; the extension is what metrics read.
+        resp.extensions_mut().insert(CacheStatus::Hit);
         if not_modified {
             *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
             resp.headers_mut().remove(header::CONTENT_LENGTH);
@@ -234,7 +238,7 @@ impl Cache {
             return resp;
         }
         let cap = (self.fills.config().replay_buffer / 2) as usize;
-        let cs = resp.headers().get(status::CACHE_STATUS).cloned();
+        let cs = CacheStatus::of(&resp).cloned();
         let (mut parts, mut body) = resp.into_parts();
         let mut whole = bytes::BytesMut::new();
         let mut over = false;
@@ -256,7 +260,7 @@ impl Cache {
         };
         let refuse = |detail: String| {
             let err = ProxyError::Unframed { detail };
-            err.to_response(Some(status::miss_not_stored(&err.token())))
+            err.to_response(Some(CacheStatus::NotStored(NotStored::Failed(err.token()))))
         };
         match ended {
             Err(e) => refuse(format!(
@@ -271,7 +275,7 @@ impl Cache {
                 if let Some(entry) = self.store.get_for(&target.rule, &target.key) {
                     if let Served::Response(mut hit) = self.serve_hit(entry, false, None).await {
                         if let Some(cs) = cs.filter(|_| hit.status().is_success()) {
-                            hit.headers_mut().insert(status::CACHE_STATUS, cs);
+                            cs.set_on(&mut hit);
                         }
                         return hit;
                     }
@@ -289,12 +293,12 @@ impl Cache {
     async fn bypass<B>(&self, req: &Request<B>, target: &CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
         let mut headers = req.headers().clone();
         forward_request_headers(&mut headers, peer);
-        let mut upstream = Request::new(empty());
-        *upstream.method_mut() = req.method().clone();
-        *upstream.uri_mut() = self.origin.uri(&target.upstream_path).expect("rebuilt upstream path is a valid URI");
-        *upstream.headers_mut() = headers;
-        let cs = status::bypass("credentials");
-        match self.origin.send(upstream).await {
+        let mut to_origin = Request::new(empty());
+        *to_origin.method_mut() = req.method().clone();
+        *to_origin.uri_mut() = self.origin.uri(&target.origin_path).expect("rebuilt origin path is a valid URI");
+        *to_origin.headers_mut() = headers;
+        let cs = CacheStatus::Bypass("credentials");
+        match self.origin.send(to_origin).await {
             Ok(resp) => with_cache_status(self.origin.relay(resp).await, cs),
             Err(e) => e.to_response(Some(cs)),
         }
@@ -310,7 +314,7 @@ impl Cache {
         timeout: std::time::Duration,
         peer: SocketAddr,
     ) -> Option<Response<ProxyBody>> {
-        let id = crate::rules::encode_id(&target.lote_id);
+        let id = target::encode_id(&target.lote_id);
         let mut headers = HeaderMap::new();
         for name in &target.headers.credentials {
             for v in client.get_all(name) {
@@ -323,7 +327,7 @@ impl Cache {
         }
         let mut check = Request::new(empty());
         *check.headers_mut() = headers;
-        let denied = status::rejected("access-denied");
+        let denied = CacheStatus::Rejected("access-denied".into());
         let url = url.replace("{lote_id}", &id);
         // A path is on the origin; anything else is an absolute URL.
         let uri = if url.starts_with('/') {
@@ -335,7 +339,7 @@ impl Cache {
             Ok(uri) => *check.uri_mut() = uri,
             Err(e) => {
                 let err = ProxyError::AccessCheckFailed { detail: format!("bad access check URL: {e}") };
-                return Some(err.to_response(Some(status::rejected(&err.token()))));
+                return Some(err.to_response(Some(CacheStatus::Rejected(err.token()))));
             }
         }
         match self.origin.subrequest(check, timeout).await {
@@ -359,9 +363,9 @@ impl Cache {
                             parts.status
                         ),
                     };
-                    return Some(err.to_response(Some(status::rejected(&err.token()))));
+                    return Some(err.to_response(Some(CacheStatus::Rejected(err.token()))));
                 };
-                crate::origin::forward_response_headers(&mut parts.headers);
+                crate::headers::forward_response_headers(&mut parts.headers);
                 parts.headers.remove(header::CONTENT_LENGTH);
                 let body = body.to_bytes();
                 parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -370,11 +374,11 @@ impl Cache {
             Ok(resp) => {
                 let err =
                     ProxyError::AccessCheckFailed { detail: format!("the access check answered {}", resp.status()) };
-                Some(err.to_response(Some(status::rejected(&err.token()))))
+                Some(err.to_response(Some(CacheStatus::Rejected(err.token()))))
             }
             Err(e) => {
                 let err = ProxyError::AccessCheckFailed { detail: e.detail() };
-                Some(err.to_response(Some(status::rejected(&err.token()))))
+                Some(err.to_response(Some(CacheStatus::Rejected(err.token()))))
             }
         }
     }
@@ -399,7 +403,7 @@ impl Cache {
         let mut request = Request::new(empty());
         *request.method_mut() = Method::GET;
         // The path was built by the rules from a validated id; it always forms a valid URI.
-        *request.uri_mut() = self.origin.uri(&target.upstream_path).expect("rebuilt upstream path is a valid URI");
+        *request.uri_mut() = self.origin.uri(&target.origin_path).expect("rebuilt origin path is a valid URI");
         *request.headers_mut() = headers;
         FillJob {
             rule: target.rule.clone(),
@@ -424,7 +428,7 @@ impl Cache {
 async fn respond_from_fill(
     mut sub: Subscription,
     head_only: bool,
-    cache_status: Option<HeaderValue>,
+    cache_status: Option<CacheStatus>,
     requester: bool,
     wait_timeout: std::time::Duration,
 ) -> Result<Option<Response<ProxyBody>>, (u16, Response<ProxyBody>)> {
@@ -432,12 +436,15 @@ async fn respond_from_fill(
         Ok(Ok(Head::Response(h))) => h,
         Ok(Ok(Head::Stored)) => return Ok(None),
         Ok(Err(e)) => {
-            let resp = e.to_response(Some(status::miss_not_stored(&e.token())));
+            let resp = e.to_response(Some(CacheStatus::NotStored(NotStored::Failed(e.token()))));
             return Err((resp.status().as_u16(), resp));
         }
         Err(_) => {
             let err = ProxyError::WaitTimeout;
-            return Err((err.status().as_u16(), err.to_response(Some(status::miss_not_stored(&err.token())))));
+            return Err((
+                err.status().as_u16(),
+                err.to_response(Some(CacheStatus::NotStored(NotStored::Failed(err.token())))),
+            ));
         }
     };
     let server_error = head.status.is_server_error();
@@ -459,7 +466,7 @@ async fn respond_from_fill(
             _ => None,
         };
         if let Some(e) = failed {
-            let resp = e.to_response(Some(status::miss_not_stored(&e.token())));
+            let resp = e.to_response(Some(CacheStatus::NotStored(NotStored::Failed(e.token()))));
             return Err((resp.status().as_u16(), resp));
         }
     }
@@ -472,8 +479,7 @@ async fn respond_from_fill(
         }
     }
     resp.extensions_mut().insert(outcome);
-    let cs = cache_status.unwrap_or_else(|| head.cache_status.clone());
-    resp.headers_mut().insert(status::CACHE_STATUS, cs);
+    cache_status.unwrap_or_else(|| head.cache_status.clone()).set_on(&mut resp);
     if server_error {
         Err((head.status.as_u16(), resp))
     } else {
@@ -502,8 +508,8 @@ enum Served {
     Gone,
 }
 
-fn with_cache_status(mut resp: Response<ProxyBody>, cs: HeaderValue) -> Response<ProxyBody> {
-    resp.headers_mut().insert(status::CACHE_STATUS, cs);
+fn with_cache_status(mut resp: Response<ProxyBody>, cs: CacheStatus) -> Response<ProxyBody> {
+    cs.set_on(&mut resp);
     resp
 }
 
@@ -517,7 +523,7 @@ fn etag_matches(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {
 /// The entry's hit head plus `Age`.
 fn hit_headers(entry: &Entry) -> HeaderMap {
     let mut h = entry.headers.clone();
-    let age_s = (store::now_ms().saturating_sub(entry.stored_at_ms) / 1000) as u64;
+    let age_s = (crate::clock::now_ms().saturating_sub(entry.stored_at_ms) / 1000) as u64;
     h.insert(header::AGE, HeaderValue::from(age_s));
     h
 }

@@ -1,8 +1,19 @@
 //! What may be stored: the decision taken on the origin's response head, before any byte is
 //! written. A refusal names its reason, which becomes `Cache-Status: …; detail=<reason>`.
 
-use crate::config::IgnoreResponse;
+use super::status::NotStored;
 use http::{header, HeaderMap, HeaderName, StatusCode};
+
+/// Response headers a rule stores despite (the default refuses to store them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IgnoreResponse {
+    /// Store despite `Set-Cookie` (the cookie itself is never stored).
+    pub set_cookie: bool,
+    /// Store despite `Cache-Control: private` / `no-store`.
+    pub cache_control: bool,
+    /// Store despite `Vary: *`, `Cookie` or `Authorization`.
+    pub vary: bool,
+}
 
 /// Response headers addressed to the one request the origin answered: a session cookie set
 /// or refreshed, an authentication exchange, an order to clear the client's own data. A fill
@@ -37,7 +48,7 @@ pub enum Storability {
     /// `None` a chunked body whose end is signalled by the framing.
     Store { expected_len: Option<u64> },
     /// Serve it, do not store it.
-    DontStore(String),
+    DontStore(NotStored),
 }
 
 /// Decides from the status and the raw headers (before hop-by-hop removal: framing matters).
@@ -46,32 +57,32 @@ pub enum Storability {
 pub fn storability(status: StatusCode, headers: &HeaderMap, json_checked: bool, ignore: IgnoreResponse) -> Storability {
     use Storability::DontStore;
     if status != StatusCode::OK {
-        return DontStore(format!("origin-status-{}", status.as_u16()));
+        return DontStore(NotStored::OriginStatus(status.as_u16()));
     }
     if headers.contains_key(header::SET_COOKIE) && !ignore.set_cookie {
-        return DontStore("set-cookie".into());
+        return DontStore(NotStored::SetCookie);
     }
     let cc = header_tokens(headers, header::CACHE_CONTROL);
     if !ignore.cache_control {
         if cc.iter().any(|d| d == "no-store") {
-            return DontStore("origin-no-store".into());
+            return DontStore(NotStored::OriginNoStore);
         }
         if cc.iter().any(|d| d == "private" || d.starts_with("private=")) {
-            return DontStore("origin-private".into());
+            return DontStore(NotStored::OriginPrivate);
         }
     }
     let vary = header_tokens(headers, header::VARY);
     if !ignore.vary && vary.iter().any(|v| v == "*" || v == "cookie" || v == "authorization") {
-        return DontStore("vary".into());
+        return DontStore(NotStored::Vary);
     }
     if headers.contains_key(header::CONTENT_ENCODING) {
         // Fills ask for identity; an encoded answer would be served to clients that can't read it.
-        return DontStore("content-encoding".into());
+        return DontStore(NotStored::ContentEncoding);
     }
     if let Some(len) = headers.get(header::CONTENT_LENGTH) {
         return match len.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
             Some(n) => Storability::Store { expected_len: Some(n) },
-            None => DontStore("bad-length".into()),
+            None => DontStore(NotStored::BadLength),
         };
     }
     let chunked = header_tokens(headers, header::TRANSFER_ENCODING).last().is_some_and(|t| t == "chunked");
@@ -79,7 +90,7 @@ pub fn storability(status: StatusCode, headers: &HeaderMap, json_checked: bool, 
         Storability::Store { expected_len: None }
     } else {
         // Close-delimited: a cut body cannot be told from a complete one by framing.
-        DontStore("no-length".into())
+        DontStore(NotStored::NoLength)
     }
 }
 
@@ -115,7 +126,7 @@ mod tests {
         );
         assert_eq!(
             storability(StatusCode::OK, &h(&[]), false, IgnoreResponse::default()),
-            Storability::DontStore("no-length".into())
+            Storability::DontStore(NotStored::NoLength)
         );
         assert_eq!(
             storability(StatusCode::OK, &h(&[]), true, IgnoreResponse::default()),
@@ -128,23 +139,23 @@ mod tests {
                 false,
                 IgnoreResponse::default()
             ),
-            Storability::DontStore("origin-status-500".into())
+            Storability::DontStore(NotStored::OriginStatus(500))
         );
     }
 
     #[test]
     fn per_user_responses_are_not_stored() {
         for (k, v, why) in [
-            ("set-cookie", "a=b", "set-cookie"),
-            ("cache-control", "max-age=0, no-store", "origin-no-store"),
-            ("cache-control", "private", "origin-private"),
-            ("vary", "Accept, Cookie", "vary"),
-            ("content-encoding", "gzip", "content-encoding"),
+            ("set-cookie", "a=b", NotStored::SetCookie),
+            ("cache-control", "max-age=0, no-store", NotStored::OriginNoStore),
+            ("cache-control", "private", NotStored::OriginPrivate),
+            ("vary", "Accept, Cookie", NotStored::Vary),
+            ("content-encoding", "gzip", NotStored::ContentEncoding),
         ] {
             let headers = h(&[("content-length", "1"), (k, v)]);
             assert_eq!(
                 storability(StatusCode::OK, &headers, true, IgnoreResponse::default()),
-                Storability::DontStore(why.into())
+                Storability::DontStore(why)
             );
         }
     }

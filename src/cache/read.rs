@@ -16,8 +16,9 @@
 //! - Silent media corruption (which changes no fingerprint) is found by the scrubber, which
 //!   re-hashes every file at a configured rate.
 
-use super::entry::{Entry, Fingerprint};
+use super::entry::Entry;
 use super::store::Store;
+use crate::fingerprint::Fingerprint;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::{fs::File, io, io::Read, sync::Arc, time::Duration};
@@ -77,7 +78,7 @@ fn trusted(entry: &Entry, fp: &Fingerprint) -> bool {
 fn from_memory(store: &Store, entry: &Entry) -> Option<Bytes> {
     let v = entry.verified.load_full()?;
     let body = v.body.as_ref()?;
-    let now = super::store::now_ms() as u64;
+    let now = crate::clock::now_ms() as u64;
     let last = v.checked_ms.load(std::sync::atomic::Ordering::Relaxed);
     if now.saturating_sub(last) < store.memory_recheck_ms() {
         return Some(body.clone());

@@ -21,7 +21,7 @@
 //! logged, and answered by the caller with the local tier or the origin, never with an error.
 
 use super::tier::{Chunks, Record, Tier, TierError, RECORD_VERSION};
-use crate::config::SharedConfig;
+
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use futures_util::{stream::StreamExt, TryStreamExt};
@@ -38,6 +38,29 @@ use std::{
     },
     time::Duration,
 };
+
+/// The shared store: where, and how long each operation may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedConfig {
+    pub bucket: String,
+    /// Object-name prefix inside the bucket (may be empty).
+    pub prefix: String,
+    /// Endpoints tried in turn; empty: AWS, from the region.
+    pub endpoints: Vec<String>,
+    /// Region (else `AWS_REGION` / `AWS_DEFAULT_REGION`).
+    pub region: Option<String>,
+    /// Credentials from the file (else the `AWS_*` variables).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub virtual_hosted: bool,
+    /// Deadline of each small operation (record read, existence check, delete) per endpoint.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Deadline of a whole body transfer.
+    pub transfer_timeout: Duration,
+    /// How often the store is probed for `/readyz` and `lotecache_shared_up`.
+    pub probe_interval: Duration,
+}
 
 const SHARED: &str = "shared";
 /// Bodies up to this size are uploaded in one PUT; larger ones in parts of this size.
@@ -185,7 +208,7 @@ impl SharedStore {
         let since = self.down_since_ms.load(Relaxed);
         !self.up.load(Relaxed)
             && since > 0
-            && super::store::now_ms().saturating_sub(since as u128) < self.retry_after.as_millis()
+            && crate::clock::now_ms().saturating_sub(since as u128) < self.retry_after.as_millis()
     }
 
     fn mark_up(&self) {
@@ -197,7 +220,7 @@ impl SharedStore {
     }
 
     fn mark_down(&self, op: &str, detail: &str) {
-        self.down_since_ms.store(super::store::now_ms() as u64, Relaxed);
+        self.down_since_ms.store(crate::clock::now_ms() as u64, Relaxed);
         if self.up.swap(false, Relaxed) {
             tracing::warn!(store = %self.location(), op, error = %detail, "shared store unreachable; serving from the local tier and the origin");
         }

@@ -19,7 +19,7 @@ use std::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc, Mutex, RwLock,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 use tokio::io::AsyncWriteExt;
 
@@ -226,7 +226,12 @@ impl Store {
 
     /// Records that `entry`'s content, in the state `fingerprint`, hashed to its digest;
     /// keeps `body` in memory if the tier has room for it.
-    pub fn record_verified(&self, entry: &Entry, fingerprint: super::entry::Fingerprint, body: Option<bytes::Bytes>) {
+    pub fn record_verified(
+        &self,
+        entry: &Entry,
+        fingerprint: crate::fingerprint::Fingerprint,
+        body: Option<bytes::Bytes>,
+    ) {
         let body = body.filter(|b| {
             let len = b.len() as u64;
             len <= self.memory_object_max.load(Relaxed)
@@ -237,7 +242,7 @@ impl Store {
                     })
                     .is_ok()
         });
-        let checked_ms = AtomicU64::new(now_ms() as u64);
+        let checked_ms = AtomicU64::new(crate::clock::now_ms() as u64);
         let old = entry.verified.swap(Some(Arc::new(super::entry::Verified { fingerprint, body, checked_ms })));
         self.release_memory(old.as_deref());
         // A read that finishes after its entry was replaced or removed: the removal already
@@ -381,8 +386,9 @@ impl Store {
             return false;
         }
         let got: [u8; 32] = sha2::Digest::finalize(hasher).into();
-        let unchanged =
-            file.metadata().is_ok_and(|m| super::entry::Fingerprint::of(&m) == super::entry::Fingerprint::of(&before));
+        let unchanged = file
+            .metadata()
+            .is_ok_and(|m| crate::fingerprint::Fingerprint::of(&m) == crate::fingerprint::Fingerprint::of(&before));
         got == *sha256 && unchanged
     }
 
@@ -636,7 +642,7 @@ impl PendingWrite {
         let (store, key, size) = (store.clone(), key.to_string(), self.written);
         tokio::task::spawn_blocking(move || {
             sync_file_and_dirs(&path, &store.dir)?;
-            let stored_at_ms = expect.stored_at_ms.unwrap_or_else(now_ms);
+            let stored_at_ms = expect.stored_at_ms.unwrap_or_else(crate::clock::now_ms);
             let meta_json = serde_json::to_value(&meta).map_err(io::Error::other)?;
             let headers = meta.header_map().ok_or_else(|| io::Error::other("unstorable header"))?;
             let (etag, repr_digest) = validators(&sha256, &integrity);
@@ -657,7 +663,7 @@ impl PendingWrite {
                 path,
                 hits: AtomicU64::new(0),
                 // The LRU clock starts now, also for an entry copied with an older store time.
-                last_hit_ms: AtomicU64::new(now_ms() as u64),
+                last_hit_ms: AtomicU64::new(crate::clock::now_ms() as u64),
                 verified: Default::default(),
                 loading: Default::default(),
             });
@@ -880,10 +886,6 @@ fn free_bytes(dir: &Path) -> Option<u64> {
         return None;
     }
     Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
-}
-
-pub fn now_ms() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ impl Record {
     /// bucket is not trusted to carry framing or hop-by-hop headers.
     pub fn sanitized(mut self) -> Record {
         let mut headers = stored_head(&self.meta.header_map().unwrap_or_default());
-        crate::origin::forward_response_headers(&mut headers);
+        crate::headers::forward_response_headers(&mut headers);
         for h in [http::header::TRANSFER_ENCODING, http::header::CONTENT_LENGTH, http::header::VIA] {
             headers.remove(h);
         }

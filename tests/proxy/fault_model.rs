@@ -44,7 +44,6 @@ use crate::support::origin::{document, Behavior, TestOrigin};
 /// the memory tier's largest object by default).
 const SENT_FROM_FILE: usize = 1024 * 1024;
 use crate::support::raw::{http10_get, RawEnd};
-use crate::support::workers::WorkerThreads;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -486,8 +485,8 @@ struct Stats {
 // The runner.
 
 struct Live {
+    /// With its own worker threads (`server.workers`), as `lotecache serve` runs.
     proxy: RunningProxy,
-    workers: WorkerThreads,
 }
 
 struct Ctx {
@@ -666,16 +665,14 @@ fn failure_report(ctx: &Ctx, failures: &[Failure]) -> String {
 async fn start_live(ctx: &Ctx) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let workers = WorkerThreads::start(ctx.scenario.workers);
-        match RunningProxy::start_with_workers(ctx.config(), workers.handles.clone()).await {
+        match RunningProxy::start(ctx.config()).await {
             Ok(proxy) => {
                 *ctx.addr.lock().unwrap() = proxy.local_addr();
                 *ctx.admin.lock().unwrap() = proxy.admin_addr();
-                *ctx.live.lock().await = Some(Live { proxy, workers });
+                *ctx.live.lock().await = Some(Live { proxy });
                 return;
             }
             Err(e) => {
-                workers.stop().await;
                 // The previous process's store may still be closing (its lock held).
                 assert!(Instant::now() < deadline, "the proxy does not start again: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -687,14 +684,10 @@ async fn start_live(ctx: &Ctx) {
 async fn kill_live(ctx: &Ctx, kind: &RestartKind) {
     let Some(live) = ctx.live.lock().await.take() else { return };
     match kind {
-        RestartKind::ShutdownZeroGrace => {
-            live.proxy.shutdown(Duration::ZERO).await;
-            live.workers.stop().await;
-        }
-        RestartKind::Drop => {
-            drop(live.proxy);
-            live.workers.stop().await;
-        }
+        RestartKind::ShutdownZeroGrace => live.proxy.shutdown(Duration::ZERO).await,
+        // Its worker threads stop at once, dropping whatever runs on them, as in a killed
+        // process.
+        RestartKind::Drop => drop(live.proxy),
     }
 }
 
@@ -1434,7 +1427,7 @@ async fn damage(ctx: &Ctx, rng: &mut Rng, what: usize) {
     let id = e.lote_id.clone();
     // Recorded before the damage: a request that sees it started after this.
     let at = ctx.now();
-    let wall = lotecache::cache::store::now_ms();
+    let wall = lotecache::clock::now_ms();
     ctx.book(&id, |b| {
         b.invalidations += 1;
         b.damaged_at.push(at);

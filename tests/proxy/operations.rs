@@ -2,7 +2,7 @@
 //! eviction, garbage collection, the `cache` commands, logs, reload and shutdown.
 
 use crate::support::process::{serve, serve_logging, BIN};
-use crate::support::{admin, batch, get, metric, origin::*, start_proxy, start_proxy_admin, start_proxy_with};
+use crate::support::{admin, batch, get, metric, origin::*, start_proxy, start_proxy_admin};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use std::time::Duration;
@@ -39,33 +39,6 @@ async fn health_readiness_and_metrics_are_served_on_the_admin_port() {
     assert_eq!(metric(&text, "lotecache_fills_in_flight").expect("the sample is exposed"), 0.0);
     assert!(metric(&text, "lotecache_origin_seconds_saved_total").expect("the sample is exposed") >= 0.2);
     assert_eq!(metric(&text, "lotecache_origin_response_seconds_count").expect("the sample is exposed"), 2.0);
-}
-
-/// Requests at t, t (no pause), t + 1.2 s on one worker thread (a test's runtime has one);
-/// returns the yields counted.
-async fn yields_over_three_requests(yield_interval: &str) -> f64 {
-    let origin = TestOrigin::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let server = format!("yield_interval = \"{yield_interval}\"");
-    let proxy = start_proxy_with(origin.addr, dir.path(), &server, "", "").await;
-    for pause in [Duration::ZERO, Duration::ZERO, Duration::from_millis(1200)] {
-        tokio::time::sleep(pause).await;
-        assert_eq!(get(proxy.local_addr(), "/monitoreo").await.status, StatusCode::OK);
-    }
-    let m = admin(proxy.admin_addr(), Method::GET, "/metrics", None, "").await;
-    metric(std::str::from_utf8(m.bytes()).unwrap(), "lotecache_worker_yields_total").expect("the sample is exposed")
-}
-
-#[tokio::test]
-async fn a_busy_worker_yields_its_core_at_most_once_per_interval() {
-    // The first request starts the worker's clock; the second comes well within 1 s of it, the
-    // third 1.2 s later: one yield.
-    assert_eq!(yields_over_three_requests("1s").await, 1.0);
-}
-
-#[tokio::test]
-async fn a_worker_never_yields_with_the_interval_off() {
-    assert_eq!(yields_over_three_requests("off").await, 0.0);
 }
 
 #[tokio::test]

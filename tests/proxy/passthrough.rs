@@ -1,6 +1,6 @@
 //! Requests no rule caches are forwarded transparently.
 
-use crate::support::{origin::*, send, start_proxy};
+use crate::support::{origin::*, send, start_proxy, start_proxy_with};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
@@ -63,7 +63,8 @@ async fn origin_statuses_on_pass_through_are_returned_as_sent() {
 async fn keep_alive_origin_connections_are_reused_between_requests() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    // One worker: each worker keeps its own pool (two workers would each open one).
+    let proxy = start_proxy_with(origin.addr, dir.path(), "workers = 1", "", "").await;
     for i in 0..5 {
         let got = crate::support::get(proxy.local_addr(), &format!("/api/lotes/{i}")).await;
         assert_eq!(got.status, StatusCode::OK);

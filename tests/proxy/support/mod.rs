@@ -5,7 +5,6 @@
 pub mod origin;
 pub mod process;
 pub mod raw;
-pub mod workers;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};

@@ -3,6 +3,8 @@
 //! that change the store take its lock (the server must be stopped; its admin API does the
 //! same while it runs); the others only read.
 
+pub mod cli;
+
 use crate::cache::{entry::Entry, read, store};
 use serde::Serialize;
 use sha2::Digest;

@@ -1,23 +1,15 @@
-//! Strict request framing, in front of hyper. hyper's parser is lenient in two ways a
-//! front-end proxy should not be: it accepts a bare LF as a line end, and it resolves a
-//! request carrying both `Content-Length` and `Transfer-Encoding` by dropping the length.
-//! Both are classic request-smuggling ingredients, so lotecache refuses them.
-//!
-//! [`StrictIo`] wraps a client connection and follows its HTTP/1.1 framing while bytes flow
-//! to hyper: each request head is held until complete and checked; bodies (by length or
-//! chunked) pass through untouched, then the next head. A head that fails the check is
-//! replaced by a line no HTTP parser accepts, so hyper answers `400` and closes the
-//! connection, exactly as for its own parse errors. Anything the wrapper cannot follow
-//! (a malformed chunk, a protocol upgrade) is left to hyper, which rejects or closes.
-//!
-//! hyper answers a head it cannot parse (or one refused here) itself, with a bare status line
-//! and no body, and no hook to change that. So the write side recognises that answer (see
-//! `parser_answer`) and sends the proxy's JSON error and log line in its place.
-//!
-//! On the write side it sends registered file regions with `sendfile` (see
-//! [`crate::sendfile`]) and everything else as it is.
+//! The client connection as hyper sees it: bytes read pass through the strict framing check
+//! ([`crate::framing`]); bytes written go out as they are, or with `sendfile` when they lie in a
+//! registered file region ([`crate::sendfile`]), or as the JSON error in place of hyper's bare
+//! parse-error answer ([`super::parser_answer`]). Each flush releases the origin connections
+//! held until this client's answer is out ([`crate::pool::AfterAnswer`]), and every byte the
+//! socket accepts is counted for the access log. This file only joins those pieces.
 
-use crate::upstream::AfterAnswer;
+use super::parser_answer::parser_answer;
+use crate::access_log::Written;
+use crate::framing::Framing;
+use crate::pool::AfterAnswer;
+use crate::sendfile::{self, ZeroCopySocket};
 use std::{
     io,
     pin::Pin,
@@ -26,68 +18,29 @@ use std::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// What hyper sees instead of a refused head: not a request line.
-const REFUSED: &[u8] = b"\x00 refused by lotecache: ambiguous framing\r\n\r\n";
-
-/// Where the connection's byte stream is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// Reading a request head (held back until complete).
-    Head,
-    /// Inside a body of known length: this many bytes left.
-    Body(u64),
-    /// Inside a chunked body.
-    Chunked(Chunk),
-    /// Framing no longer followed: bytes pass as they are (hyper decides).
-    Opaque,
-}
-
-/// Where a chunked body is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Reading a chunk-size line (size so far, whether in an extension).
-    Size { size: u64, digits: bool, ext: bool },
-    /// Chunk data left, then its CRLF.
-    Data(u64),
-    /// The CRLF after chunk data: bytes still expected.
-    DataEnd(u8),
-    /// Trailer section after the last chunk: at a line start, and the current line's length.
-    Trailers { line_len: usize },
-}
-
 /// A client connection whose request framing is checked before hyper parses it.
-pub struct StrictIo<S> {
+pub struct ClientIo<S> {
     inner: S,
-    state: State,
-    /// The head being collected, not yet shown to hyper.
-    head: Vec<u8>,
+    framing: Framing,
     /// Bytes checked and ready for hyper.
     ready: Vec<u8>,
     ready_pos: usize,
-    /// A head longer than this is passed on as is, for hyper to refuse (431).
-    max_head: usize,
-    /// Why the last head was refused here, for the answer's detail.
-    refused: Option<&'static str>,
     /// The JSON answer replacing hyper's bare one, and how much of it is written.
     answer: Vec<u8>,
     answer_pos: usize,
-    /// Origin connections ended while serving this client, closed once an answer is flushed
-    /// (see [`crate::upstream`]).
+    /// Origin connections ended while serving this client, closed once an answer is flushed.
     after_answer: Option<Arc<AfterAnswer>>,
     /// The connection's count of bytes its socket accepted (the access log's).
-    written: Option<Arc<crate::access_log::Written>>,
+    written: Option<Arc<Written>>,
 }
 
-impl<S> StrictIo<S> {
+impl<S> ClientIo<S> {
     pub fn new(inner: S, max_head: usize) -> Self {
-        StrictIo {
+        ClientIo {
             inner,
-            state: State::Head,
-            head: Vec::new(),
+            framing: Framing::new(max_head),
             ready: Vec::new(),
             ready_pos: 0,
-            max_head,
-            refused: None,
             answer: Vec::new(),
             answer_pos: 0,
             after_answer: None,
@@ -102,7 +55,7 @@ impl<S> StrictIo<S> {
     }
 
     /// Reports every byte the socket accepts to `written`, and the connection's end.
-    pub fn with_written(mut self, written: Arc<crate::access_log::Written>) -> Self {
+    pub fn with_written(mut self, written: Arc<Written>) -> Self {
         self.written = Some(written);
         self
     }
@@ -112,221 +65,9 @@ impl<S> StrictIo<S> {
             w.wrote(*n);
         }
     }
-
-    /// Runs `input` through the framing state machine, appending what hyper may see to
-    /// `self.ready`.
-    fn process(&mut self, mut input: &[u8]) {
-        while !input.is_empty() {
-            match self.state {
-                State::Opaque => {
-                    self.ready.extend_from_slice(input);
-                    return;
-                }
-                State::Body(left) => {
-                    let n = (left as usize).min(input.len());
-                    self.ready.extend_from_slice(&input[..n]);
-                    input = &input[n..];
-                    self.state = if left == n as u64 { State::Head } else { State::Body(left - n as u64) };
-                }
-                State::Head => {
-                    // Up to and including the next LF, or all of it: one line at a time.
-                    let (line, rest) = match input.iter().position(|&b| b == b'\n') {
-                        Some(i) => input.split_at(i + 1),
-                        None => (input, &input[input.len()..]),
-                    };
-                    input = rest;
-                    self.head.extend_from_slice(line);
-                    if line.last() == Some(&b'\n') {
-                        let len = self.head.len();
-                        if len < 2 || self.head[len - 2] != b'\r' {
-                            // A bare LF (the blank lines before a request, allowed by RFC
-                            // 9112 §2.2, are tolerated as CRLF only).
-                            self.refuse("ambiguous framing: a line of the request head ends in a bare LF");
-                            continue;
-                        }
-                        if len == 2 {
-                            // An empty line before the request line: pass it on, keep reading.
-                            self.ready.extend_from_slice(&self.head);
-                            self.head.clear();
-                        } else if self.head.ends_with(b"\r\n\r\n") {
-                            self.end_of_head();
-                        }
-                    } else if self.head.len() > self.max_head {
-                        self.ready.extend_from_slice(&self.head);
-                        self.head.clear();
-                        self.state = State::Opaque;
-                    }
-                }
-                State::Chunked(c) => {
-                    input = self.chunked(c, input);
-                }
-            }
-        }
-    }
-
-    /// A complete head: check it, release it (or its refusal), and set the body framing.
-    fn end_of_head(&mut self) {
-        match framing(&self.head) {
-            Err(why) => self.refuse(why),
-            Ok(state) => {
-                self.ready.extend_from_slice(&self.head);
-                // Cleared, not taken: the next request's head reuses the allocation.
-                self.head.clear();
-                self.state = state;
-            }
-        }
-    }
-
-    /// Replaces the head being collected with a line hyper refuses, and stops following. The
-    /// log line and the JSON answer (with `why`) come when hyper answers it.
-    fn refuse(&mut self, why: &'static str) {
-        self.refused = Some(why);
-        self.head.clear();
-        self.ready.extend_from_slice(REFUSED);
-        self.state = State::Opaque;
-    }
-
-    /// Follows a chunked body; returns the input not consumed.
-    fn chunked<'a>(&mut self, c: Chunk, input: &'a [u8]) -> &'a [u8] {
-        match c {
-            Chunk::Data(left) => {
-                let n = (left as usize).min(input.len());
-                self.ready.extend_from_slice(&input[..n]);
-                self.state =
-                    State::Chunked(if left == n as u64 { Chunk::DataEnd(2) } else { Chunk::Data(left - n as u64) });
-                &input[n..]
-            }
-            _ => {
-                let b = input[0];
-                self.ready.push(b);
-                self.state = match (c, b) {
-                    (Chunk::Size { size, ext: false, .. }, _) if b.is_ascii_hexdigit() && size >> 60 == 0 => {
-                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
-                        State::Chunked(Chunk::Size { size: size * 16 + d, digits: true, ext: false })
-                    }
-                    (Chunk::Size { size, digits: true, .. }, b';' | b' ' | b'\t') => {
-                        State::Chunked(Chunk::Size { size, digits: true, ext: true })
-                    }
-                    (Chunk::Size { size, digits: true, ext }, b'\r') => {
-                        State::Chunked(Chunk::Size { size, digits: true, ext })
-                    }
-                    (Chunk::Size { size: 0, digits: true, .. }, b'\n') => {
-                        State::Chunked(Chunk::Trailers { line_len: 0 })
-                    }
-                    (Chunk::Size { size, digits: true, .. }, b'\n') => State::Chunked(Chunk::Data(size)),
-                    (Chunk::Size { size, digits: true, ext: true }, _) => {
-                        State::Chunked(Chunk::Size { size, digits: true, ext: true })
-                    }
-                    (Chunk::DataEnd(2), b'\r') => State::Chunked(Chunk::DataEnd(1)),
-                    (Chunk::DataEnd(1), b'\n') => State::Chunked(Chunk::Size { size: 0, digits: false, ext: false }),
-                    (Chunk::Trailers { line_len: 0 }, b'\n') => State::Head,
-                    (Chunk::Trailers { line_len }, b'\n') if line_len > 0 => {
-                        State::Chunked(Chunk::Trailers { line_len: 0 })
-                    }
-                    (Chunk::Trailers { line_len }, b'\r') => State::Chunked(Chunk::Trailers { line_len }),
-                    (Chunk::Trailers { line_len }, _) => State::Chunked(Chunk::Trailers { line_len: line_len + 1 }),
-                    // Malformed chunking: hyper reports it as a body error (400); stop following.
-                    _ => State::Opaque,
-                };
-                &input[1..]
-            }
-        }
-    }
 }
 
-/// Checks a complete request head (request line to the empty line) and gives the framing of
-/// what follows it, or why the head is refused.
-fn framing(head: &[u8]) -> Result<State, &'static str> {
-    let mut framing = HeadFraming::default();
-    for line in head.split(|&b| b == b'\n').skip(1) {
-        framing.header_line(line.strip_suffix(b"\r").unwrap_or(line));
-    }
-    framing.finish(head)
-}
-
-/// [`framing`] of `input` if it is exactly one request head: a request line and header lines
-/// each ending in CRLF (no bare LF, no empty line before the request line), then the empty
-/// line, and nothing after it. One pass over the bytes.
-fn one_whole_head_framing(input: &[u8]) -> Option<Result<State, &'static str>> {
-    let mut rest = input.strip_suffix(b"\r\n")?;
-    let mut framing = HeadFraming::default();
-    let mut request_line = true;
-    while !rest.is_empty() {
-        let lf = rest.iter().position(|&b| b == b'\n')?;
-        // A bare LF, or an empty line (the head's end, before the end of the input).
-        if lf < 2 || rest[lf - 1] != b'\r' {
-            return None;
-        }
-        if !request_line {
-            framing.header_line(&rest[..lf - 1]);
-        }
-        request_line = false;
-        rest = &rest[lf + 1..];
-    }
-    (!request_line).then(|| framing.finish(input))
-}
-
-/// The framing headers of a request head, read line by line.
-#[derive(Default)]
-struct HeadFraming {
-    /// `u64::MAX` for a value that is not a number.
-    content_length: Option<u64>,
-    transfer_encoding: bool,
-    chunked: bool,
-    upgrade: bool,
-}
-
-impl HeadFraming {
-    /// Takes one header line (without its line end).
-    fn header_line(&mut self, line: &[u8]) {
-        let value = |v: &[u8]| String::from_utf8_lossy(v).trim().to_ascii_lowercase();
-        // The value after `name:` if `line` is that header (a name is followed by its colon at
-        // once: no space is allowed between them).
-        let field = |name: &[u8]| -> Option<String> {
-            let (n, rest) = line.split_at_checked(name.len())?;
-            (n.eq_ignore_ascii_case(name) && rest.first() == Some(&b':')).then(|| value(&rest[1..]))
-        };
-        // Only the framing headers are looked at: the first letter rules out most lines, and
-        // only their values are allocated.
-        match line.first().map(u8::to_ascii_lowercase) {
-            Some(b'c') => {
-                if let Some(v) = field(b"content-length") {
-                    self.content_length = v.parse::<u64>().ok().or(Some(u64::MAX));
-                }
-            }
-            Some(b't') => {
-                if let Some(v) = field(b"transfer-encoding") {
-                    self.transfer_encoding = true;
-                    self.chunked = v.rsplit(',').next().is_some_and(|last| last.trim() == "chunked");
-                }
-            }
-            Some(b'u') => self.upgrade |= field(b"upgrade").is_some(),
-            _ => {}
-        }
-    }
-
-    /// The framing of what follows `head`, or why it is refused.
-    fn finish(self, head: &[u8]) -> Result<State, &'static str> {
-        let HeadFraming { content_length, transfer_encoding, chunked, upgrade } = self;
-        if transfer_encoding && content_length.is_some() {
-            return Err("ambiguous framing: Content-Length together with Transfer-Encoding");
-        }
-        let connect = head.starts_with(b"CONNECT ");
-        Ok(if upgrade || connect || (transfer_encoding && !chunked) || content_length == Some(u64::MAX) {
-            // hyper refuses these or takes the connection over: stop following it.
-            State::Opaque
-        } else if chunked {
-            State::Chunked(Chunk::Size { size: 0, digits: false, ext: false })
-        } else {
-            match content_length {
-                Some(n) if n > 0 => State::Body(n),
-                _ => State::Head,
-            }
-        })
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
@@ -341,7 +82,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
                 return Poll::Ready(Ok(()));
             }
             // Past the framing we follow, hand the caller's buffer straight through.
-            if this.state == State::Opaque && this.head.is_empty() {
+            if this.framing.passes_through() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             // Read into the caller's (uninitialised) buffer, take what arrived, and give the
@@ -352,9 +93,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) if buf.filled().len() == before => {
-                    // End of stream: a partial head goes to hyper as it is (it reports it).
-                    let rest = std::mem::take(&mut this.head);
-                    this.ready.extend_from_slice(&rest);
+                    this.framing.end_of_stream(&mut this.ready);
                     if this.ready.is_empty() {
                         return Poll::Ready(Ok(()));
                     }
@@ -363,13 +102,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
                     let input = &buf.filled()[before..];
                     // The common read: one whole head, nothing held back or queued. Checked
                     // where it lies, it stays in the caller's buffer (no copies through ours).
-                    if this.state == State::Head && this.head.is_empty() && this.ready.is_empty() {
-                        if let Some(Ok(state)) = one_whole_head_framing(input) {
-                            this.state = state;
-                            return Poll::Ready(Ok(()));
-                        }
+                    if this.ready.is_empty() && this.framing.take_whole_head(input) {
+                        return Poll::Ready(Ok(()));
                     }
-                    this.process(input);
+                    this.framing.process(input, &mut this.ready);
                     buf.set_filled(before);
                 }
             }
@@ -377,98 +113,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
     }
 }
 
-/// A socket that can also send file ranges without copying them (see [`crate::sendfile`]).
-pub trait ZeroCopySocket: AsyncWrite + Unpin + std::os::fd::AsRawFd {
-    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    fn try_send(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize>;
-}
-
-impl ZeroCopySocket for tokio::net::TcpStream {
-    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_write_ready(cx)
-    }
-
-    fn try_send(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
-        self.try_io(tokio::io::Interest::WRITABLE, f)
-    }
-}
-
-impl<S: ZeroCopySocket> StrictIo<S> {
-    /// Sends `len` bytes of a registered file region with `sendfile`.
-    fn poll_sendfile(
-        &self,
-        cx: &mut Context<'_>,
-        region: &crate::sendfile::Region,
-        offset: u64,
-        len: usize,
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            match self.inner.poll_writable(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-            match self.inner.try_send(|| crate::sendfile::send(&self.inner, region, offset, len)) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                // try_io cleared the readiness: wait for the socket again.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-}
-
-/// If `bytes` is hyper's own answer to a request head it could not parse, the JSON answer that
-/// replaces it (the error is logged). hyper's answer is a status line of 400, 414 or 431 with
-/// only `content-length: 0` and `date` (and perhaps `connection`), written alone: every
-/// response of this proxy carries a header more (`content-type`, `via`), so none is mistaken
-/// for it. Cheap for everything else: most writes fail the first ten bytes.
-fn parser_answer(bytes: &[u8], refused: Option<&'static str>) -> Option<Vec<u8>> {
-    if bytes.len() < 12 || !bytes.starts_with(b"HTTP/1.1 4") || !matches!(&bytes[9..12], b"400" | b"414" | b"431") {
-        return None;
-    }
-    let mut headers = [httparse::EMPTY_HEADER; 4];
-    let mut parsed = httparse::Response::new(&mut headers);
-    if parsed.parse(bytes) != Ok(httparse::Status::Complete(bytes.len())) {
-        return None;
-    }
-    let mut date = None;
-    for h in parsed.headers.iter() {
-        match h.name.to_ascii_lowercase().as_str() {
-            "content-length" if h.value == b"0" => {}
-            "connection" => {}
-            "date" => date = Some(h.value),
-            _ => return None,
-        }
-    }
-    let date = date?;
-    let status = http::StatusCode::from_u16(parsed.code?).ok()?;
-    let detail = match (refused, status.as_u16()) {
-        (Some(why), _) => why,
-        (None, 414) => "the request target is too long",
-        (None, 431) => "the request head is larger than server.max_header_bytes",
-        _ => "the request line or a header is not valid HTTP/1.1, or the framing headers conflict",
-    };
-    let body = crate::error::ProxyError::MalformedHead { status, detail: detail.to_string() }.logged_json_body();
-    let mut answer = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncache-control: no-store\r\nconnection: close\r\n\
-         content-length: {}\r\ndate: ",
-        status.as_str(),
-        status.canonical_reason().unwrap_or(""),
-        body.len()
-    )
-    .into_bytes();
-    answer.extend_from_slice(date);
-    answer.extend_from_slice(b"\r\n\r\n");
-    answer.extend_from_slice(body.as_bytes());
-    Some(answer)
-}
-
-impl<S: AsyncWrite + Unpin> StrictIo<S> {
+impl<S: AsyncWrite + Unpin> ClientIo<S> {
     /// Takes `bytes` in place of hyper's bare parse-error answer if that is what they are (the
     /// JSON answer is then queued); false for anything else.
     fn replaced_parser_answer(&mut self, bytes: &[u8]) -> bool {
-        match parser_answer(bytes, self.refused) {
+        match parser_answer(bytes, self.framing.refused()) {
             Some(answer) => {
                 self.answer = answer;
                 self.answer_pos = 0;
@@ -492,7 +141,7 @@ impl<S: AsyncWrite + Unpin> StrictIo<S> {
     }
 }
 
-impl<S> Drop for StrictIo<S> {
+impl<S> Drop for ClientIo<S> {
     fn drop(&mut self) {
         if let Some(w) = &self.written {
             w.closed();
@@ -500,7 +149,7 @@ impl<S> Drop for StrictIo<S> {
     }
 }
 
-impl<S: ZeroCopySocket> AsyncWrite for StrictIo<S> {
+impl<S: ZeroCopySocket> AsyncWrite for ClientIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let polled = self.as_mut().poll_write_counted(cx, buf);
         self.count(&polled);
@@ -539,10 +188,10 @@ impl<S: ZeroCopySocket> AsyncWrite for StrictIo<S> {
     }
 }
 
-impl<S: ZeroCopySocket> StrictIo<S> {
+impl<S: ZeroCopySocket> ClientIo<S> {
     fn poll_write_counted(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if let Some((region, offset)) = crate::sendfile::lookup(buf) {
-            return self.poll_sendfile(cx, &region, offset, buf.len());
+        if let Some((region, offset)) = sendfile::lookup(buf) {
+            return sendfile::poll_send(&self.inner, cx, &region, offset, buf.len());
         }
         if self.replaced_parser_answer(buf) {
             return Poll::Ready(Ok(buf.len()));
@@ -559,16 +208,15 @@ impl<S: ZeroCopySocket> StrictIo<S> {
         let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
             return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         };
-        if let Some((region, offset)) = crate::sendfile::lookup(&bufs[first]) {
-            return self.poll_sendfile(cx, &region, offset, bufs[first].len());
+        if let Some((region, offset)) = sendfile::lookup(&bufs[first]) {
+            return sendfile::poll_send(&self.inner, cx, &region, offset, bufs[first].len());
         }
         if bufs[first + 1..].iter().all(|b| b.is_empty()) && self.replaced_parser_answer(&bufs[first]) {
             return Poll::Ready(Ok(bufs[first].len()));
         }
         std::task::ready!(self.poll_answer(cx))?;
         // Ordinary bytes up to the first file-backed slice go out with one writev.
-        let end =
-            bufs[first..].iter().position(|b| crate::sendfile::lookup(b).is_some()).map_or(bufs.len(), |p| first + p);
+        let end = bufs[first..].iter().position(|b| sendfile::lookup(b).is_some()).map_or(bufs.len(), |p| first + p);
         Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[first..end])
     }
 }
@@ -576,6 +224,7 @@ impl<S: ZeroCopySocket> StrictIo<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::framing::{one_whole_head_framing, State, REFUSED};
 
     #[tokio::test]
     async fn held_origin_connections_are_released_when_a_write_is_flushed_not_before() {
@@ -584,7 +233,7 @@ mod tests {
         let origin_side = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let after = Arc::new(AfterAnswer::default());
-        let mut io = StrictIo::new(client, 64 * 1024).with_after_answer(after.clone());
+        let mut io = ClientIo::new(client, 64 * 1024).with_after_answer(after.clone());
         // A single-threaded runtime: nothing but the flush releases it (no backstop timer).
         after.hold(origin_side);
         io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
@@ -595,11 +244,11 @@ mod tests {
 
     /// What hyper would see for `input` fed in pieces of `step` bytes.
     fn seen(input: &[u8], step: usize) -> Vec<u8> {
-        let mut s = StrictIo::new((), 64 * 1024);
+        let (mut framing, mut out) = (Framing::new(64 * 1024), Vec::new());
         for piece in input.chunks(step) {
-            s.process(piece);
+            framing.process(piece, &mut out);
         }
-        std::mem::take(&mut s.ready)
+        out
     }
 
     #[test]
@@ -638,50 +287,6 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
         }
     }
 
-    const HYPER_400: &[u8] =
-        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: Thu, 26 Nov 2026 09:30:00 GMT\r\n\r\n";
-
-    #[test]
-    fn hypers_bare_parse_error_answer_becomes_a_json_error_with_its_date() {
-        let answer = String::from_utf8(parser_answer(HYPER_400, None).expect("recognised")).unwrap();
-        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
-        assert!(head.contains("\r\ncontent-type: application/json\r\n"), "{head}");
-        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
-        assert!(head.contains("\r\ndate: Thu, 26 Nov 2026 09:30:00 GMT"), "{head}");
-        assert!(head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())), "{head}");
-        let json: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(json["error"], "malformed request head");
-        assert!(json["detail"].as_str().unwrap().contains("not valid HTTP/1.1"), "{json}");
-
-        let too_large = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
-        let answer = String::from_utf8(parser_answer(too_large, None).expect("recognised")).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{answer}");
-        assert!(answer.contains("server.max_header_bytes"), "{answer}");
-    }
-
-    #[test]
-    fn a_refusal_made_here_gives_its_reason_in_the_answer() {
-        let answer = String::from_utf8(parser_answer(HYPER_400, Some("ambiguous framing: why")).unwrap()).unwrap();
-        let json: serde_json::Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
-        assert_eq!(json["detail"], "ambiguous framing: why");
-    }
-
-    #[test]
-    fn responses_of_the_proxy_and_bodies_are_never_taken_for_the_parsers_answer() {
-        for bytes in [
-            &b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 0\r\ndate: x\r\n\r\n"[..],
-            b"HTTP/1.1 400 Bad Request\r\nvia: 1.1 lotecache\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
-            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\ndate: x\r\n\r\n{}",
-            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
-            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
-            b"{\"metadata\": {}}",
-        ] {
-            assert!(parser_answer(bytes, None).is_none(), "{}", String::from_utf8_lossy(bytes));
-        }
-    }
-
     #[test]
     fn a_refusal_on_the_second_request_keeps_the_first_intact() {
         let first = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -696,7 +301,7 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
     /// it (reads into a buffer large enough for either).
     async fn read_through(first: &[u8], rest: &[u8]) -> Vec<u8> {
         use tokio::io::AsyncReadExt;
-        let mut io = StrictIo::new(first.chain(rest), 64 * 1024);
+        let mut io = ClientIo::new(first.chain(rest), 64 * 1024);
         let mut out = Vec::with_capacity(4096);
         while io.read_buf(&mut out).await.unwrap() > 0 {
             out.reserve(4096);
@@ -968,17 +573,17 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
         }
     }
 
-    /// What hyper reads through StrictIo, in reads of `read_size`, and what the framing state
+    /// What hyper reads through ClientIo, in reads of `read_size`, and what the framing state
     /// machine alone lets through for the same pieces.
     fn read_both(pieces: Vec<Vec<u8>>, read_size: usize) -> (Vec<u8>, Vec<u8>) {
         use tokio::io::AsyncReadExt;
-        let mut s = StrictIo::new((), 64 * 1024);
+        let (mut framing, mut processed) = (Framing::new(64 * 1024), Vec::new());
         for p in &pieces {
-            s.process(p);
+            framing.process(p, &mut processed);
         }
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let read = rt.block_on(async {
-            let mut io = StrictIo::new(Pieces(pieces.into_iter().filter(|p| !p.is_empty()).collect()), 64 * 1024);
+            let mut io = ClientIo::new(Pieces(pieces.into_iter().filter(|p| !p.is_empty()).collect()), 64 * 1024);
             let (mut out, mut buf) = (Vec::new(), vec![0; read_size]);
             loop {
                 let n = io.read(&mut buf).await.unwrap();
@@ -988,7 +593,7 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
                 out.extend_from_slice(&buf[..n]);
             }
         });
-        (read, std::mem::take(&mut s.ready))
+        (read, processed)
     }
 
     fn wire_of(reqs: &[Req]) -> (Vec<u8>, Vec<usize>) {

@@ -9,7 +9,7 @@
 //! request to the Monitoring page (`examples/hop_latency`, 2026-11-26). nginx writes to the
 //! client first and then closes; so does this. The close of a connection ended while a client's
 //! request used it goes to that client connection's [`AfterAnswer`], which the connection's
-//! [`crate::strict::StrictIo`] releases when its next write is flushed.
+//! [`crate::server::client_io::ClientIo`] releases when its next write is flushed.
 //!
 //! The pool is LIFO (the most recently used connection is the likeliest to be alive and warm),
 //! bounded by `origin.pool_max_idle_per_host`, and a connection idle longer than
@@ -155,7 +155,7 @@ impl AsyncWrite for OriginIo {
 
 /// Why a request did not get a response head from the origin.
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub enum PoolError {
     #[error("cannot connect to the origin {addr}: {source}")]
     Connect { addr: String, source: io::Error },
     #[error("no connection to the origin {addr} within {timeout:?}")]
@@ -166,10 +166,10 @@ pub enum UpstreamError {
     Http(#[from] hyper::Error),
 }
 
-impl UpstreamError {
+impl PoolError {
     /// Whether no connection could be opened (as opposed to a failure on an open one).
     pub fn is_connect(&self) -> bool {
-        matches!(self, UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
+        matches!(self, PoolError::Connect { .. } | PoolError::ConnectTimeout { .. })
     }
 }
 
@@ -185,7 +185,7 @@ struct Idle {
 }
 
 thread_local! {
-    /// This thread's pool of idle connections, an index into [`Upstream`]'s pools.
+    /// This thread's pool of idle connections, an index into [`OriginPool`]'s pools.
     static POOL_SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
@@ -196,10 +196,10 @@ pub fn use_pool_slot(slot: usize) {
     POOL_SLOT.with(|s| s.set(slot));
 }
 
-type Pool = Arc<Mutex<Vec<Idle>>>;
+type IdleConns = Arc<Mutex<Vec<Idle>>>;
 
 /// The pooled connections to one origin.
-pub struct Upstream {
+pub struct OriginPool {
     /// `host:port`.
     authority: http::uri::Authority,
     /// The authority's address when its host is an IP address (parsed once, not per connect).
@@ -209,10 +209,10 @@ pub struct Upstream {
     /// At most this many idle connections per pool.
     max_idle: usize,
     /// One pool per slot ([`use_pool_slot`]).
-    pools: Arc<[Pool]>,
+    pools: Arc<[IdleConns]>,
 }
 
-impl Upstream {
+impl OriginPool {
     /// A pool for `authority`; with a runtime present, starts the sweep of expired idle
     /// connections (it ends with the pool).
     pub fn new(
@@ -220,10 +220,10 @@ impl Upstream {
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
-    ) -> Upstream {
+    ) -> OriginPool {
         // A slot per possible worker thread, and one for the thread that accepts.
         let slots = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) + 1;
-        let pools: Arc<[Pool]> = (0..slots).map(|_| Pool::default()).collect();
+        let pools: Arc<[IdleConns]> = (0..slots).map(|_| IdleConns::default()).collect();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let pools = Arc::downgrade(&pools);
             let every = (idle_timeout / 2).max(Duration::from_millis(100));
@@ -244,7 +244,7 @@ impl Upstream {
             });
         }
         let ip_addr = authority.as_str().parse().ok();
-        Upstream { authority, ip_addr, connect_timeout, idle_timeout, max_idle, pools }
+        OriginPool { authority, ip_addr, connect_timeout, idle_timeout, max_idle, pools }
     }
 
     /// Sends `req` (absolute or origin-form URI) and returns the response head, with the
@@ -258,7 +258,7 @@ impl Upstream {
         mut req: Request<ProxyBody>,
         after: Option<&Arc<AfterAnswer>>,
         response_timeout: Duration,
-    ) -> Result<(Response<Incoming>, Reuse), UpstreamError> {
+    ) -> Result<(Response<Incoming>, Reuse), PoolError> {
         self.to_origin_form(&mut req);
         let now = tokio::time::Instant::now();
         let response_deadline = now + response_timeout;
@@ -292,7 +292,7 @@ impl Upstream {
                 sent = sender.try_send_request(req) => sent,
                 () = &mut timer => {
                     owner.lock().expect("owner").take();
-                    return Err(UpstreamError::ResponseTimeout);
+                    return Err(PoolError::ResponseTimeout);
                 }
             };
             match sent {
@@ -309,7 +309,7 @@ impl Upstream {
                             req = unsent;
                             pooled = self.checkout();
                         }
-                        _ => return Err(UpstreamError::Http(e.into_error())),
+                        _ => return Err(PoolError::Http(e.into_error())),
                     }
                 }
             }
@@ -318,10 +318,10 @@ impl Upstream {
 
     /// The error for a timer that fired while connecting: the connect timeout's, or the
     /// response's when that came first.
-    fn timed_out(&self, connecting: bool) -> UpstreamError {
+    fn timed_out(&self, connecting: bool) -> PoolError {
         match connecting {
-            true => UpstreamError::ConnectTimeout { addr: self.authority.to_string(), timeout: self.connect_timeout },
-            false => UpstreamError::ResponseTimeout,
+            true => PoolError::ConnectTimeout { addr: self.authority.to_string(), timeout: self.connect_timeout },
+            false => PoolError::ResponseTimeout,
         }
     }
 
@@ -340,7 +340,7 @@ impl Upstream {
     }
 
     /// This thread's pool.
-    fn pool(&self) -> &Pool {
+    fn pool(&self) -> &IdleConns {
         &self.pools[POOL_SLOT.with(|s| s.get()) % self.pools.len()]
     }
 
@@ -356,13 +356,13 @@ impl Upstream {
     }
 
     /// A new connection, handshake included (the caller bounds it in time).
-    async fn connect(&self) -> Result<Conn, UpstreamError> {
+    async fn connect(&self) -> Result<Conn, PoolError> {
         let addr = self.authority.as_str();
         let connected = match self.ip_addr {
             Some(ip_addr) => TcpStream::connect(ip_addr).await,
             None => TcpStream::connect(addr).await,
         };
-        let stream = connected.map_err(|source| UpstreamError::Connect { addr: addr.to_string(), source })?;
+        let stream = connected.map_err(|source| PoolError::Connect { addr: addr.to_string(), source })?;
         let _ = stream.set_nodelay(true);
         let owner: Arc<Owner> = Arc::default();
         let io = TokioIo::new(OriginIo { stream: Some(stream), owner: owner.clone() });
@@ -381,7 +381,7 @@ impl Upstream {
 /// A connection that served a response, on its way back to the pool.
 pub struct Reuse {
     conn: Conn,
-    pool: Pool,
+    pool: IdleConns,
     max_idle: usize,
 }
 
@@ -418,7 +418,7 @@ fn ends_connection(version: http::Version, headers: &http::HeaderMap) -> bool {
             }
         }
     }
-    let has = |token: &str| crate::origin::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token));
+    let has = |token: &str| crate::headers::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token));
     if version == http::Version::HTTP_10 {
         !has("keep-alive")
     } else {

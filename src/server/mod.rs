@@ -1,29 +1,37 @@
-//! Building the proxy from a `Config` and running it: the proxy and admin listeners, one
-//! HTTP/1.1 connection task per client (on the worker runtime it is handed to, if any), the
-//! periodic garbage collector, hot reload, and graceful shutdown. Tests start it in-process on
-//! `127.0.0.1:0`.
+//! Building the proxy from a `Config` and running it: the worker runtimes ([`runtime`]), the
+//! proxy and admin listeners, one HTTP/1.1 connection task per client on the worker it is handed
+//! to (its socket wrapped in [`client_io::ClientIo`]), the periodic garbage collector, hot
+//! reload, and graceful shutdown. Tests start it in-process on `127.0.0.1:0`, with the same
+//! threads `lotecache serve` runs.
+
+pub mod client_io;
+pub mod parser_answer;
+pub mod runtime;
 
 use crate::admin::Admin;
 use crate::body::ProxyBody;
 use crate::cache::{shared::SharedStore, store::Store, Cache};
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::metrics::Metrics;
 use crate::origin::Origin;
-use crate::proxy::{ProxyService, Shared};
+use crate::pool::AfterAnswer;
+use crate::proxy::{ProxyService, ProxyState};
 use crate::rules::Rules;
-use crate::strict::StrictIo;
-use crate::upstream::AfterAnswer;
 use arc_swap::ArcSwap;
+use client_io::ClientIo;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use runtime::{WorkerThreads, Workers};
 use std::{
     convert::Infallible,
     future::Future,
     net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -43,34 +51,28 @@ pub enum StartError {
 pub struct RunningProxy {
     local_addr: SocketAddr,
     admin_addr: SocketAddr,
-    shared: Arc<Shared>,
+    state: Arc<ProxyState>,
     admin: Arc<Admin>,
     config: Mutex<Config>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The threads connections are served on (stopped, dropping what runs on them, when this
+    /// is dropped).
+    workers: WorkerThreads,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })
 }
 
-/// The runtimes connections are served on, one per worker thread, given connections in turn.
-/// Empty: the runtime that accepts them serves them.
-pub type Workers = Arc<[tokio::runtime::Handle]>;
-
 impl RunningProxy {
-    /// Opens the store, binds the listeners and starts serving, every connection on this
-    /// runtime (tests; `lotecache serve` spreads them, see [`RunningProxy::start_with_workers`]).
+    /// Opens the store, starts the worker threads (`server.workers`), binds the listeners and
+    /// starts serving. This runtime accepts, and runs the admin listener and the background
+    /// loops; proxy connections run on the workers.
     pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
-        RunningProxy::start_with_workers(config, Arc::new([])).await
-    }
-
-    /// [`RunningProxy::start`], serving proxy connections on `workers`' runtimes: one
-    /// single-threaded runtime per worker thread, so a request runs start to end on the thread
-    /// that took its connection (no task moves between threads, no thread wakes another),
-    /// nginx's worker model. This runtime accepts, and runs the admin listener and the
-    /// background loops.
-    pub async fn start_with_workers(config: Config, workers: Workers) -> Result<RunningProxy, StartError> {
+        for notice in &config.notices {
+            tracing::warn!(notice = %notice, "config");
+        }
         let metrics = Arc::new(Metrics::new());
         let store = Store::open(config.cache_dir.clone(), config.max_size, metrics.clone()).await?;
         store.set_gc_grace(config.gc_grace);
@@ -85,32 +87,37 @@ impl RunningProxy {
         if let Some((s, _)) = &shared_store {
             cache.fills.set_shared(s.clone());
         }
-        let shared = Arc::new(Shared {
+        let state = Arc::new(ProxyState {
             rules: ArcSwap::from_pointee(Rules::new(config.rules.clone())),
             cache,
             origin,
             metrics,
-            yield_interval: config.yield_interval,
         });
         let listener = bind(config.listen).await?;
         let admin_listener = bind(config.admin.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let admin_addr =
             admin_listener.local_addr().map_err(|source| StartError::Listen { addr: config.admin.listen, source })?;
-        let admin = Admin::new(shared.clone(), config.admin.token.clone());
+        let admin = Admin::new(state.clone(), config.admin.token.clone());
         let (stop, stopped) = watch::channel(false);
 
-        let proxy_shared = shared.clone();
+        let proxy_state = state.clone();
         let limits = Limits {
             header_read_timeout: config.header_read_timeout,
             max_header_bytes: config.max_header_bytes,
             max_connections: config.max_connections,
             send_buffer: config.send_buffer,
         };
-        let proxy_task =
-            tokio::spawn(accept_loop(listener, limits, stopped.clone(), workers, move |peer, after, written| {
-                TowerToHyperService::new(ProxyService::new(proxy_shared.clone(), peer, after, written))
-            }));
+        let workers = WorkerThreads::start(runtime::worker_count(config.workers), config.pin_workers);
+        let proxy_task = tokio::spawn(accept_loop(
+            listener,
+            limits,
+            stopped.clone(),
+            workers.handles(),
+            move |peer, after, written| {
+                TowerToHyperService::new(ProxyService::new(proxy_state.clone(), peer, after, written))
+            },
+        ));
         let admin_state = admin.clone();
         // The admin port serves operators and probes: a few connections are plenty.
         let admin_limits = Limits { max_connections: 64, send_buffer: 0, ..limits };
@@ -134,7 +141,7 @@ impl RunningProxy {
             listen = %local_addr, admin = %admin_addr, origin = %config.origin.authority,
             cache_dir = %config.cache_dir.display(), rules = config.rules.len(), "lotecache serving"
         );
-        Ok(RunningProxy { local_addr, admin_addr, shared, admin, config: Mutex::new(config), stop, tasks })
+        Ok(RunningProxy { local_addr, admin_addr, state, admin, config: Mutex::new(config), stop, tasks, workers })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -147,17 +154,17 @@ impl RunningProxy {
 
     /// The store (tests and tools inspect it).
     pub fn store(&self) -> &Arc<Store> {
-        &self.shared.cache.store
+        &self.state.cache.store
     }
 
     /// The cache: store and fills in flight.
     pub fn cache(&self) -> &Cache {
-        &self.shared.cache
+        &self.state.cache
     }
 
     /// Applies a new configuration without dropping connections: rules, fill limits,
     /// `max_size`, GC grace, the memory tier and the admin token change at once; listeners and
-    /// their limits, the workers (count, pinning, yield interval), the cache directory and the
+    /// their limits, the workers (count, pinning), the cache directory and the
     /// origin need a restart (a warning says which).
     pub fn reload(&self, new: Config) {
         let mut current = self.config.lock().expect("config lock");
@@ -169,8 +176,6 @@ impl RunningProxy {
             ("server.send_buffer", current.send_buffer != new.send_buffer),
             ("server.workers", current.workers != new.workers),
             ("server.pin_workers", current.pin_workers != new.pin_workers),
-            ("server.yield_interval", current.yield_interval != new.yield_interval),
-            ("server.worker_slice", current.worker_slice != new.worker_slice),
             ("admin.listen", current.admin.listen != new.admin.listen),
             ("cache.dir", current.cache_dir != new.cache_dir),
             ("origin", format!("{:?}", current.origin) != format!("{:?}", new.origin)),
@@ -183,12 +188,12 @@ impl RunningProxy {
                 tracing::warn!(field, "changed in the config file; takes effect after a restart");
             }
         }
-        self.shared.rules.store(Arc::new(Rules::new(new.rules.clone())));
-        self.shared.cache.fills.set_config(new.fill.clone());
-        self.shared.cache.store.set_max_size(new.max_size);
-        self.shared.cache.store.set_min_free(new.min_free);
-        self.shared.cache.store.set_gc_grace(new.gc_grace);
-        self.shared.cache.store.set_memory_tier(new.memory_tier, new.memory_object_max, new.memory_recheck);
+        self.state.rules.store(Arc::new(Rules::new(new.rules.clone())));
+        self.state.cache.fills.set_config(new.fill.clone());
+        self.state.cache.store.set_max_size(new.max_size);
+        self.state.cache.store.set_min_free(new.min_free);
+        self.state.cache.store.set_gc_grace(new.gc_grace);
+        self.state.cache.store.set_memory_tier(new.memory_tier, new.memory_object_max, new.memory_recheck);
         self.admin.set_token(new.admin.token.clone());
         tracing::info!(rules = new.rules.len(), "configuration reloaded");
         *current = new;
@@ -204,7 +209,7 @@ impl RunningProxy {
                 task.abort();
             }
         }
-        let fills = &self.shared.cache.fills;
+        let fills = &self.state.cache.fills;
         while !fills.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -221,7 +226,52 @@ impl RunningProxy {
         if let Some(s) = fills.shared() {
             s.drain(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
         }
+        self.workers.stop().await;
         tracing::info!("stopped");
+    }
+}
+
+/// `lotecache serve`: loads the config, starts the proxy, reloads on `SIGHUP`, and on `SIGTERM`
+/// or Ctrl-C stops accepting and drains for up to 30 s.
+pub async fn serve_until_signal(path: Option<PathBuf>, overrides: config::Overrides) -> ExitCode {
+    let config = match config::load(path.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(errors) => return config::print_errors(&errors),
+    };
+    let _log_guard = crate::logging::init(&config.log);
+    let proxy = match RunningProxy::start(config).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lotecache: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = wait_for_signal() => break,
+            _ = hup.recv() => match config::load(path.as_deref(), &overrides) {
+                Ok(new) => proxy.reload(new),
+                Err(errors) => {
+                    for e in &errors {
+                        tracing::error!(error = %e, "config reload rejected");
+                    }
+                    tracing::error!(errors = errors.len(), "invalid config file; keeping the running configuration");
+                }
+            },
+        }
+    }
+    tracing::info!("shutting down: no new connections, finishing responses and fills");
+    proxy.shutdown(Duration::from_secs(30)).await;
+    ExitCode::SUCCESS
+}
+
+/// Waits for `SIGTERM` or Ctrl-C.
+pub async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }
 
@@ -350,7 +400,7 @@ where
             set_send_buffer(&stream, self.limits.send_buffer);
         }
         let io = TokioIo::new(
-            StrictIo::new(stream, self.limits.max_header_bytes)
+            ClientIo::new(stream, self.limits.max_header_bytes)
                 .with_after_answer(self.after)
                 .with_written(self.written),
         );
