@@ -1,7 +1,9 @@
 """Checks the declared rust-version (Cargo.toml) as far as this machine can without a second
-toolchain: every package in the locked dependency tree must declare a rust-version no newer
-than ours. (Standard-library items newer than ours are caught by clippy's incompatible_msrv,
-which reads the same field and runs with warnings as errors in .ci/run.)
+toolchain: no package in the locked dependency tree (every platform's, dev-dependencies too)
+may declare a rust-version newer than ours; a package that declares none passes. Standard-library
+items newer than ours are caught by clippy's incompatible_msrv, which reads the same field and
+runs with warnings as errors in .ci/run (tests included, see clippy.toml). Language features are
+not checked: that needs the old toolchain itself.
 
     cargo metadata --format-version 1 --locked | python3 .ci/rust-version.py
 """

@@ -183,6 +183,9 @@ impl RunningProxy {
             ("cache.max_fills", current.fill.max_fills != new.fill.max_fills),
             ("cache.max_fills_per_worker", current.fill.max_fills_per_worker != new.fill.max_fills_per_worker),
         ];
+        for notice in &new.notices {
+            tracing::warn!(notice = %notice, "config");
+        }
         for (field, changed) in needs_restart {
             if changed {
                 tracing::warn!(field, "changed in the config file; takes effect after a restart");

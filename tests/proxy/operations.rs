@@ -372,7 +372,7 @@ async fn cache_warm_requests_every_listed_batch_through_the_proxy() {
     let args: Vec<String> = ["cache", "warm", "--json", "--via", &via, "--concurrency", "2", list.to_str().unwrap()]
         .map(String::from)
         .to_vec();
-    // The proxy runs on this test's runtime: wait for the command off it.
+    // The proxy accepts on this test's runtime: wait for the command off it.
     let out = tokio::task::spawn_blocking(move || std::process::Command::new(BIN).args(args).output().unwrap())
         .await
         .unwrap();
