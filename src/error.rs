@@ -56,6 +56,13 @@ pub enum ProxyError {
     /// `Cache-Control: only-if-cached` and nothing stored (RFC 9111 §5.2.1.7): `504`.
     #[error("not in the cache")]
     NotCached,
+    /// `If-Match` names no tag of the stored representation (RFC 9110 §13.1.1): `412`.
+    #[error("precondition failed")]
+    PreconditionFailed,
+    /// The `Range` starts past the end of the `len`-byte representation: `416`, with
+    /// `Content-Range: bytes */len`.
+    #[error("range not satisfiable")]
+    RangeNotSatisfiable { len: u64 },
 }
 
 impl ProxyError {
@@ -76,6 +83,8 @@ impl ProxyError {
             ProxyError::MalformedHead { status, .. } => *status,
             ProxyError::Busy { .. } | ProxyError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unframed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            ProxyError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
         }
     }
 
@@ -97,6 +106,8 @@ impl ProxyError {
             ProxyError::StoreUnavailable { .. } => "store-unavailable",
             ProxyError::Unframed { .. } => "unframed-for-http10",
             ProxyError::NotCached => "not-cached",
+            ProxyError::PreconditionFailed => "precondition-failed",
+            ProxyError::RangeNotSatisfiable { .. } => "range-not-satisfiable",
         })
     }
 
@@ -118,6 +129,10 @@ impl ProxyError {
             }
             ProxyError::FillAborted => "the origin fetch for this entry was abandoned".to_string(),
             ProxyError::NotCached => "the request said only-if-cached and no fresh entry is stored".to_string(),
+            ProxyError::PreconditionFailed => "If-Match names no tag of the stored representation".to_string(),
+            ProxyError::RangeNotSatisfiable { len } => {
+                format!("the range starts past the end of the {len}-byte document")
+            }
             ProxyError::WaitTimeout => {
                 "the fetch this request joined did not answer within cache.wait_timeout".to_string()
             }
@@ -133,6 +148,9 @@ impl ProxyError {
         resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(cs) = cache_status {
             cs.set_on(&mut resp);
+        }
+        if let ProxyError::RangeNotSatisfiable { len } = self {
+            resp.headers_mut().insert(header::CONTENT_RANGE, crate::cache::range::content_range(None, *len));
         }
         if matches!(self, ProxyError::Busy { .. } | ProxyError::StoreUnavailable { .. }) {
             // Both pass quickly: a fill slot frees, a file table drains.

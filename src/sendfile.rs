@@ -5,9 +5,9 @@
 //! (what nginx does with `sendfile on`). Nothing in user space reads the mapped pages.
 //!
 //! Integrity: only files whose fingerprint matches their last successful verification are
-//! registered, and before the last bytes of a region are sent the file's fingerprint is
-//! checked again on its descriptor; a changed file fails the write, and hyper aborts the
-//! response (never a complete `200` with changed bytes).
+//! registered, and before every `sendfile` the file's fingerprint is checked again on its
+//! descriptor; a changed file fails the write, and hyper aborts the response (never a complete
+//! `200` or `206` with changed bytes).
 
 use crate::fingerprint::Fingerprint;
 use bytes::Bytes;
@@ -87,13 +87,13 @@ pub fn lookup(buf: &[u8]) -> Option<(Region, u64)> {
 pub struct ChangedWhileSending;
 
 /// Sends `len` bytes of `region` from `offset` to the socket `fd`; `Err(WouldBlock)` when the
-/// socket is full. Before the bytes that end the region, checks the file is unchanged.
+/// socket is full. Before every call, checks the file is unchanged (one `fstat`): a body may be
+/// a slice of the region (a `Range` answer), so any call may be the one that sends its last
+/// bytes.
 pub fn send(fd: &impl AsRawFd, region: &Region, offset: u64, len: usize) -> io::Result<usize> {
-    if offset + len as u64 == region.len as u64 {
-        let now = Fingerprint::of(&region.file.metadata()?);
-        if now != region.fingerprint {
-            return Err(io::Error::other(ChangedWhileSending));
-        }
+    let now = Fingerprint::of(&region.file.metadata()?);
+    if now != region.fingerprint {
+        return Err(io::Error::other(ChangedWhileSending));
     }
     let mut off = offset as libc::off_t;
     // SAFETY: plain syscall on two descriptors we own; `off` is a valid pointer.

@@ -42,6 +42,7 @@ const LAYERS: &[&str] = &[
     "error",
     "metrics",
     "cache::status",
+    "cache::range",
     "body",
     "fingerprint",
     "clock",

@@ -4,6 +4,7 @@
 pub mod entry;
 pub mod fill;
 pub mod policy;
+pub mod range;
 pub mod read;
 pub mod shared;
 pub mod status;
@@ -19,6 +20,7 @@ use crate::origin::Origin;
 use entry::Entry;
 use fill::{wait_end, wait_head, FillConfig, FillJob, Fills, Head, Lookup, Subscription};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
+use range::RangeAnswer;
 use status::{CacheStatus, NotStored};
 use std::{net::SocketAddr, sync::Arc};
 use store::Store;
@@ -79,8 +81,8 @@ impl Cache {
                 }
             }
         }
-        let inm = req.headers().get(header::IF_NONE_MATCH).cloned();
-        let inm = inm.as_ref();
+        let cond = HitConditions::of(req.headers(), head_only);
+        let cond = &cond;
         let is_fresh = |e: &Entry| {
             target.ttl.is_none_or(|ttl| crate::clock::now_ms().saturating_sub(e.stored_at_ms) < ttl.as_millis())
         };
@@ -90,7 +92,7 @@ impl Cache {
             if !is_fresh(&entry) {
                 stale = target.stale_if_error.then_some(entry);
             } else {
-                match self.serve_hit(entry, head_only, inm).await {
+                match self.serve_hit(entry, cond).await {
                     Served::Response(resp) => return resp,
                     Served::Gone => {}
                 }
@@ -113,7 +115,7 @@ impl Cache {
                 });
             let (sub, collapsed, requester) = match lookup {
                 Lookup::Stored(entry) => {
-                    if let Served::Response(mut resp) = self.serve_hit(entry, head_only, inm).await {
+                    if let Served::Response(mut resp) = self.serve_hit(entry, cond).await {
                         if resp.status().is_success() || resp.status() == http::StatusCode::NOT_MODIFIED {
                             if from_shared {
                                 CacheStatus::SharedHit.set_on(&mut resp);
@@ -130,7 +132,7 @@ impl Cache {
                 Lookup::Busy(err) => {
                     // No fill may start: an expired entry kept for stale-if-error serves instead.
                     let resp = err.to_response(Some(CacheStatus::NotStored(NotStored::Failed(err.token()))));
-                    return self.stale_or(stale.take(), resp, head_only, inm, target).await;
+                    return self.stale_or(stale.take(), resp, cond, target).await;
                 }
                 Lookup::Closed(rx) => {
                     waited = true;
@@ -147,7 +149,7 @@ impl Cache {
                     from_shared = true;
                     continue;
                 }
-                Err((_, resp)) => self.stale_or(stale.take(), resp, head_only, inm, target).await,
+                Err((_, resp)) => self.stale_or(stale.take(), resp, cond, target).await,
             };
         }
         let err = ProxyError::FillAborted;
@@ -160,13 +162,12 @@ impl Cache {
         &self,
         stale: Option<Arc<Entry>>,
         failed: Response<ProxyBody>,
-        head_only: bool,
-        inm: Option<&HeaderValue>,
+        cond: &HitConditions,
         target: &CacheTarget,
     ) -> Response<ProxyBody> {
         let Some(entry) = stale else { return failed };
         let origin_status = failed.status().as_u16();
-        match self.serve_hit(entry, head_only, inm).await {
+        match self.serve_hit(entry, cond).await {
             Served::Response(mut resp)
                 if resp.status().is_success() || resp.status() == http::StatusCode::NOT_MODIFIED =>
             {
@@ -178,21 +179,30 @@ impl Cache {
         }
     }
 
-    /// Serves a stored entry. `Gone` if its content proved bad (missing, wrong size or
-    /// digest, changed): it is then evicted and the caller fetches it again. A read that
-    /// failed without proving anything (file table full, I/O error, past the hit deadline)
-    /// answers `503` and keeps the entry. `HEAD` and `304` answers verify the content too, so
-    /// no answer vouches for an entry that could not be served.
-    async fn serve_hit(&self, entry: Arc<Entry>, head_only: bool, if_none_match: Option<&HeaderValue>) -> Served {
-        let not_modified = if_none_match.is_some_and(|v| etag_matches(v, &entry.etag));
+    /// Serves a stored entry under the request's conditions: `304` (`If-None-Match`), `412`
+    /// (`If-Match`), `206` or `416` (`Range`, GET only), else the whole entry. `Gone` if its
+    /// content proved bad (missing, wrong size or digest, changed): it is then evicted and the
+    /// caller fetches it again. A read that failed without proving anything (file table full,
+    /// I/O error, past the hit deadline) answers `503` and keeps the entry. Every answer that
+    /// sends no body (`HEAD`, `304`, `412`, `416`) verifies the content too, so no answer vouches
+    /// for an entry that could not be served.
+    async fn serve_hit(&self, entry: Arc<Entry>, cond: &HitConditions) -> Served {
+        let not_modified = cond.if_none_match.as_ref().is_some_and(|v| etag_matches(v, &entry.etag));
+        let failed_precondition = !not_modified && range::if_match_fails(cond.if_match.as_ref(), &entry.etag);
+        let part =
+            match entry.status == http::StatusCode::OK && !cond.head_only && !not_modified && !failed_precondition {
+                true => range::answer(cond.range.as_ref(), cond.if_range.as_ref(), &entry.etag, entry.size),
+                false => RangeAnswer::Whole,
+            };
+        let bodiless = cond.head_only || not_modified || failed_precondition || part == RangeAnswer::Unsatisfiable;
         let read = async {
-            if head_only || not_modified {
-                read::verify(&self.store, entry.clone()).await.map(|()| empty())
+            if bodiless {
+                read::verify(&self.store, entry.clone()).await.map(|()| bytes::Bytes::new())
             } else {
-                read::open(self.store.clone(), entry.clone()).await.map(full)
+                read::open(self.store.clone(), entry.clone()).await
             }
         };
-        let body = match tokio::time::timeout(HIT_DEADLINE, read).await {
+        let bytes = match tokio::time::timeout(HIT_DEADLINE, read).await {
             Ok(Ok(b)) => b,
             Ok(Err(e)) if e.proves_bad_content() => {
                 self.store.metrics().integrity_failures.with_label_values(&[e.reason()]).inc();
@@ -214,15 +224,43 @@ impl Cache {
         };
         entry.touch();
         self.store.metrics().origin_seconds_saved.inc_by(entry.gen_ms as f64 / 1000.0);
-        let mut resp = Response::new(body);
+        let refusal = match part {
+            _ if failed_precondition => Some(ProxyError::PreconditionFailed),
+            RangeAnswer::Unsatisfiable => Some(ProxyError::RangeNotSatisfiable { len: entry.size }),
+            _ => None,
+        };
+        if let Some(err) = refusal {
+            let mut resp = err.to_response(Some(CacheStatus::Hit));
+            resp.headers_mut().insert(header::ETAG, entry.etag.clone());
+            resp.headers_mut().insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            return Served::Response(resp);
+        }
+        let mut resp = Response::new(empty());
         *resp.headers_mut() = hit_headers(&entry);
         // The header is in the entry's stored hit head; the extension is what metrics read.
         resp.extensions_mut().insert(CacheStatus::Hit);
-        if not_modified {
-            *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
-            resp.headers_mut().remove(header::CONTENT_LENGTH);
-        } else {
-            *resp.status_mut() = entry.status;
+        if entry.status == http::StatusCode::OK {
+            resp.headers_mut().insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        }
+        match part {
+            _ if not_modified => {
+                *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
+                resp.headers_mut().remove(header::CONTENT_LENGTH);
+            }
+            RangeAnswer::Part { start, end } => {
+                *resp.status_mut() = http::StatusCode::PARTIAL_CONTENT;
+                resp.headers_mut().insert(header::CONTENT_RANGE, range::content_range(Some((start, end)), entry.size));
+                resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
+                // A slice of verified bytes: of the memory copy, or of the mapped file, whose
+                // writes go out with sendfile at this offset (see `crate::sendfile`).
+                *resp.body_mut() = full(bytes.slice(start as usize..=end as usize));
+            }
+            _ => {
+                *resp.status_mut() = entry.status;
+                if !bodiless {
+                    *resp.body_mut() = full(bytes);
+                }
+            }
         }
         Served::Response(resp)
     }
@@ -273,7 +311,7 @@ impl Cache {
             Ok(()) => {
                 // Read to its end: the fill committed (or declined) the entry by now.
                 if let Some(entry) = self.store.get_for(&target.rule, &target.key) {
-                    if let Served::Response(mut hit) = self.serve_hit(entry, false, None).await {
+                    if let Served::Response(mut hit) = self.serve_hit(entry, &HitConditions::default()).await {
                         if let Some(cs) = cs.filter(|_| hit.status().is_success()) {
                             cs.set_on(&mut hit);
                         }
@@ -499,6 +537,29 @@ fn only_if_cached(headers: &HeaderMap) -> bool {
 
 /// Largest access-check answer read (its body is discarded, or passed on when it refuses).
 const ACCESS_ANSWER_MAX: usize = 64 * 1024;
+
+/// The request headers that decide how a stored entry is answered.
+#[derive(Default)]
+struct HitConditions {
+    head_only: bool,
+    if_none_match: Option<HeaderValue>,
+    if_match: Option<HeaderValue>,
+    range: Option<HeaderValue>,
+    if_range: Option<HeaderValue>,
+}
+
+impl HitConditions {
+    fn of(headers: &HeaderMap, head_only: bool) -> HitConditions {
+        let get = |name| headers.get(name).cloned();
+        HitConditions {
+            head_only,
+            if_none_match: get(header::IF_NONE_MATCH),
+            if_match: get(header::IF_MATCH),
+            range: get(header::RANGE),
+            if_range: get(header::IF_RANGE),
+        }
+    }
+}
 
 /// What serving a stored entry came to.
 enum Served {

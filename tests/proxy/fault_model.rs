@@ -20,6 +20,11 @@
 //!   write can reach the client (a documented limit; lotecache never writes a content file in
 //!   place). Those are counted in the summary (`hits rewritten in place under a zero-copy
 //!   send`), and any other wrong complete `200` fails;
+//! - `complete-206-is-not-a-slice-of-a-served-version`: a complete `206` (clients also send
+//!   one `Range`) is exactly bytes a..=b of a served version whose length is the N of its
+//!   `Content-Range: bytes a-b/N` (the same zero-copy exception);
+//! - `416-for-a-satisfiable-range`: a `416` names the length of a served version, and the
+//!   range asked starts at or past it;
 //! - `http10-cut-body-passed-off-as-complete`: the same for an HTTP/1.0 `200` without
 //!   Content-Length that ended with a clean close (unless the proxy was killed meanwhile);
 //! - `set-cookie-of-another-client`: a Set-Cookie names the client's own token, or a
@@ -471,6 +476,8 @@ struct Stats {
     by_status: BTreeMap<u16, u64>,
     by_cache_status: BTreeMap<String, u64>,
     complete_200: u64,
+    /// Complete `206`s, each checked against a slice of a served version.
+    complete_206: u64,
     cut_bodies: u64,
     left_early: u64,
     transport_errors: u64,
@@ -605,7 +612,7 @@ async fn run_scenario(scenario: &Scenario) -> Outcome {
     let stats = ctx.stats.lock().unwrap();
     let summary = format!(
         "fault model seed {} ({} clients, {} batches, {:.1?}): {} requests, {} chaos events, {} restarts, \
-         {} complete 200s, {} cut bodies, {} left early, {} transport errors, {} HTTP/1.0 cut by a restart, \
+         {} complete 200s, {} complete 206s, {} cut bodies, {} left early, {} transport errors, {} HTTP/1.0 cut by a restart, \
          {} hits rewritten in place under a zero-copy send, {} origin generations, {} Set-Cookies sent; kinds {:?}; statuses {:?}; cache-status {:?}; {} oracle failures",
         scenario.seed,
         scenario.clients,
@@ -615,6 +622,7 @@ async fn run_scenario(scenario: &Scenario) -> Outcome {
         stats.events,
         ctx.restarts.load(SeqCst),
         stats.complete_200,
+        stats.complete_206,
         stats.cut_bodies,
         stats.left_early,
         stats.transport_errors,
@@ -701,6 +709,8 @@ enum Kind {
     IfNoneMatch,
     Leave,
     Http10,
+    /// GET with one `Range` (`bytes=a-b` or `bytes=-n`).
+    Range,
 }
 
 impl Kind {
@@ -711,6 +721,7 @@ impl Kind {
             Kind::IfNoneMatch => "GET+If-None-Match",
             Kind::Leave => "GET, left after a few chunks",
             Kind::Http10 => "GET HTTP/1.0",
+            Kind::Range => "GET+Range",
         }
     }
 }
@@ -745,6 +756,7 @@ async fn client_loop(ctx: Arc<Ctx>, n: usize, mut rng: Rng) {
             Kind::Leave,
             Kind::Http10,
             Kind::Http10,
+            Kind::Range,
         ]);
         let token = format!("c{n}-{i}");
         let request = format!("{} {} (client token {token})", kind.name(), batch.path());
@@ -757,10 +769,19 @@ async fn client_loop(ctx: Arc<Ctx>, n: usize, mut rng: Rng) {
             None
         };
         let leave_after = rng.range(1, 4) as usize;
+        let range = matches!(kind, Kind::Range).then(|| match rng.chance(25) {
+            true => format!("bytes=-{}", rng.range(1, 40_000)),
+            false => {
+                let first = rng.below(300_000);
+                format!("bytes={first}-{}", first + rng.below(60_000))
+            }
+        });
         let addr = *ctx.addr.lock().unwrap();
-        let outcome =
-            tokio::time::timeout(s.request_bound, one_request(addr, batch, kind, &token, etag.as_deref(), leave_after))
-                .await;
+        let outcome = tokio::time::timeout(
+            s.request_bound,
+            one_request(addr, batch, kind, &token, etag.as_deref(), range.as_deref(), leave_after),
+        )
+        .await;
         let ended = ctx.now();
         {
             let mut st = ctx.stats.lock().unwrap();
@@ -777,7 +798,13 @@ async fn client_loop(ctx: Arc<Ctx>, n: usize, mut rng: Rng) {
                 ctx.stats.lock().unwrap().transport_errors += 1;
                 let _ = e;
             }
-            Ok(Ok(reply)) => check_reply(&ctx, batch, kind, &token, &request, &reply, started, ended),
+            Ok(Ok(reply)) => {
+                let request = match &range {
+                    Some(r) => format!("{request} [range: {r}]"),
+                    None => request,
+                };
+                check_reply(&ctx, batch, kind, &token, &request, range.as_deref(), &reply, started, ended)
+            }
         }
         tokio::time::sleep(rng.ms(0, 25)).await;
     }
@@ -799,6 +826,7 @@ async fn one_request(
     kind: Kind,
     token: &str,
     etag: Option<&str>,
+    range: Option<&str>,
     leave_after: usize,
 ) -> Result<Reply, String> {
     if let Kind::Http10 = kind {
@@ -822,6 +850,9 @@ async fn one_request(
         Request::builder().method(method).uri(format!("http://{addr}{}", batch.path())).header("x-test-client", token);
     if let Some(etag) = etag {
         req = req.header("if-none-match", etag);
+    }
+    if let Some(range) = range {
+        req = req.header("range", range);
     }
     let req = req.body(Full::new(Bytes::new())).unwrap();
     let resp = crate::support::client().request(req).await.map_err(|e| format!("{e:?}"))?;
@@ -866,6 +897,7 @@ fn check_reply(
     kind: Kind,
     token: &str,
     request: &str,
+    range: Option<&str>,
     reply: &Reply,
     started: Duration,
     ended: Duration,
@@ -881,6 +913,7 @@ fn check_reply(
             (Err(_), Kind::Leave) => st.left_early += 1,
             (Err(_), _) => st.cut_bodies += 1,
             (Ok(_), _) if reply.status == 200 && kind_has_body(kind, StatusCode::OK) => st.complete_200 += 1,
+            (Ok(_), _) if reply.status == 206 => st.complete_206 += 1,
             _ => {}
         }
     }
@@ -895,6 +928,29 @@ fn check_reply(
         Kind::Head => {
             if let Err(detail) = oracle_head(&ctx.origin, &batch.id, reply) {
                 ctx.fail("head-length-of-no-version", &request, detail);
+            }
+        }
+        Kind::Range if reply.status == 206 => match &reply.body {
+            Ok(body) => {
+                if let Err(detail) = oracle_part(&ctx.origin, &batch.id, &reply.headers, body) {
+                    let from_file = detail.1 > SENT_FROM_FILE && ctx.damaged_within(&batch.id, started, ended);
+                    if from_file {
+                        // As for whole hits: an in-place write under a zero-copy send.
+                        ctx.stats.lock().unwrap().rewritten_under_zero_copy += 1;
+                    } else {
+                        ctx.fail("complete-206-is-not-a-slice-of-a-served-version", &request, detail.0);
+                    }
+                }
+            }
+            Err(why) => {
+                if let Err(detail) = oracle_hit_not_cut_without_cause(ctx, &batch.id, &cs, why, started, ended) {
+                    ctx.fail("hit-cut-without-damage-or-restart", &request, detail);
+                }
+            }
+        },
+        Kind::Range if reply.status == 416 => {
+            if let Err(detail) = oracle_unsatisfiable(&ctx.origin, &batch.id, range, &reply.headers) {
+                ctx.fail("416-for-a-satisfiable-range", &request, detail);
             }
         }
         _ if reply.status == 200 => match &reply.body {
@@ -999,6 +1055,50 @@ fn oracle_document(origin: &TestOrigin, scenario: &Scenario, id: &str, body: &[u
         what = format!("the document of another batch, {}", other.id);
     }
     Err(what)
+}
+
+/// `Content-Range: bytes a-b/N` of a 206.
+fn content_range(headers: &HeaderMap) -> Option<(usize, usize, usize)> {
+    let v = headers.get("content-range")?.to_str().ok()?.strip_prefix("bytes ")?;
+    let (span, len) = v.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?, len.parse().ok()?))
+}
+
+/// A complete `206` is exactly bytes a..=b of a version the origin served whose length is the
+/// `N` of its `Content-Range`; the error says what it is instead, with N.
+fn oracle_part(origin: &TestOrigin, id: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), (String, usize)> {
+    let Some((a, b, n)) = content_range(headers) else {
+        return Err((format!("a 206 without a valid Content-Range: {:?}", headers.get("content-range")), 0));
+    };
+    if a > b || b >= n || body.len() != b - a + 1 {
+        return Err((format!("Content-Range bytes {a}-{b}/{n} with a {}-byte body", body.len()), n));
+    }
+    let versions = origin.served_versions(id);
+    for &v in &versions {
+        let doc = origin.document_version(id, v);
+        if doc.len() == n && doc[a..=b] == *body {
+            return Ok(());
+        }
+    }
+    Err((format!("bytes {a}-{b}/{n} matching no slice of the versions {versions:?} of {id}"), n))
+}
+
+/// A `416` says `bytes */N` for a version of length N, and the range asked really starts at or
+/// past N.
+fn oracle_unsatisfiable(origin: &TestOrigin, id: &str, range: Option<&str>, headers: &HeaderMap) -> Result<(), String> {
+    let cr = headers.get("content-range").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let n: usize = cr.strip_prefix("bytes */").and_then(|n| n.parse().ok()).ok_or(format!("Content-Range {cr:?}"))?;
+    let first = range.and_then(|r| r.strip_prefix("bytes=")?.split('-').next()?.parse::<usize>().ok());
+    if first.is_none_or(|first| first < n) {
+        return Err(format!("416 with bytes */{n} for the satisfiable range {range:?}"));
+    }
+    let versions = origin.served_versions(id);
+    if versions.iter().any(|&v| origin.document_version(id, v).len() == n) {
+        Ok(())
+    } else {
+        Err(format!("bytes */{n}, the length of none of the versions {versions:?} of {id}"))
+    }
 }
 
 /// An error answer (4xx/5xx, not to HEAD) that ended cleanly carries a JSON body (the proxy's own errors
@@ -1162,13 +1262,14 @@ async fn check_at_rest(ctx: &Arc<Ctx>) {
     let addr = *ctx.addr.lock().unwrap();
     for b in &ctx.scenario.batches {
         let request = format!("final GET {} (client token final)", b.path());
-        match tokio::time::timeout(ctx.scenario.request_bound, one_request(addr, b, Kind::Get, "final", None, 0)).await
+        match tokio::time::timeout(ctx.scenario.request_bound, one_request(addr, b, Kind::Get, "final", None, None, 0))
+            .await
         {
             Err(_) => ctx.fail("request-exceeded-its-bound", &request, "final download".into()),
             Ok(Err(e)) => ctx.fail("final-download-failed", &request, e),
             Ok(Ok(reply)) => {
                 let now = ctx.now();
-                check_reply(ctx, b, Kind::Get, "final", &request, &reply, now, now);
+                check_reply(ctx, b, Kind::Get, "final", &request, None, &reply, now, now);
             }
         }
     }

@@ -298,3 +298,26 @@ async fn a_trusted_large_entry_is_sent_from_its_file_and_a_change_mid_send_abort
     assert_eq!(next.bytes(), &document("Z-8mb"));
     assert_eq!(origin.generations("Z-8mb"), 2);
 }
+
+#[tokio::test]
+async fn a_range_that_ends_before_the_file_does_is_aborted_too_when_the_file_changes_mid_send() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(origin.addr, dir.path(), "").await;
+    let p = proxy.local_addr();
+    get(p, &batch("Z2-8mb")).await;
+    get(p, &batch("Z2-8mb")).await; // hashed: the next ones are sent with sendfile
+                                    // Bytes 0..6 MiB: the flipped byte (at 4 MiB) is inside, the file's end is not.
+    let range_end = 6 * 1024 * 1024 - 1;
+    use tokio::io::AsyncReadExt;
+    let mut slow =
+        crate::support::raw::slow_reader_with(p, &batch("Z2-8mb"), &format!("range: bytes=0-{range_end}\r\n")).await;
+    let mut first = vec![0u8; 4096];
+    slow.read_exact(&mut first).await.unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 206 "), "{}", String::from_utf8_lossy(&first[..40]));
+    flip_in_place(&proxy.store().get("Z2-8mb_resultados.json").unwrap().path);
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    let head_len = first.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(first.len() + rest.len() - head_len < range_end + 1, "a changed file must not complete the 206");
+}

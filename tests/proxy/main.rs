@@ -11,6 +11,7 @@ mod integrity;
 mod miss_hit;
 mod operations;
 mod passthrough;
+mod range;
 mod routing;
 mod security;
 mod shared_store;

@@ -46,10 +46,15 @@ pub async fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> RawReply {
 /// A client with a 4 KiB receive buffer that has sent `GET path` and reads nothing yet: the
 /// server can only push a few KiB before it must wait for this reader.
 pub async fn slow_reader(addr: SocketAddr, path: &str) -> tokio::net::TcpStream {
+    slow_reader_with(addr, path, "").await
+}
+
+/// [`slow_reader`] with more header lines (each ending in CRLF) in the request.
+pub async fn slow_reader_with(addr: SocketAddr, path: &str, header_lines: &str) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut s = socket.connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n{header_lines}\r\n").as_bytes()).await.unwrap();
     s
 }
 
