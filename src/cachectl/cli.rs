@@ -74,6 +74,26 @@ pub enum CacheCommand {
         /// Destination directory (created if missing).
         dir: PathBuf,
     },
+    /// Store the saved documents in DIR (named like the rule's keys, <lote_id>_resultados.json)
+    /// as entries, each validated with the rule's checks for the id its name gives (server
+    /// stopped; re-running skips what is stored). Exit 1 if a file failed.
+    Import {
+        /// The config whose rule (and cache directory) to use; the shipped one has the checks
+        /// import needs.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Cache directory (overrides the config's).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// The rule to import as (default: the first).
+        #[arg(long)]
+        rule: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Directory of saved documents.
+        dir: PathBuf,
+    },
     /// Request each batch listed in FILE (one id per line) through the proxy.
     Warm {
         /// File of lote ids, one per line ('#' comments and blank lines skipped).
@@ -222,6 +242,43 @@ pub async fn run(command: CacheCommand) -> ExitCode {
                     }
                 }
                 Err(e) => fail("export", &e),
+            }
+        }
+        CacheCommand::Import { config: path, cache_dir, rule, json, dir: from } => {
+            let overrides =
+                config::Overrides { cache_dir: cache_dir.map(|d| d.display().to_string()), ..Default::default() };
+            let config = match config::load(path.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(errors) => return config::print_errors(&errors),
+            };
+            let chosen = match &rule {
+                Some(name) => config.rules.iter().find(|r| &r.name == name),
+                None => config.rules.first(),
+            };
+            let Some(chosen) = chosen else {
+                return fail("import", &format!("no rule named {:?} in the config", rule.unwrap_or_default()));
+            };
+            match cachectl::import(&config.cache_dir, config.max_size, &from, chosen, progress(json)).await {
+                Ok(r) => {
+                    output(json, &r, || {
+                        r.failed.iter().for_each(|f| println!("  FAILED  {}: {}", f.file, f.reason));
+                        r.skipped.iter().for_each(|f| println!("  skipped {}: {}", f.file, f.reason));
+                        println!(
+                            "imported {} from {} as rule {}, {} skipped, {} failed",
+                            r.imported.len(),
+                            r.dir,
+                            r.rule,
+                            r.skipped.len(),
+                            r.failed.len()
+                        );
+                    });
+                    if r.failed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => fail("import", &e),
             }
         }
         CacheCommand::Warm { file, via, concurrency, path, json } => {

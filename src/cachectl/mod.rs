@@ -251,6 +251,147 @@ fn export_one(e: &Entry, out: &Path, name: &str) -> Result<(), String> {
     result
 }
 
+/// One file `cache import` did not import, and why.
+#[derive(Debug, Serialize)]
+pub struct NotImported {
+    pub file: String,
+    pub reason: String,
+}
+
+/// What `cache import` did with each file of the directory.
+#[derive(Debug, Default, Serialize)]
+pub struct ImportReport {
+    pub dir: String,
+    pub rule: String,
+    /// Keys stored.
+    pub imported: Vec<String>,
+    /// Files left alone: not named like a key of the rule, or already stored.
+    pub skipped: Vec<NotImported>,
+    /// Files that are batches of the rule but could not be stored: an id outside the rule's
+    /// pattern, a document failing its validation, a read or store error.
+    pub failed: Vec<NotImported>,
+}
+
+/// Imports the saved documents in `from` (the owner's `<lote_id>_resultados.json`, or whatever
+/// the rule's key template names) into the store at `dir`, as `rule`'s entries: each file whose
+/// name is a key of the rule is read once, validated with the rule's checks for the id its name
+/// gives while it is written, and committed with the head a fill stores (`Content-Type`, and
+/// `Content-Disposition` naming the file). Takes the store's lock, so a running server's store
+/// is refused. Re-running it stores nothing twice: a key already holding the same bytes is
+/// skipped, and one holding other bytes is left as it is (purge it to replace it). The store
+/// keeps to `max_size` (0: no cap) as a serving one does.
+pub async fn import(
+    dir: &Path,
+    max_size: u64,
+    from: &Path,
+    rule: &crate::rules::RuleConfig,
+    show_progress: bool,
+) -> Result<ImportReport, store::StoreError> {
+    if !rule
+        .validation
+        .asserts
+        .iter()
+        .any(|a| matches!(&a.check, crate::cache::validate::Check::Equals(t) if t.contains("{lote_id}")))
+    {
+        return Err(io_err(format!(
+            "rule {} has no assertion tying a document to its id (an `equals = \"{{lote_id}}\"` check, as the shipped config's /metadata/lote_id); import needs one to know each file is the batch its name says",
+            rule.name
+        )));
+    }
+    let store = store::Store::open(dir.to_path_buf(), max_size, Arc::default()).await?;
+    let mut names: Vec<String> = std::fs::read_dir(from)
+        .map_err(|e| io_err(format!("cannot read {}: {e}", from.display())))?
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let bar = progress_bar(names.len() as u64, show_progress);
+    let mut report =
+        ImportReport { dir: from.display().to_string(), rule: rule.name.clone(), ..ImportReport::default() };
+    for name in names {
+        bar.set_message(name.clone());
+        let not = |reason: String| NotImported { file: name.clone(), reason };
+        let id = name.strip_prefix(rule.key_prefix.as_str()).and_then(|r| r.strip_suffix(rule.key_suffix.as_str()));
+        match id {
+            None | Some("") => report.skipped.push(not(format!("not named like a key of rule {}", rule.name))),
+            Some(id) if !rule.id_pattern.is_match(id) => {
+                report.failed.push(not(format!("the id {id:?} does not match the rule's id_pattern")))
+            }
+            Some(id) => match import_one(&store, rule, &from.join(&name), &name, id).await {
+                Ok(Imported::Stored) => report.imported.push(name.clone()),
+                Ok(Imported::AlreadyStored) => report.skipped.push(not("already stored, the same bytes".into())),
+                Ok(Imported::OtherStored) => report
+                    .skipped
+                    .push(not("another document is stored under this key (purge it to replace it)".into())),
+                Err(reason) => report.failed.push(not(reason)),
+            },
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+enum Imported {
+    Stored,
+    AlreadyStored,
+    OtherStored,
+}
+
+async fn import_one(
+    store: &Arc<store::Store>,
+    rule: &crate::rules::RuleConfig,
+    path: &Path,
+    key: &str,
+    id: &str,
+) -> Result<Imported, String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| format!("cannot open: {e}"))?;
+    let len = file.metadata().await.map_err(|e| format!("cannot stat: {e}"))?.len();
+    let existing = store.get(key);
+    if let Some(e) = &existing {
+        if e.rule != rule.name {
+            return Err(format!("the key is stored already by rule {}", e.rule));
+        }
+    }
+    let mut validator = crate::cache::validate::StreamingValidator::new(rule.validation.clone(), id.to_string());
+    // Written only when the key is free; otherwise only hashed, to compare with what is stored.
+    let mut writer = match existing {
+        None => Some(store.begin().await.map_err(|e| format!("cannot open a store write: {e}"))?),
+        Some(_) => None,
+    };
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf).await.map_err(|e| format!("read failed: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        validator.feed(&buf[..n]);
+        hasher.update(&buf[..n]);
+        if let Some(w) = writer.as_mut() {
+            w.write(&buf[..n]).await.map_err(|e| format!("store write failed: {e}"))?;
+        }
+    }
+    if let crate::cache::validate::Verdict::Invalid { reason, .. } = validator.finish() {
+        return Err(format!("fails the rule's validation: {reason}"));
+    }
+    let Some(writer) = writer else {
+        let same = existing.is_some_and(|e| e.sha256[..] == hasher.finalize()[..]);
+        return Ok(if same { Imported::AlreadyStored } else { Imported::OtherStored });
+    };
+    let mut head = http::HeaderMap::new();
+    head.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    let disposition = http::HeaderValue::from_str(&format!("attachment; filename={key}"))
+        .map_err(|_| "the file name cannot be a Content-Disposition value".to_string())?;
+    head.insert(http::header::CONTENT_DISPOSITION, disposition);
+    let meta = crate::cache::entry::EntryMeta::new(&rule.name, id, http::StatusCode::OK, &head, 0);
+    let expect = store::Expect { len: Some(len), ..store::Expect::default() };
+    writer.commit(store, key, meta, expect).await.map_err(|e| format!("store commit failed: {e}"))?;
+    Ok(Imported::Stored)
+}
+
 /// What `cache warm` did, by outcome.
 #[derive(Debug, Default, Serialize)]
 pub struct WarmReport {

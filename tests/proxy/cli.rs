@@ -44,3 +44,104 @@ async fn serve_with_flags_shows_one_generation_a_hit_and_a_hit_after_restart() {
     assert_eq!(third.bytes(), first.bytes());
     assert_eq!(origin.generations("S-1"), 1);
 }
+
+const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/lotecache.toml");
+
+/// `lotecache cache import --json` of `from` into `cache` with the shipped config: exit code,
+/// report, stderr.
+fn import(cache: &std::path::Path, from: &std::path::Path) -> (Option<i32>, serde_json::Value, String) {
+    let out = Command::new(BIN)
+        .args(["cache", "import", "--json", "--config", SHIPPED, "--cache-dir", cache.to_str().unwrap()])
+        .arg(from)
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code(), report, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn files(report: &serde_json::Value, list: &str) -> Vec<String> {
+    report[list].as_array().unwrap().iter().map(|f| f.as_str().map_or(f["file"].to_string(), String::from)).collect()
+}
+
+#[tokio::test]
+async fn saved_documents_are_imported_validated_once_and_then_served_as_hits() {
+    let origin = TestOrigin::start().await;
+    let saved = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let put = |name: &str, bytes: &[u8]| std::fs::write(saved.path().join(name), bytes).unwrap();
+    put("IMP-1_resultados.json", &document("IMP-1"));
+    put("IMP-2-2mb_resultados.json", &document("IMP-2-2mb"));
+    put("IMP-3_resultados.json", &document("IMP-9")); // another batch's document
+    put("IMP-4_resultados.json", b"{\"metadata\": {\"lote_id\": \"IMP-4\""); // cut JSON
+    put("bad id!_resultados.json", &document("IMP-1"));
+    put("README.txt", b"not a batch");
+
+    let (code, report, stderr) = import(cache.path(), saved.path());
+    assert_eq!(code, Some(1), "a file failed: exit 1 ({stderr})");
+    assert_eq!(files(&report, "imported"), ["IMP-1_resultados.json", "IMP-2-2mb_resultados.json"]);
+    let failed = files(&report, "failed");
+    assert_eq!(failed.len(), 3, "{report}");
+    for name in ["IMP-3_resultados.json", "IMP-4_resultados.json", "bad id!_resultados.json"] {
+        assert!(failed.iter().any(|f| f.contains(name)), "{name} failed: {report}");
+    }
+    assert!(files(&report, "skipped")[0].contains("README.txt"), "{report}");
+
+    // Again: nothing stored twice.
+    let (code, report, _) = import(cache.path(), saved.path());
+    assert_eq!(code, Some(1));
+    assert!(files(&report, "imported").is_empty(), "{report}");
+    let skipped = report["skipped"].as_array().unwrap();
+    assert_eq!(skipped.iter().filter(|s| s["reason"].as_str().unwrap().starts_with("already stored")).count(), 2);
+
+    // Served as hits, with the head a fill stores; the origin generates nothing.
+    let server = serve(origin.addr, cache.path(), &["--config", SHIPPED]).await;
+    for id in ["IMP-1", "IMP-2-2mb"] {
+        let mut req = crate::support::request(http::Method::GET, server.addr(), &batch(id));
+        req.headers_mut().insert("cookie", "session=x".parse().unwrap()); // the shipped rule's access check allows it
+        let got = crate::support::send(req).await;
+        assert_eq!(got.cache_status(), "lotecache; hit", "{id}");
+        assert_eq!(got.bytes(), &document(id));
+        assert_eq!(got.headers["content-disposition"], format!("attachment; filename={id}_resultados.json"));
+        assert_eq!(got.headers["content-type"], "application/json");
+        assert_eq!(origin.generations(id), 0);
+    }
+
+    // A running server's store is refused.
+    let (code, _, stderr) = import(cache.path(), saved.path());
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("in use by another lotecache process"), "{stderr}");
+    drop(server);
+
+    // export and import round-trip: the same keys and bytes in a fresh store.
+    let exported = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["cache", "export", "--cache-dir", cache.path().to_str().unwrap()])
+        .arg(exported.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fresh = tempfile::tempdir().unwrap();
+    let (code, report, stderr) = import(fresh.path(), exported.path());
+    assert_eq!(code, Some(0), "{stderr} {report}");
+    assert_eq!(files(&report, "imported"), ["IMP-1_resultados.json", "IMP-2-2mb_resultados.json"]);
+    let sums = |dir: &std::path::Path| {
+        let mut v: Vec<(String, String)> =
+            lotecache::cachectl::ls(dir).iter().map(|e| (e.key.clone(), hex::encode(e.sha256))).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(sums(fresh.path()), sums(cache.path()));
+}
+
+#[test]
+fn import_refuses_a_rule_that_cannot_tie_a_document_to_its_id() {
+    let saved = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["cache", "import", "--cache-dir", cache.path().to_str().unwrap()])
+        .arg(saved.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no assertion tying a document to its id"));
+}
