@@ -187,8 +187,10 @@ impl Cache {
     /// sends no body (`HEAD`, `304`, `412`, `416`) verifies the content too, so no answer vouches
     /// for an entry that could not be served.
     async fn serve_hit(&self, entry: Arc<Entry>, cond: &HitConditions) -> Served {
-        let not_modified = cond.if_none_match.as_ref().is_some_and(|v| etag_matches(v, &entry.etag));
-        let failed_precondition = !not_modified && range::if_match_fails(cond.if_match.as_ref(), &entry.etag);
+        // RFC 9110 §13.2.2: If-Match first, then If-None-Match, then Range.
+        let failed_precondition = range::if_match_fails(cond.if_match.as_ref(), &entry.etag);
+        let not_modified =
+            !failed_precondition && cond.if_none_match.as_ref().is_some_and(|v| etag_matches(v, &entry.etag));
         let part =
             match entry.status == http::StatusCode::OK && !cond.head_only && !not_modified && !failed_precondition {
                 true => range::answer(cond.range.as_ref(), cond.if_range.as_ref(), &entry.etag, entry.size),
@@ -250,6 +252,11 @@ impl Cache {
             RangeAnswer::Part { start, end } => {
                 *resp.status_mut() = http::StatusCode::PARTIAL_CONTENT;
                 resp.headers_mut().insert(header::CONTENT_RANGE, range::content_range(Some((start, end)), entry.size));
+                // Stored origin headers that describe the whole body would be wrong on a part
+                // (`Repr-Digest` describes the representation, so it stays).
+                for name in ["content-md5", "content-digest"] {
+                    resp.headers_mut().remove(name);
+                }
                 resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
                 // A slice of verified bytes: of the memory copy, or of the mapped file, whose
                 // writes go out with sendfile at this offset (see `crate::sendfile`).
@@ -550,13 +557,28 @@ struct HitConditions {
 
 impl HitConditions {
     fn of(headers: &HeaderMap, head_only: bool) -> HitConditions {
-        let get = |name| headers.get(name).cloned();
+        // List headers may come as several lines: one list (an unreadable line makes it so).
+        let list = |name| {
+            let mut lines = headers.get_all(name).iter();
+            let first = lines.next()?.clone();
+            let joined = lines.try_fold(first, |joined, line| {
+                let (a, b) = (joined.to_str().ok()?, line.to_str().ok()?);
+                HeaderValue::from_str(&format!("{a}, {b}")).ok()
+            });
+            // An unreadable line: a tag no representation has.
+            Some(joined.unwrap_or(HeaderValue::from_static("\"\"")))
+        };
+        // One `Range` line only: several are not one range (the whole document is sent).
+        let range = match headers.get_all(header::RANGE).iter().count() {
+            1 => headers.get(header::RANGE).cloned(),
+            _ => None,
+        };
         HitConditions {
             head_only,
-            if_none_match: get(header::IF_NONE_MATCH),
-            if_match: get(header::IF_MATCH),
-            range: get(header::RANGE),
-            if_range: get(header::IF_RANGE),
+            if_none_match: list(header::IF_NONE_MATCH),
+            if_match: list(header::IF_MATCH),
+            range,
+            if_range: headers.get(header::IF_RANGE).cloned(),
         }
     }
 }

@@ -4,9 +4,9 @@
 //! One range is served (`206` with `Content-Range`); several ranges, a malformed `Range` or
 //! another unit get the whole representation (`200`), which the RFC allows and which no client
 //! misreads. A range that starts past the end is unsatisfiable (`416`, `Content-Range: bytes
-//! */N`). `If-Range` must name the stored representation's strong `ETag`: lotecache sends no
-//! `Last-Modified`, so a date never matches, and a weak tag never matches either. `If-Match`
-//! compares strongly too; a mismatch is `412`.
+//! */N`). `If-Range` must name the stored representation's strong `ETag`, the only validator
+//! compared: a date never matches, and a weak tag never matches either. `If-Match` compares
+//! strongly too; a mismatch is `412`.
 
 use http::HeaderValue;
 
@@ -45,7 +45,8 @@ pub fn answer(
             }
         }
         Spec::Suffix(0) => RangeAnswer::Unsatisfiable,
-        Spec::Suffix(_) if len == 0 => RangeAnswer::Unsatisfiable,
+        // The last n bytes of nothing: the whole (empty) representation.
+        Spec::Suffix(_) if len == 0 => RangeAnswer::Whole,
         Spec::Suffix(n) => RangeAnswer::Part { start: len.saturating_sub(n), end: len - 1 },
     }
 }
@@ -147,7 +148,7 @@ mod tests {
             assert_eq!(ask(range, 1000), want, "{range}");
         }
         assert_eq!(ask("bytes=0-", 0), Unsatisfiable);
-        assert_eq!(ask("bytes=-1", 0), Unsatisfiable);
+        assert_eq!(ask("bytes=-1", 0), Whole);
     }
 
     #[test]

@@ -11,8 +11,8 @@
 //!   file is re-checked with one `stat` at most every `cache.memory_recheck`: a changed file
 //!   drops the memory copy.
 //! - Larger bodies are sent from the file with `sendfile` (see `crate::sendfile`); the
-//!   fingerprint is checked again before the last bytes go out, so a file changed during the
-//!   send aborts the response, never a clean `200`.
+//!   fingerprint is checked again before every `sendfile`, so a file changed during the send
+//!   aborts the response (a whole one or a range), never a clean `200` or `206`.
 //! - Silent media corruption (which changes no fingerprint) is found by the scrubber, which
 //!   re-hashes every file at a configured rate.
 
@@ -98,6 +98,7 @@ fn from_memory(store: &Store, entry: &Entry) -> Option<Bytes> {
 /// Opens `entry` for serving: verified bytes from memory, or a verified file mapped for
 /// `sendfile`. On `Err` nothing was sent; the caller evicts and refetches.
 pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<Bytes, ReadError> {
+    let e_size = entry.size;
     if let Some(body) = from_memory(&store, &entry) {
         return Ok(body);
     }
@@ -148,8 +149,15 @@ pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<Bytes, ReadErr
     match opened {
         Opened::Whole(b) => Ok(b),
         // Verified in this very state: sent from the file with sendfile, its fingerprint
-        // checked again before the last bytes.
-        Opened::File { file, fp } => Ok(crate::sendfile::map(file, fp, Box::new(reading))?),
+        // checked again before every sendfile. A map shorter or longer than the entry means the
+        // file changed since (a part is cut from it by the entry's length).
+        Opened::File { file, fp } => {
+            let mapped = crate::sendfile::map(file, fp, Box::new(reading))?;
+            if mapped.len() as u64 != e_size {
+                return Err(ReadError::Changed);
+            }
+            Ok(mapped)
+        }
     }
 }
 

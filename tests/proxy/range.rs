@@ -153,6 +153,30 @@ async fn conditions_that_send_no_body_come_before_the_range() {
 }
 
 #[tokio::test]
+async fn if_match_is_weighed_before_if_none_match_and_list_headers_may_span_lines() {
+    let (_origin, _dir, proxy) = setup("").await;
+    let addr = proxy.local_addr();
+    let doc = document("R-10");
+    let etag = stored(addr, "R-10").await.headers["etag"].to_str().unwrap().to_string();
+    // RFC 9110 §13.2.2: a failed If-Match is 412 even when If-None-Match would give 304.
+    let got = get_with(addr, "R-10", &[("if-match", "\"sha256-00\""), ("if-none-match", &etag)]).await;
+    assert_eq!(got.status, StatusCode::PRECONDITION_FAILED);
+    // If-Match over two lines, the second naming this representation: served.
+    let mut req = request(Method::GET, addr, &batch("R-10"));
+    req.headers_mut().append("if-match", "\"sha256-00\"".parse().unwrap());
+    req.headers_mut().append("if-match", etag.parse().unwrap());
+    req.headers_mut().insert("range", "bytes=0-9".parse().unwrap());
+    assert_part(&send(req).await, &doc, 0, 9);
+    // Two Range lines are not one range: the whole document.
+    let mut req = request(Method::GET, addr, &batch("R-10"));
+    req.headers_mut().append("range", "bytes=0-9".parse().unwrap());
+    req.headers_mut().append("range", "bytes=20-29".parse().unwrap());
+    let got = send(req).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.bytes(), &doc);
+}
+
+#[tokio::test]
 async fn a_range_on_a_miss_gets_the_whole_document_which_is_stored_for_the_next_range() {
     let (origin, _dir, proxy) = setup("").await;
     let addr = proxy.local_addr();
@@ -185,9 +209,12 @@ async fn a_range_never_vouches_for_a_corrupt_entry() {
     assert_eq!(got.bytes(), &doc);
     assert_eq!(origin.generations("R-9-2mb"), 2);
 
-    // Out of range of a 416 too: an unsatisfiable range verifies the entry it answers for.
+    // Nor with a 416: an unsatisfiable range hashes the entry it answers for (a flipped byte,
+    // the file's size unchanged).
     let path = proxy.store().get("R-9-2mb_resultados.json").unwrap().path.clone();
-    std::fs::write(&path, b"garbage").unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[7] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
     let got = get_with(addr, "R-9-2mb", &[("range", &format!("bytes={}-", doc.len()))]).await;
     assert_eq!(got.status, StatusCode::OK, "a 416 must not vouch for a corrupt entry");
     assert_eq!(origin.generations("R-9-2mb"), 3);
