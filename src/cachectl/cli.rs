@@ -258,7 +258,9 @@ pub async fn run(command: CacheCommand) -> ExitCode {
             let Some(chosen) = chosen else {
                 return fail("import", &format!("no rule named {:?} in the config", rule.unwrap_or_default()));
             };
-            match cachectl::import(&config.cache_dir, config.max_size, &from, chosen, progress(json)).await {
+            match cachectl::import(&config.cache_dir, (config.max_size, config.min_free), &from, chosen, progress(json))
+                .await
+            {
                 Ok(r) => {
                     output(json, &r, || {
                         r.failed.iter().for_each(|f| println!("  FAILED  {}: {}", f.file, f.reason));

@@ -263,6 +263,11 @@ pub struct NotImported {
 pub struct ImportReport {
     pub dir: String,
     pub rule: String,
+    /// The entry whose stored head (less `Date` and `Content-Disposition`) the imported ones
+    /// got, as a fill would have stored it; None: no entry of the rule was filled yet, and they
+    /// got `Content-Type: application/json` (plus `Vary: Cookie` on a rule with an access
+    /// check, as the legacy backend answers).
+    pub head_from: Option<String>,
     /// Keys stored.
     pub imported: Vec<String>,
     /// Files left alone: not named like a key of the rule, or already stored.
@@ -279,46 +284,56 @@ pub struct ImportReport {
 /// `Content-Disposition` naming the file). Takes the store's lock, so a running server's store
 /// is refused. Re-running it stores nothing twice: a key already holding the same bytes is
 /// skipped, and one holding other bytes is left as it is (purge it to replace it). The store
-/// keeps to `max_size` (0: no cap) as a serving one does.
+/// keeps to `max_size` and `min_free` (0: none) and the rule's `max_object_size` as a serving
+/// one does; a file evicted by a later one of the same run is reported as failed.
 pub async fn import(
     dir: &Path,
-    max_size: u64,
+    (max_size, min_free): (u64, u64),
     from: &Path,
     rule: &crate::rules::RuleConfig,
     show_progress: bool,
 ) -> Result<ImportReport, store::StoreError> {
-    if !rule
-        .validation
-        .asserts
-        .iter()
-        .any(|a| matches!(&a.check, crate::cache::validate::Check::Equals(t) if t.contains("{lote_id}")))
-    {
+    // A check that proves the document is this id's: required, equal to the id, and at one
+    // place (a `*` pointer is met by an empty array).
+    let ties = |a: &crate::cache::validate::Assertion| {
+        !a.optional
+            && !a.pointer.split('/').any(|s| s == "*")
+            && matches!(&a.check, crate::cache::validate::Check::Equals(t) if t == "{lote_id}")
+    };
+    if !rule.validation.asserts.iter().any(ties) {
         return Err(io_err(format!(
-            "rule {} has no assertion tying a document to its id (an `equals = \"{{lote_id}}\"` check, as the shipped config's /metadata/lote_id); import needs one to know each file is the batch its name says",
+            "rule {} has no assertion tying a document to its id (a required `equals = \"{{lote_id}}\"` check at one pointer, as the shipped config's /metadata/lote_id); import needs one to know each file is the batch its name says",
             rule.name
         )));
     }
     let store = store::Store::open(dir.to_path_buf(), max_size, Arc::default()).await?;
-    let mut names: Vec<String> = std::fs::read_dir(from)
+    store.set_min_free(min_free);
+    let template = head_template(&store, rule);
+    let mut files: Vec<(String, bool)> = std::fs::read_dir(from)
         .map_err(|e| io_err(format!("cannot read {}: {e}", from.display())))?
         .filter_map(|entry| entry.ok())
-        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .map(|entry| (entry.file_name().to_string_lossy().into_owned(), entry.file_type().is_ok_and(|t| t.is_file())))
         .collect();
-    names.sort();
-    let bar = progress_bar(names.len() as u64, show_progress);
-    let mut report =
-        ImportReport { dir: from.display().to_string(), rule: rule.name.clone(), ..ImportReport::default() };
-    for name in names {
+    files.sort();
+    let bar = progress_bar(files.len() as u64, show_progress);
+    let mut report = ImportReport {
+        dir: from.display().to_string(),
+        rule: rule.name.clone(),
+        head_from: template.as_ref().map(|(key, _)| key.clone()),
+        ..ImportReport::default()
+    };
+    let head = template.map(|(_, head)| head).unwrap_or_else(|| minimal_head(rule));
+    for (name, regular) in files {
         bar.set_message(name.clone());
         let not = |reason: String| NotImported { file: name.clone(), reason };
         let id = name.strip_prefix(rule.key_prefix.as_str()).and_then(|r| r.strip_suffix(rule.key_suffix.as_str()));
         match id {
+            _ if !regular => report.skipped.push(not("not a regular file (a directory, link or device)".into())),
             None | Some("") => report.skipped.push(not(format!("not named like a key of rule {}", rule.name))),
-            Some(id) if !rule.id_pattern.is_match(id) => {
+            Some(id) if id == "." || id == ".." || !rule.id_pattern.is_match(id) => {
                 report.failed.push(not(format!("the id {id:?} does not match the rule's id_pattern")))
             }
-            Some(id) => match import_one(&store, rule, &from.join(&name), &name, id).await {
+            Some(id) => match import_one(&store, rule, &head, &from.join(&name), &name, id).await {
                 Ok(Imported::Stored) => report.imported.push(name.clone()),
                 Ok(Imported::AlreadyStored) => report.skipped.push(not("already stored, the same bytes".into())),
                 Ok(Imported::OtherStored) => report
@@ -330,7 +345,37 @@ pub async fn import(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    // Keeping to max_size may have evicted what this run stored earlier: say so.
+    let (kept, evicted): (Vec<String>, Vec<String>) =
+        report.imported.drain(..).partition(|key| store.get_for(&rule.name, key).is_some());
+    report.imported = kept;
+    report.failed.extend(evicted.into_iter().map(|file| NotImported {
+        file,
+        reason: "stored, then evicted by a later file of this import to keep cache.max_size".into(),
+    }));
     Ok(report)
+}
+
+/// The stored head of the newest entry of `rule` a fill stored (gen_ms > 0), less what is
+/// per-answer (`Date`, `Content-Disposition`), with its key.
+fn head_template(store: &Arc<store::Store>, rule: &crate::rules::RuleConfig) -> Option<(String, http::HeaderMap)> {
+    let filled = store.entries().into_iter().filter(|e| e.rule == rule.name && e.gen_ms > 0);
+    let newest = filled.max_by_key(|e| e.stored_at_ms)?;
+    let mut head = crate::cache::entry::stored_head(&newest.headers);
+    head.remove(http::header::DATE);
+    head.remove(http::header::CONTENT_DISPOSITION);
+    Some((newest.key.clone(), head))
+}
+
+/// The head of an imported document when no fill of the rule shows the origin's: what the
+/// legacy backend sends for one.
+fn minimal_head(rule: &crate::rules::RuleConfig) -> http::HeaderMap {
+    let mut head = http::HeaderMap::new();
+    head.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    if matches!(rule.access, crate::cache::target::AccessPolicy::Auth { .. }) {
+        head.insert(http::header::VARY, http::HeaderValue::from_static("Cookie"));
+    }
+    head
 }
 
 enum Imported {
@@ -342,13 +387,35 @@ enum Imported {
 async fn import_one(
     store: &Arc<store::Store>,
     rule: &crate::rules::RuleConfig,
+    head: &http::HeaderMap,
     path: &Path,
     key: &str,
     id: &str,
 ) -> Result<Imported, String> {
     use tokio::io::AsyncReadExt as _;
-    let mut file = tokio::fs::File::open(path).await.map_err(|e| format!("cannot open: {e}"))?;
-    let len = file.metadata().await.map_err(|e| format!("cannot stat: {e}"))?.len();
+    // Not following a link, not blocking on a FIFO swapped in since the listing: then only a
+    // regular file is read.
+    let mut file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .await
+        .map_err(|e| format!("cannot open: {e}"))?;
+    let meta = file.metadata().await.map_err(|e| format!("cannot stat: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let len = meta.len();
+    let limit = match (store.max_size(), rule.max_object_size) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if let Some(limit) = limit.filter(|&limit| len > limit) {
+        return Err(format!("{len} bytes: larger than the rule's max_object_size or cache.max_size ({limit} bytes)"));
+    }
+    if !store.has_room_for(Some(len)) {
+        return Err("the cache's file system is below cache.min_free".into());
+    }
     let existing = store.get(key);
     if let Some(e) = &existing {
         if e.rule != rule.name {
@@ -381,8 +448,7 @@ async fn import_one(
         let same = existing.is_some_and(|e| e.sha256[..] == hasher.finalize()[..]);
         return Ok(if same { Imported::AlreadyStored } else { Imported::OtherStored });
     };
-    let mut head = http::HeaderMap::new();
-    head.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    let mut head = head.clone();
     let disposition = http::HeaderValue::from_str(&format!("attachment; filename={key}"))
         .map_err(|_| "the file name cannot be a Content-Disposition value".to_string())?;
     head.insert(http::header::CONTENT_DISPOSITION, disposition);

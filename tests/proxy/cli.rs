@@ -103,6 +103,7 @@ async fn saved_documents_are_imported_validated_once_and_then_served_as_hits() {
         assert_eq!(got.bytes(), &document(id));
         assert_eq!(got.headers["content-disposition"], format!("attachment; filename={id}_resultados.json"));
         assert_eq!(got.headers["content-type"], "application/json");
+        assert_eq!(got.headers["vary"], "Cookie", "no fill to copy from: the legacy backend's head");
         assert_eq!(origin.generations(id), 0);
     }
 
@@ -131,6 +132,85 @@ async fn saved_documents_are_imported_validated_once_and_then_served_as_hits() {
         v
     };
     assert_eq!(sums(fresh.path()), sums(cache.path()));
+}
+
+#[tokio::test]
+async fn an_imported_entry_is_served_with_the_head_a_fill_of_its_rule_stored() {
+    let origin = TestOrigin::start().await;
+    let head = vec![("vary".to_string(), "Cookie".to_string()), ("x-generated-by".to_string(), "ocr".to_string())];
+    origin.set("HF-1", Behavior::WithHeaders(head));
+    let cache = tempfile::tempdir().unwrap();
+    let hit = |addr, id: &'static str| async move {
+        let mut req = crate::support::request(http::Method::GET, addr, &batch(id));
+        req.headers_mut().insert("cookie", "session=x".parse().unwrap());
+        crate::support::send(req).await
+    };
+    let server = serve(origin.addr, cache.path(), &["--config", SHIPPED]).await;
+    hit(server.addr(), "HF-1").await;
+    let filled = hit(server.addr(), "HF-1").await;
+    assert_eq!(filled.cache_status(), "lotecache; hit");
+    drop(server);
+
+    let saved = tempfile::tempdir().unwrap();
+    std::fs::write(saved.path().join("HF-2_resultados.json"), document("HF-2")).unwrap();
+    let (code, report, stderr) = import(cache.path(), saved.path());
+    assert_eq!(code, Some(0), "{stderr} {report}");
+    assert_eq!(report["head_from"], "HF-1_resultados.json");
+
+    let server = serve(origin.addr, cache.path(), &["--config", SHIPPED]).await;
+    let imported = hit(server.addr(), "HF-2").await;
+    assert_eq!(imported.cache_status(), "lotecache; hit");
+    let comparable = |got: &crate::support::Got| {
+        let mut h = got.headers.clone();
+        for per_answer in ["content-disposition", "content-length", "etag", "repr-digest", "age", "date"] {
+            h.remove(per_answer);
+        }
+        let mut v: Vec<(String, String)> =
+            h.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string())).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(comparable(&imported), comparable(&filled));
+    assert_eq!(imported.headers["content-disposition"], "attachment; filename=HF-2_resultados.json");
+    assert_eq!(imported.headers["x-generated-by"], "ocr");
+    assert_eq!(origin.generations("HF-2"), 0);
+}
+
+#[test]
+fn import_keeps_to_the_rules_size_limit_and_never_replaces_another_stored_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lotecache.toml");
+    let shipped = std::fs::read_to_string(SHIPPED).unwrap();
+    let limited =
+        shipped.replacen("name = \"batch-results\"\n", "name = \"batch-results\"\nmax_object_size = \"8KiB\"\n", 1);
+    assert_ne!(limited, shipped);
+    std::fs::write(&config, limited).unwrap();
+    let (cache, saved) = (dir.path().join("cache"), dir.path().join("saved"));
+    std::fs::create_dir(&saved).unwrap();
+    std::fs::write(saved.join("IMP-5_resultados.json"), document("IMP-5")).unwrap();
+    std::fs::write(saved.join("IMP-6-16kb_resultados.json"), document("IMP-6-16kb")).unwrap();
+    let run = || {
+        let out = Command::new(BIN)
+            .args(["cache", "import", "--json", "--config", config.to_str().unwrap(), "--cache-dir"])
+            .args([cache.to_str().unwrap(), saved.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (out.status.code(), serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
+    };
+    let (code, report) = run();
+    assert_eq!(code, Some(1));
+    assert_eq!(files(&report, "imported"), ["IMP-5_resultados.json"]);
+    assert!(report["failed"][0]["reason"].as_str().unwrap().contains("larger than"), "{report}");
+
+    // The batch re-processed since: the stored document stays until it is purged.
+    std::fs::write(saved.join("IMP-5_resultados.json"), versioned_document("IMP-5", 2)).unwrap();
+    let (_, report) = run();
+    assert!(files(&report, "imported").is_empty());
+    assert!(report["skipped"][0]["reason"].as_str().unwrap().starts_with("another document is stored"), "{report}");
+    let stored = lotecache::cachectl::ls(&cache);
+    assert_eq!(stored.len(), 1);
+    use sha2::Digest as _;
+    assert_eq!(stored[0].sha256[..], sha2::Sha256::digest(document("IMP-5"))[..]);
 }
 
 #[test]
