@@ -280,8 +280,9 @@ pub struct ImportReport {
 /// Imports the saved documents in `from` (the owner's `<lote_id>_resultados.json`, or whatever
 /// the rule's key template names) into the store at `dir`, as `rule`'s entries: each file whose
 /// name is a key of the rule is read once, validated with the rule's checks for the id its name
-/// gives while it is written, and committed with the head a fill stores (`Content-Type`, and
-/// `Content-Disposition` naming the file). Takes the store's lock, so a running server's store
+/// gives while it is written, and committed with the head a fill of the rule stored (see
+/// [`ImportReport::head_from`]) and `Content-Disposition` naming the file. Takes the store's
+/// lock, so a running server's store
 /// is refused. Re-running it stores nothing twice: a key already holding the same bytes is
 /// skipped, and one holding other bytes is left as it is (purge it to replace it). The store
 /// keeps to `max_size` and `min_free` (0: none) and the rule's `max_object_size` as a serving
