@@ -219,3 +219,32 @@ async fn a_range_never_vouches_for_a_corrupt_entry() {
     assert_eq!(got.status, StatusCode::OK, "a 416 must not vouch for a corrupt entry");
     assert_eq!(origin.generations("R-9-2mb"), 3);
 }
+
+#[tokio::test]
+async fn an_http10_client_gets_its_range_framed_by_content_length() {
+    let (_origin, _dir, proxy) = setup("").await;
+    let addr = proxy.local_addr();
+    let doc = document("R-11-2mb");
+    stored(addr, "R-11-2mb").await;
+    let reply =
+        crate::support::raw::http10_get(addr, &batch("R-11-2mb"), &[("range", "bytes=500000-899999")]).await.unwrap();
+    assert_eq!(reply.status, Some(206));
+    assert_eq!(reply.headers["content-length"], "400000");
+    assert_eq!(reply.headers["content-range"], format!("bytes 500000-899999/{}", doc.len()));
+    assert!(reply.body[..] == doc[500_000..900_000]);
+}
+
+#[tokio::test]
+async fn an_expired_entry_served_for_a_failed_refetch_answers_the_range_too() {
+    let rule = "[[rules]]\nname = \"b\"\npath = \"/download_batch_results/{lote_id}\"\nttl = \"1s\"\n";
+    let (origin, _dir, proxy) = setup(rule).await;
+    let addr = proxy.local_addr();
+    let doc = document("R-12");
+    get(addr, &batch("R-12")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    origin.set("R-12", Behavior::Status(500));
+    let got = get_with(addr, "R-12", &[("range", "bytes=100-199")]).await;
+    assert_eq!(got.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(got.cache_status(), "lotecache; hit; fwd=stale; fwd-status=500; detail=stale-if-error");
+    assert!(got.bytes()[..] == doc[100..200]);
+}
