@@ -279,6 +279,13 @@ pub fn entry_json(e: &Entry) -> Value {
         "last_hit": (hits > 0).then(|| rfc3339(e.last_hit_ms.load(Relaxed) as u128)),
         "hits": hits,
         "generation_ms": e.gen_ms,
+        "variants": e.variants.iter().map(|v| json!({
+            "encoding": v.coding.map(|c| c.token()),
+            "size": v.size,
+            "sha256": hex::encode(v.sha256),
+            "etag": v.etag.to_str().unwrap_or_default(),
+            "hits": v.hits.load(Relaxed),
+        })).collect::<Vec<_>>(),
     })
 }
 

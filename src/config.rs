@@ -3,6 +3,9 @@
 
 pub use crate::admin::AdminConfig;
 pub use crate::cache::fill::FillConfig;
+use crate::cache::negotiate::{
+    Coding, CompressionConfig, DEFAULT_BROTLI_QUALITY, DEFAULT_GZIP_LEVEL, DEFAULT_MIN_SAVING_PERCENT,
+};
 pub use crate::cache::policy::IgnoreResponse;
 pub use crate::cache::shared::SharedConfig;
 pub use crate::cache::target::{AccessPolicy, FillHeaders, DEFAULT_CREDENTIAL_HEADERS, DEFAULT_FORWARD_HEADERS};
@@ -144,6 +147,18 @@ pub struct RawRule {
     pub max_object_size: Option<Spanned<String>>,
     #[serde(default, rename = "assert")]
     pub asserts: Vec<RawAssert>,
+    /// `[rules.compression]`: which precompressed variants are kept and served.
+    pub compression: Option<RawCompression>,
+}
+
+/// `[rules.compression]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompression {
+    pub encodings: Option<Vec<Spanned<String>>>,
+    pub brotli_quality: Option<Spanned<i64>>,
+    pub gzip_level: Option<Spanned<i64>>,
+    pub min_saving_percent: Option<Spanned<i64>>,
 }
 
 /// `[rules.auth]`: the backend URL that decides, per request, whether a client may get a batch.
@@ -712,6 +727,7 @@ impl<'a> Validator<'a> {
             }
         }
         let headers = self.fill_headers(r);
+        let compression = self.compression(r.compression.as_ref());
         let max_object_size = r.max_object_size.as_ref().map(|m| self.size("rules.max_object_size", Some(m), "0"));
         if self.errors.len() > before {
             return None;
@@ -731,7 +747,63 @@ impl<'a> Validator<'a> {
             validation: Arc::new(validation),
             headers: Arc::new(headers),
             max_object_size: max_object_size.filter(|&n| n > 0),
+            compression: Arc::new(compression),
         })
+    }
+
+    /// `[rules.compression]`: absent, the defaults (brotli and gzip); `encodings = []`, none.
+    fn compression(&mut self, raw: Option<&RawCompression>) -> CompressionConfig {
+        let Some(raw) = raw else { return CompressionConfig::default() };
+        let int = |this: &mut Self,
+                   field: &str,
+                   v: Option<&Spanned<i64>>,
+                   range: std::ops::RangeInclusive<i64>,
+                   default: u32| {
+            let Some(v) = v else { return default };
+            if range.contains(v.get_ref()) {
+                return *v.get_ref() as u32;
+            }
+            let at = Located { value: "", location: locate(this.name, this.text, v.span().start) };
+            this.err(&at, field, format!("must be between {} and {}", range.start(), range.end()));
+            default
+        };
+        let br =
+            int(self, "rules.compression.brotli_quality", raw.brotli_quality.as_ref(), 0..=11, DEFAULT_BROTLI_QUALITY);
+        let gzip = int(self, "rules.compression.gzip_level", raw.gzip_level.as_ref(), 1..=9, DEFAULT_GZIP_LEVEL);
+        let min_saving = int(
+            self,
+            "rules.compression.min_saving_percent",
+            raw.min_saving_percent.as_ref(),
+            0..=99,
+            DEFAULT_MIN_SAVING_PERCENT as u32,
+        );
+        let mut codings = Vec::new();
+        match &raw.encodings {
+            None => codings = CompressionConfig::default().codings,
+            Some(list) => {
+                for name in list {
+                    let at = self.pick(None, "", Some(name), "");
+                    match Coding::from_token(name.get_ref().trim()) {
+                        Some(c) if codings.iter().any(|(k, _)| *k == c) => {
+                            self.err(&at, "rules.compression.encodings", format!("{:?} is listed twice", c.token()))
+                        }
+                        Some(c) => codings.push((c, 0)),
+                        None => self.err(
+                            &at,
+                            "rules.compression.encodings",
+                            format!("{:?} is not one of \"br\", \"gzip\"", name.get_ref()),
+                        ),
+                    }
+                }
+            }
+        }
+        for (c, level) in &mut codings {
+            *level = match c {
+                Coding::Br => br,
+                Coding::Gzip => gzip,
+            };
+        }
+        CompressionConfig { codings, min_saving_percent: min_saving as u8 }
     }
 
     /// A rule's fill header lists: each name a valid header name, no hop-by-hop one, and no
@@ -871,6 +943,7 @@ pub fn default_rule() -> RuleConfig {
         validation: Arc::new(Validation::default()),
         headers: Arc::new(FillHeaders::default()),
         max_object_size: None,
+        compression: Arc::new(CompressionConfig::default()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Prometheus metrics of one proxy instance (its own registry, so several instances in one
 //! process — tests — never mix their counts). Names are documented in README.md.
 
+use crate::cache::negotiate::Coding;
 use crate::cache::status::Outcome;
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
@@ -35,6 +36,13 @@ pub struct Metrics {
     pub shared_up: IntGauge,
     /// Write-through uploads to the shared store not finished yet.
     pub shared_uploads_pending: IntGauge,
+    /// Compressed variants stored, by coding.
+    pub variants_built: IntCounterVec,
+    /// Variants built but not kept, by reason (not-smaller, no-room-or-replaced, failed,
+    /// queue-full).
+    pub variants_not_kept: IntCounterVec,
+    /// Hits by the representation sent (identity, br, gzip), resolved once.
+    hit_encodings: [IntCounter; 1 + Coding::ALL.len()],
     /// `requests` resolved once per outcome: the request path does no label lookup.
     pub outcome: Outcomes,
 }
@@ -79,6 +87,10 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let variants_built = counter_vec("lotecache_variants_built_total", "Compressed variants stored", "encoding");
+        let variants_not_kept =
+            counter_vec("lotecache_variants_not_kept_total", "Compressed variants built but not kept", "reason");
+        let hit_encodings = counter_vec("lotecache_hit_encodings_total", "Hits by the representation sent", "encoding");
         let origin_errors = counter_vec("lotecache_origin_errors_total", "Origin failures by kind", "kind");
         Metrics {
             stored: reg(&registry, IntCounter::new("lotecache_stored_total", "Entries stored").expect("valid")),
@@ -135,7 +147,19 @@ impl Metrics {
             integrity_failures,
             evictions,
             origin_errors,
+            variants_built,
+            variants_not_kept,
+            hit_encodings: std::array::from_fn(|i| {
+                let label = i.checked_sub(1).map_or("identity", |c| Coding::ALL[c].token());
+                hit_encodings.with_label_values(&[label])
+            }),
         }
+    }
+
+    /// The counter of hits sent in `coding` (None: identity).
+    pub fn hit_encoding(&self, coding: Option<Coding>) -> &IntCounter {
+        let i = coding.map_or(0, |c| 1 + Coding::ALL.iter().position(|&k| k == c).expect("ALL lists every coding"));
+        &self.hit_encodings[i]
     }
 
     /// The Prometheus text exposition of every metric.

@@ -6,6 +6,7 @@
 //! — it is never passed through or stored under another key. The origin request of a cache
 //! route is rebuilt from the parsed id, never forwarded raw.
 
+use crate::cache::negotiate::CompressionConfig;
 use crate::cache::policy::IgnoreResponse;
 use crate::cache::target::{encode_id, AccessPolicy, CacheTarget, FillHeaders};
 use crate::cache::validate::Validation;
@@ -46,6 +47,8 @@ pub struct RuleConfig {
     pub headers: Arc<FillHeaders>,
     /// Largest body stored on this route (None: only `cache.max_size` bounds it).
     pub max_object_size: Option<u64>,
+    /// The precompressed variants kept and served on this route.
+    pub compression: Arc<CompressionConfig>,
 }
 
 /// A rule's id pattern, matched against the whole id. The common shape — one ASCII character
@@ -206,6 +209,7 @@ impl Rules {
                 ignore: rule.ignore,
                 headers: rule.headers.clone(),
                 max_object_size: rule.max_object_size,
+                compression: rule.compression.clone(),
             });
         }
         Route::Pass

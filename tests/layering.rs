@@ -23,6 +23,7 @@ const LAYERS: &[&str] = &[
     // The cache: the request path, then fills, the shared and local stores, verified reads.
     "cache",
     "cache::fill",
+    "cache::compress",
     "cache::shared",
     "cache::tier",
     "cache::read",
@@ -43,6 +44,7 @@ const LAYERS: &[&str] = &[
     "metrics",
     "cache::status",
     "cache::range",
+    "cache::negotiate",
     "body",
     "fingerprint",
     "clock",

@@ -1,12 +1,14 @@
 //! What is stored beside each body: the response head and facts about the entry, kept as
 //! the JSON metadata of the cacache index line, and its in-memory form.
 
+use super::negotiate::Coding;
 use arc_swap::ArcSwapOption;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
-use ssri::Integrity;
+use ssri::{Algorithm, Integrity};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
 
 /// Version of the metadata layout; entries of another version are ignored at load.
 pub const META_VERSION: u32 = 1;
@@ -32,6 +34,19 @@ pub struct EntryMeta {
     pub headers: Vec<(String, StoredValue)>,
     /// Milliseconds the origin took to produce the whole body.
     pub gen_ms: u64,
+    /// Compressed representations of the body, each its own content file (absent in
+    /// entries written before variants existed, and in shared-store records).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<VariantMeta>,
+}
+
+/// One stored compressed representation of an entry's body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariantMeta {
+    pub coding: Coding,
+    /// Subresource integrity (sha256) of the compressed bytes: names its content file.
+    pub integrity: String,
+    pub size: u64,
 }
 
 fn legacy_rule() -> String {
@@ -57,6 +72,7 @@ impl EntryMeta {
             status: status.as_u16(),
             headers,
             gen_ms,
+            variants: Vec::new(),
         }
     }
 
@@ -75,7 +91,9 @@ impl EntryMeta {
     }
 }
 
-/// One stored entry as the proxy serves it.
+/// One stored entry as the proxy serves it, or one compressed variant of one (`coding` set;
+/// its entry holds it in `variants`). A variant has its own content file, digest, size,
+/// `ETag` and hit head, and is read and verified exactly like the entry's own body.
 #[derive(Debug)]
 pub struct Entry {
     pub key: String,
@@ -110,6 +128,30 @@ pub struct Entry {
     /// Held while one request loads this entry into the memory tier, so concurrent first
     /// readers of a large body wait for it instead of each buffering a copy.
     pub loading: tokio::sync::Mutex<()>,
+    /// The content coding of a variant; None for the identity body.
+    pub coding: Option<Coding>,
+    /// The entry's stored variants (empty on a variant).
+    pub variants: Vec<Arc<Entry>>,
+    /// Codings a compression was started for (bits of [`Coding::bit`]): each is tried once
+    /// per entry, again only after its variant was dropped as bad.
+    pub compress_tried: AtomicU8,
+}
+
+/// What an [`Entry`] is built from.
+pub struct EntryParts {
+    pub key: String,
+    pub rule: String,
+    pub lote_id: String,
+    pub integrity: Integrity,
+    pub size: u64,
+    pub status: StatusCode,
+    /// The origin's end-to-end headers (see [`stored_head`]).
+    pub head: HeaderMap,
+    pub stored_at_ms: u128,
+    pub gen_ms: u64,
+    pub path: PathBuf,
+    /// Unix ms the LRU clock starts at.
+    pub last_hit_ms: u64,
 }
 
 /// A successful verification of an entry's content file.
@@ -124,6 +166,139 @@ pub struct Verified {
 }
 
 impl Entry {
+    /// The entry (identity body) of `parts`, with `variants`; None if the integrity is not sha256.
+    pub fn new(parts: EntryParts, variants: Vec<Arc<Entry>>) -> Option<Entry> {
+        Entry::build(parts, None, variants)
+    }
+
+    /// A variant of `parent` in `coding`, stored as `integrity` (`size` bytes) at `path`.
+    pub fn variant(parent: &Entry, coding: Coding, integrity: Integrity, size: u64, path: PathBuf) -> Option<Entry> {
+        let mut head = stored_head(&parent.headers);
+        // Digests of the identity body from the origin would be wrong on compressed bytes.
+        for name in ["content-md5", "content-digest"] {
+            head.remove(name);
+        }
+        head.insert(http::header::CONTENT_ENCODING, coding.header_value());
+        let parts = EntryParts {
+            key: parent.key.clone(),
+            rule: parent.rule.clone(),
+            lote_id: parent.lote_id.clone(),
+            integrity,
+            size,
+            status: parent.status,
+            head,
+            stored_at_ms: parent.stored_at_ms,
+            gen_ms: parent.gen_ms,
+            path,
+            last_hit_ms: parent.last_hit_ms.load(Relaxed),
+        };
+        Entry::build(parts, Some(coding), Vec::new())
+    }
+
+    fn build(p: EntryParts, coding: Option<Coding>, variants: Vec<Arc<Entry>>) -> Option<Entry> {
+        let sha256 = sha256_of(&p.integrity)?;
+        let (etag, repr_digest) = validators(&sha256, &p.integrity);
+        let tried = variants.iter().filter_map(|v| v.coding).fold(0, |bits, c| bits | c.bit());
+        Some(Entry {
+            headers: hit_head(p.head, p.size, &etag, &repr_digest),
+            etag,
+            repr_digest,
+            key: p.key,
+            rule: p.rule,
+            lote_id: p.lote_id,
+            integrity: p.integrity,
+            sha256,
+            size: p.size,
+            status: p.status,
+            stored_at_ms: p.stored_at_ms,
+            gen_ms: p.gen_ms,
+            path: p.path,
+            hits: AtomicU64::new(0),
+            last_hit_ms: AtomicU64::new(p.last_hit_ms),
+            verified: Default::default(),
+            loading: Default::default(),
+            coding,
+            variants,
+            compress_tried: AtomicU8::new(tried),
+        })
+    }
+
+    /// This entry with `variants` as its variants (an entry just read from the index).
+    pub fn with_variants(self, variants: Vec<Arc<Entry>>) -> Entry {
+        let tried = variants.iter().filter_map(|v| v.coding).fold(0, |bits, c| bits | c.bit());
+        Entry { variants, compress_tried: AtomicU8::new(tried), ..self }
+    }
+
+    /// This entry without the variants `drop` selects.
+    pub fn without(self, drop: impl Fn(&Entry) -> bool) -> Entry {
+        let kept = self.variants.iter().filter(|v| !drop(v)).cloned().collect();
+        self.with_variants(kept)
+    }
+
+    /// The entry that replaces this live one when its variants change: the same body, head
+    /// and counters, and its verification moved over (taken from this one, so the memory a
+    /// verified body holds is counted once).
+    pub fn successor(&self, variants: Vec<Arc<Entry>>, tried: u8) -> Entry {
+        Entry {
+            key: self.key.clone(),
+            rule: self.rule.clone(),
+            lote_id: self.lote_id.clone(),
+            integrity: self.integrity.clone(),
+            sha256: self.sha256,
+            size: self.size,
+            status: self.status,
+            headers: self.headers.clone(),
+            stored_at_ms: self.stored_at_ms,
+            gen_ms: self.gen_ms,
+            path: self.path.clone(),
+            etag: self.etag.clone(),
+            repr_digest: self.repr_digest.clone(),
+            hits: AtomicU64::new(self.hits.load(Relaxed)),
+            last_hit_ms: AtomicU64::new(self.last_hit_ms.load(Relaxed)),
+            verified: ArcSwapOption::new(self.verified.swap(None)),
+            loading: Default::default(),
+            coding: self.coding,
+            variants,
+            compress_tried: AtomicU8::new(tried),
+        }
+    }
+
+    /// The stored variant in `coding`, if any.
+    pub fn variant_in(&self, coding: Coding) -> Option<&Arc<Entry>> {
+        self.variants.iter().find(|v| v.coding == Some(coding))
+    }
+
+    /// Bytes on disk: the body and every variant.
+    pub fn stored_bytes(&self) -> u64 {
+        self.size + self.variants.iter().map(|v| v.size).sum::<u64>()
+    }
+
+    /// Whether `path` is the content file of this entry or of one of its variants.
+    pub fn uses_path(&self, path: &std::path::Path) -> bool {
+        self.path == path || self.variants.iter().any(|v| v.path == path)
+    }
+
+    /// The entry's metadata as stored in its index line, variants included.
+    pub fn meta(&self) -> EntryMeta {
+        let mut meta = EntryMeta::new(&self.rule, &self.lote_id, self.status, &stored_head(&self.headers), self.gen_ms);
+        meta.variants = self
+            .variants
+            .iter()
+            .filter_map(|v| Some(VariantMeta { coding: v.coding?, integrity: v.integrity.to_string(), size: v.size }))
+            .collect();
+        meta
+    }
+
+    /// Whether the origin forbade transforming the body (`Cache-Control: no-transform`).
+    pub fn no_transform(&self) -> bool {
+        self.headers
+            .get_all(http::header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|d| d.trim().eq_ignore_ascii_case("no-transform"))
+    }
+
     /// Records a hit now.
     pub fn touch(&self) {
         self.hits.fetch_add(1, Relaxed);
@@ -144,12 +319,29 @@ pub fn hit_head(mut h: HeaderMap, size: u64, etag: &HeaderValue, repr_digest: &H
 /// The origin's end-to-end headers a hit head was built from (the inverse of [`hit_head`]).
 pub fn stored_head(hit: &HeaderMap) -> HeaderMap {
     let mut h = hit.clone();
-    for name in [http::header::CONTENT_LENGTH, http::header::ETAG, http::header::VIA, http::header::AGE] {
+    for name in [
+        http::header::CONTENT_LENGTH,
+        http::header::ETAG,
+        http::header::VIA,
+        http::header::AGE,
+        http::header::CONTENT_ENCODING,
+    ] {
         h.remove(name);
     }
     h.remove(crate::headers::REPR_DIGEST);
     h.remove(super::status::CACHE_STATUS);
     h
+}
+
+/// The sha256 of a sha256 integrity, as raw bytes.
+pub fn sha256_of(sri: &Integrity) -> Option<[u8; 32]> {
+    let (algo, hex) = sri.to_hex();
+    if algo != Algorithm::Sha256 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex, &mut out).ok()?;
+    Some(out)
 }
 
 /// The `ETag` and `Repr-Digest` values for a body with this sha256.

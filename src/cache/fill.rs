@@ -300,6 +300,8 @@ pub struct FillJob {
     pub ignore: super::policy::IgnoreResponse,
     /// The route's TTL: an older shared entry is not copied, but refetched.
     pub ttl: Option<std::time::Duration>,
+    /// The variants to build once the entry is stored (None: the route keeps none).
+    pub compress: Option<super::compress::AfterCommit>,
 }
 
 impl Fills {
@@ -510,6 +512,10 @@ async fn run(
     };
     if let Some(shared) = &shared {
         if promote(shared, &store, &job.rule, &job.key, &job.lote_id, job.ttl, job.validation.as_ref()).await {
+            // The shared store keeps identity only: this replica builds its own variants.
+            if let (Some(c), Some(entry)) = (&job.compress, store.get_for(&job.rule, &job.key)) {
+                c.submit(&entry);
+            }
             fill.state.send_modify(|s| s.end = FillEnd::Promoted);
             return;
         }
@@ -804,6 +810,9 @@ async fn fetch(
                 tracing::info!(key = %job.key, lote_id = %job.lote_id, size = entry.size, gen_ms, "entry stored");
                 if let Some(shared) = shared {
                     shared.write_through(store.clone(), Record::of(&entry), since_purge);
+                }
+                if let Some(c) = &job.compress {
+                    c.submit(&entry);
                 }
                 stored = Some(entry);
             }

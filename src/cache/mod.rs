@@ -1,8 +1,10 @@
 //! The cache path of a request on a cache route: hit (verified read from the store) or
 //! miss (join or start a fill, then stream from it).
 
+pub mod compress;
 pub mod entry;
 pub mod fill;
+pub mod negotiate;
 pub mod policy;
 pub mod range;
 pub mod read;
@@ -17,9 +19,11 @@ use crate::body::{empty, full, ProxyBody};
 use crate::error::ProxyError;
 use crate::headers::forward_request_headers;
 use crate::origin::Origin;
+use compress::Compressor;
 use entry::Entry;
 use fill::{wait_end, wait_head, FillConfig, FillJob, Fills, Head, Lookup, Subscription};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
+use negotiate::CompressionConfig;
 use range::RangeAnswer;
 use status::{CacheStatus, NotStored};
 use std::{net::SocketAddr, sync::Arc};
@@ -42,28 +46,46 @@ const NOT_FORWARDED_ON_FILL: [header::HeaderName; 7] = [
 /// table full, a disk stalled): a hit never hangs behind the fills or the blocking pool.
 const HIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The cache: its store, its fills in flight, and the origin it fills from.
+/// The cache: its store, its fills in flight, the origin it fills from, and the pool that
+/// builds compressed variants.
 pub struct Cache {
     pub store: Arc<Store>,
     pub fills: Arc<Fills>,
     origin: Origin,
+    compressor: Arc<Compressor>,
 }
 
 impl Cache {
     pub fn new(store: Arc<Store>, origin: Origin, fill: FillConfig) -> Self {
         let fills = Arc::new(Fills::new(fill, store.metrics().clone()));
-        Cache { store, fills, origin }
+        let compressor = Compressor::new(store.clone());
+        Cache { store, fills, origin, compressor }
+    }
+
+    /// Compressions queued or running.
+    pub fn compressions_pending(&self) -> usize {
+        self.compressor.pending()
+    }
+
+    /// Stops the background work that holds the store: the compression pool.
+    pub async fn stop_background(&self) {
+        self.compressor.stop().await;
     }
 
     /// Answers a request on a cache route.
     pub async fn handle<B>(&self, req: Request<B>, target: CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
         // A client that cannot tell a cut body from a complete one gets only framed bodies.
         let unframed_ok = req.version() >= http::Version::HTTP_11;
-        let resp = self.answer(req, &target, peer).await;
-        if unframed_ok {
-            return resp;
+        let mut resp = self.answer(req, &target, peer).await;
+        if !unframed_ok {
+            resp = self.framed_for_http10(resp, &target).await;
         }
-        self.framed_for_http10(resp, &target).await
+        // Every answer of a route with variants depends on Accept-Encoding (RFC 9110 §12.5.5),
+        // also a miss or a refusal: a shared cache downstream must not hand it to others.
+        if !target.compression.is_off() {
+            vary_on_accept_encoding(resp.headers_mut());
+        }
+        resp
     }
 
     async fn answer<B>(&self, req: Request<B>, target: &CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
@@ -81,7 +103,7 @@ impl Cache {
                 }
             }
         }
-        let cond = HitConditions::of(req.headers(), head_only);
+        let cond = HitConditions::of(req.headers(), head_only, &target.compression);
         let cond = &cond;
         let is_fresh = |e: &Entry| {
             target.ttl.is_none_or(|ttl| crate::clock::now_ms().saturating_sub(e.stored_at_ms) < ttl.as_millis())
@@ -186,7 +208,11 @@ impl Cache {
     /// I/O error, past the hit deadline) answers `503` and keeps the entry. Every answer that
     /// sends no body (`HEAD`, `304`, `412`, `416`) verifies the content too, so no answer vouches
     /// for an entry that could not be served.
-    async fn serve_hit(&self, entry: Arc<Entry>, cond: &HitConditions) -> Served {
+    ///
+    /// The representation served is the one `Accept-Encoding` selects among the entry's
+    /// variants the rule offers (see [`negotiate`]); conditions and ranges apply to it.
+    async fn serve_hit(&self, stored: Arc<Entry>, cond: &HitConditions) -> Served {
+        let entry = self.representation(&stored, cond);
         // RFC 9110 §13.2.2: If-Match first, then If-None-Match, then Range.
         let failed_precondition = range::if_match_fails(cond.if_match.as_ref(), &entry.etag);
         let not_modified =
@@ -225,6 +251,10 @@ impl Cache {
             }
         };
         entry.touch();
+        if entry.coding.is_some() {
+            stored.touch(); // the entry's LRU clock and hit count cover its variants' hits
+        }
+        self.store.metrics().hit_encoding(entry.coding).inc();
         self.store.metrics().origin_seconds_saved.inc_by(entry.gen_ms as f64 / 1000.0);
         let refusal = match part {
             _ if failed_precondition => Some(ProxyError::PreconditionFailed),
@@ -270,6 +300,23 @@ impl Cache {
             }
         }
         Served::Response(resp)
+    }
+
+    /// The representation of `stored` to serve: a variant the rule offers and the request
+    /// prefers, else the identity body. A coding the request accepts that the entry lacks is
+    /// built in the background for later requests.
+    fn representation(&self, stored: &Arc<Entry>, cond: &HitConditions) -> Arc<Entry> {
+        let Some(offer) = cond.offer.as_ref().filter(|o| !o.is_off()) else { return stored.clone() };
+        let accept = cond.accept_encoding.as_ref();
+        let all_tried = stored.compress_tried.load(std::sync::atomic::Ordering::Relaxed) & offer.bits() == offer.bits();
+        if !all_tried && offer.offered().any(|c| stored.variant_in(c).is_none() && negotiate::accepts(accept, c)) {
+            self.compressor.submit(stored, offer);
+        }
+        let available = offer.offered().filter(|&c| stored.variant_in(c).is_some());
+        match negotiate::choose(accept, available).and_then(|c| stored.variant_in(c)) {
+            Some(variant) => variant.clone(),
+            None => stored.clone(),
+        }
     }
 
     /// `resp` for a client that cannot detect a cut body (HTTP/1.0): a body without a
@@ -460,6 +507,10 @@ impl Cache {
             validation: target.validation.clone(),
             ignore: target.ignore,
             ttl: target.ttl,
+            compress: (!target.compression.is_off()).then(|| compress::AfterCommit {
+                compressor: self.compressor.clone(),
+                config: target.compression.clone(),
+            }),
         }
     }
 }
@@ -545,10 +596,14 @@ fn only_if_cached(headers: &HeaderMap) -> bool {
 /// Largest access-check answer read (its body is discarded, or passed on when it refuses).
 const ACCESS_ANSWER_MAX: usize = 64 * 1024;
 
-/// The request headers that decide how a stored entry is answered.
+/// The request headers that decide how a stored entry is answered, and the variants its
+/// rule offers.
 #[derive(Default)]
 struct HitConditions {
     head_only: bool,
+    accept_encoding: Option<HeaderValue>,
+    /// None: identity only.
+    offer: Option<Arc<CompressionConfig>>,
     if_none_match: Option<HeaderValue>,
     if_match: Option<HeaderValue>,
     range: Option<HeaderValue>,
@@ -556,7 +611,7 @@ struct HitConditions {
 }
 
 impl HitConditions {
-    fn of(headers: &HeaderMap, head_only: bool) -> HitConditions {
+    fn of(headers: &HeaderMap, head_only: bool, offer: &Arc<CompressionConfig>) -> HitConditions {
         // List headers may come as several lines: one list (an unreadable line makes it so).
         let list = |name| {
             let mut lines = headers.get_all(name).iter();
@@ -575,6 +630,8 @@ impl HitConditions {
         };
         HitConditions {
             head_only,
+            accept_encoding: list(header::ACCEPT_ENCODING),
+            offer: Some(offer.clone()),
             if_none_match: list(header::IF_NONE_MATCH),
             if_match: list(header::IF_MATCH),
             range,
@@ -589,6 +646,19 @@ enum Served {
     Response(Response<ProxyBody>),
     /// The entry proved bad and was evicted: fetch it again.
     Gone,
+}
+
+/// Adds `Accept-Encoding` to `Vary` unless it is there already (or `Vary: *`).
+fn vary_on_accept_encoding(headers: &mut HeaderMap) {
+    let listed = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == "*" || t.trim().eq_ignore_ascii_case("accept-encoding"));
+    if !listed {
+        headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    }
 }
 
 fn with_cache_status(mut resp: Response<ProxyBody>, cs: CacheStatus) -> Response<ProxyBody> {

@@ -239,10 +239,12 @@ pub async fn scrub_loop(store: Arc<Store>, bytes_per_sec: u64, mut stopped: toki
     }
     loop {
         let pass_started = tokio::time::Instant::now();
-        let entries = store.entries();
+        // Each entry's body, then each of its variants: a file of its own, evicted alone.
+        let entries: Vec<Arc<Entry>> =
+            store.entries().into_iter().flat_map(|e| [vec![e.clone()], e.variants.clone()].concat()).collect();
         // An empty store is looked at again soon: the first entry is scrubbed within a second.
         let min_pass = if entries.is_empty() { Duration::from_secs(1) } else { SCRUB_MIN_PASS };
-        for entry in entries {
+        for entry in &entries {
             let e = entry.clone();
             let scrub = tokio::task::spawn_blocking(move || {
                 let (mut file, _) = open_checked(&e)?;
@@ -259,10 +261,11 @@ pub async fn scrub_loop(store: Arc<Store>, bytes_per_sec: u64, mut stopped: toki
                     store.metrics().read_errors.inc();
                     continue;
                 }
-                if !matches!(err, ReadError::Missing) || store.get(&entry.key).is_some() {
-                    tracing::warn!(key = %entry.key, reason = err.reason(), "scrub found a bad entry");
+                if !matches!(err, ReadError::Missing) || store.is_live(entry) {
+                    let coding = entry.coding.map(|c| c.token());
+                    tracing::warn!(key = %entry.key, coding, reason = err.reason(), "scrub found a bad entry");
                     store.metrics().integrity_failures.with_label_values(&[err.reason()]).inc();
-                    store.evict(&entry, err.reason()).await;
+                    store.evict(entry, err.reason()).await;
                 }
             }
         }

@@ -8,7 +8,8 @@
 //! Removing an entry writes a tombstone and keeps the content; the garbage collector here
 //! removes content no live entry references, and compacts buckets.
 
-use super::entry::{hit_head, validators, Entry, EntryMeta, META_VERSION};
+use super::entry::{sha256_of, Entry, EntryMeta, EntryParts, META_VERSION};
+use super::negotiate::Coding;
 use crate::metrics::Metrics;
 use ssri::{Algorithm, Integrity};
 use std::{
@@ -118,6 +119,11 @@ impl Store {
         for entry in loaded.entries {
             match std::fs::metadata(&entry.path) {
                 Ok(m) if m.len() == entry.size => {
+                    // A variant whose file is gone is left out (and rebuilt on demand).
+                    let entry = match entry.variants.iter().all(|v| file_has_size(&v.path, v.size)) {
+                        true => entry,
+                        false => entry.without(|v| !file_has_size(&v.path, v.size)),
+                    };
                     map.insert(entry.key.clone(), Arc::new(entry));
                 }
                 _ => {
@@ -126,7 +132,7 @@ impl Store {
                 }
             }
         }
-        let bytes: u64 = map.values().map(|e| e.size).sum();
+        let bytes: u64 = map.values().map(|e| e.stored_bytes()).sum();
         metrics.store_bytes.set(bytes as i64);
         metrics.store_entries.set(map.len() as i64);
         tracing::info!(dir = %dir.display(), entries = map.len(), bytes, skipped = loaded.skipped, swept, "store opened");
@@ -253,9 +259,11 @@ impl Store {
         }
     }
 
-    /// Whether `entry` is the live entry of its key.
+    /// Whether `entry` is the live entry of its key, or a variant of it.
     pub fn is_live(&self, entry: &Entry) -> bool {
-        self.index.read().expect("index lock").get(&entry.key).is_some_and(|e| std::ptr::eq(e.as_ref(), entry))
+        self.index.read().expect("index lock").get(&entry.key).is_some_and(|e| {
+            std::ptr::eq(e.as_ref(), entry) || e.variants.iter().any(|v| std::ptr::eq(v.as_ref(), entry))
+        })
     }
 
     /// Forgets `entry`'s verification (its file changed, or it is gone).
@@ -329,19 +337,28 @@ impl Store {
         })
     }
 
+    /// fsyncs a content file and its directories (cacache never does). Blocking.
+    pub fn sync_content(&self, path: &Path) -> io::Result<()> {
+        sync_file_and_dirs(path, &self.dir)
+    }
+
     /// Marks `path` as being read until the guard drops: the collector leaves it alone.
     pub fn reading(self: &Arc<Self>, path: &Path) -> ReadGuard {
         *self.readers.lock().expect("readers lock").entry(path.to_path_buf()).or_default() += 1;
         ReadGuard { store: self.clone(), path: path.to_path_buf() }
     }
 
-    /// Publishes `entry` in memory (caller holds `index_write`), keeping byte counts.
+    /// Publishes `entry` in memory (caller holds `index_write`), keeping byte counts. The
+    /// entry it replaces is forgotten, but for the variants the new one carries over.
     fn publish(&self, entry: Arc<Entry>) {
         let mut index = self.index.write().expect("index lock");
-        let size = entry.size;
-        if let Some(old) = index.insert(entry.key.clone(), entry) {
-            self.bytes.fetch_sub(old.size, Relaxed);
+        let size = entry.stored_bytes();
+        if let Some(old) = index.insert(entry.key.clone(), entry.clone()) {
+            self.bytes.fetch_sub(old.stored_bytes(), Relaxed);
             self.forget_verified(&old);
+            for v in old.variants.iter().filter(|v| !entry.variants.iter().any(|n| Arc::ptr_eq(n, v))) {
+                self.forget_verified(v);
+            }
         }
         self.bytes.fetch_add(size, Relaxed);
         self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
@@ -362,8 +379,11 @@ impl Store {
             return Ok(false);
         }
         let old = index.remove(key).expect("present");
-        self.bytes.fetch_sub(old.size, Relaxed);
+        self.bytes.fetch_sub(old.stored_bytes(), Relaxed);
         self.forget_verified(&old);
+        for v in &old.variants {
+            self.forget_verified(v);
+        }
         self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
         self.metrics.store_entries.set(index.len() as i64);
         self.metrics.evictions.with_label_values(&[reason]).inc();
@@ -372,10 +392,74 @@ impl Store {
         Ok(true)
     }
 
+    /// Adds the variants `built` (coding, integrity, size; their content files committed and
+    /// checked by the caller) to `parent` if it is still the live entry of its key and the
+    /// store has room for them under `max_size`: a new index line names them, and a successor
+    /// entry carrying them is published. Whether they were added. Blocking.
+    pub fn add_variants_sync(
+        &self,
+        parent: &Arc<Entry>,
+        built: &[(Coding, Integrity, u64)],
+    ) -> Result<bool, StoreError> {
+        let next = {
+            let _w = self.index_write.lock().expect("index write lock");
+            let live = self.index.read().expect("index lock").get(&parent.key).cloned();
+            let Some(live) = live.filter(|l| Arc::ptr_eq(l, parent)) else { return Ok(false) };
+            let mut variants: Vec<Arc<Entry>> =
+                live.variants.iter().filter(|v| !built.iter().any(|(c, ..)| v.coding == Some(*c))).cloned().collect();
+            for (coding, integrity, size) in built {
+                let path = content_path(&self.dir, integrity);
+                let v = Entry::variant(&live, *coding, integrity.clone(), *size, path).ok_or(StoreError::Algorithm)?;
+                variants.push(Arc::new(v));
+            }
+            variants.sort_by_key(|v| v.coding);
+            let total = live.size + variants.iter().map(|v| v.size).sum::<u64>();
+            if self.max_size().is_some_and(|max| total > max) {
+                return Ok(false);
+            }
+            let next = Arc::new(live.successor(variants, live.compress_tried.load(Relaxed)));
+            self.reindex(&next)?;
+            next
+        };
+        self.enforce_max_size_sync(&next)?;
+        Ok(true)
+    }
+
+    /// Drops `variant` from the live entry holding it (a new index line without it; the
+    /// entry stays), so that it is never served again and is built anew on a later request.
+    /// Whether it was live. Blocking.
+    fn drop_variant_sync(&self, variant: &Arc<Entry>, reason: &'static str) -> Result<bool, StoreError> {
+        let _w = self.index_write.lock().expect("index write lock");
+        let live = self.index.read().expect("index lock").get(&variant.key).cloned();
+        let Some(live) = live.filter(|l| l.variants.iter().any(|v| Arc::ptr_eq(v, variant))) else {
+            return Ok(false);
+        };
+        let kept = live.variants.iter().filter(|v| !Arc::ptr_eq(v, variant)).cloned().collect();
+        let tried = live.compress_tried.load(Relaxed) & !variant.coding.map_or(0, Coding::bit);
+        self.reindex(&Arc::new(live.successor(kept, tried)))?;
+        self.metrics.evictions.with_label_values(&[reason]).inc();
+        Ok(true)
+    }
+
+    /// Writes `next`'s index line (same body and time, its variants) and publishes it in
+    /// place of the live entry of its key. Caller holds `index_write`.
+    fn reindex(&self, next: &Arc<Entry>) -> Result<(), StoreError> {
+        let meta_json = serde_json::to_value(next.meta()).map_err(io::Error::other)?;
+        let opts = cacache::WriteOpts::new()
+            .integrity(next.integrity.clone())
+            .size(next.size as usize)
+            .time(next.stored_at_ms)
+            .metadata(meta_json);
+        cacache::index::insert(&self.dir, &next.key, opts)?;
+        sync_file_and_dirs(&bucket_path(&self.dir, &next.key), &self.dir)?;
+        self.publish(next.clone());
+        Ok(())
+    }
+
     /// Whether the content file at `path` holds exactly the `size` bytes hashing to
     /// `sha256`, unchanged while it was hashed. Always hashed, even when a live entry vouches
     /// for the file: silent corruption changes no fingerprint, and re-storing is rare. Blocking.
-    fn holds_content(&self, path: &Path, sha256: &[u8; 32], size: u64) -> bool {
+    pub fn holds_content(&self, path: &Path, sha256: &[u8; 32], size: u64) -> bool {
         let Ok(mut file) = std::fs::File::open(path) else { return false };
         let Ok(before) = file.metadata() else { return false };
         if before.len() != size {
@@ -396,15 +480,22 @@ impl Store {
     /// tombstones its key unless a newer entry replaced it, and deletes its content file
     /// unless a live entry still references it (content is named by digest: a newer entry of
     /// this key, or another key, may hold the same bytes in a good file by now).
+    /// A variant (`entry.coding` set) is dropped from its entry, which stays, and is built
+    /// again on a later request.
     pub async fn evict(self: &Arc<Self>, entry: &Arc<Entry>, reason: &'static str) {
-        tracing::warn!(key = %entry.key, lote_id = %entry.lote_id, reason, "evicting entry");
+        let coding = entry.coding.map(Coding::token);
+        tracing::warn!(key = %entry.key, lote_id = %entry.lote_id, reason, coding, "evicting entry");
         let (this, entry) = (self.clone(), entry.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            if !this.unpublish_sync(&entry.key, Some(&entry), reason)? {
+            let removed = match entry.coding {
+                Some(_) => this.drop_variant_sync(&entry, reason)?,
+                None => this.unpublish_sync(&entry.key, Some(&entry), reason)?,
+            };
+            if !removed {
                 return Ok(()); // another version is live now: not the one judged
             }
             let _w = this.index_write.lock().expect("index write lock");
-            let referenced = this.index.read().expect("index lock").values().any(|e| e.path == entry.path);
+            let referenced = this.index.read().expect("index lock").values().any(|e| e.uses_path(&entry.path));
             // A commit of the same bytes may be about to index this very file.
             if referenced || this.readers.lock().expect("readers lock").contains_key(&entry.path) {
                 return Ok(());
@@ -456,7 +547,7 @@ impl Store {
         if max == 0 {
             return Ok(());
         }
-        if keep.size > max {
+        if keep.stored_bytes() > max {
             // Nothing is evicted to make room for an entry that cannot fit anyway.
             tracing::warn!(key = %keep.key, size = keep.size, max, "entry larger than max_size; not kept");
             self.unpublish_sync(&keep.key, Some(keep), "too-large")?;
@@ -496,7 +587,13 @@ impl Store {
             let _w = self.index_write.lock().expect("index write lock");
             report.compacted_buckets = compact_buckets(&self.dir)?;
         }
-        let live: HashSet<PathBuf> = self.index.read().expect("index lock").values().map(|e| e.path.clone()).collect();
+        let live: HashSet<PathBuf> = self
+            .index
+            .read()
+            .expect("index lock")
+            .values()
+            .flat_map(|e| std::iter::once(e.path.clone()).chain(e.variants.iter().map(|v| v.path.clone())))
+            .collect();
         let now = SystemTime::now();
         let grace = Duration::from_millis(self.gc_grace_ms.load(Relaxed));
         for file in walk_files(&self.dir.join("content-v2")) {
@@ -510,7 +607,7 @@ impl Store {
             }
             // Re-check under the write lock: an entry may have been committed meanwhile.
             let _w = self.index_write.lock().expect("index write lock");
-            let referenced = self.index.read().expect("index lock").values().any(|e| e.path == file);
+            let referenced = self.index.read().expect("index lock").values().any(|e| e.uses_path(&file));
             if referenced || self.readers.lock().expect("readers lock").contains_key(&file) {
                 continue;
             }
@@ -606,9 +703,12 @@ impl PendingWrite {
         mut self,
         store: &Arc<Store>,
         key: &str,
-        meta: EntryMeta,
+        mut meta: EntryMeta,
         expect: Expect,
     ) -> Result<Arc<Entry>, StoreError> {
+        // Variants are built by this store's compressor from the committed body, never taken
+        // from elsewhere: their files were not written and verified here.
+        meta.variants.clear();
         if let Some(expected) = expect.len {
             if expected != self.written {
                 return Err(StoreError::Length { got: self.written, expected });
@@ -644,29 +744,22 @@ impl PendingWrite {
             sync_file_and_dirs(&path, &store.dir)?;
             let stored_at_ms = expect.stored_at_ms.unwrap_or_else(crate::clock::now_ms);
             let meta_json = serde_json::to_value(&meta).map_err(io::Error::other)?;
-            let headers = meta.header_map().ok_or_else(|| io::Error::other("unstorable header"))?;
-            let (etag, repr_digest) = validators(&sha256, &integrity);
-            let headers = hit_head(headers, size, &etag, &repr_digest);
-            let entry = Arc::new(Entry {
-                etag,
-                repr_digest,
+            let head = meta.header_map().ok_or_else(|| io::Error::other("unstorable header"))?;
+            let parts = EntryParts {
                 key: key.clone(),
                 rule: meta.rule.clone(),
-                lote_id: meta.lote_id,
+                lote_id: meta.lote_id.clone(),
                 integrity: integrity.clone(),
-                sha256,
                 size,
                 status: http::StatusCode::from_u16(meta.status).map_err(io::Error::other)?,
-                headers,
+                head,
                 stored_at_ms,
                 gen_ms: meta.gen_ms,
                 path,
-                hits: AtomicU64::new(0),
                 // The LRU clock starts now, also for an entry copied with an older store time.
-                last_hit_ms: AtomicU64::new(crate::clock::now_ms() as u64),
-                verified: Default::default(),
-                loading: Default::default(),
-            });
+                last_hit_ms: crate::clock::now_ms() as u64,
+            };
+            let entry = Arc::new(Entry::new(parts, Vec::new()).ok_or(StoreError::Algorithm)?);
             let opts = cacache::WriteOpts::new()
                 .integrity(integrity)
                 .size(size as usize)
@@ -697,14 +790,8 @@ pub fn content_path(dir: &Path, sri: &Integrity) -> PathBuf {
     dir.join("content-v2").join(algo.to_string()).join(&hex[0..2]).join(&hex[2..4]).join(&hex[4..])
 }
 
-fn sha256_of(sri: &Integrity) -> Option<[u8; 32]> {
-    let (algo, hex) = sri.to_hex();
-    if algo != Algorithm::Sha256 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(hex, &mut out).ok()?;
-    Some(out)
+fn file_has_size(path: &Path, size: u64) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.len() == size)
 }
 
 /// Entries read from a cache directory's index, without touching anything.
@@ -837,16 +924,10 @@ fn entry_from_index(dir: &Path, md: cacache::Metadata) -> Option<Entry> {
     if meta.v != META_VERSION {
         return None;
     }
-    let sha256 = sha256_of(&md.integrity)?;
-    let (etag, repr_digest) = validators(&sha256, &md.integrity);
-    let headers = hit_head(meta.header_map()?, md.size as u64, &etag, &repr_digest);
-    Some(Entry {
-        headers,
+    let parts = EntryParts {
+        head: meta.header_map()?,
         path: content_path(dir, &md.integrity),
-        sha256,
         status: http::StatusCode::from_u16(meta.status).ok()?,
-        etag,
-        repr_digest,
         key: md.key,
         rule: meta.rule,
         lote_id: meta.lote_id,
@@ -854,11 +935,19 @@ fn entry_from_index(dir: &Path, md: cacache::Metadata) -> Option<Entry> {
         size: md.size as u64,
         stored_at_ms: md.time,
         gen_ms: meta.gen_ms,
-        hits: AtomicU64::new(0),
-        last_hit_ms: AtomicU64::new(md.time as u64),
-        verified: Default::default(),
-        loading: Default::default(),
-    })
+        last_hit_ms: md.time as u64,
+    };
+    let entry = Entry::new(parts, Vec::new())?;
+    let variants = meta
+        .variants
+        .iter()
+        .filter_map(|v| {
+            let integrity: Integrity = v.integrity.parse().ok()?;
+            let path = content_path(dir, &integrity);
+            Entry::variant(&entry, v.coding, integrity, v.size, path).map(Arc::new)
+        })
+        .collect();
+    Some(entry.with_variants(variants))
 }
 
 /// fsyncs `file`, then each directory from its parent up to (and including) `root`, so a

@@ -28,6 +28,8 @@ pub struct CacheTarget {
     pub headers: Arc<FillHeaders>,
     /// Largest body stored on this route.
     pub max_object_size: Option<u64>,
+    /// The precompressed variants kept and served on this route.
+    pub compression: Arc<super::negotiate::CompressionConfig>,
 }
 
 /// Who may be served a stored entry of a rule.

@@ -146,15 +146,25 @@ pub async fn run(command: CacheCommand) -> ExitCode {
             let entries = cachectl::ls(&dir);
             let list: Vec<_> = entries.iter().map(crate::admin::entry_json).collect();
             output(store.json, &list, || {
-                println!("{:<48} {:<32} {:>12}  {:<24}  sha256", "key", "lote_id", "bytes", "stored at");
+                println!(
+                    "{:<48} {:<32} {:>12}  {:<24}  {:<16}  variants",
+                    "key", "lote_id", "bytes", "stored at", "sha256"
+                );
                 for e in &list {
+                    let variants: Vec<String> = e["variants"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|v| format!("{}:{}", v["encoding"].as_str().unwrap_or(""), v["size"]))
+                        .collect();
                     println!(
-                        "{:<48} {:<32} {:>12}  {:<24}  {}",
+                        "{:<48} {:<32} {:>12}  {:<24}  {:<16}  {}",
                         e["key"].as_str().unwrap_or(""),
                         e["lote_id"].as_str().unwrap_or(""),
                         e["size"],
                         e["stored_at"].as_str().unwrap_or(""),
-                        &e["sha256"].as_str().unwrap_or("")[..16]
+                        &e["sha256"].as_str().unwrap_or("")[..16],
+                        variants.join(" ")
                     );
                 }
                 println!("{} entries", list.len());
@@ -170,6 +180,7 @@ pub async fn run(command: CacheCommand) -> ExitCode {
             output(store.json, &s, || {
                 println!("store            {}", s.dir);
                 println!("entries          {} ({} bytes)", s.entries, s.bytes);
+                println!("variants         {} ({} bytes, compressed)", s.variants, s.variant_bytes);
                 println!("content files    {} ({} bytes)", s.content_files, s.content_bytes);
                 println!(
                     "unreferenced     {} ({} bytes; `cache gc` removes them)",

@@ -19,6 +19,9 @@ use std::{
 pub struct BadEntry {
     pub key: String,
     pub lote_id: String,
+    /// The compressed variant that is bad (absent: the entry's own body).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<&'static str>,
     pub reason: String,
 }
 
@@ -47,16 +50,23 @@ pub async fn verify(dir: &Path, remove: bool, show_progress: bool) -> Result<Ver
     let owned = dir.to_path_buf();
     let (loaded, bad, bytes) = tokio::task::spawn_blocking(move || {
         let loaded = store::load_entries(&owned);
-        let total: u64 = loaded.entries.iter().map(|e| e.size).sum();
+        let total: u64 = loaded.entries.iter().map(|e| e.stored_bytes()).sum();
         let bar = if show_progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}").expect("static template"),
         );
         let mut bad = Vec::new();
-        for e in &loaded.entries {
+        // Each entry's body, and each of its compressed variants as a file of its own.
+        for e in loaded.entries.iter().flat_map(|e| std::iter::once(e).chain(e.variants.iter().map(|v| v.as_ref()))) {
             bar.set_message(e.key.clone());
             if let Err(err) = read::verify_sync(e) {
-                bad.push(BadEntry { key: e.key.clone(), lote_id: e.lote_id.clone(), reason: err.to_string() });
+                let encoding = e.coding.map(|c| c.token());
+                bad.push(BadEntry {
+                    key: e.key.clone(),
+                    lote_id: e.lote_id.clone(),
+                    encoding,
+                    reason: err.to_string(),
+                });
             }
             bar.inc(e.size);
         }
@@ -70,16 +80,23 @@ pub async fn verify(dir: &Path, remove: bool, show_progress: bool) -> Result<Ver
     if remove && !bad.is_empty() {
         let store = open_locked(dir).await?;
         for b in &bad {
-            // Entries with missing content were already dropped by opening the store.
-            if let Some(entry) = store.get(&b.key) {
-                store.evict(&entry, "cache verify").await;
+            // Entries with missing content were already dropped by opening the store (and
+            // variants with missing files left out); a bad variant is dropped, its entry kept.
+            let entry = store.get(&b.key);
+            let coding = b.encoding.and_then(crate::cache::negotiate::Coding::from_token);
+            let bad_one = match coding {
+                Some(c) => entry.and_then(|e| e.variant_in(c).cloned()),
+                None => entry,
+            };
+            if let Some(bad_one) = bad_one {
+                store.evict(&bad_one, "cache verify").await;
             }
             removed += 1;
         }
     }
     Ok(VerifyReport {
         dir: dir.display().to_string(),
-        checked: loaded.entries.len(),
+        checked: loaded.entries.iter().map(|e| 1 + e.variants.len()).sum(),
         bytes,
         unreadable: loaded.skipped,
         bad,
@@ -112,8 +129,11 @@ pub fn ls(dir: &Path) -> Vec<Entry> {
 pub struct Stats {
     pub dir: String,
     pub entries: usize,
-    /// Bytes of live entries.
+    /// Bytes of live entries (their bodies).
     pub bytes: u64,
+    /// Compressed variants of live entries, and their bytes.
+    pub variants: usize,
+    pub variant_bytes: u64,
     pub content_files: usize,
     pub content_bytes: u64,
     /// Content no live entry references (what `cache gc` would remove).
@@ -126,11 +146,17 @@ pub struct Stats {
 /// Counts entries and files (read-only).
 pub fn stats(dir: &Path) -> Stats {
     let entries = ls(dir);
-    let live: std::collections::HashSet<PathBuf> = entries.iter().map(|e| e.path.clone()).collect();
+    let live: std::collections::HashSet<PathBuf> = entries
+        .iter()
+        .flat_map(|e| std::iter::once(e.path.clone()).chain(e.variants.iter().map(|v| v.path.clone())))
+        .collect();
+    let variants = entries.iter().flat_map(|e| e.variants.iter());
     let mut s = Stats {
         dir: dir.display().to_string(),
         entries: entries.len(),
         bytes: entries.iter().map(|e| e.size).sum(),
+        variants: variants.clone().count(),
+        variant_bytes: variants.map(|v| v.size).sum(),
         content_files: 0,
         content_bytes: 0,
         unreferenced_files: 0,
@@ -208,7 +234,9 @@ pub async fn export(dir: &Path, out: &Path, show_progress: bool) -> Result<Expor
             bar.set_message(name.clone());
             match export_one(e, &out, &name) {
                 Ok(()) => report.exported.push(name),
-                Err(reason) => report.bad.push(BadEntry { key: e.key.clone(), lote_id: e.lote_id.clone(), reason }),
+                Err(reason) => {
+                    report.bad.push(BadEntry { key: e.key.clone(), lote_id: e.lote_id.clone(), encoding: None, reason })
+                }
             }
             bar.inc(1);
         }

@@ -229,6 +229,7 @@ impl RunningProxy {
         if let Some(s) = fills.shared() {
             s.drain(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
         }
+        self.state.cache.stop_background().await;
         self.workers.stop().await;
         tracing::info!("stopped");
     }

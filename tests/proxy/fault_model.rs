@@ -55,6 +55,7 @@ use http_body_util::{BodyExt, Full};
 use lotecache::{config, RunningProxy};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{
@@ -476,6 +477,8 @@ struct Stats {
     by_status: BTreeMap<u16, u64>,
     by_cache_status: BTreeMap<String, u64>,
     complete_200: u64,
+    /// Of those, sent compressed (br or gzip) and checked once decoded.
+    complete_200_compressed: u64,
     /// Complete `206`s, each checked against a slice of a served version.
     complete_206: u64,
     cut_bodies: u64,
@@ -612,7 +615,7 @@ async fn run_scenario(scenario: &Scenario) -> Outcome {
     let stats = ctx.stats.lock().unwrap();
     let summary = format!(
         "fault model seed {} ({} clients, {} batches, {:.1?}): {} requests, {} chaos events, {} restarts, \
-         {} complete 200s, {} complete 206s, {} cut bodies, {} left early, {} transport errors, {} HTTP/1.0 cut by a restart, \
+         {} complete 200s ({} of them compressed), {} complete 206s, {} cut bodies, {} left early, {} transport errors, {} HTTP/1.0 cut by a restart, \
          {} hits rewritten in place under a zero-copy send, {} origin generations, {} Set-Cookies sent; kinds {:?}; statuses {:?}; cache-status {:?}; {} oracle failures",
         scenario.seed,
         scenario.clients,
@@ -622,6 +625,7 @@ async fn run_scenario(scenario: &Scenario) -> Outcome {
         stats.events,
         ctx.restarts.load(SeqCst),
         stats.complete_200,
+        stats.complete_200_compressed,
         stats.complete_206,
         stats.cut_bodies,
         stats.left_early,
@@ -854,6 +858,13 @@ async fn one_request(
     if let Some(range) = range {
         req = req.header("range", range);
     }
+    // Half the clients (by token) take compressed answers, as browsers do; a HEAD's length
+    // and a range are checked against identity versions, so those ask for identity.
+    let compressed_ok = matches!(kind, Kind::Get | Kind::IfNoneMatch | Kind::Leave)
+        && token.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32)) % 2 == 0;
+    if compressed_ok {
+        req = req.header("accept-encoding", "gzip, deflate, br");
+    }
     let req = req.body(Full::new(Bytes::new())).unwrap();
     let resp = crate::support::client().request(req).await.map_err(|e| format!("{e:?}"))?;
     let (parts, mut body) = resp.into_parts();
@@ -877,6 +888,31 @@ async fn one_request(
     let body = match (body, parts.headers.get("content-length").and_then(|v| v.to_str().ok())) {
         (Ok(b), Some(cl)) if kind_has_body(kind, parts.status) && cl != b.len().to_string() => {
             Err(format!("{} bytes, Content-Length {cl}", b.len()))
+        }
+        (b, _) => b,
+    };
+    // A complete compressed body is checked as the document it decodes to; one that does not
+    // decode is a wrong document (no version is the empty marker below).
+    let coding = parts.headers.get("content-encoding").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = match (body, coding.as_deref()) {
+        (Ok(b), Some(coding)) if kind_has_body(kind, parts.status) && parts.status == StatusCode::OK => {
+            if !compressed_ok {
+                return Ok(Reply {
+                    status: parts.status.as_u16(),
+                    headers: parts.headers,
+                    body: Ok(Bytes::from(format!("<{coding} sent to a client that did not accept it>"))),
+                });
+            }
+            let mut out = Vec::new();
+            let decoded = match coding {
+                "br" => brotli::Decompressor::new(&b[..], 4096).read_to_end(&mut out),
+                "gzip" => flate2::read::GzDecoder::new(&b[..]).read_to_end(&mut out),
+                _ => Err(std::io::Error::other("unknown coding")),
+            };
+            match decoded {
+                Ok(_) => Ok(Bytes::from(out)),
+                Err(e) => Ok(Bytes::from(format!("<{coding} body that does not decode: {e}>"))),
+            }
         }
         (b, _) => b,
     };
@@ -912,7 +948,10 @@ fn check_reply(
         match (&reply.body, kind) {
             (Err(_), Kind::Leave) => st.left_early += 1,
             (Err(_), _) => st.cut_bodies += 1,
-            (Ok(_), _) if reply.status == 200 && kind_has_body(kind, StatusCode::OK) => st.complete_200 += 1,
+            (Ok(_), _) if reply.status == 200 && kind_has_body(kind, StatusCode::OK) => {
+                st.complete_200 += 1;
+                st.complete_200_compressed += reply.headers.contains_key("content-encoding") as u64;
+            }
             (Ok(_), _) if reply.status == 206 => st.complete_206 += 1,
             _ => {}
         }
@@ -1206,7 +1245,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 /// Live entries, traffic stopped and fills drained: each one's content file is there with its
 /// size, unless chaos damaged it after the entry was stored.
 fn oracle_live_entries_have_content(ctx: &Ctx, proxy: &RunningProxy) {
-    for e in proxy.store().entries() {
+    let entries = proxy.store().entries();
+    // Each body, and each compressed variant (chaos damages bodies only).
+    for e in entries.iter().flat_map(|e| std::iter::once(e).chain(e.variants.iter())) {
         let ok = std::fs::metadata(&e.path).map(|m| m.len() == e.size).unwrap_or(false);
         let damaged_since = ctx.book(&e.lote_id, |b| b.last_damage_wall_ms >= e.stored_at_ms);
         if !ok && !damaged_since {
@@ -1230,7 +1271,12 @@ fn oracle_store_at_rest(ctx: &Ctx, proxy: &RunningProxy) {
     if !tmp.is_empty() {
         ctx.fail("temp-file-left-at-rest", "store", format!("{} temp files: {:?}", tmp.len(), tmp));
     }
-    let live: std::collections::HashSet<PathBuf> = proxy.store().entries().iter().map(|e| e.path.clone()).collect();
+    let live: std::collections::HashSet<PathBuf> = proxy
+        .store()
+        .entries()
+        .iter()
+        .flat_map(|e| std::iter::once(e.path.clone()).chain(e.variants.iter().map(|v| v.path.clone())))
+        .collect();
     let orphans: Vec<PathBuf> = walk(&ctx.dir.join("content-v2")).into_iter().filter(|f| !live.contains(f)).collect();
     if !orphans.is_empty() {
         ctx.fail("orphan-content-file-after-gc", "store", format!("{} orphans: {:?}", orphans.len(), orphans));
@@ -1238,8 +1284,9 @@ fn oracle_store_at_rest(ctx: &Ctx, proxy: &RunningProxy) {
 }
 
 async fn wait_fills_drained(proxy: &RunningProxy) {
-    for _ in 0..250 {
-        if proxy.cache().fills.is_empty() {
+    for _ in 0..500 {
+        // Fills, and the compressions of what they stored.
+        if proxy.cache().fills.is_empty() && proxy.cache().compressions_pending() == 0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -396,6 +396,8 @@ async fn a_stored_entry_that_cannot_be_read_in_time_answers_503_and_is_kept() {
     let (origin, _dir, proxy) = setup("memory_tier = \"0\"\n").await;
     let p = proxy.local_addr();
     get(p, &batch("RE-1")).await;
+    // Its variants built first: their job reads the body too.
+    crate::support::compression_settled(&proxy).await;
     let entry = proxy.store().get("RE-1_resultados.json").unwrap();
     // A FIFO in place of the file: opening it blocks, as a stalled disk would.
     let saved = std::fs::read(&entry.path).unwrap();
@@ -551,6 +553,8 @@ async fn evictions_are_counted_under_their_own_reason() {
     let (_origin, _dir, proxy) = setup("memory_tier = \"0\"\n").await;
     let p = proxy.local_addr();
     get(p, &batch("EL-1")).await;
+    // Its variants built first: their job reads the body too, and would judge it first.
+    crate::support::compression_settled(&proxy).await;
     let entry = proxy.store().get("EL-1_resultados.json").unwrap();
     let mut bytes = std::fs::read(&entry.path).unwrap();
     bytes[10] ^= 1;

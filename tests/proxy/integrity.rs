@@ -206,8 +206,10 @@ async fn a_torn_index_line_is_skipped_and_the_entry_before_it_still_serves() {
     get(proxy.local_addr(), &batch("V-11")).await;
     proxy.shutdown(Duration::from_secs(1)).await;
     let bucket = only_bucket(dir.path());
-    let mut text = std::fs::read_to_string(&bucket).unwrap();
-    let whole = text.clone();
+    // The line the commit wrote (later ones name its compressed variants).
+    let written = std::fs::read_to_string(&bucket).unwrap();
+    let whole = format!("\n{}", written.split('\n').find(|l| !l.is_empty()).unwrap());
+    let mut text = whole.clone();
     text.push_str(&whole[..whole.len() / 2]); // a second write, torn by a crash
     std::fs::write(&bucket, text).unwrap();
 
@@ -318,6 +320,7 @@ async fn cache_verify_reports_bad_entries_removes_them_on_request_and_exits_by_t
     let proxy = validated_proxy(&origin, dir.path()).await;
     get(proxy.local_addr(), &batch("G-1")).await;
     get(proxy.local_addr(), &batch("G-2")).await;
+    crate::support::compression_settled(&proxy).await;
     let bad = proxy.store().get("G-2_resultados.json").unwrap().path.clone();
     proxy.shutdown(Duration::from_secs(1)).await;
     let mut bytes = std::fs::read(&bad).unwrap();
@@ -335,11 +338,12 @@ async fn cache_verify_reports_bad_entries_removes_them_on_request_and_exits_by_t
     };
     let (code, report) = verify(&[]);
     assert_eq!(code, Some(1));
-    assert_eq!(report["checked"], 2);
+    assert_eq!(report["checked"], 6, "each body and its br and gzip variants");
+    assert_eq!(report["bad"].as_array().unwrap().len(), 1);
     assert_eq!(report["bad"][0]["key"], "G-2_resultados.json");
     assert_eq!(report["bad"][0]["reason"], "content digest mismatch");
     let (code, report) = verify(&["--remove"]);
     assert_eq!((code, report["removed"].as_u64()), (Some(1), Some(1)));
     let (code, report) = verify(&[]);
-    assert_eq!((code, report["checked"].as_u64()), (Some(0), Some(1)));
+    assert_eq!((code, report["checked"].as_u64()), (Some(0), Some(3)));
 }

@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod compression;
 mod fault_model;
 mod faults;
 mod hardening;

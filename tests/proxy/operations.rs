@@ -241,24 +241,29 @@ async fn without_stale_if_error_the_origin_failure_is_passed_on() {
 async fn eviction_keeps_the_store_under_max_size_and_keeps_recently_used_entries() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let doc = document("M-A-100kb").len() as u64;
-    let proxy = start_proxy(origin.addr, dir.path(), &format!("max_size = \"{}B\"\n", doc * 3 + doc / 2)).await;
+    let proxy = start_proxy(origin.addr, dir.path(), "max_size = \"100MiB\"\n").await;
     let p = proxy.local_addr();
     for id in ["M-A-100kb", "M-B-100kb", "M-C-100kb"] {
         get(p, &batch(id)).await;
+        crate::support::compression_settled(&proxy).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Room for three and a half entries, their compressed variants counted.
+    let per = proxy.store().entries().iter().map(|e| e.stored_bytes()).max().unwrap();
+    assert!(proxy.store().entries().iter().all(|e| e.variants.len() == 2));
+    let cap = per * 3 + per / 2;
+    proxy.store().set_max_size(cap);
     assert_eq!(get(p, &batch("M-A-100kb")).await.cache_status(), "lotecache; hit"); // A is now the most recent
     get(p, &batch("M-D-100kb")).await; // over the cap: B, the least recently used, goes
     let keys: Vec<String> = proxy.store().entries().iter().map(|e| e.key.clone()).collect();
     assert_eq!(keys, ["M-A-100kb_resultados.json", "M-C-100kb_resultados.json", "M-D-100kb_resultados.json"]);
-    assert!(proxy.store().bytes() <= doc * 3 + doc / 2);
+    assert!(proxy.store().bytes() <= cap);
     assert_eq!(get(p, &batch("M-B-100kb")).await.cache_status(), "lotecache; fwd=uri-miss");
     // A batch larger than the whole cap is served, and said not to be kept.
-    let huge = get(p, &batch("M-E-400kb")).await;
-    assert_eq!(huge.bytes(), &document("M-E-400kb"));
+    let huge = get(p, &batch("M-E-800kb")).await;
+    assert_eq!(huge.bytes(), &document("M-E-800kb"));
     assert_eq!(huge.cache_status(), "lotecache; fwd=uri-miss; detail=too-large");
-    assert!(proxy.store().get("M-E-400kb_resultados.json").is_none());
+    assert!(proxy.store().get("M-E-800kb_resultados.json").is_none());
 }
 
 #[tokio::test]
@@ -271,6 +276,7 @@ async fn gc_removes_unreferenced_content_but_never_content_being_read() {
     let (p, a) = (proxy.local_addr(), proxy.admin_addr());
     get(p, &batch("GC-read-4mb")).await;
     get(p, &batch("GC-gone")).await;
+    crate::support::compression_settled(&proxy).await;
     let reading_path = proxy.store().get("GC-read-4mb_resultados.json").unwrap().path.clone();
     let gone_path = proxy.store().get("GC-gone_resultados.json").unwrap().path.clone();
 
@@ -283,7 +289,8 @@ async fn gc_removes_unreferenced_content_but_never_content_being_read() {
     tokio::time::sleep(Duration::from_millis(10)).await;
 
     let report = admin(a, Method::POST, "/gc", Some(TOKEN), "").await.json();
-    assert_eq!(report["removed_files"], 1);
+    // GC-gone's body, and both entries' br and gzip variants.
+    assert_eq!(report["removed_files"], 5);
     assert!(!gone_path.exists(), "unreferenced content is collected");
     assert!(reading_path.exists(), "content being read is never collected");
 
@@ -315,6 +322,7 @@ async fn cache_commands_list_count_purge_collect_and_export_byte_identical_files
     for id in ["X-1", "X-2-200kb", "X-3"] {
         get(proxy.local_addr(), &batch(id)).await;
     }
+    crate::support::compression_settled(&proxy).await;
     proxy.shutdown(Duration::from_secs(1)).await;
     let d = dir.path().to_str().unwrap();
 
@@ -336,9 +344,11 @@ async fn cache_commands_list_count_purge_collect_and_export_byte_identical_files
     let (code, purged) = cli(&["cache", "purge", "--json", "--cache-dir", d, "X-1"]);
     assert_eq!((code, purged["removed"][0].as_str()), (Some(0), Some("X-1_resultados.json")));
     let (_, stats) = cli(&["cache", "stats", "--json", "--cache-dir", d]);
-    assert_eq!((stats["entries"].as_u64(), stats["unreferenced_files"].as_u64()), (Some(2), Some(1)));
+    // X-1's body and its two variants.
+    assert_eq!((stats["entries"].as_u64(), stats["unreferenced_files"].as_u64()), (Some(2), Some(3)));
+    assert_eq!(stats["variants"], 4);
     let (code, gc) = cli(&["cache", "gc", "--json", "--cache-dir", d]);
-    assert_eq!((code, gc["removed_files"].as_u64()), (Some(0), Some(1)));
+    assert_eq!((code, gc["removed_files"].as_u64()), (Some(0), Some(3)));
     assert!(gc["compacted_buckets"].as_u64() >= Some(1), "the purged key's bucket is compacted away: {gc}");
     let (_, ls) = cli(&["cache", "ls", "--json", "--cache-dir", d]);
     assert_eq!(ls.as_array().unwrap().len(), 2, "compaction keeps live entries");

@@ -146,3 +146,10 @@ pub async fn wait_until(within: std::time::Duration, cond: impl Fn() -> bool) ->
     }
     true
 }
+
+/// Waits (up to 60 s) until the proxy has no compression queued or running: the variants of
+/// what it stored so far are built (or judged not worth keeping).
+pub async fn compression_settled(proxy: &RunningProxy) {
+    let settled = wait_until(std::time::Duration::from_secs(60), || proxy.cache().compressions_pending() == 0).await;
+    assert!(settled, "compressions still pending after 60 s");
+}
