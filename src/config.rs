@@ -1020,6 +1020,37 @@ mod tests {
     }
 
     #[test]
+    fn compression_is_brotli_and_gzip_by_default_and_each_rule_chooses() {
+        let rule = |extra: &str| format!("[[rules]]\nname = \"r\"\npath = \"/d/{{lote_id}}\"\n{extra}");
+        let compression =
+            |extra: &str| parse("f", &rule(extra), &Overrides::default()).map(|c| c.rules[0].compression.clone());
+        assert_eq!(*compression("").unwrap(), CompressionConfig::default());
+        assert_eq!(default_rule().compression.codings, vec![(Coding::Br, 5), (Coding::Gzip, 6)]);
+        let gzip_only =
+            compression("[rules.compression]\nencodings = [\"gzip\"]\ngzip_level = 9\nmin_saving_percent = 25\n")
+                .unwrap();
+        assert_eq!(*gzip_only, CompressionConfig { codings: vec![(Coding::Gzip, 9)], min_saving_percent: 25 });
+        assert!(compression("[rules.compression]\nencodings = []\n").unwrap().is_off());
+        let errs = parse(
+            "f",
+            &rule("[rules.compression]\nencodings = [\"zstd\", \"br\", \"br\"]\nbrotli_quality = 12\ngzip_level = 0\nmin_saving_percent = 100\n"),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        let got: Vec<_> = errs.iter().map(|e| (e.location.as_str(), e.field.as_str(), e.message.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("f:6:18", "rules.compression.brotli_quality", "must be between 0 and 11"),
+                ("f:7:14", "rules.compression.gzip_level", "must be between 1 and 9"),
+                ("f:8:22", "rules.compression.min_saving_percent", "must be between 0 and 99"),
+                ("f:5:14", "rules.compression.encodings", "\"zstd\" is not one of \"br\", \"gzip\""),
+                ("f:5:28", "rules.compression.encodings", "\"br\" is listed twice"),
+            ]
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_syntax_errors_with_location() {
         let errs = parse("f.toml", "[server]\nlisten_on = \"x\"\n", &Overrides::default()).unwrap_err();
         assert_eq!(errs.len(), 1);

@@ -185,3 +185,90 @@ def test_descargar_json_on_the_monitoring_page_through_lotecache(stack, browser)
 
     _, generations = get_json(stack["backend"] + "/api/generaciones")
     assert generations == {FINISHED: 1, IN_PROCESS: 2}, generations
+
+
+BIG = "LOTE-2025-07-003"  # about 3 MB of results
+
+# In the page: a download read up to `cut` bytes and cut off (its reader cancelled), then
+# resumed from the bytes it got with `Range` and `If-Range`, as a download manager does; the
+# parts joined and hashed.
+RESUME_JS = """
+const [url, cut, done] = arguments;
+(async () => {
+  const hex = async (bytes) => Array.from(new Uint8Array(await crypto.subtle.digest('SHA-256', bytes)))
+    .map(b => b.toString(16).padStart(2, '0')).join('');
+  const first = await fetch(url, {headers: {Range: 'bytes=0-'}});
+  const etag = first.headers.get('ETag');
+  const reader = first.body.getReader();
+  const parts = [];
+  let got = 0;
+  while (got < cut) {
+    const {value, done: end} = await reader.read();
+    if (end) break;
+    parts.push(value);
+    got += value.length;
+  }
+  await reader.cancel();
+  const rest = await fetch(url, {headers: {Range: `bytes=${got}-`, 'If-Range': etag}});
+  const tail = new Uint8Array(await rest.arrayBuffer());
+  const all = new Uint8Array(got + tail.length);
+  let at = 0;
+  for (const p of parts) { all.set(p, at); at += p.length; }
+  all.set(tail, at);
+  done({first: first.status, firstEncoding: first.headers.get('Content-Encoding'), etag, got,
+        rest: rest.status, contentRange: rest.headers.get('Content-Range'),
+        restEncoding: rest.headers.get('Content-Encoding'), length: all.length, sha256: await hex(all)});
+})().catch(e => done({error: String(e)}));
+"""
+
+
+def metric(admin, sample):
+    text = urllib.request.urlopen(f"{admin}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_variants(admin, key, n=2, seconds=60):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        status, entry = get_json(f"{admin}/entries/{key}")
+        if status == 200 and len(entry["variants"]) == n:
+            return entry
+        time.sleep(0.2)
+    raise AssertionError(f"{key} has no {n} variants after {seconds}s")
+
+
+def test_a_compressed_download_is_saved_byte_identical_and_a_cut_one_resumes_with_range(stack, browser):
+    import hashlib
+    proxy, admin = stack["proxy"], stack["admin"]
+    backend_json = logged_in(stack["backend"], "ana").open(
+        f"{stack['backend']}/download_batch_results/{BIG}", timeout=30).read()
+    browser.get(proxy + "/login?usuario=ana")
+
+    # The first click is a miss (served uncompressed); the variants are built after it.
+    first = click_download(browser, BIG, timeout=60)
+    assert first == backend_json
+    entry = wait_variants(admin, f"{BIG}_resultados.json")
+    br = next(v for v in entry["variants"] if v["encoding"] == "br")
+    assert br["size"] * 3 < entry["size"], entry
+
+    # Chromium advertises br: the second click is the br variant, decoded and saved by the
+    # browser byte for byte as the backend generates it.
+    br_hits = metric(admin, 'lotecache_hit_encodings_total{encoding="br"}')
+    second = click_download(browser, BIG, timeout=60)
+    assert metric(admin, 'lotecache_hit_encodings_total{encoding="br"}') == br_hits + 1, "not sent as br"
+    assert second == backend_json
+
+    # A download cut after about 300 KB and resumed from where it stopped.
+    got = browser.execute_async_script(RESUME_JS, f"{proxy}/download_batch_results/{BIG}", 300_000)
+    assert "error" not in got, got
+    assert got["first"] == 206 and got["rest"] == 206, got
+    assert got["firstEncoding"] is None and got["restEncoding"] is None, "ranges are of the identity body"
+    assert 0 < got["got"] < len(backend_json), got
+    assert got["contentRange"] == f"bytes {got['got']}-{len(backend_json) - 1}/{len(backend_json)}", got
+    assert got["length"] == len(backend_json)
+    assert got["sha256"] == hashlib.sha256(backend_json).hexdigest(), "the resumed download differs"
+    _, generations = get_json(stack["backend"] + "/api/generaciones")
+    assert generations[BIG] == 2, generations  # this test's direct backend request, and one fill
