@@ -38,8 +38,8 @@ pub struct Metrics {
     pub shared_uploads_pending: IntGauge,
     /// Compressed variants stored, by coding.
     pub variants_built: IntCounterVec,
-    /// Variants built but not kept, by reason (not-smaller, no-room-or-replaced, failed,
-    /// queue-full).
+    /// Variants built but not kept, by reason (not-smaller, no-room: under `cache.min_free`,
+    /// over-max-size-or-replaced, failed, queue-full).
     pub variants_not_kept: IntCounterVec,
     /// Hits by the representation sent (identity, br, gzip), resolved once.
     hit_encodings: [IntCounter; 1 + Coding::ALL.len()],

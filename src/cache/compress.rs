@@ -61,8 +61,9 @@ impl Compressor {
         self.queued.load(Relaxed)
     }
 
-    /// Stops the pool: nothing new starts, running jobs end at their next chunk (their temp
-    /// files removed); waits up to 10 s for them to end, so the store (and its lock) is free.
+    /// Stops the pool: nothing new starts, and a running job stops at its next step (a chunk
+    /// read, a variant's commit, its check, the index line), its temp files removed. Waits up
+    /// to 10 s for them to end, so that the store (and its lock) is free.
     pub async fn stop(&self) {
         self.stopping.store(true, Relaxed);
         for _ in 0..1000 {
@@ -75,14 +76,17 @@ impl Compressor {
     }
 
     /// Builds, in the background, the variants `config` wants that `entry` lacks and was not
-    /// tried for. Never for a variant, a non-200 entry, or one whose origin said
-    /// `Cache-Control: no-transform`.
+    /// tried for. Never for a variant, a non-200 entry, one whose origin said
+    /// `Cache-Control: no-transform`, or while the disk is below `cache.min_free` (a later
+    /// request asks again).
     pub fn submit(self: &Arc<Self>, entry: &Arc<Entry>, config: &CompressionConfig) {
         if config.is_off()
             || entry.coding.is_some()
             || entry.status != http::StatusCode::OK
             || self.stopping.load(Relaxed)
             || entry.no_transform()
+            || entry.compress_tried.load(Relaxed) & config.bits() == config.bits()
+            || !self.store.has_room_for(Some(entry.size))
         {
             return;
         }
@@ -233,11 +237,20 @@ fn build(
     stopping: &AtomicBool,
 ) -> Result<Vec<Coding>, JobError> {
     let metrics = store.metrics().clone();
-    let mut file = match std::fs::File::open(&entry.path) {
+    let stopped = || match stopping.load(Relaxed) {
+        true => Err(JobError::Failed("stopped at shutdown".into())),
+        false => Ok(()),
+    };
+    // Never blocks on what is not a regular file (a FIFO put in its place).
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&entry.path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(JobError::BadBody("content-missing")),
         Err(e) => return Err(e.into()),
     };
+    if !file.metadata()?.is_file() {
+        return Err(JobError::Failed("the content file is not a regular file".into()));
+    }
     let mut encoders = Vec::with_capacity(codings.len());
     for &(coding, level) in codings {
         let writer = cacache::WriteOpts::new()
@@ -251,9 +264,7 @@ fn build(
     let mut read = 0u64;
     let mut buf = vec![0u8; CHUNK.min(entry.size.max(1) as usize)];
     loop {
-        if stopping.load(Relaxed) {
-            return Err(JobError::Failed("stopped at shutdown".into()));
-        }
+        stopped()?;
         let n = file.read(&mut buf)?;
         if n == 0 {
             break;
@@ -273,6 +284,7 @@ fn build(
     let mut built = Vec::new();
     let mut guards = Vec::new();
     for (coding, enc) in encoders {
+        stopped()?;
         let out = enc.finish()?;
         let size = out.written;
         // Kept only when at least `min_saving` percent smaller than the body.
@@ -287,6 +299,10 @@ fn build(
         let path = content_path(store.dir(), &known);
         guards.push(store.reading(&path));
         let writer = out.inner.into_inner().map_err(|e| JobError::Failed(e.to_string()))?;
+        if !store.has_room_for(Some(size)) {
+            metrics.variants_not_kept.with_label_values(&["no-room"]).inc();
+            continue;
+        }
         if store.holds_content(&path, &digest, size) {
             // Identical bytes are on disk and verified (another entry's, or this one's from
             // before a restart): not renamed over, as that would cut their downloads.
@@ -308,6 +324,7 @@ fn build(
     if built.is_empty() {
         return Ok(Vec::new());
     }
+    stopped()?;
     let codings: Vec<Coding> = built.iter().map(|(c, ..)| *c).collect();
     match store.add_variants_sync(entry, &built) {
         Ok(true) => {
@@ -319,7 +336,7 @@ fn build(
         }
         Ok(false) => {
             // Replaced, purged, or no room under max_size: the files are left to the collector.
-            metrics.variants_not_kept.with_label_values(&["no-room-or-replaced"]).inc();
+            metrics.variants_not_kept.with_label_values(&["over-max-size-or-replaced"]).inc();
             Ok(Vec::new())
         }
         Err(e) => Err(JobError::Failed(e.to_string())),

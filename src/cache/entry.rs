@@ -132,10 +132,19 @@ pub struct Entry {
     pub coding: Option<Coding>,
     /// The entry's stored variants (empty on a variant).
     pub variants: Vec<Arc<Entry>>,
-    /// Codings a compression was started for (bits of [`Coding::bit`]): each is tried once
-    /// per entry, again only after its variant was dropped as bad.
+    /// Codings a compression was started for (bits of [`Coding::bit`]), so that hits do not
+    /// ask again: cleared for a coding whose variant is dropped as bad, and not kept across a
+    /// restart (an entry loaded without a variant is tried again once).
     pub compress_tried: AtomicU8,
+    /// Which commit (or load) of the key this is. A successor — the same body with other
+    /// variants — keeps it; every commit gets a new one. A judgment of an entry (evict it,
+    /// add a variant built from its body) holds for every successor of it, never for a
+    /// later commit.
+    pub commit: u64,
 }
+
+/// Source of [`Entry::commit`] numbers.
+static COMMITS: AtomicU64 = AtomicU64::new(1);
 
 /// What an [`Entry`] is built from.
 pub struct EntryParts {
@@ -175,7 +184,7 @@ impl Entry {
     pub fn variant(parent: &Entry, coding: Coding, integrity: Integrity, size: u64, path: PathBuf) -> Option<Entry> {
         let mut head = stored_head(&parent.headers);
         // Digests of the identity body from the origin would be wrong on compressed bytes.
-        for name in ["content-md5", "content-digest"] {
+        for name in ["content-md5", "content-digest", "digest"] {
             head.remove(name);
         }
         head.insert(http::header::CONTENT_ENCODING, coding.header_value());
@@ -220,6 +229,7 @@ impl Entry {
             coding,
             variants,
             compress_tried: AtomicU8::new(tried),
+            commit: COMMITS.fetch_add(1, Relaxed),
         })
     }
 
@@ -235,10 +245,11 @@ impl Entry {
         self.with_variants(kept)
     }
 
-    /// The entry that replaces this live one when its variants change: the same body, head
-    /// and counters, and its verification moved over (taken from this one, so the memory a
-    /// verified body holds is counted once).
+    /// The entry that replaces this live one when its variants change: the same body, head,
+    /// counters and commit number. Its verification is moved over when it is published (see
+    /// `Store::reindex`), not here: a successor that is never published takes nothing.
     pub fn successor(&self, variants: Vec<Arc<Entry>>, tried: u8) -> Entry {
+        let tried = variants.iter().filter_map(|v| v.coding).fold(tried, |bits, c| bits | c.bit());
         Entry {
             key: self.key.clone(),
             rule: self.rule.clone(),
@@ -255,11 +266,12 @@ impl Entry {
             repr_digest: self.repr_digest.clone(),
             hits: AtomicU64::new(self.hits.load(Relaxed)),
             last_hit_ms: AtomicU64::new(self.last_hit_ms.load(Relaxed)),
-            verified: ArcSwapOption::new(self.verified.swap(None)),
+            verified: Default::default(),
             loading: Default::default(),
             coding: self.coding,
             variants,
             compress_tried: AtomicU8::new(tried),
+            commit: self.commit,
         }
     }
 

@@ -23,7 +23,7 @@ use compress::Compressor;
 use entry::Entry;
 use fill::{wait_end, wait_head, FillConfig, FillJob, Fills, Head, Lookup, Subscription};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
-use negotiate::CompressionConfig;
+use negotiate::{AcceptEncoding, CompressionConfig};
 use range::RangeAnswer;
 use status::{CacheStatus, NotStored};
 use std::{net::SocketAddr, sync::Arc};
@@ -210,9 +210,21 @@ impl Cache {
     /// for an entry that could not be served.
     ///
     /// The representation served is the one `Accept-Encoding` selects among the entry's
-    /// variants the rule offers (see [`negotiate`]); conditions and ranges apply to it.
+    /// variants the rule offers (see [`negotiate`]); conditions and ranges apply to it. A
+    /// variant that proves bad is dropped, and the body it was built from answers instead.
     async fn serve_hit(&self, stored: Arc<Entry>, cond: &HitConditions) -> Served {
-        let entry = self.representation(&stored, cond);
+        let rep = self.representation(&stored, cond);
+        if rep.coding.is_none() {
+            return self.serve_representation(&stored, rep, cond).await;
+        }
+        match self.serve_representation(&stored, rep, cond).await {
+            Served::Gone => self.serve_representation(&stored, stored.clone(), cond).await,
+            served => served,
+        }
+    }
+
+    /// [`Cache::serve_hit`] with `entry`, `stored` itself or one of its variants.
+    async fn serve_representation(&self, stored: &Arc<Entry>, entry: Arc<Entry>, cond: &HitConditions) -> Served {
         // RFC 9110 §13.2.2: If-Match first, then If-None-Match, then Range.
         let failed_precondition = range::if_match_fails(cond.if_match.as_ref(), &entry.etag);
         let not_modified =
@@ -307,13 +319,13 @@ impl Cache {
     /// built in the background for later requests.
     fn representation(&self, stored: &Arc<Entry>, cond: &HitConditions) -> Arc<Entry> {
         let Some(offer) = cond.offer.as_ref().filter(|o| !o.is_off()) else { return stored.clone() };
-        let accept = cond.accept_encoding.as_ref();
+        let Some(accept) = cond.accept_encoding.as_ref() else { return stored.clone() };
         let all_tried = stored.compress_tried.load(std::sync::atomic::Ordering::Relaxed) & offer.bits() == offer.bits();
-        if !all_tried && offer.offered().any(|c| stored.variant_in(c).is_none() && negotiate::accepts(accept, c)) {
+        if !all_tried && offer.offered().any(|c| stored.variant_in(c).is_none() && accept.accepts(c)) {
             self.compressor.submit(stored, offer);
         }
         let available = offer.offered().filter(|&c| stored.variant_in(c).is_some());
-        match negotiate::choose(accept, available).and_then(|c| stored.variant_in(c)) {
+        match accept.choose(available).and_then(|c| stored.variant_in(c)) {
             Some(variant) => variant.clone(),
             None => stored.clone(),
         }
@@ -601,7 +613,7 @@ const ACCESS_ANSWER_MAX: usize = 64 * 1024;
 #[derive(Default)]
 struct HitConditions {
     head_only: bool,
-    accept_encoding: Option<HeaderValue>,
+    accept_encoding: Option<AcceptEncoding>,
     /// None: identity only.
     offer: Option<Arc<CompressionConfig>>,
     if_none_match: Option<HeaderValue>,
@@ -630,7 +642,7 @@ impl HitConditions {
         };
         HitConditions {
             head_only,
-            accept_encoding: list(header::ACCEPT_ENCODING),
+            accept_encoding: AcceptEncoding::of(headers),
             offer: Some(offer.clone()),
             if_none_match: list(header::IF_NONE_MATCH),
             if_match: list(header::IF_MATCH),

@@ -7,7 +7,8 @@
 //! - No `Accept-Encoding` at all gets identity (RFC 9110 allows any coding, but a client that
 //!   says nothing — `curl` without `--compressed`, a script — rarely decodes one).
 //! - `identity` that is not listed is acceptable, but preferred least: `br;q=0.5` gets `br`.
-//! - Equal q-values go to the server's order: the smaller representation first, identity last.
+//! - Equal q-values go to the server's order: the rule's `encodings` order (brotli first by
+//!   default, as it is the smaller), identity last.
 //! - When nothing acceptable is stored (`identity;q=0` and no variant yet), identity is sent
 //!   anyway (RFC 9110 §12.1 lets a server disregard the header rather than answer `406`): a
 //!   download never fails for want of a variant that is being built.
@@ -23,7 +24,7 @@ pub enum Coding {
 }
 
 impl Coding {
-    /// Every coding, in the order of preference for equal q-values (smaller output first).
+    /// Every coding.
     pub const ALL: [Coding; 2] = [Coding::Br, Coding::Gzip];
 
     /// The token in `Accept-Encoding` / `Content-Encoding`.
@@ -55,7 +56,7 @@ impl Coding {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompressionConfig {
     /// The codings kept, with their levels (brotli quality 0–11, gzip level 1–9), in the
-    /// server's order of preference. Empty: no variants on this rule.
+    /// server's order of preference for equal q-values. Empty: no variants on this rule.
     pub codings: Vec<(Coding, u32)>,
     /// A variant not at least this many percent smaller than the body is not kept.
     pub min_saving_percent: u8,
@@ -100,20 +101,31 @@ impl CompressionConfig {
 /// q-values in thousandths (RFC 9110 §12.4.2: at most three decimals).
 type Q = u16;
 
-/// The preferences an `Accept-Encoding` value states.
+/// The preferences a request's `Accept-Encoding` states (all its lines, read once).
 #[derive(Debug, Default)]
-struct Prefs {
+pub struct AcceptEncoding {
     br: Option<Q>,
     gzip: Option<Q>,
     identity: Option<Q>,
     any: Option<Q>,
 }
 
-impl Prefs {
-    /// Reads one list; an element with an unreadable weight is ignored. The first mention of
-    /// a coding counts.
-    fn parse(list: &str) -> Prefs {
-        let mut p = Prefs::default();
+impl AcceptEncoding {
+    /// The request's preferences; None without the header (identity is sent). An element with
+    /// an unreadable weight is ignored, and so is a line that is not text; the first mention
+    /// of a coding counts. Linear in the header's length, without allocating.
+    pub fn of(headers: &http::HeaderMap) -> Option<AcceptEncoding> {
+        let mut lines = headers.get_all(http::header::ACCEPT_ENCODING).iter().peekable();
+        lines.peek()?;
+        let mut p = AcceptEncoding::default();
+        for line in lines.filter_map(|l| l.to_str().ok()) {
+            p.read(line);
+        }
+        Some(p)
+    }
+
+    fn read(&mut self, list: &str) {
+        let p = self;
         for element in list.split(',') {
             let mut parts = element.split(';');
             let name = parts.next().unwrap_or_default().trim();
@@ -144,11 +156,28 @@ impl Prefs {
             };
             slot.get_or_insert(q);
         }
-        p
+    }
+
+    /// The representation to send: `Some(coding)` for a stored variant among `available`
+    /// (server preference order), `None` for identity.
+    pub fn choose(&self, available: impl IntoIterator<Item = Coding>) -> Option<Coding> {
+        let mut best: Option<(Coding, Q)> = None;
+        for c in available {
+            let q = self.q(c);
+            if q > 0 && best.is_none_or(|(_, b)| q > b) {
+                best = Some((c, q));
+            }
+        }
+        best.filter(|&(_, q)| q >= self.identity()).map(|(c, _)| c)
+    }
+
+    /// Whether the request takes `coding` (q > 0).
+    pub fn accepts(&self, coding: Coding) -> bool {
+        self.q(coding) > 0
     }
 
     /// The q of `coding` (0: not acceptable).
-    fn of(&self, coding: Coding) -> Q {
+    fn q(&self, coding: Coding) -> Q {
         let explicit = match coding {
             Coding::Br => self.br,
             Coding::Gzip => self.gzip,
@@ -168,7 +197,8 @@ fn parse_q(v: &str) -> Option<Q> {
     if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let frac_q: Q = format!("{frac:0<3}").parse().ok()?;
+    // "5" → 500, "25" → 250, "125" → 125.
+    let frac_q = frac.bytes().chain(std::iter::repeat(b'0')).take(3).fold(0, |q, d| q * 10 + (d - b'0') as Q);
     match int {
         "0" => Some(frac_q),
         "1" if frac_q == 0 => Some(1000),
@@ -176,33 +206,20 @@ fn parse_q(v: &str) -> Option<Q> {
     }
 }
 
-/// The representation to send: `Some(coding)` for a stored variant among `available`
-/// (server preference order), `None` for identity. `accept` is the request's
-/// `Accept-Encoding` (its lines joined), None when absent.
-pub fn choose(accept: Option<&HeaderValue>, available: impl IntoIterator<Item = Coding>) -> Option<Coding> {
-    let prefs = Prefs::parse(accept?.to_str().ok()?);
-    let mut best: Option<(Coding, Q)> = None;
-    for c in available {
-        let q = prefs.of(c);
-        if q > 0 && best.is_none_or(|(_, b)| q > b) {
-            best = Some((c, q));
-        }
-    }
-    best.filter(|&(_, q)| q >= prefs.identity()).map(|(c, _)| c)
-}
-
-/// Whether the request would accept `coding` (q > 0).
-pub fn accepts(accept: Option<&HeaderValue>, coding: Coding) -> bool {
-    accept.and_then(|v| v.to_str().ok()).is_some_and(|v| Prefs::parse(v).of(coding) > 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn prefs(lines: &[&str]) -> Option<AcceptEncoding> {
+        let mut h = http::HeaderMap::new();
+        for l in lines {
+            h.append(http::header::ACCEPT_ENCODING, HeaderValue::from_str(l).unwrap());
+        }
+        AcceptEncoding::of(&h)
+    }
+
     fn pick(accept: Option<&str>, available: &[Coding]) -> Option<Coding> {
-        let v = accept.map(|a| HeaderValue::from_str(a).unwrap());
-        choose(v.as_ref(), available.iter().copied())
+        prefs(&accept.into_iter().collect::<Vec<_>>())?.choose(available.iter().copied())
     }
 
     const BOTH: &[Coding] = &[Coding::Br, Coding::Gzip];
@@ -252,11 +269,21 @@ mod tests {
 
     #[test]
     fn accepts_reads_wildcards_and_zero_weights() {
-        let v = |s: &str| HeaderValue::from_str(s).unwrap();
-        assert!(accepts(Some(&v("gzip, br")), Coding::Br));
-        assert!(accepts(Some(&v("*")), Coding::Gzip));
-        assert!(!accepts(Some(&v("*, gzip;q=0")), Coding::Gzip));
-        assert!(!accepts(None, Coding::Br));
-        assert!(!accepts(Some(&v("identity")), Coding::Br));
+        assert!(prefs(&["gzip, br"]).unwrap().accepts(Coding::Br));
+        assert!(prefs(&["*"]).unwrap().accepts(Coding::Gzip));
+        assert!(!prefs(&["*, gzip;q=0"]).unwrap().accepts(Coding::Gzip));
+        assert!(prefs(&[]).is_none());
+        assert!(!prefs(&["identity"]).unwrap().accepts(Coding::Br));
+    }
+
+    #[test]
+    fn several_lines_are_one_list_and_the_first_mention_counts() {
+        let p = prefs(&["br;q=0.1", "gzip", "br"]).unwrap();
+        assert_eq!(p.choose(Coding::ALL), Some(Coding::Gzip));
+        assert_eq!(parse_q("0.5"), Some(500));
+        assert_eq!(parse_q("0.25"), Some(250));
+        assert_eq!(parse_q("0.125"), Some(125));
+        assert_eq!(parse_q("1."), Some(1000));
+        assert_eq!(parse_q("1.001"), None);
     }
 }

@@ -119,10 +119,18 @@ impl Store {
         for entry in loaded.entries {
             match std::fs::metadata(&entry.path) {
                 Ok(m) if m.len() == entry.size => {
-                    // A variant whose file is gone is left out (and rebuilt on demand).
+                    // A variant whose file is gone is left out, for good (a new index line
+                    // without it), and built again on demand.
                     let entry = match entry.variants.iter().all(|v| file_has_size(&v.path, v.size)) {
                         true => entry,
-                        false => entry.without(|v| !file_has_size(&v.path, v.size)),
+                        false => {
+                            let entry = entry.without(|v| !file_has_size(&v.path, v.size));
+                            tracing::warn!(key = %entry.key, "a compressed variant's file is missing or wrong size; variant dropped");
+                            if let Err(e) = write_index_line(&dir, &entry) {
+                                tracing::warn!(key = %entry.key, error = %e, "could not record the dropped variant");
+                            }
+                            entry
+                        }
                     };
                     map.insert(entry.key.clone(), Arc::new(entry));
                 }
@@ -370,8 +378,9 @@ impl Store {
     fn unpublish_sync(&self, key: &str, expect: Option<&Arc<Entry>>, reason: &'static str) -> Result<bool, StoreError> {
         let _w = self.index_write.lock().expect("index write lock");
         let mut index = self.index.write().expect("index lock");
+        // The judged entry, or a successor of it (same commit, other variants).
         let matches = match (index.get(key), expect) {
-            (Some(cur), Some(e)) => Arc::ptr_eq(cur, e),
+            (Some(cur), Some(e)) => cur.commit == e.commit,
             (Some(_), None) => true,
             (None, _) => false,
         };
@@ -404,7 +413,8 @@ impl Store {
         let next = {
             let _w = self.index_write.lock().expect("index write lock");
             let live = self.index.read().expect("index lock").get(&parent.key).cloned();
-            let Some(live) = live.filter(|l| Arc::ptr_eq(l, parent)) else { return Ok(false) };
+            // Built from this commit's body: good for any successor of it.
+            let Some(live) = live.filter(|l| l.commit == parent.commit) else { return Ok(false) };
             let mut variants: Vec<Arc<Entry>> =
                 live.variants.iter().filter(|v| !built.iter().any(|(c, ..)| v.coding == Some(*c))).cloned().collect();
             for (coding, integrity, size) in built {
@@ -418,7 +428,7 @@ impl Store {
                 return Ok(false);
             }
             let next = Arc::new(live.successor(variants, live.compress_tried.load(Relaxed)));
-            self.reindex(&next)?;
+            self.reindex(&live, &next)?;
             next
         };
         self.enforce_max_size_sync(&next)?;
@@ -436,22 +446,17 @@ impl Store {
         };
         let kept = live.variants.iter().filter(|v| !Arc::ptr_eq(v, variant)).cloned().collect();
         let tried = live.compress_tried.load(Relaxed) & !variant.coding.map_or(0, Coding::bit);
-        self.reindex(&Arc::new(live.successor(kept, tried)))?;
+        self.reindex(&live, &Arc::new(live.successor(kept, tried)))?;
         self.metrics.evictions.with_label_values(&[reason]).inc();
         Ok(true)
     }
 
     /// Writes `next`'s index line (same body and time, its variants) and publishes it in
-    /// place of the live entry of its key. Caller holds `index_write`.
-    fn reindex(&self, next: &Arc<Entry>) -> Result<(), StoreError> {
-        let meta_json = serde_json::to_value(next.meta()).map_err(io::Error::other)?;
-        let opts = cacache::WriteOpts::new()
-            .integrity(next.integrity.clone())
-            .size(next.size as usize)
-            .time(next.stored_at_ms)
-            .metadata(meta_json);
-        cacache::index::insert(&self.dir, &next.key, opts)?;
-        sync_file_and_dirs(&bucket_path(&self.dir, &next.key), &self.dir)?;
+    /// place of `live`, the live entry of its key, moving `live`'s verification over (the
+    /// memory a verified body holds stays counted once). Caller holds `index_write`.
+    fn reindex(&self, live: &Arc<Entry>, next: &Arc<Entry>) -> Result<(), StoreError> {
+        write_index_line(&self.dir, next)?;
+        next.verified.store(live.verified.swap(None));
         self.publish(next.clone());
         Ok(())
     }
@@ -790,6 +795,19 @@ pub fn content_path(dir: &Path, sri: &Integrity) -> PathBuf {
     dir.join("content-v2").join(algo.to_string()).join(&hex[0..2]).join(&hex[2..4]).join(&hex[4..])
 }
 
+/// Appends `entry`'s index line (its body, time and variants) and fsyncs its bucket.
+fn write_index_line(dir: &Path, entry: &Entry) -> Result<(), StoreError> {
+    let meta_json = serde_json::to_value(entry.meta()).map_err(io::Error::other)?;
+    let opts = cacache::WriteOpts::new()
+        .integrity(entry.integrity.clone())
+        .size(entry.size as usize)
+        .time(entry.stored_at_ms)
+        .metadata(meta_json);
+    cacache::index::insert(dir, &entry.key, opts)?;
+    sync_file_and_dirs(&bucket_path(dir, &entry.key), dir)?;
+    Ok(())
+}
+
 fn file_has_size(path: &Path, size: u64) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.len() == size)
 }
@@ -1088,6 +1106,57 @@ mod tests {
         store.record_purge(&Purge::Key("other-last".into()));
         assert!(store.purged_since(start, "k", "L1"), "the oldest purge since was forgotten");
         assert!(!store.purged_since(start + 1, "k", "L1"));
+    }
+
+    async fn committed(store: &Arc<Store>, key: &str, body: &[u8]) -> Arc<Entry> {
+        let mut w = store.begin().await.unwrap();
+        w.write(body).await.unwrap();
+        w.commit(store, key, meta(), Expect::default()).await.unwrap()
+    }
+
+    fn fake_variant(coding: Coding, bytes: &[u8]) -> (Coding, Integrity, u64) {
+        (coding, Integrity::from(bytes), bytes.len() as u64)
+    }
+
+    #[tokio::test]
+    async fn an_entry_judged_bad_is_evicted_even_after_its_variants_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        let judged = committed(&store, "k", b"the body").await;
+        assert!(store.add_variants_sync(&judged, &[fake_variant(Coding::Br, b"br")]).unwrap());
+        let successor = store.get("k").unwrap();
+        assert!(!Arc::ptr_eq(&successor, &judged), "a new entry carries the variant");
+        // A scrub that hashed the old snapshot and found it bad: the same body is live.
+        store.evict(&judged, "digest-mismatch").await;
+        assert!(store.get("k").is_none(), "the successor of a bad body was kept");
+        // A later commit of the key is another body: a stale judgment never touches it.
+        let recommitted = committed(&store, "k", b"the body").await;
+        store.evict(&judged, "digest-mismatch").await;
+        assert!(store.get("k").is_some_and(|e| Arc::ptr_eq(&e, &recommitted)));
+    }
+
+    #[tokio::test]
+    async fn a_variant_built_for_an_earlier_successor_of_the_same_body_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        let e = committed(&store, "k", b"the body").await;
+        let built = [fake_variant(Coding::Br, b"br"), fake_variant(Coding::Gzip, b"gz")];
+        assert!(store.add_variants_sync(&e, &built).unwrap());
+        // br proves bad and is dropped; a job to build it again starts on that successor...
+        let br = store.get("k").unwrap().variant_in(Coding::Br).unwrap().clone();
+        store.evict(&br, "digest-mismatch").await;
+        let building_on = store.get("k").unwrap();
+        assert_eq!(building_on.compress_tried.load(Relaxed), Coding::Gzip.bit(), "br may be built again");
+        // ...then gzip is dropped too, before the br job ends.
+        let gz = building_on.variant_in(Coding::Gzip).unwrap().clone();
+        store.evict(&gz, "digest-mismatch").await;
+        assert!(store.add_variants_sync(&building_on, &[fake_variant(Coding::Br, b"br2")]).unwrap());
+        let live = store.get("k").unwrap();
+        assert_eq!(live.variants.iter().map(|v| v.coding).collect::<Vec<_>>(), [Some(Coding::Br)]);
+        drop(store);
+        // The index lines say the same after a restart (the files are fake: left out at open).
+        let reopened = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        assert!(reopened.get("k").is_some());
     }
 
     #[tokio::test]
