@@ -62,7 +62,7 @@ for p in $A $B; do for u in $SMALL $LARGE; do  # fill both stores
 done; done
 
 load() { # NAME PORT PATH RATE CONNECTIONS
-  oha -c "$5" -q "$4" -z "${SECS}s" --no-tui --output-format json -H "Cookie: $COOKIE" \
+  oha -c "$5" -q "$4" -z "${SECS}s" --disable-compression --no-tui --output-format json -H "Cookie: $COOKIE" \
     "http://127.0.0.1:$2$3" > "$W/$1.json" 2>/dev/null
 }
 : > "$W/rows"

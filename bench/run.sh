@@ -17,6 +17,9 @@
 # the hits' latency at equal load (the same offered rate to each, see below) and the Flask page
 # under load.
 #
+# oha runs with --disable-compression (it asks for br and gzip otherwise): every row here is
+# of uncompressed bodies; bench/compression.sh measures the compressed ones.
+#
 # Usage: bash bench/run.sh [SECONDS_PER_RUN]     (default 10; the whole run stays under 15 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -87,7 +90,7 @@ run() {
   local label=$1 size=$2 port=$3; shift 3
   local url="http://127.0.0.1:$port/download_batch_results/${SIZE_ID[$size]}"
   local t0; t0=$(ticks "$@")
-  oha -c $CONC -z ${SECS}s --no-tui --output-format json "$url" > "$W/oha.json" 2>/dev/null
+  oha -c $CONC -z ${SECS}s --disable-compression --no-tui --output-format json "$url" > "$W/oha.json" 2>/dev/null
   local t1; t1=$(ticks "$@")
   local n; n=$(jq '.statusCodeDistribution["200"] // 0' "$W/oha.json")
   jq -r --arg l "$label" --arg s "$size" --argjson cpu "$(( (t1 - t0) ))" --argjson hz "$HZ" --argjson n "$n" --argjson rss "$(rss_peak_kib "$@")" \
@@ -144,7 +147,7 @@ for size in 4KB 256KB; do
   for round in 1 2; do
     for target in "lotecache=$LC" "lotecache, unpinned (default)=$LC_UNPIN" "nginx=$NGINX"; do
       url="http://127.0.0.1:${target#*=}/download_batch_results/${SIZE_ID[$size]}"
-      oha -c $CONC -z ${SECS}s -q "$rate" --no-tui --output-format json "$url" > "$W/oha.json" 2>/dev/null
+      oha -c $CONC -z ${SECS}s -q "$rate" --disable-compression --no-tui --output-format json "$url" > "$W/oha.json" 2>/dev/null
       jq -r --arg l "${target%%=*}" --arg s "$size" --arg q "$rate" \
         '[$s, $l, $q, .latencyPercentiles.p50 * 1000, .latencyPercentiles.p99 * 1000, .latencyPercentiles["p99.9"] * 1000] | @tsv' \
         "$W/oha.json" >> "$W/rate-rows"
@@ -197,13 +200,13 @@ pass() {
   local pids=() ; while [ $# -gt 0 ] && [ "$1" != -- ]; do pids+=("$1"); shift; done; [ $# -gt 0 ] && shift
   local q=(); [ "$rate" -gt 0 ] && q=(-q "$rate")
   local t0; t0=$(ticks "${pids[@]}")
-  oha -c 16 -z ${PASS_SECS}s "${q[@]}" --no-tui --output-format json "$@" "$url" > "$W/oha.json" 2>/dev/null
+  oha -c 16 -z ${PASS_SECS}s "${q[@]}" --disable-compression --no-tui --output-format json "$@" "$url" > "$W/oha.json" 2>/dev/null
   local t1; t1=$(ticks "${pids[@]}")
   jq -r --arg l "$label" --arg r "$route" --arg q "${rate/#0/-}" --argjson cpu $((t1 - t0)) --argjson hz "$HZ" --argjson np ${#pids[@]} \
     '(.statusCodeDistribution["200"] // 0) as $n | "| \($r) | \($l) | \($q) | \(.summary.requestsPerSec | floor) | \(.latencyPercentiles.p50 * 1000 * 100 | round / 100) | \(.latencyPercentiles.p99 * 1000 * 100 | round / 100) | \(if $np == 0 or $n == 0 or $q == "-" then "–" else ($cpu / $hz * 1e6 / $n | floor) end) |"' "$W/oha.json" \
     | tee -a "$W/pass-rows"
 }
-half_saturated_rate() { oha -c 16 -z ${SECS}s --no-tui --output-format json "$1" 2>/dev/null | jq '.summary.requestsPerSec / 2 | floor'; }
+half_saturated_rate() { oha -c 16 -z ${SECS}s --disable-compression --no-tui --output-format json "$1" 2>/dev/null | jq '.summary.requestsPerSec / 2 | floor'; }
 NGINX_PIDS=$(nginx_pids)
 # pass_route ROUTE PATH RATE TARGET... [-- OHA_ARGS...], each TARGET "label=port=pid,pid" (no
 # pids: no CPU counted): the targets in turn, $PASS_ROUNDS rounds

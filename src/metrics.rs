@@ -1,5 +1,5 @@
 //! Prometheus metrics of one proxy instance (its own registry, so several instances in one
-//! process — tests — never mix their counts). Names are documented in README.md.
+//! process — tests — never mix their counts). Names are documented in docs/operations.md.
 
 use crate::cache::negotiate::Coding;
 use crate::cache::status::Outcome;
