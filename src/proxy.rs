@@ -136,9 +136,12 @@ impl ProxyState {
                 self.metrics.outcome.of(Outcome::Pass).inc();
                 Routed::Pass(req)
             }
-            Route::Reject { rule, error } => {
+            Route::Reject { rule, error, varies } => {
                 tracing::info!(rule = %rule, path = ?req.uri().path(), "cache route request rejected");
-                let resp = closing(error.to_response(Some(CacheStatus::Rejected(error.token()))));
+                let mut resp = closing(error.to_response(Some(CacheStatus::Rejected(error.token()))));
+                if varies {
+                    crate::cache::vary_on_accept_encoding(resp.headers_mut());
+                }
                 Routed::Answered(self.finish(resp, String::new(), started, None))
             }
             Route::Cache(target) => Routed::Cache { req, target, started },

@@ -136,8 +136,9 @@ pub enum Route {
     Cache(CacheTarget),
     /// Forward to the origin as is.
     Pass,
-    /// Refuse with this error; nothing is forwarded.
-    Reject { rule: String, error: ProxyError },
+    /// Refuse with this error; nothing is forwarded. `varies`: the rule keeps compressed
+    /// variants, so its answers, this one too, say `Vary: Accept-Encoding`.
+    Reject { rule: String, error: ProxyError, varies: bool },
 }
 
 /// The ordered rule list.
@@ -170,8 +171,12 @@ impl Rules {
             else {
                 continue;
             };
-            let reject =
-                |detail: String| Route::Reject { rule: rule.name.clone(), error: ProxyError::InvalidId { detail } };
+            let varies = !rule.compression.is_off();
+            let reject = |detail: String| Route::Reject {
+                rule: rule.name.clone(),
+                error: ProxyError::InvalidId { detail },
+                varies,
+            };
             let Ok(id) = std::str::from_utf8(raw_id) else {
                 return reject("lote_id is not valid UTF-8".into());
             };
@@ -182,6 +187,7 @@ impl Rules {
                 return Route::Reject {
                     rule: rule.name.clone(),
                     error: ProxyError::BadRequest { detail: "a GET on a cache route must not carry a body".into() },
+                    varies,
                 };
             }
             let base_path = format!("{}{}{}", rule.path_prefix, encode_id(id), rule.path_suffix);
@@ -193,6 +199,7 @@ impl Rules {
                     return Route::Reject {
                         rule: rule.name.clone(),
                         error: ProxyError::BadRequest { detail: "query strings are not accepted on this route".into() },
+                        varies,
                     }
                 }
             };

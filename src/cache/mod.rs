@@ -661,7 +661,7 @@ enum Served {
 }
 
 /// Adds `Accept-Encoding` to `Vary` unless it is there already (or `Vary: *`).
-fn vary_on_accept_encoding(headers: &mut HeaderMap) {
+pub fn vary_on_accept_encoding(headers: &mut HeaderMap) {
     let listed = headers
         .get_all(header::VARY)
         .iter()

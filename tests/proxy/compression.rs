@@ -161,8 +161,11 @@ async fn every_answer_of_the_route_varies_on_accept_encoding() {
         get_with(addr, "C-2-err", &[]).await,                              // origin failure
         send(request(Method::HEAD, addr, &batch("C-2-64kb"))).await,
     ];
+    let mut answers = Vec::from(answers);
+    answers.push(get(addr, &batch("bad%21id")).await); // an id the rule refuses
+    answers.push(get(addr, "/download_batch_results/C-2?x=1").await); // a query it refuses
     let statuses: Vec<u16> = answers.iter().map(|g| g.status.as_u16()).collect();
-    assert_eq!(statuses, [200, 200, 206, 416, 412, 500, 200]);
+    assert_eq!(statuses, [200, 200, 206, 416, 412, 500, 200, 400, 400]);
     for (i, got) in answers.iter().enumerate() {
         assert!(vary_lists_accept_encoding(got), "answer {i} ({}) lacks Vary: Accept-Encoding", got.status);
     }
