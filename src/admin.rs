@@ -68,22 +68,39 @@ impl Admin {
                 if let Some(refusal) = self.refuse_unauthorized(&req) {
                     return refusal;
                 }
-                self.purge(Purge::Key(decode(key))).await
+                self.purge(Purge::Key(decode(key)), false).await
             }
             (&Method::POST, ["purge"]) => {
                 if let Some(refusal) = self.refuse_unauthorized(&req) {
                     return refusal;
                 }
                 match read_json(req).await {
-                    Ok(v) => match purge_request(&v) {
-                        Some(which) => self.purge(which).await,
-                        None => error(
-                            StatusCode::BAD_REQUEST,
-                            "bad purge request",
-                            r#"send {"lote_id": "..."}, {"key": "..."} or {"all": true}"#,
-                        ),
-                    },
+                    Ok(v) => {
+                        let rewarm = v.get("rewarm") == Some(&Value::Bool(true));
+                        match purge_request(&v) {
+                            Some(Purge::All) if rewarm => error(
+                                StatusCode::BAD_REQUEST,
+                                "bad purge request",
+                                "rewarm needs a lote_id or a key: a purge of everything is not warmed again",
+                            ),
+                            Some(which) => self.purge(which, rewarm).await,
+                            None => error(
+                                StatusCode::BAD_REQUEST,
+                                "bad purge request",
+                                r#"send {"lote_id": "..."}, {"key": "..."} or {"all": true}, with "rewarm": true to fetch the batch again at once"#,
+                            ),
+                        }
+                    }
                     Err(detail) => error(StatusCode::BAD_REQUEST, "bad purge request", &detail),
+                }
+            }
+            (&Method::POST, ["warm"]) => {
+                if let Some(refusal) = self.refuse_unauthorized(&req) {
+                    return refusal;
+                }
+                match read_json(req).await.and_then(|v| warm_request(&v)) {
+                    Ok(ids) => reply(StatusCode::ACCEPTED, json!({ "warmed": self.warm(&ids) })),
+                    Err(detail) => error(StatusCode::BAD_REQUEST, "bad warm request", &detail),
                 }
             }
             (&Method::POST, ["gc"]) => {
@@ -95,7 +112,7 @@ impl Admin {
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "gc failed", &e.to_string()),
                 }
             }
-            (_, ["healthz" | "readyz" | "metrics" | "entries" | "purge" | "gc", ..]) => {
+            (_, ["healthz" | "readyz" | "metrics" | "entries" | "purge" | "warm" | "gc", ..]) => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", &format!("{method} is not supported here"))
             }
             _ => error(StatusCode::NOT_FOUND, "not found", "see README.md, Operations, for the admin endpoints"),
@@ -144,7 +161,20 @@ impl Admin {
     /// Removes entries locally and, with a shared store, their shared records and named
     /// copies (else another replica, or this one, would copy them back). The shared store
     /// goes first: a request in between would otherwise copy the document back here.
-    async fn purge(&self, which: Purge) -> Response<ProxyBody> {
+    ///
+    /// With `rewarm`, the purged batch is then fetched again at once (see [`Admin::warm`]): a
+    /// re-processed batch is generated once, before anyone asks, and its old document is never
+    /// served meanwhile (a request in between is a miss that joins the new fetch).
+    async fn purge(&self, which: Purge, rewarm: bool) -> Response<ProxyBody> {
+        // The batch a purge of one key names, known before the entry goes.
+        let rewarm_ids: Vec<String> = match (&which, rewarm) {
+            (_, false) | (Purge::All, _) => Vec::new(),
+            (Purge::LoteId(id), true) => vec![id.clone()],
+            (Purge::Key(k), true) => {
+                let stored = self.state.cache.store.get(k).map(|e| e.lote_id.clone());
+                stored.or_else(|| self.state.rules.load().lote_id_of_key(k)).into_iter().collect()
+            }
+        };
         // First of all: fills and write-throughs already running see the purge from here on
         // and store nothing it covers; requests after it start fresh fills.
         self.state.cache.store.record_purge(&which);
@@ -196,6 +226,9 @@ impl Admin {
             }
             Ok(removed) => {
                 let mut body = json!({ "removed": removed });
+                if rewarm {
+                    body["rewarmed"] = json!(self.warm(&rewarm_ids));
+                }
                 let mut status = StatusCode::OK;
                 if let Some((shared_removed, failed)) = shared_result {
                     body["shared_removed"] = json!(shared_removed);
@@ -208,6 +241,31 @@ impl Admin {
             }
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "purge failed", &e.to_string()),
         }
+    }
+
+    /// Starts, for each id and each rule, the fill of that batch unless it is stored or being
+    /// fetched (see [`crate::cache::Cache::warm`]); what each did.
+    fn warm(&self, ids: &[String]) -> Vec<Value> {
+        let rules = self.state.rules.load();
+        let mut out = Vec::new();
+        for id in ids {
+            for (rule, target) in rules.warm_targets(id) {
+                let (result, detail) = match target {
+                    Ok(t) => match self.state.cache.warm(&t) {
+                        crate::cache::Warmed::Busy(why) => ("busy", Some(why)),
+                        w => (w.token(), None),
+                    },
+                    Err(why) => ("refused", Some(why)),
+                };
+                tracing::info!(lote_id = %id, rule = %rule, result, "warm");
+                let mut one = json!({ "lote_id": id, "rule": rule, "result": result });
+                if let Some(d) = detail {
+                    one["detail"] = json!(d);
+                }
+                out.push(one);
+            }
+        }
+        out
     }
 
     /// Mutating endpoints need `Authorization: Bearer <token>`; the token is compared in
@@ -237,6 +295,24 @@ impl Admin {
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
         Some(resp)
     }
+}
+
+/// The ids of a warm request: `{"lote_id": "…"}` or `{"lote_ids": ["…", …]}`.
+fn warm_request(v: &Value) -> Result<Vec<String>, String> {
+    const MAX_IDS: usize = 1000;
+    let usage = r#"send {"lote_id": "..."} or {"lote_ids": ["...", ...]}"#;
+    let ids: Vec<String> = match (v.get("lote_id"), v.get("lote_ids")) {
+        (Some(Value::String(id)), None) => vec![id.clone()],
+        (None, Some(Value::Array(list))) if !list.is_empty() => list
+            .iter()
+            .map(|i| i.as_str().map(String::from).ok_or_else(|| format!("every lote id is a string: {usage}")))
+            .collect::<Result<_, _>>()?,
+        _ => return Err(usage.into()),
+    };
+    if ids.len() > MAX_IDS {
+        return Err(format!("at most {MAX_IDS} ids per request"));
+    }
+    Ok(ids)
 }
 
 fn purge_request(v: &Value) -> Option<Purge> {

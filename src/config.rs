@@ -8,7 +8,10 @@ use crate::cache::negotiate::{
 };
 pub use crate::cache::policy::IgnoreResponse;
 pub use crate::cache::shared::SharedConfig;
-pub use crate::cache::target::{AccessPolicy, FillHeaders, DEFAULT_CREDENTIAL_HEADERS, DEFAULT_FORWARD_HEADERS};
+pub use crate::cache::target::{
+    AccessPolicy, AuthCheck, FillHeaders, DEFAULT_CACHE_ENTRIES, DEFAULT_CACHE_TTL, DEFAULT_CREDENTIAL_HEADERS,
+    DEFAULT_DENY_TTL, DEFAULT_FORWARD_HEADERS,
+};
 use crate::cache::validate::{parse_pointer, Assertion, Check, OnFail, Validation};
 pub use crate::logging::{LogConfig, LogFormat};
 pub use crate::origin::OriginConfig;
@@ -143,6 +146,9 @@ pub struct RawRule {
     pub forward_headers: Option<Vec<Spanned<String>>>,
     /// Request headers that carry credentials (replaces the default list).
     pub credential_headers: Option<Vec<Spanned<String>>>,
+    /// `[rules.service_headers]`: headers every fill sends, each value read from the named
+    /// environment variable (a service token: never written in this file, never logged).
+    pub service_headers: Option<std::collections::BTreeMap<String, Spanned<String>>>,
     /// Largest body stored on this route; larger ones are served, never written.
     pub max_object_size: Option<Spanned<String>>,
     #[serde(default, rename = "assert")]
@@ -167,6 +173,12 @@ pub struct RawCompression {
 pub struct RawAuth {
     pub url: Spanned<String>,
     pub timeout: Option<Spanned<String>>,
+    /// How long an allow is kept ("0s": not kept).
+    pub cache_ttl: Option<Spanned<String>>,
+    /// How long a refusal is kept ("0s": not kept).
+    pub deny_ttl: Option<Spanned<String>>,
+    /// Decisions kept at most.
+    pub cache_entries: Option<usize>,
 }
 
 /// `[[rules.assert]]`: a check on the values at a JSON pointer before storing.
@@ -401,6 +413,24 @@ impl<'a> Validator<'a> {
     }
 
     /// A size where `"0"` (or `"off"`) means off.
+    /// A duration where `"0s"`/`"0"`/`"off"` mean none.
+    fn duration_or_zero(&mut self, field: &str, value: Option<&Spanned<String>>, default: Duration) -> Duration {
+        match value.map(|v| v.get_ref().trim()) {
+            None => default,
+            Some("0" | "off") => Duration::ZERO,
+            Some(_) => {
+                let at = self.pick(None, "", value, "");
+                match humantime::parse_duration(at.value) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.err(&at, field, format!("not a duration ({e}); write e.g. \"5s\", or \"0s\" for none"));
+                        default
+                    }
+                }
+            }
+        }
+    }
+
     fn size_or_zero(&mut self, field: &str, value: Option<&Spanned<String>>, default: &str) -> u64 {
         match value.map(|v| v.get_ref().trim()) {
             Some("0") | Some("off") => 0,
@@ -807,8 +837,52 @@ impl<'a> Validator<'a> {
     }
 
     /// A rule's fill header lists: each name a valid header name, no hop-by-hop one, and no
-    /// credential in the forwarded list (credentials go only where an access check ran).
+    /// credential in the forwarded list (credentials go only where an access check ran); and
+    /// its service headers, their values read from the environment.
     fn fill_headers(&mut self, r: &RawRule) -> FillHeaders {
+        let mut out = self.fill_header_lists(r);
+        for (name, var) in r.service_headers.iter().flatten() {
+            let at = self.pick(None, "", Some(var), "");
+            let field = "rules.service_headers";
+            let header = match http::HeaderName::from_bytes(name.trim().as_bytes()) {
+                Ok(h) if crate::headers::is_hop_by_hop(h.as_str()) => {
+                    self.err(&at, field, format!("{name:?} is a hop-by-hop header; it is never forwarded"));
+                    continue;
+                }
+                Ok(h) if out.credentials.contains(&h) || out.forward.contains(&h) => {
+                    self.err(
+                        &at,
+                        field,
+                        format!("{name:?} is also a credential or forwarded header: a fill would send one in place of the other"),
+                    );
+                    continue;
+                }
+                Ok(h) => h,
+                Err(_) => {
+                    self.err(&at, field, format!("{name:?} is not a header name"));
+                    continue;
+                }
+            };
+            // The value is never put in a message: only the variable's name.
+            match std::env::var(at.value) {
+                Ok(v) if !v.is_empty() => match http::HeaderValue::from_str(&v) {
+                    Ok(mut value) => {
+                        value.set_sensitive(true);
+                        out.service.push((header, value));
+                    }
+                    Err(_) => self.err(
+                        &at,
+                        field,
+                        format!("the environment variable {} is not a valid header value", at.value),
+                    ),
+                },
+                _ => self.err(&at, field, format!("the environment variable {} is not set (or empty)", at.value)),
+            }
+        }
+        out
+    }
+
+    fn fill_header_lists(&mut self, r: &RawRule) -> FillHeaders {
         let mut out = FillHeaders::default();
         let names = |this: &mut Self, field: &str, list: &[Spanned<String>]| -> Vec<http::HeaderName> {
             let mut v = Vec::new();
@@ -869,7 +943,17 @@ impl<'a> Validator<'a> {
                     );
                 }
                 let timeout = self.duration("rules.auth.timeout", auth.timeout.as_ref(), "5s");
-                AccessPolicy::Auth { url: at.value.to_string(), timeout }
+                let cache_ttl =
+                    self.duration_or_zero("rules.auth.cache_ttl", auth.cache_ttl.as_ref(), DEFAULT_CACHE_TTL);
+                let deny_ttl = self.duration_or_zero("rules.auth.deny_ttl", auth.deny_ttl.as_ref(), DEFAULT_DENY_TTL);
+                let cache_entries = auth.cache_entries.unwrap_or(DEFAULT_CACHE_ENTRIES).max(1);
+                AccessPolicy::Auth(Arc::new(AuthCheck {
+                    url: at.value.to_string(),
+                    timeout,
+                    cache_ttl,
+                    deny_ttl,
+                    cache_entries,
+                }))
             }
             (Some(("auth", at)), None) => {
                 self.err(&at, "rules.access", "\"auth\" needs a [rules.auth] table with its url");

@@ -41,6 +41,11 @@ pub struct Metrics {
     /// Variants built but not kept, by reason (not-smaller, no-room: under `cache.min_free`,
     /// over-max-size-or-replaced, failed, queue-full).
     pub variants_not_kept: IntCounterVec,
+    /// Access checks by result (allow, deny, error) and source (asked: a sub-request to the
+    /// backend; cached: a kept decision).
+    pub access_checks: prometheus::IntCounterVec,
+    /// Time the backend took to answer an access check.
+    pub access_check_seconds: Histogram,
     /// Hits by the representation sent (identity, br, gzip), resolved once.
     hit_encodings: [IntCounter; 1 + Coding::ALL.len()],
     /// `requests` resolved once per outcome: the request path does no label lookup.
@@ -91,6 +96,22 @@ impl Metrics {
         let variants_not_kept =
             counter_vec("lotecache_variants_not_kept_total", "Compressed variants built but not kept", "reason");
         let hit_encodings = counter_vec("lotecache_hit_encodings_total", "Hits by the representation sent", "encoding");
+        let access_checks = reg(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("lotecache_access_checks_total", "Access checks by result and by source (asked, cached)"),
+                &["result", "source"],
+            )
+            .expect("valid metric"),
+        );
+        let access_check_seconds = reg(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new("lotecache_access_check_seconds", "Time the backend took to answer an access check")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            )
+            .expect("valid"),
+        );
         let origin_errors = counter_vec("lotecache_origin_errors_total", "Origin failures by kind", "kind");
         Metrics {
             stored: reg(&registry, IntCounter::new("lotecache_stored_total", "Entries stored").expect("valid")),
@@ -149,6 +170,8 @@ impl Metrics {
             origin_errors,
             variants_built,
             variants_not_kept,
+            access_checks,
+            access_check_seconds,
             hit_encodings: std::array::from_fn(|i| {
                 let label = i.checked_sub(1).map_or("identity", |c| Coding::ALL[c].token());
                 hit_encodings.with_label_values(&[label])

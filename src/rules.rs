@@ -157,6 +157,39 @@ impl Rules {
         self.rules.iter().map(|r| format!("{}{}{}", r.key_prefix, lote_id, r.key_suffix)).collect()
     }
 
+    /// What a warm of batch `id` fills: one target per rule, as a `GET` of the rule's path for
+    /// that id would resolve it (or why that id is refused there), with the rule's name.
+    pub fn warm_targets(&self, id: &str) -> Vec<(String, Result<CacheTarget, String>)> {
+        self.rules
+            .iter()
+            .map(|rule| {
+                let path = format!("{}{}{}", rule.path_prefix, encode_id(id), rule.path_suffix);
+                let target = match http::Uri::try_from(path.as_str()) {
+                    Err(e) => Err(format!("not a valid path: {e}")),
+                    Ok(uri) => {
+                        let mut req = Request::new(());
+                        *req.uri_mut() = uri;
+                        match self.route(&req) {
+                            Route::Cache(t) if t.rule == rule.name => Ok(t),
+                            Route::Cache(t) => Err(format!("its path is served by rule {:?} first", t.rule)),
+                            Route::Reject { error, .. } => Err(error.detail()),
+                            Route::Pass => Err("not a cache route".into()),
+                        }
+                    }
+                };
+                (rule.name.clone(), target)
+            })
+            .collect()
+    }
+
+    /// The batch id a store key was made from, by the first rule whose key template fits.
+    pub fn lote_id_of_key(&self, key: &str) -> Option<String> {
+        self.rules.iter().find_map(|r| {
+            let id = key.strip_prefix(r.key_prefix.as_str())?.strip_suffix(r.key_suffix.as_str())?;
+            (!id.is_empty() && r.id_pattern.is_match(id)).then(|| id.to_string())
+        })
+    }
+
     /// Decides the route of `req`. Only `GET` and `HEAD` are cached; other methods pass.
     pub fn route<B>(&self, req: &Request<B>) -> Route {
         if req.method() != Method::GET && req.method() != Method::HEAD {

@@ -22,6 +22,7 @@ const LAYERS: &[&str] = &[
     "rules",
     // The cache: the request path, then fills, the shared and local stores, verified reads.
     "cache",
+    "cache::access",
     "cache::fill",
     "cache::compress",
     "cache::shared",

@@ -1,6 +1,7 @@
 //! The cache path of a request on a cache route: hit (verified read from the store) or
 //! miss (join or start a fill, then stream from it).
 
+pub mod access;
 pub mod compress;
 pub mod entry;
 pub mod fill;
@@ -19,6 +20,7 @@ use crate::body::{empty, full, ProxyBody};
 use crate::error::ProxyError;
 use crate::headers::forward_request_headers;
 use crate::origin::Origin;
+use access::{Access, AccessChecks};
 use compress::Compressor;
 use entry::Entry;
 use fill::{wait_end, wait_head, FillConfig, FillJob, Fills, Head, Lookup, Subscription};
@@ -53,18 +55,43 @@ pub struct Cache {
     pub fills: Arc<Fills>,
     origin: Origin,
     compressor: Arc<Compressor>,
+    /// The access checks' kept decisions.
+    access: AccessChecks,
 }
 
 impl Cache {
     pub fn new(store: Arc<Store>, origin: Origin, fill: FillConfig) -> Self {
         let fills = Arc::new(Fills::new(fill, store.metrics().clone()));
         let compressor = Compressor::new(store.clone());
-        Cache { store, fills, origin, compressor }
+        Cache { store, fills, origin, compressor, access: AccessChecks::default() }
     }
 
     /// Compressions queued or running.
     pub fn compressions_pending(&self) -> usize {
         self.compressor.pending()
+    }
+
+    /// Starts the fill of `target` without a client, unless its entry is stored (and fresh)
+    /// or being fetched: a click arriving meanwhile joins it. The fill carries the rule's
+    /// service headers only; what it fetches is stored under the rule's usual conditions
+    /// (a refusal or an error from the backend is not).
+    pub fn warm(&self, target: &CacheTarget) -> Warmed {
+        let is_fresh = |e: &Entry| {
+            target.ttl.is_none_or(|ttl| crate::clock::now_ms().saturating_sub(e.stored_at_ms) < ttl.as_millis())
+        };
+        if self.store.get_for(&target.rule, &target.key).is_some_and(|e| is_fresh(&e)) {
+            return Warmed::Stored;
+        }
+        let lookup = self.fills.join_or_start(&self.store, &self.origin, &target.rule, &target.key, is_fresh, || {
+            self.fill_job_for(None, target)
+        });
+        match lookup {
+            Lookup::Stored(_) => Warmed::Stored,
+            // The fill runs on without its subscriber (it is detached from every client).
+            Lookup::Started(_) => Warmed::Started,
+            Lookup::Joined(_) | Lookup::Closed(_) => Warmed::InFlight,
+            Lookup::Busy(e) => Warmed::Busy(e.detail()),
+        }
     }
 
     /// Stops the background work that holds the store: the compression pool.
@@ -88,8 +115,8 @@ impl Cache {
         resp
     }
 
+    /// Runs the rule's access policy, then the cache path.
     async fn answer<B>(&self, req: Request<B>, target: &CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
-        let head_only = req.method() == Method::HEAD;
         match &target.access {
             AccessPolicy::Public => {}
             AccessPolicy::CredentialsBypass => {
@@ -97,12 +124,25 @@ impl Cache {
                     return self.bypass(&req, target, peer).await;
                 }
             }
-            AccessPolicy::Auth { url, timeout } => {
-                if let Some(refusal) = self.check_access(req.headers(), target, url, *timeout, peer).await {
-                    return refusal;
+            AccessPolicy::Auth(auth) => {
+                let metrics = self.store.metrics();
+                match self.access.check(&self.origin, metrics, req.headers(), target, auth, peer).await {
+                    Access::Refused(refusal) => return refusal,
+                    Access::Allowed { cached: false } => {}
+                    Access::Allowed { cached: true } => {
+                        let mut resp = Box::pin(self.serve(req, target, peer)).await;
+                        access::mark_access_cached(&mut resp);
+                        return resp;
+                    }
                 }
             }
         }
+        self.serve(req, target, peer).await
+    }
+
+    /// The cache path of a request allowed to be served: a hit, or a miss through a fill.
+    async fn serve<B>(&self, req: Request<B>, target: &CacheTarget, peer: SocketAddr) -> Response<ProxyBody> {
+        let head_only = req.method() == Method::HEAD;
         let cond = HitConditions::of(req.headers(), head_only, &target.compression);
         let cond = &cond;
         let is_fresh = |e: &Entry| {
@@ -408,102 +448,34 @@ impl Cache {
         }
     }
 
-    /// Runs the rule's access check for this request: None when allowed; otherwise the
-    /// response to send (the backend's 401/403 as it sent it, or 502 when the check failed).
-    async fn check_access(
-        &self,
-        client: &HeaderMap,
-        target: &CacheTarget,
-        url: &str,
-        timeout: std::time::Duration,
-        peer: SocketAddr,
-    ) -> Option<Response<ProxyBody>> {
-        let id = target::encode_id(&target.lote_id);
-        let mut headers = HeaderMap::new();
-        for name in &target.headers.credentials {
-            for v in client.get_all(name) {
-                headers.append(name.clone(), v.clone());
-            }
-        }
-        forward_request_headers(&mut headers, peer);
-        if let Ok(v) = HeaderValue::from_str(&target.lote_id) {
-            headers.insert("x-lote-id", v);
-        }
-        let mut check = Request::new(empty());
-        *check.headers_mut() = headers;
-        let denied = CacheStatus::Rejected("access-denied".into());
-        let url = url.replace("{lote_id}", &id);
-        // A path is on the origin; anything else is an absolute URL.
-        let uri = if url.starts_with('/') {
-            self.origin.uri(&url).map_err(|e| e.detail())
-        } else {
-            url.parse::<http::Uri>().map_err(|e| e.to_string())
-        };
-        match uri {
-            Ok(uri) => *check.uri_mut() = uri,
-            Err(e) => {
-                let err = ProxyError::AccessCheckFailed { detail: format!("bad access check URL: {e}") };
-                return Some(err.to_response(Some(CacheStatus::Rejected(err.token()))));
-            }
-        }
-        match self.origin.subrequest(check, timeout).await {
-            Ok(resp) if resp.status().is_success() => {
-                // Read the (small) answer to the end so its connection returns to the pool,
-                // within limits: a check that streams without end must not hold the request.
-                let body = http_body_util::Limited::new(resp.into_body(), ACCESS_ANSWER_MAX);
-                let _ = tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await;
-                None
-            }
-            Ok(resp) if matches!(resp.status().as_u16(), 401 | 403) => {
-                tracing::info!(lote_id = %target.lote_id, status = resp.status().as_u16(), "access check refused the request");
-                // The refusal is passed on as the backend sent it, read whole within limits.
-                let (mut parts, body) = resp.into_parts();
-                let body = http_body_util::Limited::new(body, ACCESS_ANSWER_MAX);
-                let collected = tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await;
-                let Ok(Ok(body)) = collected else {
-                    let err = ProxyError::AccessCheckFailed {
-                        detail: format!(
-                            "the access check's {} answer was larger than {ACCESS_ANSWER_MAX} bytes or slower than its timeout",
-                            parts.status
-                        ),
-                    };
-                    return Some(err.to_response(Some(CacheStatus::Rejected(err.token()))));
-                };
-                crate::headers::forward_response_headers(&mut parts.headers);
-                parts.headers.remove(header::CONTENT_LENGTH);
-                let body = body.to_bytes();
-                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-                Some(with_cache_status(Response::from_parts(parts, full(body)), denied))
-            }
-            Ok(resp) => {
-                let err =
-                    ProxyError::AccessCheckFailed { detail: format!("the access check answered {}", resp.status()) };
-                Some(err.to_response(Some(CacheStatus::Rejected(err.token()))))
-            }
-            Err(e) => {
-                let err = ProxyError::AccessCheckFailed { detail: e.detail() };
-                Some(err.to_response(Some(CacheStatus::Rejected(err.token()))))
-            }
-        }
-    }
-
     /// The fill for `req`: a request of its own, carrying only the rule's forwarded headers
     /// and, on a rule with an access check (which this request passed), its credentials.
     fn fill_job<B>(&self, req: &Request<B>, target: &CacheTarget, peer: SocketAddr) -> FillJob {
+        self.fill_job_for(Some((req.headers(), peer)), target)
+    }
+
+    /// The fill of `target` on behalf of `client` (its headers and address), or of nobody (a
+    /// warm): the rule's service headers in either case.
+    fn fill_job_for(&self, client: Option<(&HeaderMap, SocketAddr)>, target: &CacheTarget) -> FillJob {
         let policy = &target.headers;
-        let credentials_forwarded = matches!(target.access, AccessPolicy::Auth { .. });
+        let credentials_forwarded = client.is_some() && matches!(target.access, AccessPolicy::Auth { .. });
         let mut headers = HeaderMap::new();
-        let forwarded = policy.forward.iter().filter(|n| !policy.credentials.contains(n));
-        let credentials = policy.credentials.iter().filter(|_| credentials_forwarded);
-        for name in forwarded.chain(credentials) {
-            if NOT_FORWARDED_ON_FILL.contains(name) {
-                continue;
+        if let Some((client_headers, peer)) = client {
+            let forwarded = policy.forward.iter().filter(|n| !policy.credentials.contains(n));
+            let credentials = policy.credentials.iter().filter(|_| credentials_forwarded);
+            for name in forwarded.chain(credentials) {
+                if NOT_FORWARDED_ON_FILL.contains(name) {
+                    continue;
+                }
+                for v in client_headers.get_all(name) {
+                    headers.append(name.clone(), v.clone());
+                }
             }
-            for v in req.headers().get_all(name) {
-                headers.append(name.clone(), v.clone());
-            }
+            forward_request_headers(&mut headers, peer);
         }
-        forward_request_headers(&mut headers, peer);
+        for (name, value) in &policy.service {
+            headers.insert(name.clone(), value.clone());
+        }
         let mut request = Request::new(empty());
         *request.method_mut() = Method::GET;
         // The path was built by the rules from a validated id; it always forms a valid URI.
@@ -605,9 +577,6 @@ fn only_if_cached(headers: &HeaderMap) -> bool {
         .any(|d| d.trim().eq_ignore_ascii_case("only-if-cached"))
 }
 
-/// Largest access-check answer read (its body is discarded, or passed on when it refuses).
-const ACCESS_ANSWER_MAX: usize = 64 * 1024;
-
 /// The request headers that decide how a stored entry is answered, and the variants its
 /// rule offers.
 #[derive(Default)]
@@ -648,6 +617,31 @@ impl HitConditions {
             if_match: list(header::IF_MATCH),
             range,
             if_range: headers.get(header::IF_RANGE).cloned(),
+        }
+    }
+}
+
+/// What a warm did for one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Warmed {
+    /// Already stored (and fresh): nothing to do.
+    Stored,
+    /// A fill for it was under way: left to finish.
+    InFlight,
+    /// A fill was started.
+    Started,
+    /// No fill could start now (the fill queue is full): why.
+    Busy(String),
+}
+
+impl Warmed {
+    /// The word the admin API answers with.
+    pub fn token(&self) -> &'static str {
+        match self {
+            Warmed::Stored => "stored",
+            Warmed::InFlight => "in-flight",
+            Warmed::Started => "started",
+            Warmed::Busy(_) => "busy",
         }
     }
 }

@@ -39,11 +39,31 @@ pub enum AccessPolicy {
     CredentialsBypass,
     /// Anyone who can reach the proxy (written explicitly as `access = "public"`).
     Public,
-    /// Every request is checked first with a sub-request to `url` (`{lote_id}` replaced; a
-    /// path is on the origin), carrying the client's `Cookie` and `Authorization`: 2xx allows,
-    /// 401/403 is returned.
-    Auth { url: String, timeout: Duration },
+    /// Every request is checked first with a sub-request (see `cache::access`), carrying
+    /// the client's credential headers: 2xx allows, 401/403 is returned; its answers are kept
+    /// for a few seconds.
+    Auth(Arc<AuthCheck>),
 }
+
+/// A rule's access check (`[rules.auth]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthCheck {
+    /// The check's URL (`{lote_id}` replaced); a path is on the origin.
+    pub url: String,
+    pub timeout: Duration,
+    /// How long an allow is kept (0: not kept).
+    pub cache_ttl: Duration,
+    /// How long a refusal is kept (0: not kept).
+    pub deny_ttl: Duration,
+    /// Decisions kept at most for this rule.
+    pub cache_entries: usize,
+}
+
+/// Defaults of the decision cache: a user's burst of clicks costs one check; a revoked access
+/// ends within seconds; a refusal is asked again at once (the user may log in meanwhile).
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(5);
+pub const DEFAULT_DENY_TTL: Duration = Duration::ZERO;
+pub const DEFAULT_CACHE_ENTRIES: usize = 100_000;
 
 /// The request headers of a rule's fills: a fill is one request made on behalf of many
 /// clients, so it forwards only an explicit set, never the client's headers wholesale.
@@ -56,6 +76,9 @@ pub struct FillHeaders {
     /// any of them bypasses the cache; on a rule with an access check they go to the check
     /// and on that request's fill; otherwise they are never forwarded on a fill.
     pub credentials: Vec<http::HeaderName>,
+    /// Sent on every fill of the rule, whoever asked, and on warms (`service_headers`; the
+    /// values come from environment variables and are marked sensitive: never logged).
+    pub service: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl FillHeaders {
@@ -68,7 +91,11 @@ impl FillHeaders {
 impl Default for FillHeaders {
     fn default() -> Self {
         let names = |list: &[&'static str]| list.iter().map(|&n| http::HeaderName::from_static(n)).collect();
-        FillHeaders { forward: names(DEFAULT_FORWARD_HEADERS), credentials: names(DEFAULT_CREDENTIAL_HEADERS) }
+        FillHeaders {
+            forward: names(DEFAULT_FORWARD_HEADERS),
+            credentials: names(DEFAULT_CREDENTIAL_HEADERS),
+            service: Vec::new(),
+        }
     }
 }
 

@@ -148,7 +148,7 @@ async fn an_imported_entry_is_served_with_the_head_a_fill_of_its_rule_stored() {
     let server = serve(origin.addr, cache.path(), &["--config", SHIPPED]).await;
     hit(server.addr(), "HF-1").await;
     let filled = hit(server.addr(), "HF-1").await;
-    assert_eq!(filled.cache_status(), "lotecache; hit");
+    assert_eq!(filled.cache_status(), "lotecache; hit; access=cached");
     drop(server);
 
     let saved = tempfile::tempdir().unwrap();

@@ -164,7 +164,7 @@ async fn cold_fills_beyond_the_limit_queue_or_get_503_and_a_hit_never_waits_for_
     // Every fill is still waiting on the origin (or for a slot) when the hit is answered;
     // only refusals are done by then.
     let hit = get(p, &batch("BF-hit-300kb")).await;
-    assert_eq!(hit.cache_status(), "lotecache; hit");
+    assert_eq!(hit.cache_status(), "lotecache; hit; access=cached");
     assert_eq!(hit.bytes(), &document("BF-hit-300kb"));
     let finished_before_the_hit: Vec<bool> = cold.iter().map(|c| c.is_finished()).collect();
     let mut served = 0;

@@ -28,7 +28,7 @@ async fn a_validated_stored_miss_and_its_hits_carry_the_same_etag_and_the_body_d
     let miss = get(proxy.local_addr(), &batch("V-1")).await;
     let hit = get(proxy.local_addr(), &batch("V-1")).await;
     assert_eq!(miss.cache_status(), "lotecache; fwd=uri-miss; stored");
-    assert_eq!(hit.cache_status(), "lotecache; hit");
+    assert_eq!(hit.cache_status(), "lotecache; hit; access=cached");
     let digest = sha2::Sha256::digest(document("V-1"));
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(digest);
@@ -50,7 +50,7 @@ async fn if_none_match_with_the_current_etag_gets_304_from_the_store() {
     let got = send(req).await;
     assert_eq!(got.status, StatusCode::NOT_MODIFIED);
     assert_eq!(got.headers["etag"], first.headers["etag"]);
-    assert_eq!(got.cache_status(), "lotecache; hit");
+    assert_eq!(got.cache_status(), "lotecache; hit; access=cached");
     assert!(got.bytes().is_empty());
     let mut other = request(Method::GET, proxy.local_addr(), &batch("V-2"));
     other.headers_mut().insert("if-none-match", "\"sha256-0000\"".parse().unwrap());
@@ -70,7 +70,7 @@ async fn a_complete_close_delimited_json_body_is_stored_and_a_cut_one_is_refused
     assert_eq!(complete.cache_status(), "lotecache; fwd=uri-miss; stored");
     assert_eq!(complete.bytes(), &document("V-3"));
     let hit = get(proxy.local_addr(), &batch("V-3")).await;
-    assert_eq!(hit.cache_status(), "lotecache; hit");
+    assert_eq!(hit.cache_status(), "lotecache; hit; access=cached");
     assert_eq!(hit.bytes(), &document("V-3"));
 
     let cut = get(proxy.local_addr(), &batch("V-4")).await;
@@ -135,11 +135,12 @@ async fn a_batch_still_processing_is_served_but_never_stored() {
     origin.set("V-8", Behavior::Custom(edited("V-8", |v| v["metadata"]["estado"] = "en_proceso".into())));
     let dir = tempfile::tempdir().unwrap();
     let proxy = validated_proxy(&origin, dir.path()).await;
-    for _ in 0..2 {
+    // The second request's access decision is the first's, kept.
+    for access in ["", "; access=cached"] {
         let got = get(proxy.local_addr(), &batch("V-8")).await;
         assert_eq!(got.status, StatusCode::OK);
         assert_eq!(got.json()["metadata"]["estado"], "en_proceso");
-        assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; detail=validation:/metadata/estado");
+        assert_eq!(got.cache_status(), format!("lotecache; fwd=uri-miss; detail=validation:/metadata/estado{access}"));
     }
     assert_eq!(origin.generations("V-8"), 2);
     assert!(proxy.store().is_empty());
@@ -154,7 +155,7 @@ async fn a_zero_length_stored_file_is_refetched_not_served() {
     std::fs::write(&proxy.store().get("V-9_resultados.json").unwrap().path, b"").unwrap();
     let got = get(proxy.local_addr(), &batch("V-9")).await;
     assert_eq!(got.bytes(), &document("V-9"));
-    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored");
+    assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss; stored; access=cached");
     assert_eq!(origin.generations("V-9"), 2);
 }
 
@@ -170,7 +171,11 @@ async fn head_and_304_never_vouch_for_a_corrupt_entry() {
     std::fs::write(&path, bytes).unwrap();
 
     let head = send(request(Method::HEAD, proxy.local_addr(), &batch("V-10"))).await;
-    assert_eq!(head.cache_status(), "lotecache; fwd=uri-miss; stored", "HEAD answered from a corrupt entry");
+    assert_eq!(
+        head.cache_status(),
+        "lotecache; fwd=uri-miss; stored; access=cached",
+        "HEAD answered from a corrupt entry"
+    );
     assert_eq!(origin.generations("V-10"), 2);
 
     std::fs::write(&proxy.store().get("V-10_resultados.json").unwrap().path, b"garbage of the same size?").unwrap();

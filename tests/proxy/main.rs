@@ -3,6 +3,7 @@
 
 mod support;
 
+mod access;
 mod cli;
 mod compression;
 mod fault_model;
@@ -17,3 +18,4 @@ mod routing;
 mod security;
 mod shared_store;
 mod single_flight;
+mod warm;

@@ -86,6 +86,8 @@ struct State {
     cookie_ids: std::collections::HashSet<String>,
     /// `(token, id)` of every Set-Cookie sent.
     cookies_sent: Vec<(String, String)>,
+    /// While set, the access check (`/auth/…`) closes the connection without answering.
+    auth_down: bool,
     /// Documents built so far, by id and version.
     docs: HashMap<(String, u32), Bytes>,
 }
@@ -209,6 +211,16 @@ impl TestOrigin {
         self.state.lock().unwrap().cookies_sent.iter().find(|(t, _)| t == token).map(|(_, id)| id.clone())
     }
 
+    /// Takes the access check (`/auth/…`) down (it closes connections unanswered) or up.
+    pub fn set_auth_down(&self, down: bool) {
+        self.state.lock().unwrap().auth_down = down;
+    }
+
+    /// How many access checks (`/auth/…`) reached the origin.
+    pub fn auth_checks(&self) -> usize {
+        self.state.lock().unwrap().seen.iter().filter(|s| s.target.starts_with("/auth/")).count()
+    }
+
     /// How many Set-Cookie headers were sent.
     pub fn cookies_sent(&self) -> usize {
         self.state.lock().unwrap().cookies_sent.len()
@@ -249,7 +261,12 @@ impl TestOrigin {
                     let extra = cookie.map(|t| format!("set-cookie: session={t}\r\n")).unwrap_or_default();
                     respond_batch(reader.get_mut(), &id, &doc, &extra, behavior, req.method == "HEAD").await
                 }
-                None if req.target.starts_with("/auth/") => auth(reader.get_mut(), &req).await,
+                None if req.target.starts_with("/auth/") => {
+                    if self.state.lock().unwrap().auth_down {
+                        return;
+                    }
+                    auth(reader.get_mut(), &req).await
+                }
                 None => echo(reader.get_mut(), &req).await,
             };
             if !keep {
@@ -422,14 +439,21 @@ async fn respond_batch(
 }
 
 /// An access check: cookie `user=ok` may (204), `user=nope` may not (403), none is 401.
+/// The access check: `user=ok` in the cookie allows, `user=nope` gets 403, else 401. A cookie
+/// `cc=<value>` (`+` for spaces) adds `Cache-Control: <value>` to the answer.
 async fn auth(s: &mut TcpStream, req: &Seen) -> bool {
     let cookie = req.headers.iter().find(|(k, _)| k == "cookie").map(|(_, v)| v.as_str()).unwrap_or("");
+    let cc = cookie
+        .split(';')
+        .find_map(|c| c.trim().strip_prefix("cc="))
+        .map(|v| format!("cache-control: {}\r\n", v.replace('+', " ")))
+        .unwrap_or_default();
     let out = if cookie.contains("user=ok") {
-        "HTTP/1.1 204 No Content\r\n\r\n".to_string()
+        format!("HTTP/1.1 204 No Content\r\n{cc}\r\n")
     } else if cookie.contains("user=nope") {
         let body = r#"{"error":"forbidden","detail":"no access to this batch"}"#;
         format!(
-            "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            "HTTP/1.1 403 Forbidden\r\n{cc}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         )
     } else {
