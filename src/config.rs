@@ -320,7 +320,7 @@ pub fn parse(name: &str, text: &str, overrides: &Overrides) -> Result<Config, Ve
         };
         vec![ConfigError { location, field: "syntax".into(), message: e.message().trim().to_string() }]
     })?;
-    Validator { name, text, errors: Vec::new() }.run(raw, overrides)
+    Validator { name, text, errors: Vec::new(), notices: Vec::new() }.run(raw, overrides)
 }
 
 /// `name:line:column` for a byte offset into `text` (1-based, columns in characters).
@@ -335,6 +335,8 @@ struct Validator<'a> {
     name: &'a str,
     text: &'a str,
     errors: Vec<ConfigError>,
+    /// Warnings that do not stop the configuration (`Config::notices`).
+    notices: Vec<String>,
 }
 
 /// A value to validate, with where it came from.
@@ -575,6 +577,7 @@ impl<'a> Validator<'a> {
             }
         };
 
+        notices.append(&mut self.notices);
         if self.errors.is_empty() {
             Ok(Config {
                 listen,
@@ -876,7 +879,15 @@ impl<'a> Validator<'a> {
                         format!("the environment variable {} is not a valid header value", at.value),
                     ),
                 },
-                _ => self.err(&at, field, format!("the environment variable {} is not set (or empty)", at.value)),
+                // Warms of this rule are then refused by the backend (not stored); the clicks
+                // of users still fill with their own credentials.
+                _ => self.notices.push(format!(
+                    "{}: {field}: the environment variable {} is not set (or empty): fills of rule {:?} go without {}",
+                    at.location,
+                    at.value,
+                    r.name.get_ref(),
+                    header.as_str()
+                )),
             }
         }
         out

@@ -9,13 +9,27 @@ Downloads need a logged-in user with permission on the batch (GET /login?usuario
 session; the seed gives ana every batch and luis only the first). GET /api/lotes/<id>/acceso
 answers the same question for lotecache's access check: 204, 401 or 403.
 
+What a real backend adds for lotecache, in a few lines: a download carrying the service token
+(`X-Service-Token`, the value of LOTECACHE_SERVICE_TOKEN; lotecache sends it with its fills) is
+allowed without a session, so lotecache can fetch a finished batch before anyone asks; and when
+a batch reaches `completado` (POST /api/lotes/<id>/completar) or is processed again (POST
+/api/lotes/<id>/reprocesar), lotecache's admin API is told (POST /warm, or POST /purge with
+"rewarm"), so the first click is already a hit and a re-processed batch is generated once.
+A failed call to lotecache never fails the backend's own work: it is logged, after a 2 s
+timeout at most.
+
 Environment: LEGACY_DB (SQLite file, default ./legacy.db), GEN_DELAY (seconds of artificial
-generation work per download, default 1.0), SECRET_KEY (session signing key).
+generation work per download, default 1.0), SECRET_KEY (session signing key),
+LOTECACHE_SERVICE_TOKEN (unset: no service access), LOTECACHE_ADMIN_URL and
+LOTECACHE_ADMIN_TOKEN (lotecache's admin API; unset: nothing is told).
 """
+import hmac
 import json
+import logging
 import os
 import sqlite3
 import time
+import urllib.request
 
 from flask import Flask, Response, abort, jsonify, redirect, render_template, request, session
 
@@ -23,6 +37,10 @@ app = Flask(__name__)
 app.secret_key = os.environ.get("SECRET_KEY", "legacy-sample-secret")
 DB = os.environ.get("LEGACY_DB", "legacy.db")
 GEN_DELAY = float(os.environ.get("GEN_DELAY", "1.0"))
+SERVICE_TOKEN = os.environ.get("LOTECACHE_SERVICE_TOKEN", "")
+ADMIN_URL = os.environ.get("LOTECACHE_ADMIN_URL", "").rstrip("/")
+ADMIN_TOKEN = os.environ.get("LOTECACHE_ADMIN_TOKEN", "")
+log = logging.getLogger("legacy")
 
 
 def db():
@@ -73,7 +91,11 @@ def build_json_from_data(data):
 
 
 def access(lote_id):
-    """(status, message) of the session user's access to a batch: 204 allowed, 401, 403."""
+    """(status, message) of the session user's access to a batch: 204 allowed, 401, 403.
+    lotecache itself, with the service token, may fetch any batch."""
+    given = request.headers.get("X-Service-Token", "")
+    if SERVICE_TOKEN and hmac.compare_digest(given.encode(), SERVICE_TOKEN.encode()):
+        return 204, ""
     usuario = session.get("usuario")
     if not usuario:
         return 401, "inicie sesión para descargar resultados"
@@ -92,6 +114,56 @@ def acceso(lote_id):
     """The access check lotecache asks before serving a saved batch."""
     status, message = access(lote_id)
     return ("", 204) if status == 204 else refusal(status, message)
+
+
+def tell_lotecache(path, payload):
+    """POSTs to lotecache's admin API; a failure is logged, never raised."""
+    if not ADMIN_URL:
+        return "not-configured"
+    req = urllib.request.Request(f"{ADMIN_URL}{path}", data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {ADMIN_TOKEN}"})
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            r.read()
+        return "sent"
+    except Exception as e:  # the backend's own work is done: this is only a hint to the cache
+        log.warning("telling lotecache %s failed: %s", path, e)
+        return "failed"
+
+
+def processed(lote_id, reprocess):
+    """Marks a batch processed (again): its results change, and lotecache is told."""
+    status, message = access(lote_id)
+    if status != 204:
+        return refusal(status, message)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with db() as conn:
+        found = conn.execute("UPDATE lotes SET estado = 'completado', fecha_procesamiento = ? WHERE lote_id = ?",
+                             (now, lote_id)).rowcount
+        if reprocess:
+            # A second OCR pass: every file's confidence is recomputed.
+            conn.execute("UPDATE archivos SET confianza = round(min(0.9999, confianza + 0.0001), 4) WHERE lote_id = ?",
+                         (lote_id,))
+    if not found:
+        abort(404)
+    if reprocess:
+        told = tell_lotecache("/purge", {"lote_id": lote_id, "rewarm": True})
+    else:
+        told = tell_lotecache("/warm", {"lote_id": lote_id})
+    return jsonify({"lote_id": lote_id, "estado": "completado", "fecha_procesamiento": now, "lotecache": told})
+
+
+@app.route("/api/lotes/<string:lote_id>/completar", methods=["POST"])
+def completar(lote_id):
+    """The batch's processing ended: mark it completado and have lotecache fetch it."""
+    return processed(lote_id, reprocess=False)
+
+
+@app.route("/api/lotes/<string:lote_id>/reprocesar", methods=["POST"])
+def reprocesar(lote_id):
+    """The batch was processed again: its new results replace the saved ones, fetched once."""
+    return processed(lote_id, reprocess=True)
 
 
 @app.route("/login")

@@ -67,7 +67,11 @@ def stack(tmp_path_factory):
     db = tmp / "legacy.db"
     subprocess.run([sys.executable, str(BACKEND / "seed.py"), str(db)], check=True)
     backend_port, proxy_port, admin_port = free_port(), free_port(), free_port()
-    env = dict(os.environ, LEGACY_DB=str(db), GEN_DELAY="0.5")
+    # The backend lets lotecache fetch with the service token, and tells it of finished and
+    # re-processed batches on its admin port.
+    secrets = {"LOTECACHE_SERVICE_TOKEN": "e2e-service-token", "LOTECACHE_ADMIN_TOKEN": "e2e-admin-token"}
+    env = dict(os.environ, LEGACY_DB=str(db), GEN_DELAY="0.5", LOTECACHE_ADMIN_URL=f"http://127.0.0.1:{admin_port}",
+               **secrets)
     backend = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{backend_port}", "app:app"],
         cwd=BACKEND, env=env, stdout=open(tmp / "backend.log", "w"), stderr=subprocess.STDOUT)
@@ -75,7 +79,7 @@ def stack(tmp_path_factory):
         [LOTECACHE, "serve", "--config", str(ROOT / "config" / "lotecache.toml"),
          "--listen", f"127.0.0.1:{proxy_port}", "--origin", f"http://127.0.0.1:{backend_port}",
          "--cache-dir", str(tmp / "cache"), "--admin-listen", f"127.0.0.1:{admin_port}"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "lotecache.log", "w"))
+        env=dict(os.environ, **secrets), stdout=subprocess.DEVNULL, stderr=open(tmp / "lotecache.log", "w"))
     try:
         wait_port(backend_port, backend)
         wait_port(proxy_port, proxy)
@@ -272,3 +276,59 @@ def test_a_compressed_download_is_saved_byte_identical_and_a_cut_one_resumes_wit
     assert got["sha256"] == hashlib.sha256(backend_json).hexdigest(), "the resumed download differs"
     _, generations = get_json(stack["backend"] + "/api/generaciones")
     assert generations[BIG] == 2, generations  # this test's direct backend request, and one fill
+
+
+PENDING = "LOTE-2025-07-006"  # en_proceso in the seed
+
+CACHE_STATUS_JS = """
+const [url, done] = arguments;
+fetch(url).then(r => r.arrayBuffer().then(() => done(r.headers.get('Cache-Status')))).catch(e => done('error: ' + e));
+"""
+
+
+def post(opener, url):
+    with opener.open(urllib.request.Request(url, data=b"", method="POST"), timeout=30) as r:
+        return json.loads(r.read())
+
+
+def wait_entry(admin, key, differs_from=None, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        status, entry = get_json(f"{admin}/entries/{key}")
+        if status == 200 and entry["sha256"] != differs_from:
+            return entry
+        time.sleep(0.1)
+    raise AssertionError(f"{key} was not stored (anew) within {seconds}s")
+
+
+def test_a_finished_batch_is_already_a_hit_and_a_reprocessed_one_is_generated_once(stack, browser):
+    proxy, admin, backend = stack["proxy"], stack["admin"], stack["backend"]
+    key = f"{PENDING}_resultados.json"
+    ana = logged_in(backend, "ana")
+    assert get_json(f"{backend}/api/generaciones")[1].get(PENDING) is None
+
+    # The batch's processing ends on the backend, which tells lotecache: it is fetched once,
+    # with the service token, before anyone asks.
+    done = post(ana, f"{backend}/api/lotes/{PENDING}/completar")
+    assert (done["estado"], done["lotecache"]) == ("completado", "sent"), done
+    stored = wait_entry(admin, key)
+    assert get_json(f"{backend}/api/generaciones")[1][PENDING] == 1
+
+    # Ana's click is a hit: the generation counter moved at completion, not now.
+    browser.get(proxy + "/login?usuario=ana")
+    first = click_download(browser, PENDING)
+    assert assert_batch(first, PENDING)["metadata"]["estado"] == "completado"
+    status = browser.execute_async_script(CACHE_STATUS_JS, f"{proxy}/download_batch_results/{PENDING}")
+    assert status.startswith("lotecache; hit"), status
+    _, entry = get_json(f"{admin}/entries/{key}")
+    assert entry["hits"] == 2 and entry["sha256"] == stored["sha256"], entry
+    assert get_json(f"{backend}/api/generaciones")[1][PENDING] == 1
+
+    # Processed again: lotecache purges the old document and fetches the new one at once.
+    post(ana, f"{backend}/api/lotes/{PENDING}/reprocesar")
+    wait_entry(admin, key, differs_from=stored["sha256"])
+    assert get_json(f"{backend}/api/generaciones")[1][PENDING] == 2
+    second = click_download(browser, PENDING)
+    assert second != first, "the re-processed batch's document"
+    assert second == ana.open(f"{backend}/download_batch_results/{PENDING}", timeout=30).read()
+    assert get_json(f"{backend}/api/generaciones")[1][PENDING] == 3, "once at re-processing, once just now for the comparison"
