@@ -163,8 +163,9 @@ impl Admin {
     /// goes first: a request in between would otherwise copy the document back here.
     ///
     /// With `rewarm`, the purged batch is then fetched again at once (see [`Admin::warm`]): a
-    /// re-processed batch is generated once, before anyone asks, and its old document is never
-    /// served meanwhile (a request in between is a miss that joins the new fetch).
+    /// re-processed batch is generated once, before anyone asks; once the purge returns, no
+    /// request gets the old document (one in between is a miss that joins the new fetch). Not
+    /// after a shared removal that failed: that warm would copy the old record back.
     async fn purge(&self, which: Purge, rewarm: bool) -> Response<ProxyBody> {
         // The batch a purge of one key names, known before the entry goes.
         let rewarm_ids: Vec<String> = match (&which, rewarm) {
@@ -226,8 +227,13 @@ impl Admin {
             }
             Ok(removed) => {
                 let mut body = json!({ "removed": removed });
-                if rewarm {
+                // Not after a shared removal that failed: the warm would copy the old record
+                // straight back.
+                let shared_ok = shared_result.as_ref().is_none_or(|(_, failed)| failed.is_empty());
+                if rewarm && shared_ok {
                     body["rewarmed"] = json!(self.warm(&rewarm_ids));
+                } else if rewarm {
+                    body["rewarmed"] = json!([]);
                 }
                 let mut status = StatusCode::OK;
                 if let Some((shared_removed, failed)) = shared_result {

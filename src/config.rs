@@ -760,6 +760,18 @@ impl<'a> Validator<'a> {
             }
         }
         let headers = self.fill_headers(r);
+        if access == AccessPolicy::CredentialsBypass {
+            // Anonymous fills would fetch with the service's rights and store what they get
+            // for everyone: only a rule that checks access (or says it is public) may.
+            if let Some(var) = r.service_headers.iter().flatten().next().map(|(_, v)| v) {
+                let at = self.pick(None, "", Some(var), "");
+                self.err(
+                    &at,
+                    "rules.service_headers",
+                    "needs an access policy: a [rules.auth] check (or access = \"public\"), else anonymous requests would be filled with the service's rights and served to anyone",
+                );
+            }
+        }
         let compression = self.compression(r.compression.as_ref());
         let max_object_size = r.max_object_size.as_ref().map(|m| self.size("rules.max_object_size", Some(m), "0"));
         if self.errors.len() > before {

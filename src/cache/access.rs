@@ -2,14 +2,18 @@
 //! client's credentials asks whether this client may have this batch, and its answer is kept
 //! for a short while (the decision cache), so that hits do not each cost the backend a request.
 //!
-//! - A decision is keyed by a sha256 of the rule, the batch id and the exact credential
-//!   headers (names and values, in order): never the raw values. Two clients share a decision
-//!   only when they send the same credentials for the same batch.
-//! - An allow is kept for `cache_ttl`, a refusal (401/403, kept with its body to answer again)
-//!   for `deny_ttl`; a `Cache-Control: max-age=N` on the check's answer sets N instead, and
-//!   `no-store` or `no-cache` keeps nothing. A TTL of 0 keeps nothing of that kind. The cache is
+//! - A decision is keyed by a sha256 of the rule, its check URL, the batch id, the client's
+//!   address (and any `X-Forwarded-For` it sent: the check sees both) and the exact credential
+//!   headers (names and values, in order), each field length-prefixed: never the raw values.
+//!   Two clients share a decision only when they send the same credentials for the same batch
+//!   from the same address.
+//! - An allow is kept for `cache_ttl`, a refusal (401/403, kept with its body to answer again,
+//!   without its per-request headers such as `Set-Cookie`) for `deny_ttl`; a
+//!   `Cache-Control: max-age=N` on the check's answer shortens that to N, and `no-store` or
+//!   `no-cache` keeps nothing. A TTL of 0 keeps nothing of that kind. A kept decision never
+//!   outlives the TTL configured now (a reload that shortens it applies at once). The cache is
 //!   bounded in entries per rule (least recently used dropped first). Purges and warms do not
-//!   touch it: revoking a user's access takes effect within the TTL.
+//!   touch it: revoking a user's access takes effect within `cache_ttl`.
 //! - A check that fails (backend unreachable, timeout, an answer other than 2xx/401/403) is
 //!   never kept, and fails closed (`502`): a decision kept within its TTL still serves while
 //!   the backend is down, and the response says so in `Cache-Status` (`access=cached`).
@@ -44,9 +48,19 @@ pub enum Access {
 /// A kept decision.
 #[derive(Clone)]
 struct Decision {
-    until: Instant,
+    kept_at: Instant,
+    /// How long it was kept for (at most the configured TTL of its kind then).
+    ttl: Duration,
     /// None: allowed; otherwise the refusal as the backend sent it.
     refusal: Option<Arc<Refusal>>,
+}
+
+impl Decision {
+    /// Whether it still holds now, under the TTL configured now.
+    fn holds(&self, auth: &AuthCheck, now: Instant) -> bool {
+        let configured = if self.refusal.is_some() { auth.deny_ttl } else { auth.cache_ttl };
+        now.saturating_duration_since(self.kept_at) < self.ttl.min(configured)
+    }
 }
 
 struct Refusal {
@@ -57,24 +71,22 @@ struct Refusal {
 
 type Decisions = Mutex<lru::LruCache<[u8; 32], Decision>>;
 
-/// The decision caches of every rule with an access check.
+/// The decision caches of every rule with an access check, by rule name (a rule renamed by a
+/// reload leaves one behind, bounded like any other).
 #[derive(Default)]
 pub struct AccessChecks {
-    by_rule: Mutex<HashMap<String, Arc<Decisions>>>,
+    by_rule: std::sync::RwLock<HashMap<String, Arc<Decisions>>>,
 }
 
 impl AccessChecks {
-    /// The decisions of `rule`, sized to `entries` (a reload may change it).
+    /// The decisions of `rule` (made on first use; sized on each use, under their own lock).
     fn decisions(&self, rule: &str, entries: usize) -> Arc<Decisions> {
-        let cap = NonZeroUsize::new(entries.max(1)).expect("at least one");
-        let mut by_rule = self.by_rule.lock().expect("access decisions lock");
-        let d = by_rule.entry(rule.to_string()).or_insert_with(|| Arc::new(Mutex::new(lru::LruCache::new(cap))));
-        let mut cache = d.lock().expect("decision cache lock");
-        if cache.cap() != cap {
-            cache.resize(cap);
+        if let Some(d) = self.by_rule.read().expect("access decisions lock").get(rule) {
+            return d.clone();
         }
-        drop(cache);
-        d.clone()
+        let cap = NonZeroUsize::new(entries.max(1)).expect("at least one");
+        let mut by_rule = self.by_rule.write().expect("access decisions lock");
+        by_rule.entry(rule.to_string()).or_insert_with(|| Arc::new(Mutex::new(lru::LruCache::new(cap)))).clone()
     }
 
     /// Decides whether `client` may be served `target`'s batch.
@@ -88,11 +100,18 @@ impl AccessChecks {
         peer: SocketAddr,
     ) -> Access {
         let caching = !auth.cache_ttl.is_zero() || !auth.deny_ttl.is_zero();
-        let key = decision_key(target, client);
+        let key = decision_key(target, auth, client, peer);
         let decisions = caching.then(|| self.decisions(&target.rule, auth.cache_entries));
         if let Some(d) = &decisions {
-            let kept = d.lock().expect("decision cache lock").get(&key).cloned();
-            if let Some(kept) = kept.filter(|k| k.until > Instant::now()) {
+            let kept = {
+                let mut cache = d.lock().expect("decision cache lock");
+                let cap = NonZeroUsize::new(auth.cache_entries.max(1)).expect("at least one");
+                if cache.cap() != cap {
+                    cache.resize(cap);
+                }
+                cache.get(&key).cloned()
+            };
+            if let Some(kept) = kept.filter(|k| k.holds(auth, Instant::now())) {
                 let result = if kept.refusal.is_some() { "deny" } else { "allow" };
                 metrics.access_checks.with_label_values(&[result, "cached"]).inc();
                 return match kept.refusal {
@@ -113,19 +132,32 @@ impl AccessChecks {
                 metrics.access_checks.with_label_values(&["error", "asked"]).inc();
                 return Access::Refused(resp);
             }
-            Asked::Allowed { max_age } => (None, max_age.unwrap_or(auth.cache_ttl), auth.cache_ttl),
-            Asked::Refused { refusal, max_age } => (Some(refusal), max_age.unwrap_or(auth.deny_ttl), auth.deny_ttl),
+            Asked::Allowed { max_age } => {
+                (None, max_age.map_or(auth.cache_ttl, |m| m.min(auth.cache_ttl)), auth.cache_ttl)
+            }
+            Asked::Refused { refusal, max_age } => {
+                (Some(refusal), max_age.map_or(auth.deny_ttl, |m| m.min(auth.deny_ttl)), auth.deny_ttl)
+            }
         };
         let result = if refusal.is_some() { "deny" } else { "allow" };
         metrics.access_checks.with_label_values(&[result, "asked"]).inc();
-        // A kind of decision whose TTL is 0 is never kept, whatever the answer says.
+        // A kind of decision whose TTL is 0 is never kept, whatever the answer says; its
+        // time runs from the question, not the answer.
         if let Some(d) = decisions.filter(|_| !configured.is_zero() && !ttl.is_zero()) {
-            let kept = Decision { until: Instant::now() + ttl, refusal: refusal.clone() };
+            let kept_refusal = refusal.as_ref().map(|(r, _)| r.clone());
+            let kept = Decision { kept_at: started, ttl, refusal: kept_refusal };
             d.lock().expect("decision cache lock").put(key, kept);
         }
         match refusal {
             None => Access::Allowed { cached: false },
-            Some(r) => Access::Refused(r.response()),
+            Some((r, own)) => {
+                // This request's own per-request headers (never kept for others).
+                let mut resp = r.response();
+                for (name, value) in &own {
+                    resp.headers_mut().append(name.clone(), value.clone());
+                }
+                Access::Refused(resp)
+            }
         }
     }
 }
@@ -143,25 +175,41 @@ impl Refusal {
 
 /// Appends `access=cached` to a response's `Cache-Status`: it was served on a kept decision.
 pub fn mark_access_cached(resp: &mut Response<ProxyBody>) {
-    let Some(v) = resp.headers().get(super::status::CACHE_STATUS).and_then(|v| v.to_str().ok()) else { return };
+    let Some(v) = resp.headers().get(super::status::CACHE_STATUS) else { return };
+    // The common case without formatting: a hit.
+    if v == "lotecache; hit" {
+        resp.headers_mut()
+            .insert(super::status::CACHE_STATUS, HeaderValue::from_static("lotecache; hit; access=cached"));
+        return;
+    }
+    let Ok(v) = v.to_str() else { return };
     if let Ok(marked) = HeaderValue::from_str(&format!("{v}; access=cached")) {
         resp.headers_mut().insert(super::status::CACHE_STATUS, marked);
     }
 }
 
 /// The decision cache's key for this client and batch: a digest, so no credential is kept.
-fn decision_key(target: &CacheTarget, client: &HeaderMap) -> [u8; 32] {
+/// Every field is length-prefixed, so no two different inputs read the same.
+fn decision_key(target: &CacheTarget, auth: &AuthCheck, client: &HeaderMap, peer: SocketAddr) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(target.rule.as_bytes());
-    h.update([0]);
-    h.update(target.lote_id.as_bytes());
-    h.update([0]);
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(target.rule.as_bytes());
+    field(auth.url.as_bytes());
+    field(target.lote_id.as_bytes());
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => field(&ip.octets()),
+        std::net::IpAddr::V6(ip) => field(&ip.octets()),
+    }
+    for v in client.get_all("x-forwarded-for") {
+        field(v.as_bytes());
+    }
     for name in &target.headers.credentials {
         for v in client.get_all(name) {
-            h.update(name.as_str().as_bytes());
-            h.update([1]);
-            h.update(v.as_bytes());
-            h.update([0]);
+            field(name.as_str().as_bytes());
+            field(v.as_bytes());
         }
     }
     h.finalize().into()
@@ -172,8 +220,9 @@ enum Asked {
     Allowed {
         max_age: Option<Duration>,
     },
+    /// The refusal to keep (without per-request headers), and this request's own ones.
     Refused {
-        refusal: Arc<Refusal>,
+        refusal: (Arc<Refusal>, HeaderMap),
         max_age: Option<Duration>,
     },
     /// The check could not decide: the `502` to send.
@@ -252,12 +301,11 @@ async fn ask(origin: &Origin, client: &HeaderMap, target: &CacheTarget, auth: &A
                 ));
             };
             crate::headers::forward_response_headers(&mut parts.headers);
+            let own = super::policy::take_per_request(&mut parts.headers);
             let body = body.to_bytes();
             parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-            Asked::Refused {
-                refusal: Arc::new(Refusal { status: parts.status, headers: parts.headers, body }),
-                max_age,
-            }
+            let refusal = Arc::new(Refusal { status: parts.status, headers: parts.headers, body });
+            Asked::Refused { refusal: (refusal, own), max_age }
         }
         Ok(resp) => failed(format!("the access check answered {}", resp.status())),
         Err(e) => failed(e.detail()),
@@ -307,13 +355,33 @@ mod tests {
             }
             h
         };
+        let auth = AuthCheck {
+            url: "/a/{lote_id}".into(),
+            timeout: Duration::from_secs(1),
+            cache_ttl: Duration::from_secs(5),
+            deny_ttl: Duration::ZERO,
+            cache_entries: 10,
+        };
+        let here: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let key = |id: &str, h: &HeaderMap| decision_key(&target(id), &auth, h, here);
         let ana = with(&[("cookie", "session=ana")]);
-        let k = decision_key(&target("L1"), &ana);
-        assert_eq!(k, decision_key(&target("L1"), &with(&[("cookie", "session=ana"), ("accept", "x")])));
-        assert_ne!(k, decision_key(&target("L2"), &ana));
-        assert_ne!(k, decision_key(&target("L1"), &with(&[("cookie", "session=luis")])));
-        assert_ne!(k, decision_key(&target("L1"), &with(&[("authorization", "session=ana")])));
-        assert_ne!(k, decision_key(&target("L1"), &HeaderMap::new()));
+        let k = key("L1", &ana);
+        assert_eq!(k, key("L1", &with(&[("cookie", "session=ana"), ("accept", "x")])));
+        assert_eq!(
+            k,
+            decision_key(&target("L1"), &auth, &ana, "10.0.0.1:6000".parse().unwrap()),
+            "the port is not who"
+        );
+        assert_ne!(k, key("L2", &ana));
+        assert_ne!(k, key("L1", &with(&[("cookie", "session=luis")])));
+        assert_ne!(k, key("L1", &with(&[("authorization", "session=ana")])));
+        assert_ne!(k, key("L1", &HeaderMap::new()));
+        assert_ne!(k, key("L1", &with(&[("cookie", "session=ana"), ("x-forwarded-for", "1.2.3.4")])));
+        assert_ne!(k, decision_key(&target("L1"), &auth, &ana, "10.0.0.2:5000".parse().unwrap()));
+        let other_check = AuthCheck { url: "/b/{lote_id}".into(), ..auth.clone() };
+        assert_ne!(k, decision_key(&target("L1"), &other_check, &ana, here));
+        // Fields cannot run into each other: an id holding a header's bytes is another key.
+        assert_ne!(key("L1cookiesession=ana", &HeaderMap::new()), key("L1", &ana));
         let hex = hex::encode(k);
         assert!(!hex.contains(&hex::encode("session=ana")));
     }

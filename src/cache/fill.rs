@@ -302,6 +302,9 @@ pub struct FillJob {
     pub ttl: Option<std::time::Duration>,
     /// The variants to build once the entry is stored (None: the route keeps none).
     pub compress: Option<super::compress::AfterCommit>,
+    /// The request carries the rule's service headers: its answer speaks to lotecache, so
+    /// per-request headers (`Set-Cookie`, …) go to nobody, not even the requester.
+    pub as_service: bool,
 }
 
 impl Fills {
@@ -679,8 +682,12 @@ async fn fetch(
         tracing::warn!(rule = %job.rule, key = %job.key, status = parts.status.as_u16(), hint, "the origin refused a fill; passed on, not stored");
     }
     forward_response_headers(&mut parts.headers);
-    // Per-request headers go to the requester alone, never to joiners, never to the store.
-    let requester_only = super::policy::take_per_request(&mut parts.headers);
+    // Per-request headers go to the requester alone, never to joiners, never to the store; to
+    // nobody when the fill spoke as the service.
+    let mut requester_only = super::policy::take_per_request(&mut parts.headers);
+    if job.as_service {
+        requester_only.clear();
+    }
     let stored_headers = {
         let mut h = parts.headers.clone();
         h.remove(http::header::CONTENT_LENGTH);

@@ -82,6 +82,13 @@ impl Cache {
         if self.store.get_for(&target.rule, &target.key).is_some_and(|e| is_fresh(&e)) {
             return Warmed::Stored;
         }
+        // Warms take only free fill slots: they never queue ahead of users' clicks.
+        let max_fills = self.fills.config().max_fills;
+        if self.fills.len() >= max_fills {
+            return Warmed::Busy(format!(
+                "every fill slot is taken (cache.max_fills = {max_fills}); a warm waits for none: try again shortly"
+            ));
+        }
         let lookup = self.fills.join_or_start(&self.store, &self.origin, &target.rule, &target.key, is_fresh, || {
             self.fill_job_for(None, target)
         });
@@ -130,7 +137,7 @@ impl Cache {
                     Access::Refused(refusal) => return refusal,
                     Access::Allowed { cached: false } => {}
                     Access::Allowed { cached: true } => {
-                        let mut resp = Box::pin(self.serve(req, target, peer)).await;
+                        let mut resp = self.serve(req, target, peer).await;
                         access::mark_access_cached(&mut resp);
                         return resp;
                     }
@@ -491,6 +498,7 @@ impl Cache {
             validation: target.validation.clone(),
             ignore: target.ignore,
             ttl: target.ttl,
+            as_service: !policy.service.is_empty(),
             compress: (!target.compression.is_off()).then(|| compress::AfterCommit {
                 compressor: self.compressor.clone(),
                 config: target.compression.clone(),

@@ -100,6 +100,34 @@ async fn the_checks_cache_control_says_how_long_its_answer_is_kept() {
 }
 
 #[tokio::test]
+async fn a_longer_max_age_than_cache_ttl_is_cut_to_cache_ttl() {
+    let (origin, _dir, proxy) = proxy_with("cache_ttl = \"300ms\"\n").await;
+    let p = proxy.local_addr();
+    as_user(p, "A-8", "user=ok; cc=max-age=86400").await;
+    as_user(p, "A-8", "user=ok; cc=max-age=86400").await;
+    assert_eq!(origin.auth_checks(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    as_user(p, "A-8", "user=ok; cc=max-age=86400").await;
+    assert_eq!(origin.auth_checks(), 2, "a revoked access ends within cache_ttl, whatever the check says");
+    // A max-age no clock can add does not break the request either.
+    assert_eq!(as_user(p, "A-8", "user=ok; cc=max-age=99999999999999999999").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_kept_refusal_is_replayed_without_the_cookie_it_set() {
+    let (origin, _dir, proxy) = proxy_with("deny_ttl = \"5s\"\n").await;
+    let p = proxy.local_addr();
+    let first = as_user(p, "A-9", "user=nope; sc=fresh-session").await;
+    assert_eq!(first.status, StatusCode::FORBIDDEN);
+    assert_eq!(first.headers["set-cookie"], "fresh-session", "the asking request gets its own cookie");
+    let again = as_user(p, "A-9", "user=nope; sc=fresh-session").await;
+    assert_eq!(again.status, StatusCode::FORBIDDEN);
+    assert_eq!(again.cache_status(), "lotecache; detail=access-denied; access=cached");
+    assert!(again.headers.get("set-cookie").is_none(), "a kept refusal handed out the first asker's cookie");
+    assert_eq!(origin.auth_checks(), 1);
+}
+
+#[tokio::test]
 async fn a_refusal_is_asked_again_unless_deny_ttl_keeps_it() {
     let (origin, _dir, proxy) = proxy_with("").await;
     let p = proxy.local_addr();

@@ -219,5 +219,6 @@ async fn the_service_token_is_never_logged_nor_in_an_error() {
     .unwrap_err();
     let text: Vec<String> = err.iter().map(|e| e.to_string()).collect();
     assert!(text.iter().any(|e| e.contains("credential or forwarded header")), "{text:?}");
+    assert!(text.iter().any(|e| e.contains("rules.service_headers: needs an access policy")), "{text:?}");
     assert!(!text.iter().any(|e| e.contains("s3rvice-secret-2")));
 }

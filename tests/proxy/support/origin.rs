@@ -440,14 +440,20 @@ async fn respond_batch(
 
 /// An access check: cookie `user=ok` may (204), `user=nope` may not (403), none is 401.
 /// The access check: `user=ok` in the cookie allows, `user=nope` gets 403, else 401. A cookie
-/// `cc=<value>` (`+` for spaces) adds `Cache-Control: <value>` to the answer.
+/// `cc=<value>` (`+` for spaces) adds `Cache-Control: <value>` to the answer, and `sc=<value>`
+/// a `Set-Cookie: <value>`.
 async fn auth(s: &mut TcpStream, req: &Seen) -> bool {
     let cookie = req.headers.iter().find(|(k, _)| k == "cookie").map(|(_, v)| v.as_str()).unwrap_or("");
     let cc = cookie
         .split(';')
         .find_map(|c| c.trim().strip_prefix("cc="))
         .map(|v| format!("cache-control: {}\r\n", v.replace('+', " ")))
-        .unwrap_or_default();
+        .unwrap_or_default()
+        + &cookie
+            .split(';')
+            .find_map(|c| c.trim().strip_prefix("sc="))
+            .map(|v| format!("set-cookie: {v}\r\n"))
+            .unwrap_or_default();
     let out = if cookie.contains("user=ok") {
         format!("HTTP/1.1 204 No Content\r\n{cc}\r\n")
     } else if cookie.contains("user=nope") {
