@@ -1,7 +1,8 @@
 """Stand-in for the legacy OCR platform's backend (CO-01): a Monitoring page with the
 "Historial de Lotes" table, and the route behind its "Descargar JSON" button, which
 regenerates the batch's whole results JSON from the database on every call, slowly, exactly
-as the legacy code does. lotecache sits in front of it; nothing here knows about caching.
+as the legacy code does. lotecache sits in front of it; the downloads themselves know nothing
+about caching (what a backend adds for lotecache is described below).
 
     python seed.py && gunicorn -w 2 -b 127.0.0.1:5000 app:app
 

@@ -3,8 +3,8 @@
 //! for a short while (the decision cache), so that hits do not each cost the backend a request.
 //!
 //! - A decision is keyed by a sha256 of the rule, its check URL, the batch id, the client's
-//!   address (and any `X-Forwarded-For` it sent: the check sees both) and the exact credential
-//!   headers (names and values, in order), each field length-prefixed: never the raw values.
+//!   address (the check sees it as `X-Forwarded-For`) and the exact credential headers (names
+//!   and values, in order), each field length-prefixed: never the raw values.
 //!   Two clients share a decision only when they send the same credentials for the same batch
 //!   from the same address.
 //! - An allow is kept for `cache_ttl`, a refusal (401/403, kept with its body to answer again,
@@ -203,9 +203,6 @@ fn decision_key(target: &CacheTarget, auth: &AuthCheck, client: &HeaderMap, peer
         std::net::IpAddr::V4(ip) => field(&ip.octets()),
         std::net::IpAddr::V6(ip) => field(&ip.octets()),
     }
-    for v in client.get_all("x-forwarded-for") {
-        field(v.as_bytes());
-    }
     for name in &target.headers.credentials {
         for v in client.get_all(name) {
             field(name.as_str().as_bytes());
@@ -376,7 +373,6 @@ mod tests {
         assert_ne!(k, key("L1", &with(&[("cookie", "session=luis")])));
         assert_ne!(k, key("L1", &with(&[("authorization", "session=ana")])));
         assert_ne!(k, key("L1", &HeaderMap::new()));
-        assert_ne!(k, key("L1", &with(&[("cookie", "session=ana"), ("x-forwarded-for", "1.2.3.4")])));
         assert_ne!(k, decision_key(&target("L1"), &auth, &ana, "10.0.0.2:5000".parse().unwrap()));
         let other_check = AuthCheck { url: "/b/{lote_id}".into(), ..auth.clone() };
         assert_ne!(k, decision_key(&target("L1"), &other_check, &ana, here));

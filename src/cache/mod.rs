@@ -82,11 +82,14 @@ impl Cache {
         if self.store.get_for(&target.rule, &target.key).is_some_and(|e| is_fresh(&e)) {
             return Warmed::Stored;
         }
-        // Warms take only free fill slots: they never queue ahead of users' clicks.
-        let max_fills = self.fills.config().max_fills;
-        if self.fills.len() >= max_fills {
+        // Warms take only free fill slots: they never queue ahead of users' clicks. They run
+        // on the admin thread, whose own slots are `max_fills_per_worker`: the smaller bound.
+        let config = self.fills.config();
+        let free = config.max_fills.min(config.max_fills_per_worker);
+        if self.fills.len() >= free {
             return Warmed::Busy(format!(
-                "every fill slot is taken (cache.max_fills = {max_fills}); a warm waits for none: try again shortly"
+                "{free} fills are under way (cache.max_fills = {}, cache.max_fills_per_worker = {}); a warm queues behind none: try again shortly",
+                config.max_fills, config.max_fills_per_worker
             ));
         }
         let lookup = self.fills.join_or_start(&self.store, &self.origin, &target.rule, &target.key, is_fresh, || {

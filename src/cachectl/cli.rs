@@ -94,13 +94,19 @@ pub enum CacheCommand {
         /// Directory of saved documents.
         dir: PathBuf,
     },
-    /// Request each batch listed in FILE (one id per line) through the proxy.
+    /// Warm each batch listed in FILE (one id per line): through the proxy as a client would
+    /// (--via), or by the server itself with the admin API's POST /warm (--admin; the admin
+    /// token from LOTECACHE_ADMIN_TOKEN; fills carry the rule's service headers, no client's).
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["via", "admin"])))]
     Warm {
         /// File of lote ids, one per line ('#' comments and blank lines skipped).
         file: PathBuf,
         /// Base URL of the proxy, e.g. http://127.0.0.1:8080.
         #[arg(long)]
-        via: String,
+        via: Option<String>,
+        /// Base URL of the admin API, e.g. http://127.0.0.1:9091.
+        #[arg(long)]
+        admin: Option<String>,
         /// Requests at a time.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
@@ -294,7 +300,7 @@ pub async fn run(command: CacheCommand) -> ExitCode {
                 Err(e) => fail("import", &e),
             }
         }
-        CacheCommand::Warm { file, via, concurrency, path, json } => {
+        CacheCommand::Warm { file, via, admin, concurrency, path, json } => {
             let text = match std::fs::read_to_string(&file) {
                 Ok(t) => t,
                 Err(e) => return fail("warm", &format!("cannot read {}: {e}", file.display())),
@@ -305,6 +311,19 @@ pub async fn run(command: CacheCommand) -> ExitCode {
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
                 .map(String::from)
                 .collect();
+            if let Some(admin) = admin {
+                let Ok(token) = std::env::var("LOTECACHE_ADMIN_TOKEN") else {
+                    return fail("warm", &"--admin needs the admin token in LOTECACHE_ADMIN_TOKEN");
+                };
+                let r = cachectl::warm_via_admin(ids, &admin, &token).await;
+                output(json, &r, || {
+                    r.failed.iter().for_each(|f| println!("  FAILED {f}"));
+                    let counts: Vec<String> = r.results.iter().map(|(k, n)| format!("{n} {k}")).collect();
+                    println!("{} requested: {}", r.requested, counts.join(", "));
+                });
+                return if r.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+            }
+            let via = via.expect("clap requires --via or --admin");
             let r = cachectl::warm(ids, &via, &path, concurrency, progress(json)).await;
             output(json, &r, || {
                 r.failed.iter().for_each(|f| println!("  FAILED {f}"));

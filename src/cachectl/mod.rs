@@ -554,6 +554,62 @@ pub async fn warm(ids: Vec<String>, via: &str, template: &str, concurrency: usiz
     report
 }
 
+/// What `cache warm --admin` did: the admin API's answer for each id and rule, counted.
+#[derive(Debug, Default, Serialize)]
+pub struct AdminWarmReport {
+    pub requested: usize,
+    /// How many (id, rule) pairs came to each result (`started`, `in-flight`, `stored`, …).
+    pub results: std::collections::BTreeMap<String, usize>,
+    /// Those not started nor done (`busy`, `refused`), with the reason, and failed requests.
+    pub failed: Vec<String>,
+}
+
+/// Asks the admin API at `admin` (`POST /warm`, with `token`) to warm each id, 1000 per
+/// request: the fills run in the server, with its service headers, none through this client.
+pub async fn warm_via_admin(ids: Vec<String>, admin: &str, token: &str) -> AdminWarmReport {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let url = format!("{}/warm", admin.trim_end_matches('/'));
+    let mut report = AdminWarmReport { requested: ids.len(), ..Default::default() };
+    for chunk in ids.chunks(1000) {
+        let answer = async {
+            let body = serde_json::json!({ "lote_ids": chunk }).to_string();
+            let req = hyper::Request::post(&url)
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .map_err(|e| format!("bad admin URL {url}: {e}"))?;
+            let resp = client.request(req).await.map_err(|e| format!("{url}: {e}"))?;
+            let status = resp.status();
+            let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| e.to_string())?.to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| format!("{url}: not JSON ({e})"))?;
+            if status != http::StatusCode::ACCEPTED {
+                return Err(format!("{url} answered {status}: {}", v["detail"].as_str().unwrap_or("")));
+            }
+            Ok(v)
+        }
+        .await;
+        match answer {
+            Ok(v) => {
+                for w in v["warmed"].as_array().into_iter().flatten() {
+                    let result = w["result"].as_str().unwrap_or("?").to_string();
+                    if matches!(result.as_str(), "busy" | "refused") {
+                        let (id, rule, detail) = (&w["lote_id"], &w["rule"], w["detail"].as_str().unwrap_or(""));
+                        report.failed.push(format!(
+                            "{} ({}): {result}: {detail}",
+                            id.as_str().unwrap_or(""),
+                            rule.as_str().unwrap_or("")
+                        ));
+                    }
+                    *report.results.entry(result).or_default() += 1;
+                }
+            }
+            Err(e) => report.failed.extend(chunk.iter().map(|id| format!("{id}: {e}"))),
+        }
+    }
+    report
+}
+
 #[cfg(test)]
 mod tests {
     use super::export_name;

@@ -222,3 +222,39 @@ async fn the_service_token_is_never_logged_nor_in_an_error() {
     assert!(text.iter().any(|e| e.contains("rules.service_headers: needs an access policy")), "{text:?}");
     assert!(!text.iter().any(|e| e.contains("s3rvice-secret-2")));
 }
+
+#[tokio::test]
+async fn cache_warm_with_admin_asks_the_server_to_warm_each_listed_batch() {
+    let (origin, dir, proxy) = proxy("").await;
+    let list = dir.path().join("ids.txt");
+    std::fs::write(&list, "# finished today\nW-9\nW-10\nbad!id\n").unwrap();
+    let admin_url = format!("http://{}", proxy.admin_addr());
+    let run = |token: Option<&'static str>| {
+        let (list, admin_url) = (list.clone(), admin_url.clone());
+        // The proxy answers on this test's runtime: the command runs off it.
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(crate::support::process::BIN);
+            cmd.args(["cache", "warm", "--json", "--admin", &admin_url, list.to_str().unwrap()]);
+            match token {
+                Some(t) => cmd.env("LOTECACHE_ADMIN_TOKEN", t),
+                None => cmd.env_remove("LOTECACHE_ADMIN_TOKEN"),
+            };
+            cmd.output().unwrap()
+        })
+    };
+    let out = run(Some(TOKEN)).await.unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "one id was refused");
+    assert_eq!(report["requested"], 3);
+    assert_eq!(report["results"], serde_json::json!({"started": 2, "refused": 1}));
+    assert!(report["failed"][0].as_str().unwrap().starts_with("bad!id (batch-results): refused"), "{report}");
+    assert!(stored(&proxy, "W-9_resultados.json").await && stored(&proxy, "W-10_resultados.json").await);
+    assert_eq!((origin.generations("W-9"), origin.generations("W-10")), (1, 1));
+
+    let out = run(Some("wrong")).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["failed"][0].as_str().unwrap().contains("401"), "{report}");
+    let out = run(None).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "no token: refused before asking");
+}
