@@ -1,7 +1,10 @@
 //! The admin listener, separate from the proxy port: health, readiness, Prometheus metrics,
-//! entry listing and inspection, and (with a bearer token) removal, purge and GC.
+//! the cache page (`GET /`, `assets/admin.html`) and its figures (`GET /stats`), entry listing
+//! (sorted, searched, paginated) and inspection, and (with a bearer token) removal, purge,
+//! warm and GC.
 
 use crate::body::{full, ProxyBody};
+use crate::cache::status::Outcome;
 use crate::cache::{entry::Entry, store::Purge};
 use crate::proxy::ProxyState;
 use arc_swap::ArcSwap;
@@ -51,6 +54,8 @@ impl Admin {
         let method = req.method().clone();
         let segments: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
         match (&method, segments.as_slice()) {
+            (&Method::GET, [""]) => page(),
+            (&Method::GET, ["stats"]) => reply(StatusCode::OK, self.stats()),
             (&Method::GET, ["healthz"]) => reply(StatusCode::OK, json!({ "status": "ok" })),
             (&Method::GET, ["readyz"]) => self.readyz().await,
             (&Method::GET, ["metrics"]) => {
@@ -112,7 +117,7 @@ impl Admin {
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "gc failed", &e.to_string()),
                 }
             }
-            (_, ["healthz" | "readyz" | "metrics" | "entries" | "purge" | "warm" | "gc", ..]) => {
+            (_, ["" | "stats" | "healthz" | "readyz" | "metrics" | "entries" | "purge" | "warm" | "gc", ..]) => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", &format!("{method} is not supported here"))
             }
             _ => error(StatusCode::NOT_FOUND, "not found", "see README.md, Operations, for the admin endpoints"),
@@ -147,15 +152,105 @@ impl Admin {
         reply(if origin { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
     }
 
+    /// `GET /entries?offset=&limit=&sort=&order=&q=`: a page of the entries, sorted by `sort`
+    /// (`key`, `lote_id`, `size`, `stored_at`, `hits`, `last_hit`, `generation_ms`; default
+    /// `key`) in `order` (`asc`, `desc`), of those whose key or lote id contains `q` (any case).
+    /// `total` counts the entries that match.
     fn list(&self, query: &str) -> Response<ProxyBody> {
         let param = |name: &str| {
-            query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+            query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| decode(v))
         };
         let offset = param("offset").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
         let limit = param("limit").and_then(|v| v.parse::<usize>().ok()).unwrap_or(100).clamp(1, 1000);
-        let all = self.state.cache.store.entries();
+        let sort = param("sort").unwrap_or_else(|| "key".into());
+        let descending = match param("order").as_deref() {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(_) => return error(StatusCode::BAD_REQUEST, "bad list request", "order is asc or desc"),
+        };
+        let mut all = self.state.cache.store.entries();
+        if let Some(q) = param("q").map(|q| q.to_lowercase()).filter(|q| !q.is_empty()) {
+            all.retain(|e| e.key.to_lowercase().contains(&q) || e.lote_id.to_lowercase().contains(&q));
+        }
+        // Ties keep the key order `entries()` gives (the sort is stable).
+        match sort.as_str() {
+            "key" => {}
+            "lote_id" => all.sort_by(|a, b| a.lote_id.cmp(&b.lote_id)),
+            "size" => all.sort_by_key(|e| e.size),
+            "stored_at" => all.sort_by_key(|e| e.stored_at_ms),
+            "hits" => all.sort_by_key(|e| e.hits.load(Relaxed)),
+            "last_hit" => all.sort_by_key(|e| e.last_hit_ms.load(Relaxed)),
+            "generation_ms" => all.sort_by_key(|e| e.gen_ms),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad list request",
+                    "sort is one of key, lote_id, size, stored_at, hits, last_hit, generation_ms",
+                )
+            }
+        }
+        if descending {
+            all.reverse();
+        }
         let page: Vec<Value> = all.iter().skip(offset).take(limit).map(|e| entry_json(e)).collect();
         reply(StatusCode::OK, json!({ "total": all.len(), "offset": offset, "limit": limit, "entries": page }))
+    }
+
+    /// `GET /stats`: the figures of the cache page, in JSON: requests by outcome, the hit
+    /// ratio, the generations avoided and the origin time and bytes saved (since start), the
+    /// store against its caps, fills in flight, the shared store's state, and per rule what
+    /// its live entries hold.
+    fn stats(&self) -> Value {
+        let m = &self.state.metrics;
+        let store = &self.state.cache.store;
+        let outcomes: serde_json::Map<String, Value> =
+            Outcome::ALL.iter().map(|&o| (o.label().to_string(), json!(m.outcome.of(o).get()))).collect();
+        let count = |o: Outcome| m.outcome.of(o).get();
+        let (hit, miss, collapsed, stale) =
+            (count(Outcome::Hit), count(Outcome::Miss), count(Outcome::Collapsed), count(Outcome::Stale));
+        let answered = hit + miss + collapsed + stale;
+        let entries = store.entries();
+        let mut rules: std::collections::BTreeMap<&str, (u64, u64, u64, u64, f64)> = Default::default();
+        for e in &entries {
+            let r = rules.entry(e.rule.as_str()).or_default();
+            let hits = e.hits.load(Relaxed);
+            r.0 += 1;
+            r.1 += e.size;
+            r.2 += e.stored_bytes();
+            r.3 += hits;
+            r.4 += hits as f64 * e.gen_ms as f64 / 1000.0;
+        }
+        let per_rule: Vec<Value> = rules
+            .iter()
+            .map(|(rule, (n, bytes, stored, hits, saved))| {
+                json!({ "rule": rule, "entries": n, "bytes": bytes, "stored_bytes": stored, "hits": hits,
+                        "origin_seconds_saved": saved })
+            })
+            .collect();
+        let shared = self.state.cache.fills.shared().map(|s| {
+            let (up, last_error) = s.state();
+            json!({ "location": s.location(), "up": up, "last_error": last_error, "uploads_pending": s.uploads_pending() })
+        });
+        json!({
+            "requests": outcomes,
+            "hit_ratio": if answered > 0 { hit as f64 / answered as f64 } else { 0.0 },
+            // A hit, a request that joined another's fetch, or one served stale: none made
+            // the origin generate the batch.
+            "generations_avoided": hit + collapsed + stale,
+            "origin_seconds_saved": m.origin_seconds_saved.get(),
+            "origin_bytes_saved": m.origin_bytes_saved.get(),
+            "store": {
+                "entries": entries.len(),
+                "bytes": store.bytes(),
+                "max_size": store.max_size(),
+                "free_disk": store.free_bytes(),
+                "memory_bytes": store.memory_bytes(),
+            },
+            "fills_in_flight": self.state.cache.fills.len(),
+            "compressions_pending": self.state.cache.compressions_pending(),
+            "shared_store": shared,
+            "rules": per_rule,
+        })
     }
 
     /// Removes entries locally and, with a shared store, their shared records and named
@@ -369,6 +464,25 @@ pub fn entry_json(e: &Entry) -> Value {
             "hits": v.hits.load(Relaxed),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// The cache page: one self-contained file (no external asset), its script confined by a
+/// Content-Security-Policy to this origin.
+fn page() -> Response<ProxyBody> {
+    const PAGE: &str = include_str!("../assets/admin.html");
+    let mut resp = Response::new(full(Bytes::from_static(PAGE.as_bytes())));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, "text/html; charset=utf-8".parse().expect("static"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            .parse()
+            .expect("static"),
+    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, "nosniff".parse().expect("static"));
+    h.insert(header::REFERRER_POLICY, "no-referrer".parse().expect("static"));
+    h.insert(header::CACHE_CONTROL, "no-store".parse().expect("static"));
+    resp
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<ProxyBody> {

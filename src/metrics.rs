@@ -21,6 +21,8 @@ pub struct Metrics {
     /// Entries removed, by reason: lru, purge, corrupt, too-large.
     pub evictions: IntCounterVec,
     pub store_bytes: IntGauge,
+    /// `cache.max_size` (0: no cap).
+    pub store_max_bytes: IntGauge,
     pub store_entries: IntGauge,
     pub fills_in_flight: IntGauge,
     /// Time from sending a request to the origin to its response head.
@@ -29,11 +31,15 @@ pub struct Metrics {
     pub origin_errors: IntCounterVec,
     /// Sum of the recorded generation time of each hit's entry.
     pub origin_seconds_saved: prometheus::Counter,
+    /// Sum of the document size of each hit's entry: bytes the origin did not generate again.
+    pub origin_bytes_saved: IntCounter,
     pub gc_removed_files: IntCounter,
     /// Shared-store operations by operation and result (ok, not-found, error, corrupt).
     pub shared_ops: IntCounterVec,
     /// 1 while the shared store answers, 0 after a failure until it answers again.
     pub shared_up: IntGauge,
+    /// 1 when a shared store is configured (so a 0 in `shared_up` means down, not absent).
+    pub shared_configured: IntGauge,
     /// Write-through uploads to the shared store not finished yet.
     pub shared_uploads_pending: IntGauge,
     /// Compressed variants stored, by coding.
@@ -113,6 +119,19 @@ impl Metrics {
             .expect("valid"),
         );
         let origin_errors = counter_vec("lotecache_origin_errors_total", "Origin failures by kind", "kind");
+        // Series that alerts and dashboards query exist from the start, at 0: a rule on
+        // `increase(...)` then sees the first failure, and a dashboard shows 0, not "no data".
+        for reason in ["digest-mismatch", "content-size", "content-missing", "content-changed", "shared-digest"] {
+            integrity_failures.with_label_values(&[reason]);
+        }
+        for kind in ["origin-unreachable", "origin-timeout", "origin-error", "status-5xx"] {
+            origin_errors.with_label_values(&[kind]);
+        }
+        for result in ["allow", "deny", "error"] {
+            for source in ["asked", "cached"] {
+                access_checks.with_label_values(&[result, source]);
+            }
+        }
         Metrics {
             stored: reg(&registry, IntCounter::new("lotecache_stored_total", "Entries stored").expect("valid")),
             store_bytes: reg(
@@ -120,6 +139,18 @@ impl Metrics {
                 IntGauge::new("lotecache_store_bytes", "Bytes of live entries").expect("valid"),
             ),
             store_entries: reg(&registry, IntGauge::new("lotecache_store_entries", "Live entries").expect("valid")),
+            store_max_bytes: reg(
+                &registry,
+                IntGauge::new("lotecache_store_max_bytes", "cache.max_size in bytes (0: no cap)").expect("valid"),
+            ),
+            origin_bytes_saved: reg(
+                &registry,
+                IntCounter::new(
+                    "lotecache_origin_bytes_saved_total",
+                    "Document bytes the origin was spared generating by hits",
+                )
+                .expect("valid"),
+            ),
             fills_in_flight: reg(
                 &registry,
                 IntGauge::new("lotecache_fills_in_flight", "Origin fetches in progress").expect("valid"),
@@ -149,6 +180,10 @@ impl Metrics {
                 &registry,
                 IntGauge::new("lotecache_shared_up", "1 while the shared store answers (0 if down or not configured)")
                     .expect("valid"),
+            ),
+            shared_configured: reg(
+                &registry,
+                IntGauge::new("lotecache_shared_configured", "1 when a shared store is configured").expect("valid"),
             ),
             shared_uploads_pending: reg(
                 &registry,

@@ -20,4 +20,9 @@ echo "== deploy files"
 if ! command -v systemd-analyze >/dev/null && command -v apt-get >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null 2>&1 || true
 fi
+# promtool checks the alert rules (Debian's prometheus package ships it).
+if ! command -v promtool >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 bash deploy/lint.sh target/debug/lotecache target/e2e-venv/bin/python

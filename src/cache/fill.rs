@@ -321,6 +321,7 @@ impl Fills {
 
     /// Sets the shared store fills read from and write through to (once, at start).
     pub fn set_shared(&self, shared: Arc<SharedStore>) {
+        self.metrics.shared_configured.set(1);
         let _ = self.shared.set(shared);
     }
 

@@ -318,6 +318,7 @@ impl Cache {
         }
         self.store.metrics().hit_encoding(entry.coding).inc();
         self.store.metrics().origin_seconds_saved.inc_by(entry.gen_ms as f64 / 1000.0);
+        self.store.metrics().origin_bytes_saved.inc_by(stored.size);
         let refusal = match part {
             _ if failed_precondition => Some(ProxyError::PreconditionFailed),
             RangeAnswer::Unsatisfiable => Some(ProxyError::RangeNotSatisfiable { len: entry.size }),

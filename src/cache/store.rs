@@ -143,6 +143,7 @@ impl Store {
         let bytes: u64 = map.values().map(|e| e.stored_bytes()).sum();
         metrics.store_bytes.set(bytes as i64);
         metrics.store_entries.set(map.len() as i64);
+        metrics.store_max_bytes.set(max_size as i64);
         tracing::info!(dir = %dir.display(), entries = map.len(), bytes, skipped = loaded.skipped, swept, "store opened");
         Ok(Arc::new(Store {
             dir,
@@ -210,6 +211,12 @@ impl Store {
 
     pub fn set_max_size(&self, max_size: u64) {
         self.max_size.store(max_size, Relaxed);
+        self.metrics.store_max_bytes.set(max_size as i64);
+    }
+
+    /// Bytes free for this process on the store's file system (None if `statvfs` failed).
+    pub fn free_bytes(&self) -> Option<u64> {
+        free_bytes(&self.dir)
     }
 
     pub fn set_min_free(&self, min_free: u64) {

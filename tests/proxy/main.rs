@@ -11,6 +11,7 @@ mod faults;
 mod hardening;
 mod integrity;
 mod miss_hit;
+mod observability;
 mod operations;
 mod passthrough;
 mod range;
