@@ -332,3 +332,68 @@ def test_a_finished_batch_is_already_a_hit_and_a_reprocessed_one_is_generated_on
     assert second != first, "the re-processed batch's document"
     assert second == ana.open(f"{backend}/download_batch_results/{PENDING}", timeout=30).read()
     assert get_json(f"{backend}/api/generaciones")[1][PENDING] == 3, "once at re-processing, once just now for the comparison"
+
+
+def rows(browser):
+    return browser.find_elements(By.CSS_SELECTOR, "#entries tbody tr")
+
+
+def wait_for(condition, seconds=10):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if condition():
+                return
+        except Exception:  # the table is being redrawn
+            pass
+        time.sleep(0.1)
+    raise AssertionError("condition not met within %ss" % seconds)
+
+
+def column(browser, index):
+    return [r.find_elements(By.TAG_NAME, "td")[index].text for r in rows(browser)]
+
+
+def test_the_cache_page_lists_sorts_searches_and_purges_only_with_the_token(stack, browser):
+    admin = stack["admin"]
+    _, listed = get_json(f"{admin}/entries?limit=1000")
+    stored_ids = sorted(e["lote_id"] for e in listed["entries"])
+    assert len(stored_ids) >= 3, stored_ids  # what the tests above stored
+    browser.get(admin + "/")
+    wait_for(lambda: len(rows(browser)) == len(stored_ids) and browser.find_element(By.ID, "hit-ratio").text != "…")
+    assert sorted(column(browser, 0)) == stored_ids
+    assert browser.find_element(By.ID, "hit-ratio").text.endswith("%")
+
+    # Sorted by hits: the page opens most-hit first; a click on the header turns it around.
+    hits = lambda: [int(h) for h in column(browser, 4)]
+    assert hits() == sorted(hits(), reverse=True)
+    browser.find_element(By.CSS_SELECTOR, 'th[data-sort="hits"]').click()
+    wait_for(lambda: hits() == sorted(hits()) and hits() != sorted(hits(), reverse=True))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "admin-page.png"))
+
+    # Searching narrows the list to one batch.
+    browser.find_element(By.ID, "q").send_keys(FINISHED)
+    wait_for(lambda: column(browser, 0) == [FINISHED])
+    key = f"{FINISHED}_resultados.json"
+
+    # Without the token a purge is refused in the page, and nothing is removed.
+    rows(browser)[0].find_element(By.CSS_SELECTOR, "button.purge").click()
+    wait_for(lambda: "admin token" in browser.find_element(By.ID, "message").text)
+    assert get_json(f"{admin}/entries/{key}")[0] == 200
+    # A wrong token: asked to confirm, refused by the server.
+    browser.find_element(By.ID, "token").send_keys("not-the-token")
+    browser.find_element(By.ID, "use-token").click()
+    rows(browser)[0].find_element(By.CSS_SELECTOR, "button.purge").click()
+    browser.switch_to.alert.accept()
+    wait_for(lambda: "refused (401)" in browser.find_element(By.ID, "message").text)
+    assert get_json(f"{admin}/entries/{key}")[0] == 200
+    # The token: confirmed, purged.
+    browser.find_element(By.ID, "token").send_keys("e2e-admin-token")
+    browser.find_element(By.ID, "use-token").click()
+    assert browser.find_element(By.ID, "token").get_attribute("value") == "", "the field is cleared once used"
+    rows(browser)[0].find_element(By.CSS_SELECTOR, "button.purge").click()
+    browser.switch_to.alert.accept()
+    wait_for(lambda: "removed 1" in browser.find_element(By.ID, "message").text)
+    assert get_json(f"{admin}/entries/{key}")[0] == 404
+    wait_for(lambda: rows(browser) == [])
