@@ -7,7 +7,9 @@
 #     the port accepts, and until the first hit answers;
 #   - resident memory once serving (RSS), per entry, beside the empty-store RSS;
 #   - disk used by the store, per entry, beside the documents' own bytes;
-#   - hits on random keys: oha at a fixed rate, p50 / p99;
+#   - hits on random keys: oha at a fixed rate, p50 / p99 (uncompressed: --disable-compression);
+#   - the cache page's requests on the admin port: `GET /entries` sorted by hits (a page of 50)
+#     and searched, and `GET /stats`;
 #   - `cache ls`, `cache verify` and `cache gc` times.
 # Prints one markdown table. Loopback only; every process it starts stops with it.
 #
@@ -56,8 +58,8 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null && echo yes 
 now_ms() { date +%s%3N; }
 rss_kib() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
 
-echo "| entries | import s (files/s) | page cache dropped | start → listening ms | start → first hit ms | RSS MiB (per entry B) | disk MiB (per entry KiB; documents KiB) | hit p50 / p99 ms | ls s | verify s | gc s |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| entries | import s (files/s) | page cache dropped | start → listening ms | start → first hit ms | RSS MiB (per entry B) | disk MiB (per entry KiB; documents KiB) | hit p50 / p99 ms | page: entries by hits / search / stats ms | ls s | verify s | gc s |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 EMPTY_RSS=
 for n in "${SIZES[@]}"; do
   saved="$W/saved-$n"; cache="$W/cache-$n"; mkdir -p "$saved"
@@ -100,7 +102,9 @@ PY
   # Random existing keys B-0000000 .. B-(n-1) (n a power of ten): a regex over the id's digits.
   ids=$(python3 -c "d = len(str($n - 1)); print('0' * (7 - d) + '[0-9]' * d)")
   regex="http://127[.]0[.]0[.]1:$PORT/download_batch_results/B-$ids"
-  oha -z 10s -q 2000 -c 8 --no-tui --output-format json --rand-regex-url "$regex" > "$W/oha-$n.json" 2>/dev/null || true
+  oha -z 10s -q 2000 -c 8 --disable-compression --no-tui --output-format json --rand-regex-url "$regex" > "$W/oha-$n.json" 2>/dev/null || true
+  page_ms() { curl -s -o /dev/null -w '%{time_total}' "http://127.0.0.1:$ADMIN$1" | awk '{printf "%.0f", $1 * 1000}'; }
+  page="$(page_ms '/entries?sort=hits&order=desc&limit=50') / $(page_ms '/entries?q=B-00012&limit=50') / $(page_ms '/stats')"
   read -r p50 p99 ok < <(jq -r '[.latencyPercentiles.p50*1000, .latencyPercentiles.p99*1000, (.statusCodeDistribution["200"] // 0)] | @tsv' "$W/oha-$n.json")
   kill $pid; wait $pid 2>/dev/null || true
   t0=$(now_ms); "$BIN" cache ls --cache-dir "$cache" --json > /dev/null; ls_s=$(python3 -c "print(round(($(now_ms) - $t0) / 1000, 2))")
@@ -110,7 +114,7 @@ PY
 n, rss, empty, disk, docs = $n, $rss, $EMPTY_RSS, $disk_kib, $docs_kib
 print(f"| {n} | $import_s ({n / max($import_s, 0.001):.0f}) | $dropped | $listening | $first_hit | "
       f"{rss / 1024:.0f} ({(rss - empty) * 1024 / n:.0f}) | {disk / 1024:.0f} ({disk / n:.1f}; {docs / n:.1f}) | "
-      f"{float('$p50'):.2f} / {float('$p99'):.2f} ($ok ok) | $ls_s | $verify_s | $gc_s |")
+      f"{float('$p50'):.2f} / {float('$p99'):.2f} ($ok ok) | $page | $ls_s | $verify_s | $gc_s |")
 PY
   rm -rf "$cache"
 done

@@ -157,8 +157,13 @@ impl Admin {
     /// `key`) in `order` (`asc`, `desc`), of those whose key or lote id contains `q` (any case).
     /// `total` counts the entries that match.
     fn list(&self, query: &str) -> Response<ProxyBody> {
+        // Form encoding, as a browser's URLSearchParams writes it: `+` is a space.
         let param = |name: &str| {
-            query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| decode(v))
+            query
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| decode(&v.replace('+', " ")))
         };
         let offset = param("offset").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
         let limit = param("limit").and_then(|v| v.parse::<usize>().ok()).unwrap_or(100).clamp(1, 1000);
@@ -172,7 +177,7 @@ impl Admin {
         if let Some(q) = param("q").map(|q| q.to_lowercase()).filter(|q| !q.is_empty()) {
             all.retain(|e| e.key.to_lowercase().contains(&q) || e.lote_id.to_lowercase().contains(&q));
         }
-        // Ties keep the key order `entries()` gives (the sort is stable).
+        // Ties keep the key order `entries()` gives (the sort is stable; `desc` reverses it too).
         match sort.as_str() {
             "key" => {}
             "lote_id" => all.sort_by(|a, b| a.lote_id.cmp(&b.lote_id)),

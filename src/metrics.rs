@@ -121,7 +121,9 @@ impl Metrics {
         let origin_errors = counter_vec("lotecache_origin_errors_total", "Origin failures by kind", "kind");
         // Series that alerts and dashboards query exist from the start, at 0: a rule on
         // `increase(...)` then sees the first failure, and a dashboard shows 0, not "no data".
-        for reason in ["digest-mismatch", "content-size", "content-missing", "content-changed", "shared-digest"] {
+        for reason in
+            ["digest-mismatch", "content-size", "content-missing", "content-changed", "shared-digest", "shared-length"]
+        {
             integrity_failures.with_label_values(&[reason]);
         }
         for kind in ["origin-unreachable", "origin-timeout", "origin-error", "status-5xx"] {
