@@ -118,10 +118,12 @@ pub struct Entry {
     pub etag: HeaderValue,
     /// `Repr-Digest` (RFC 9530) of the body.
     pub repr_digest: HeaderValue,
-    /// Hits served since the process started.
-    pub hits: AtomicU64,
+    /// Hits served since the process started. Shared with the entry's successors (same body,
+    /// other variants): a hit on a snapshot taken before its variants changed still counts.
+    pub hits: Arc<AtomicU64>,
     /// Unix milliseconds of the last hit (the commit time until the first hit): the LRU clock.
-    pub last_hit_ms: AtomicU64,
+    /// Shared with the entry's successors, as `hits`.
+    pub last_hit_ms: Arc<AtomicU64>,
     /// The content file as it was when last hashed and found good (and, for small entries,
     /// its verified bytes). A hit that finds the file unchanged skips hashing.
     pub verified: ArcSwapOption<Verified>,
@@ -222,8 +224,8 @@ impl Entry {
             stored_at_ms: p.stored_at_ms,
             gen_ms: p.gen_ms,
             path: p.path,
-            hits: AtomicU64::new(0),
-            last_hit_ms: AtomicU64::new(p.last_hit_ms),
+            hits: Arc::new(AtomicU64::new(0)),
+            last_hit_ms: Arc::new(AtomicU64::new(p.last_hit_ms)),
             verified: Default::default(),
             loading: Default::default(),
             coding,
@@ -246,7 +248,7 @@ impl Entry {
     }
 
     /// The entry that replaces this live one when its variants change: the same body, head,
-    /// counters and commit number. Its verification is moved over when it is published (see
+    /// commit number and (shared) hit counters. Its verification is moved over when it is published (see
     /// `Store::reindex`), not here: a successor that is never published takes nothing.
     pub fn successor(&self, variants: Vec<Arc<Entry>>, tried: u8) -> Entry {
         let tried = variants.iter().filter_map(|v| v.coding).fold(tried, |bits, c| bits | c.bit());
@@ -264,8 +266,8 @@ impl Entry {
             path: self.path.clone(),
             etag: self.etag.clone(),
             repr_digest: self.repr_digest.clone(),
-            hits: AtomicU64::new(self.hits.load(Relaxed)),
-            last_hit_ms: AtomicU64::new(self.last_hit_ms.load(Relaxed)),
+            hits: self.hits.clone(),
+            last_hit_ms: self.last_hit_ms.clone(),
             verified: Default::default(),
             loading: Default::default(),
             coding: self.coding,

@@ -1143,6 +1143,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_hit_on_an_entry_whose_variants_changed_meanwhile_still_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        let served = committed(&store, "k", b"the body").await;
+        assert!(store.add_variants_sync(&served, &[fake_variant(Coding::Br, b"br")]).unwrap());
+        served.touch(); // a request that took the entry before the variant was added
+        let live = store.get("k").unwrap();
+        assert_eq!(live.hits.load(Relaxed), 1);
+        assert_eq!(live.last_hit_ms.load(Relaxed), served.last_hit_ms.load(Relaxed));
+    }
+
+    #[tokio::test]
     async fn a_variant_built_for_an_earlier_successor_of_the_same_body_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
