@@ -55,7 +55,14 @@ impl Admin {
         let segments: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
         match (&method, segments.as_slice()) {
             (&Method::GET, [""]) => page(),
-            (&Method::GET, ["stats"]) => reply(StatusCode::OK, self.stats()),
+            // Both walk every entry: on a blocking thread, not the one that accepts connections.
+            (&Method::GET, ["stats"]) => {
+                let this = self.clone();
+                match tokio::task::spawn_blocking(move || this.stats()).await {
+                    Ok(stats) => reply(StatusCode::OK, stats),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "stats failed", &e.to_string()),
+                }
+            }
             (&Method::GET, ["healthz"]) => reply(StatusCode::OK, json!({ "status": "ok" })),
             (&Method::GET, ["readyz"]) => self.readyz().await,
             (&Method::GET, ["metrics"]) => {
@@ -64,7 +71,13 @@ impl Admin {
                     .insert(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8".parse().expect("static"));
                 resp
             }
-            (&Method::GET, ["entries"]) => self.list(req.uri().query().unwrap_or("")),
+            (&Method::GET, ["entries"]) => {
+                let (this, query) = (self.clone(), req.uri().query().unwrap_or("").to_string());
+                match tokio::task::spawn_blocking(move || this.list(&query)).await {
+                    Ok(resp) => resp,
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "list failed", &e.to_string()),
+                }
+            }
             (&Method::GET, ["entries", key]) => match self.state.cache.store.get(&decode(key)) {
                 Some(e) => reply(StatusCode::OK, entry_json(&e)),
                 None => error(StatusCode::NOT_FOUND, "no such entry", &format!("no entry under key {:?}", decode(key))),
@@ -178,13 +191,14 @@ impl Admin {
             all.retain(|e| e.key.to_lowercase().contains(&q) || e.lote_id.to_lowercase().contains(&q));
         }
         // Ties keep the key order `entries()` gives (the sort is stable; `desc` reverses it too).
+        // Counters that hits keep moving are read once each: a sort must see a fixed order.
         match sort.as_str() {
             "key" => {}
             "lote_id" => all.sort_by(|a, b| a.lote_id.cmp(&b.lote_id)),
             "size" => all.sort_by_key(|e| e.size),
             "stored_at" => all.sort_by_key(|e| e.stored_at_ms),
-            "hits" => all.sort_by_key(|e| e.hits.load(Relaxed)),
-            "last_hit" => all.sort_by_key(|e| e.last_hit_ms.load(Relaxed)),
+            "hits" => all.sort_by_cached_key(|e| e.hits.load(Relaxed)),
+            "last_hit" => all.sort_by_cached_key(|e| e.last_hit_ms.load(Relaxed)),
             "generation_ms" => all.sort_by_key(|e| e.gen_ms),
             _ => {
                 return error(
@@ -214,7 +228,7 @@ impl Admin {
         let (hit, miss, collapsed, stale) =
             (count(Outcome::Hit), count(Outcome::Miss), count(Outcome::Collapsed), count(Outcome::Stale));
         let answered = hit + miss + collapsed + stale;
-        let entries = store.entries();
+        let entries = store.entries_unsorted();
         let mut rules: std::collections::BTreeMap<&str, (u64, u64, u64, u64, f64)> = Default::default();
         for e in &entries {
             let r = rules.entry(e.rule.as_str()).or_default();

@@ -129,6 +129,9 @@ impl Metrics {
         for kind in ["origin-unreachable", "origin-timeout", "origin-error", "status-5xx"] {
             origin_errors.with_label_values(&[kind]);
         }
+        for reason in ["lru", "purge", "too-large"] {
+            evictions.with_label_values(&[reason]);
+        }
         for result in ["allow", "deny", "error"] {
             for source in ["asked", "cached"] {
                 access_checks.with_label_values(&[result, source]);

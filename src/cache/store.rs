@@ -185,9 +185,14 @@ impl Store {
 
     /// Every live entry, sorted by key.
     pub fn entries(&self) -> Vec<Arc<Entry>> {
-        let mut v: Vec<_> = self.index.read().expect("index lock").values().cloned().collect();
+        let mut v = self.entries_unsorted();
         v.sort_by(|a, b| a.key.cmp(&b.key));
         v
+    }
+
+    /// Every live entry, in no order (cheaper: for totals).
+    pub fn entries_unsorted(&self) -> Vec<Arc<Entry>> {
+        self.index.read().expect("index lock").values().cloned().collect()
     }
 
     /// Number of live entries.

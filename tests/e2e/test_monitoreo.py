@@ -17,6 +17,8 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BACKEND = ROOT / "examples" / "legacy-backend"
@@ -350,11 +352,18 @@ def wait_for(condition, seconds=10):
     raise AssertionError("condition not met within %ss" % seconds)
 
 
+def confirm(browser):
+    """Accepts the page's confirmation dialog once it is open."""
+    WebDriverWait(browser, 10).until(expected_conditions.alert_is_present()).accept()
+
+
 def column(browser, index):
     return [r.find_elements(By.TAG_NAME, "td")[index].text for r in rows(browser)]
 
 
 def test_the_cache_page_lists_sorts_searches_and_purges_only_with_the_token(stack, browser):
+    # The store is what the tests above left in it (this module's stack is shared): batches
+    # with different hit counts.
     admin = stack["admin"]
     _, listed = get_json(f"{admin}/entries?limit=1000")
     stored_ids = sorted(e["lote_id"] for e in listed["entries"])
@@ -385,7 +394,7 @@ def test_the_cache_page_lists_sorts_searches_and_purges_only_with_the_token(stac
     browser.find_element(By.ID, "token").send_keys("not-the-token")
     browser.find_element(By.ID, "use-token").click()
     rows(browser)[0].find_element(By.CSS_SELECTOR, "button.purge").click()
-    browser.switch_to.alert.accept()
+    confirm(browser)
     wait_for(lambda: "refused (401)" in browser.find_element(By.ID, "message").text)
     assert get_json(f"{admin}/entries/{key}")[0] == 200
     # The token: confirmed, purged.
@@ -393,7 +402,7 @@ def test_the_cache_page_lists_sorts_searches_and_purges_only_with_the_token(stac
     browser.find_element(By.ID, "use-token").click()
     assert browser.find_element(By.ID, "token").get_attribute("value") == "", "the field is cleared once used"
     rows(browser)[0].find_element(By.CSS_SELECTOR, "button.purge").click()
-    browser.switch_to.alert.accept()
+    confirm(browser)
     wait_for(lambda: "removed 1" in browser.find_element(By.ID, "message").text)
     assert get_json(f"{admin}/entries/{key}")[0] == 404
     wait_for(lambda: rows(browser) == [])

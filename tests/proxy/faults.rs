@@ -123,7 +123,10 @@ async fn origin_silent_before_the_head_gives_504_with_a_json_error() {
 }
 
 /// Flips one byte in the middle of the stored content file of `key`.
-fn flip_a_byte(proxy: &lotecache::RunningProxy, key: &str) {
+/// Flips a byte of `key`'s body on disk, once its compressed variants are built (their job
+/// reads the body too, and would find the damage first).
+async fn flip_a_byte(proxy: &lotecache::RunningProxy, key: &str) {
+    crate::support::compression_settled(proxy).await;
     let entry = proxy.store().get(key).expect("stored");
     let mut bytes = std::fs::read(&entry.path).unwrap();
     let mid = bytes.len() / 2;
@@ -137,7 +140,7 @@ async fn a_flipped_byte_in_a_small_stored_entry_is_never_served_and_is_refetched
     let dir = tempfile::tempdir().unwrap();
     let proxy = start_proxy(origin.addr, dir.path(), "").await;
     get(proxy.local_addr(), &batch("C-small")).await;
-    flip_a_byte(&proxy, "C-small_resultados.json");
+    flip_a_byte(&proxy, "C-small_resultados.json").await;
 
     let got = get(proxy.local_addr(), &batch("C-small")).await;
     assert_eq!(got.status, StatusCode::OK);
@@ -156,7 +159,7 @@ async fn a_flipped_byte_in_a_large_stored_entry_is_never_sent_and_is_refetched_a
     // Sent from the file (not the memory tier).
     let proxy = start_proxy(origin.addr, dir.path(), "memory_tier = \"off\"\n").await;
     get(proxy.local_addr(), &batch("C-large-3mb")).await;
-    flip_a_byte(&proxy, "C-large-3mb_resultados.json");
+    flip_a_byte(&proxy, "C-large-3mb_resultados.json").await;
 
     let got = get(proxy.local_addr(), &batch("C-large-3mb")).await;
     assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss", "hashed before the head, found bad");
@@ -174,6 +177,7 @@ async fn deleted_or_truncated_content_is_refetched_not_served() {
     let proxy = start_proxy(origin.addr, dir.path(), "").await;
     get(proxy.local_addr(), &batch("C-del")).await;
     get(proxy.local_addr(), &batch("C-trunc-2mb")).await;
+    crate::support::compression_settled(&proxy).await;
     std::fs::remove_file(&proxy.store().get("C-del_resultados.json").unwrap().path).unwrap();
     let trunc = proxy.store().get("C-trunc-2mb_resultados.json").unwrap().path.clone();
     std::fs::OpenOptions::new().write(true).open(&trunc).unwrap().set_len(100).unwrap();
@@ -196,7 +200,7 @@ async fn a_small_entry_served_from_memory_is_still_never_served_after_its_file_c
     assert_eq!(proxy.store().memory_bytes(), document("C-mem").len() as u64, "kept in the memory tier");
     assert_eq!(get(proxy.local_addr(), &batch("C-mem")).await.bytes(), &document("C-mem"));
 
-    flip_a_byte(&proxy, "C-mem_resultados.json");
+    flip_a_byte(&proxy, "C-mem_resultados.json").await;
     // Until the next re-check the verified copy in memory is served: the right bytes.
     let meanwhile = get(proxy.local_addr(), &batch("C-mem")).await;
     assert_eq!(meanwhile.bytes(), &document("C-mem"));
@@ -219,7 +223,7 @@ async fn a_large_entry_verified_once_is_verified_again_after_its_file_changes() 
         assert_eq!(hit.cache_status(), "lotecache; hit");
         assert_eq!(hit.bytes(), &document("C-big-3mb"));
     }
-    flip_a_byte(&proxy, "C-big-3mb_resultados.json");
+    flip_a_byte(&proxy, "C-big-3mb_resultados.json").await;
     let got = get(proxy.local_addr(), &batch("C-big-3mb")).await;
     assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss", "a trusted file that changed is hashed again");
     assert_eq!(got.bytes(), &document("C-big-3mb"));
@@ -233,7 +237,7 @@ async fn the_scrubber_evicts_a_corrupt_entry_before_anyone_asks_for_it() {
     let proxy = start_proxy(origin.addr, dir.path(), "scrub_rate = \"64MiB\"\n").await;
     get(proxy.local_addr(), &batch("C-scrub")).await;
     get(proxy.local_addr(), &batch("C-ok")).await;
-    flip_a_byte(&proxy, "C-scrub_resultados.json");
+    flip_a_byte(&proxy, "C-scrub_resultados.json").await;
     crate::support::wait_until(Duration::from_secs(15), || proxy.store().get("C-scrub_resultados.json").is_none())
         .await;
     assert!(proxy.store().get("C-scrub_resultados.json").is_none(), "the scrubber found it");
@@ -249,7 +253,7 @@ async fn a_large_entry_in_the_memory_tier_whose_file_changes_is_refetched_within
     get(proxy.local_addr(), &batch("C-tier-3mb")).await;
     assert_eq!(get(proxy.local_addr(), &batch("C-tier-3mb")).await.bytes(), &document("C-tier-3mb"));
     assert_eq!(proxy.store().memory_bytes(), document("C-tier-3mb").len() as u64);
-    flip_a_byte(&proxy, "C-tier-3mb_resultados.json");
+    flip_a_byte(&proxy, "C-tier-3mb_resultados.json").await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     let got = get(proxy.local_addr(), &batch("C-tier-3mb")).await;
     assert_eq!(got.cache_status(), "lotecache; fwd=uri-miss");
