@@ -24,6 +24,10 @@ use std::sync::Arc;
 const QUEUE_MAX: usize = 256;
 /// Read size of the body.
 const CHUNK: usize = 256 * 1024;
+/// Bodies smaller than this get no variants. Sent whole, they fit in the first flight of a new
+/// connection (an initial window of 10 segments carries about 14 KB): compressing them saves
+/// no round trip, and would cost two more files and disk blocks for every such batch.
+pub const MIN_BODY: u64 = 12 * 1024;
 
 /// The compression pool of one store.
 pub struct Compressor {
@@ -76,11 +80,12 @@ impl Compressor {
     }
 
     /// Builds, in the background, the variants `config` wants that `entry` lacks and was not
-    /// tried for. Never for a variant, a non-200 entry, one whose origin said
-    /// `Cache-Control: no-transform`, or while the disk is below `cache.min_free` (a later
-    /// request asks again).
+    /// tried for. Never for a variant, a body under [`MIN_BODY`], a non-200 entry, one whose
+    /// origin said `Cache-Control: no-transform`, or while the disk is below `cache.min_free`
+    /// (a later request asks again).
     pub fn submit(self: &Arc<Self>, entry: &Arc<Entry>, config: &CompressionConfig) {
         if config.is_off()
+            || entry.size < MIN_BODY
             || entry.coding.is_some()
             || entry.status != http::StatusCode::OK
             || self.stopping.load(Relaxed)

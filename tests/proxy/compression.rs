@@ -442,3 +442,22 @@ async fn variants_survive_a_restart() {
     assert_eq!(after.bytes(), before.bytes());
     assert_eq!(origin.generations("C-10-64kb"), 1);
 }
+
+#[tokio::test]
+async fn a_document_that_fits_a_first_flight_gets_no_variants() {
+    // About 6 KB: sent whole it fits in a new connection's first flight, so compressing it
+    // saves no round trip; no job is even started.
+    let (_origin, _dir, proxy) = setup("").await;
+    let addr = proxy.local_addr();
+    assert!((document("C-12").len() as u64) < lotecache::cache::compress::MIN_BODY);
+    for _ in 0..3 {
+        let got = get_with(addr, "C-12", &[("accept-encoding", BROWSER)]).await;
+        assert!(got.headers.get("content-encoding").is_none());
+        assert!(vary_lists_accept_encoding(&got), "the route still varies");
+        assert_eq!(proxy.cache().compressions_pending(), 0);
+    }
+    let entry = admin_get(proxy.admin_addr(), "/entries/C-12_resultados.json").await.json();
+    assert_eq!(entry["variants"], serde_json::json!([]));
+    let m = proxy.store().metrics().render();
+    assert!(!m.contains("lotecache_variants_not_kept_total{"), "no job was started: {m}");
+}

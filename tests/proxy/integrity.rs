@@ -343,12 +343,13 @@ async fn cache_verify_reports_bad_entries_removes_them_on_request_and_exits_by_t
     };
     let (code, report) = verify(&[]);
     assert_eq!(code, Some(1));
-    assert_eq!(report["checked"], 6, "each body and its br and gzip variants");
+    // Documents of about 6 KB: under the size that gets compressed variants.
+    assert_eq!(report["checked"], 2);
     assert_eq!(report["bad"].as_array().unwrap().len(), 1);
     assert_eq!(report["bad"][0]["key"], "G-2_resultados.json");
     assert_eq!(report["bad"][0]["reason"], "content digest mismatch");
     let (code, report) = verify(&["--remove"]);
     assert_eq!((code, report["removed"].as_u64()), (Some(1), Some(1)));
     let (code, report) = verify(&[]);
-    assert_eq!((code, report["checked"].as_u64()), (Some(0), Some(3)));
+    assert_eq!((code, report["checked"].as_u64()), (Some(0), Some(1)));
 }
