@@ -141,12 +141,9 @@ for id in es-256kb es-16mb; do
 done
 
 # Targets: label, port, Accept-Encoding (empty: none), the server's pids.
-nginx_pids() { echo $NGINX_PID $(pgrep -P $NGINX_PID); }
 TARGETS=("lotecache identity|$LC||lc" "lotecache br|$LC|br|lc" "lotecache gzip|$LC|gzip|lc"
          "nginx identity|$NG1||ng" "nginx gzip 1|$NG1|gzip|ng" "nginx gzip 6|$NG6|gzip|ng")
 pids_of() { [ "$1" = lc ] && echo $LC_PID || nginx_pids; }
-ticks() { local total=0 v; for p in "$@"; do v=$(awk '{print $14 + $15}' /proc/$p/stat 2>/dev/null || true); total=$((total + ${v:-0})); done; echo $total; }
-HZ=$(getconf CLK_TCK)
 
 echo "== sizes and checks" >&2
 : > "$W/sizes"

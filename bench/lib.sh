@@ -75,3 +75,10 @@ http {
   keepalive_requests 1000000;
 NGINX
 }
+
+# CPU ticks (user+system) of these processes, summed; a process that is gone counts as 0 (nginx's
+# cache loader exits during a run). HZ ticks make a second.
+ticks() { local total=0 v; for p in "$@"; do v=$(awk '{print $14 + $15}' /proc/$p/stat 2>/dev/null || true); total=$((total + ${v:-0})); done; echo $total; }
+HZ=$(getconf CLK_TCK)
+# nginx's master (NGINX_PID, set by the script) and its workers.
+nginx_pids() { echo $NGINX_PID $(pgrep -P $NGINX_PID); }

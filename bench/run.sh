@@ -73,12 +73,7 @@ lotecache_config $LC_FLASK_UNPIN $(free_port) $FLASK "$W/lc-flask-unpin-cache" >
 "$BIN" serve --config "$W/lc-flask-unpin.toml" 2>"$W/lc-flask-unpin.log" & PIDS+=($!); LC_FLASK_UNPIN_PID=$!
 for p in $ORIGIN $NGINX $LC $LC_UNPIN $FLASK $NGINX_FLASK $LC_FLASK $LC_FLASK_UNPIN; do wait_port $p; done
 
-# CPU ticks (user+system) of a process tree's processes: nginx master + workers, or lotecache.
-# (nginx's cache loader exits during the run: processes that are gone count as 0.)
-ticks() { local total=0 v; for p in "$@"; do v=$(awk '{print $14 + $15}' /proc/$p/stat 2>/dev/null || true); total=$((total + ${v:-0})); done; echo $total; }
-nginx_pids() { echo $NGINX_PID $(pgrep -P $NGINX_PID); }
 rss_peak_kib() { local total=0 v; for p in "$@"; do v=$(awk '/VmHWM/ {print $2}' /proc/$p/status 2>/dev/null || true); total=$((total + ${v:-0})); done; echo $total; }
-HZ=$(getconf CLK_TCK)
 
 declare -A SIZE_ID=([4KB]=bench-4kb [256KB]=bench-256kb [16MB]=bench-16mb)
 for id in "${SIZE_ID[@]}"; do

@@ -287,9 +287,15 @@ impl Entry {
         self.size + self.variants.iter().map(|v| v.size).sum::<u64>()
     }
 
+    /// This entry, then each of its variants: every content file it holds, each verified and
+    /// removed on its own.
+    pub fn files(&self) -> impl Iterator<Item = &Entry> {
+        std::iter::once(self).chain(self.variants.iter().map(|v| v.as_ref()))
+    }
+
     /// Whether `path` is the content file of this entry or of one of its variants.
     pub fn uses_path(&self, path: &std::path::Path) -> bool {
-        self.path == path || self.variants.iter().any(|v| v.path == path)
+        self.files().any(|f| f.path == path)
     }
 
     /// The entry's metadata as stored in its index line, variants included.

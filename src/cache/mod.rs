@@ -76,9 +76,7 @@ impl Cache {
     /// service headers only; what it fetches is stored under the rule's usual conditions
     /// (a refusal or an error from the backend is not).
     pub fn warm(&self, target: &CacheTarget) -> Warmed {
-        let is_fresh = |e: &Entry| {
-            target.ttl.is_none_or(|ttl| crate::clock::now_ms().saturating_sub(e.stored_at_ms) < ttl.as_millis())
-        };
+        let is_fresh = |e: &Entry| target.is_fresh(e.stored_at_ms);
         if self.store.get_for(&target.rule, &target.key).is_some_and(|e| is_fresh(&e)) {
             return Warmed::Stored;
         }
@@ -155,9 +153,7 @@ impl Cache {
         let head_only = req.method() == Method::HEAD;
         let cond = HitConditions::of(req.headers(), head_only, &target.compression);
         let cond = &cond;
-        let is_fresh = |e: &Entry| {
-            target.ttl.is_none_or(|ttl| crate::clock::now_ms().saturating_sub(e.stored_at_ms) < ttl.as_millis())
-        };
+        let is_fresh = |e: &Entry| target.is_fresh(e.stored_at_ms);
         // An expired entry is kept aside: it is served if the refetch fails (stale-if-error).
         let mut stale = None;
         if let Some(entry) = self.store.get_for(&target.rule, &target.key) {

@@ -604,13 +604,8 @@ impl Store {
             let _w = self.index_write.lock().expect("index write lock");
             report.compacted_buckets = compact_buckets(&self.dir)?;
         }
-        let live: HashSet<PathBuf> = self
-            .index
-            .read()
-            .expect("index lock")
-            .values()
-            .flat_map(|e| std::iter::once(e.path.clone()).chain(e.variants.iter().map(|v| v.path.clone())))
-            .collect();
+        let live: HashSet<PathBuf> =
+            self.index.read().expect("index lock").values().flat_map(|e| e.files().map(|f| f.path.clone())).collect();
         let now = SystemTime::now();
         let grace = Duration::from_millis(self.gc_grace_ms.load(Relaxed));
         for file in walk_files(&self.dir.join("content-v2")) {

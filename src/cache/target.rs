@@ -32,6 +32,13 @@ pub struct CacheTarget {
     pub compression: Arc<super::negotiate::CompressionConfig>,
 }
 
+impl CacheTarget {
+    /// Whether an entry stored at `stored_at_ms` is within the route's TTL (always, without one).
+    pub fn is_fresh(&self, stored_at_ms: u128) -> bool {
+        self.ttl.is_none_or(|ttl| crate::clock::now_ms().saturating_sub(stored_at_ms) < ttl.as_millis())
+    }
+}
+
 /// Who may be served a stored entry of a rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccessPolicy {

@@ -57,7 +57,7 @@ pub async fn verify(dir: &Path, remove: bool, show_progress: bool) -> Result<Ver
         );
         let mut bad = Vec::new();
         // Each entry's body, and each of its compressed variants as a file of its own.
-        for e in loaded.entries.iter().flat_map(|e| std::iter::once(e).chain(e.variants.iter().map(|v| v.as_ref()))) {
+        for e in loaded.entries.iter().flat_map(Entry::files) {
             bar.set_message(e.key.clone());
             if let Err(err) = read::verify_sync(e) {
                 let encoding = e.coding.map(|c| c.token());
@@ -146,10 +146,8 @@ pub struct Stats {
 /// Counts entries and files (read-only).
 pub fn stats(dir: &Path) -> Stats {
     let entries = ls(dir);
-    let live: std::collections::HashSet<PathBuf> = entries
-        .iter()
-        .flat_map(|e| std::iter::once(e.path.clone()).chain(e.variants.iter().map(|v| v.path.clone())))
-        .collect();
+    let live: std::collections::HashSet<PathBuf> =
+        entries.iter().flat_map(|e| e.files().map(|f| f.path.clone())).collect();
     let variants = entries.iter().flat_map(|e| e.variants.iter());
     let mut s = Stats {
         dir: dir.display().to_string(),

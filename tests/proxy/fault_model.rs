@@ -1247,7 +1247,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn oracle_live_entries_have_content(ctx: &Ctx, proxy: &RunningProxy) {
     let entries = proxy.store().entries();
     // Each body, and each compressed variant (chaos damages bodies only).
-    for e in entries.iter().flat_map(|e| std::iter::once(e).chain(e.variants.iter())) {
+    for e in entries.iter().flat_map(|e| e.files()) {
         let ok = std::fs::metadata(&e.path).map(|m| m.len() == e.size).unwrap_or(false);
         let damaged_since = ctx.book(&e.lote_id, |b| b.last_damage_wall_ms >= e.stored_at_ms);
         if !ok && !damaged_since {
@@ -1271,12 +1271,8 @@ fn oracle_store_at_rest(ctx: &Ctx, proxy: &RunningProxy) {
     if !tmp.is_empty() {
         ctx.fail("temp-file-left-at-rest", "store", format!("{} temp files: {:?}", tmp.len(), tmp));
     }
-    let live: std::collections::HashSet<PathBuf> = proxy
-        .store()
-        .entries()
-        .iter()
-        .flat_map(|e| std::iter::once(e.path.clone()).chain(e.variants.iter().map(|v| v.path.clone())))
-        .collect();
+    let live: std::collections::HashSet<PathBuf> =
+        proxy.store().entries().iter().flat_map(|e| e.files().map(|f| f.path.clone())).collect();
     let orphans: Vec<PathBuf> = walk(&ctx.dir.join("content-v2")).into_iter().filter(|f| !live.contains(f)).collect();
     if !orphans.is_empty() {
         ctx.fail("orphan-content-file-after-gc", "store", format!("{} orphans: {:?}", orphans.len(), orphans));
