@@ -5,7 +5,7 @@
 
 use crate::body::{full, ProxyBody};
 use crate::cache::status::Outcome;
-use crate::cache::{entry::Entry, store::Purge};
+use crate::cache::store::{EntrySummary, Purge, SortBy, StoreError};
 use crate::proxy::ProxyState;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -78,8 +78,8 @@ impl Admin {
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "list failed", &e.to_string()),
                 }
             }
-            (&Method::GET, ["entries", key]) => match self.state.cache.store.get(&decode(key)) {
-                Some(e) => reply(StatusCode::OK, entry_json(&e)),
+            (&Method::GET, ["entries", key]) => match self.state.cache.store.lookup(&decode(key)).await {
+                Some(e) => reply(StatusCode::OK, entry_json(&EntrySummary::from(e.as_ref()))),
                 None => error(StatusCode::NOT_FOUND, "no such entry", &format!("no entry under key {:?}", decode(key))),
             },
             (&Method::DELETE, ["entries", key]) => {
@@ -127,6 +127,9 @@ impl Admin {
                 }
                 match self.state.cache.store.gc().await {
                     Ok(report) => reply(StatusCode::OK, serde_json::to_value(report).expect("report")),
+                    Err(e @ StoreError::Loading) => {
+                        error(StatusCode::SERVICE_UNAVAILABLE, "gc not run", &e.to_string())
+                    }
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "gc failed", &e.to_string()),
                 }
             }
@@ -144,6 +147,8 @@ impl Admin {
             "store": "open",
             "origin": if origin { "reachable" } else { "unreachable" },
             "fills_in_flight": self.state.cache.fills.len(),
+            // Serving does not wait for it: a key not loaded yet is read from its bucket.
+            "index": self.state.cache.store.load_progress(),
         });
         // The shared store's state is reported, not required: without it this replica still
         // serves from its own tier and the origin. It is the state the last operation or the
@@ -186,20 +191,14 @@ impl Admin {
             Some("desc") => true,
             Some(_) => return error(StatusCode::BAD_REQUEST, "bad list request", "order is asc or desc"),
         };
-        let mut all = self.state.cache.store.entries();
-        if let Some(q) = param("q").map(|q| q.to_lowercase()).filter(|q| !q.is_empty()) {
-            all.retain(|e| e.key.to_lowercase().contains(&q) || e.lote_id.to_lowercase().contains(&q));
-        }
-        // Ties keep the key order `entries()` gives (the sort is stable; `desc` reverses it too).
-        // Counters that hits keep moving are read once each: a sort must see a fixed order.
-        match sort.as_str() {
-            "key" => {}
-            "lote_id" => all.sort_by(|a, b| a.lote_id.cmp(&b.lote_id)),
-            "size" => all.sort_by_key(|e| e.size),
-            "stored_at" => all.sort_by_key(|e| e.stored_at_ms),
-            "hits" => all.sort_by_cached_key(|e| e.hits.load(Relaxed)),
-            "last_hit" => all.sort_by_cached_key(|e| e.last_hit_ms.load(Relaxed)),
-            "generation_ms" => all.sort_by_key(|e| e.gen_ms),
+        let sort = match sort.as_str() {
+            "key" => SortBy::Key,
+            "lote_id" => SortBy::LoteId,
+            "size" => SortBy::Size,
+            "stored_at" => SortBy::StoredAt,
+            "hits" => SortBy::Hits,
+            "last_hit" => SortBy::LastHit,
+            "generation_ms" => SortBy::GenMs,
             _ => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -207,12 +206,11 @@ impl Admin {
                     "sort is one of key, lote_id, size, stored_at, hits, last_hit, generation_ms",
                 )
             }
-        }
-        if descending {
-            all.reverse();
-        }
-        let page: Vec<Value> = all.iter().skip(offset).take(limit).map(|e| entry_json(e)).collect();
-        reply(StatusCode::OK, json!({ "total": all.len(), "offset": offset, "limit": limit, "entries": page }))
+        };
+        let q = param("q");
+        let (total, entries) = self.state.cache.store.list(q.as_deref(), sort, descending, offset, limit);
+        let page: Vec<Value> = entries.iter().map(entry_json).collect();
+        reply(StatusCode::OK, json!({ "total": total, "offset": offset, "limit": limit, "entries": page }))
     }
 
     /// `GET /stats`: the figures of the cache page, in JSON: requests by outcome, the hit
@@ -228,21 +226,25 @@ impl Admin {
         let (hit, miss, collapsed, stale) =
             (count(Outcome::Hit), count(Outcome::Miss), count(Outcome::Collapsed), count(Outcome::Stale));
         let answered = hit + miss + collapsed + stale;
-        let entries = store.entries_unsorted();
-        let mut rules: std::collections::BTreeMap<&str, (u64, u64, u64, u64, f64)> = Default::default();
-        for e in &entries {
-            let r = rules.entry(e.rule.as_str()).or_default();
-            let hits = e.hits.load(Relaxed);
+        let mut rules: std::collections::BTreeMap<std::sync::Arc<str>, (u64, u64, u64, u64, f64)> = Default::default();
+        let mut entries = 0usize;
+        store.for_each(|_, _, s| {
+            entries += 1;
+            let hits = s.state.hits.load(Relaxed);
+            let r = match rules.get_mut(&*s.rule) {
+                Some(r) => r,
+                None => rules.entry(s.rule.clone()).or_default(),
+            };
             r.0 += 1;
-            r.1 += e.size;
-            r.2 += e.stored_bytes();
+            r.1 += s.size;
+            r.2 += s.stored_bytes();
             r.3 += hits;
-            r.4 += hits as f64 * e.gen_ms as f64 / 1000.0;
-        }
+            r.4 += hits as f64 * s.gen_ms as f64 / 1000.0;
+        });
         let per_rule: Vec<Value> = rules
             .iter()
             .map(|(rule, (n, bytes, stored, hits, saved))| {
-                json!({ "rule": rule, "entries": n, "bytes": bytes, "stored_bytes": stored, "hits": hits,
+                json!({ "rule": &**rule, "entries": n, "bytes": bytes, "stored_bytes": stored, "hits": hits,
                         "origin_seconds_saved": saved })
             })
             .collect();
@@ -259,8 +261,9 @@ impl Admin {
             "origin_seconds_saved": m.origin_seconds_saved.get(),
             "origin_bytes_saved": m.origin_bytes_saved.get(),
             "store": {
-                "entries": entries.len(),
+                "entries": entries,
                 "bytes": store.bytes(),
+                "index": store.load_progress(),
                 "max_size": store.max_size(),
                 "free_disk": store.free_bytes(),
                 "memory_bytes": store.memory_bytes(),
@@ -286,10 +289,23 @@ impl Admin {
             (_, false) | (Purge::All, _) => Vec::new(),
             (Purge::LoteId(id), true) => vec![id.clone()],
             (Purge::Key(k), true) => {
-                let stored = self.state.cache.store.get(k).map(|e| e.lote_id.clone());
+                let stored = self.state.cache.store.lookup(k).await.map(|e| e.lote_id.clone());
                 stored.or_else(|| self.state.rules.load().lote_id_of_key(k)).into_iter().collect()
             }
         };
+        // While the index loads, the keys named (or the rules give the batch) are brought into
+        // memory first, so that the answer names them; others the load reaches later are
+        // removed as it does (the store remembers the purge until then).
+        if !self.state.cache.store.is_loaded() {
+            let keys = match &which {
+                Purge::Key(k) => vec![k.clone()],
+                Purge::LoteId(id) => self.state.rules.load().keys_of(id),
+                Purge::All => Vec::new(),
+            };
+            for k in keys {
+                let _ = self.state.cache.store.lookup(&k).await;
+            }
+        }
         // First of all: fills and write-throughs already running see the purge from here on
         // and store nothing it covers; requests after it start fresh fills.
         self.state.cache.store.record_purge(&which);
@@ -304,10 +320,10 @@ impl Admin {
                 Purge::Key(k) => vec![k.clone()],
                 Purge::LoteId(id) => {
                     let mut k = self.state.rules.load().keys_of(id);
-                    k.extend(store.entries().iter().filter(|e| &e.lote_id == id).map(|e| e.key.clone()));
+                    k.extend(store.keys_of(&which));
                     k
                 }
-                Purge::All => store.entries().iter().map(|e| e.key.clone()).collect(),
+                Purge::All => store.keys_of(&which),
             };
             keys.sort();
             keys.dedup();
@@ -463,24 +479,24 @@ fn rfc3339(ms: u128) -> String {
 }
 
 /// An entry as the admin API and `cache ls --json` show it.
-pub fn entry_json(e: &Entry) -> Value {
-    let hits = e.hits.load(Relaxed);
+pub fn entry_json(e: &EntrySummary) -> Value {
+    let etag = |sha256: &[u8; 32]| format!("\"sha256-{}\"", hex::encode(sha256));
     json!({
         "key": e.key,
         "lote_id": e.lote_id,
         "size": e.size,
         "sha256": hex::encode(e.sha256),
-        "etag": e.etag.to_str().unwrap_or_default(),
-        "stored_at": rfc3339(e.stored_at_ms),
-        "last_hit": (hits > 0).then(|| rfc3339(e.last_hit_ms.load(Relaxed) as u128)),
-        "hits": hits,
+        "etag": etag(&e.sha256),
+        "stored_at": rfc3339(e.stored_at_ms as u128),
+        "last_hit": (e.hits > 0).then(|| rfc3339(e.last_hit_ms as u128)),
+        "hits": e.hits,
         "generation_ms": e.gen_ms,
         "variants": e.variants.iter().map(|v| json!({
-            "encoding": v.coding.map(|c| c.token()),
+            "encoding": v.coding.token(),
             "size": v.size,
             "sha256": hex::encode(v.sha256),
-            "etag": v.etag.to_str().unwrap_or_default(),
-            "hits": v.hits.load(Relaxed),
+            "etag": etag(&v.sha256),
+            "hits": v.hits,
         })).collect::<Vec<_>>(),
     })
 }

@@ -29,6 +29,7 @@ const LAYERS: &[&str] = &[
     "cache::tier",
     "cache::read",
     "cache::store",
+    "cache::index",
     "cache::entry",
     "cache::target",
     "cache::policy",

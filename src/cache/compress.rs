@@ -90,13 +90,13 @@ impl Compressor {
             || entry.status != http::StatusCode::OK
             || self.stopping.load(Relaxed)
             || entry.no_transform()
-            || entry.compress_tried.load(Relaxed) & config.bits() == config.bits()
+            || entry.compress_tried().load(Relaxed) & config.bits() == config.bits()
             || !self.store.has_room_for(Some(entry.size))
         {
             return;
         }
         let want = config.bits();
-        let todo = want & !entry.compress_tried.fetch_or(want, Relaxed);
+        let todo = want & !entry.compress_tried().fetch_or(want, Relaxed);
         if todo == 0 {
             return;
         }
@@ -104,7 +104,7 @@ impl Compressor {
         let queued = Queued(self.clone());
         if self.queued.fetch_add(1, Relaxed) >= QUEUE_MAX {
             drop(queued);
-            entry.compress_tried.fetch_and(!todo, Relaxed);
+            entry.compress_tried().fetch_and(!todo, Relaxed);
             metrics.variants_not_kept.with_label_values(&["queue-full"]).inc();
             return;
         }
@@ -117,7 +117,7 @@ impl Compressor {
             let done = tokio::task::spawn_blocking(move || {
                 let _queued = queued;
                 // An entry replaced or purged while it waited is not worth compressing.
-                if !store.is_live(&job_entry) || job_this.stopping.load(Relaxed) {
+                if !store.is_current_commit(&job_entry.key, job_entry.commit) || job_this.stopping.load(Relaxed) {
                     return Ok(Vec::new());
                 }
                 build(&store, &job_entry, &codings, min_saving, &job_this.stopping)

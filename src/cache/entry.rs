@@ -118,12 +118,11 @@ pub struct Entry {
     pub etag: HeaderValue,
     /// `Repr-Digest` (RFC 9530) of the body.
     pub repr_digest: HeaderValue,
-    /// Hits served since the process started. Shared with the entry's successors (same body,
-    /// other variants): a hit on a snapshot taken before its variants changed still counts.
-    pub hits: Arc<AtomicU64>,
-    /// Unix milliseconds of the last hit (the commit time until the first hit): the LRU clock.
-    /// Shared with the entry's successors, as `hits`.
-    pub last_hit_ms: Arc<AtomicU64>,
+    /// Hit counters, LRU clock and compressions tried: shared with the entry's successors
+    /// (same body, other variants) and with its slot in the store's compact index, so a hit
+    /// on a snapshot taken before its variants changed, or on one since dropped from memory,
+    /// still counts.
+    pub state: Arc<EntryState>,
     /// The content file as it was when last hashed and found good (and, for small entries,
     /// its verified bytes). A hit that finds the file unchanged skips hashing.
     pub verified: ArcSwapOption<Verified>,
@@ -134,10 +133,6 @@ pub struct Entry {
     pub coding: Option<Coding>,
     /// The entry's stored variants (empty on a variant).
     pub variants: Vec<Arc<Entry>>,
-    /// Codings a compression was started for (bits of [`Coding::bit`]), so that hits do not
-    /// ask again: cleared for a coding whose variant is dropped as bad, and not kept across a
-    /// restart (an entry loaded without a variant is tried again once).
-    pub compress_tried: AtomicU8,
     /// Which commit (or load) of the key this is. A successor — the same body with other
     /// variants — keeps it; every commit gets a new one. A judgment of an entry (evict it,
     /// add a variant built from its body) holds for every successor of it, never for a
@@ -147,6 +142,35 @@ pub struct Entry {
 
 /// Source of [`Entry::commit`] numbers.
 static COMMITS: AtomicU64 = AtomicU64::new(1);
+
+/// A new commit number (see [`Entry::commit`]).
+pub fn next_commit() -> u64 {
+    COMMITS.fetch_add(1, Relaxed)
+}
+
+/// What changes about a stored entry while it is served, kept once per commit of a key.
+#[derive(Debug, Default)]
+pub struct EntryState {
+    /// Hits served since the process started (a variant's hits count on its entry too).
+    pub hits: AtomicU64,
+    /// Unix milliseconds of the last hit (the commit time until the first hit): the LRU clock.
+    pub last_hit_ms: AtomicU64,
+    /// Codings a compression was started for (bits of [`Coding::bit`]), so that hits do not
+    /// ask again: cleared for a coding whose variant is dropped as bad, and not kept across a
+    /// restart (an entry loaded without a variant is tried again once).
+    pub compress_tried: AtomicU8,
+}
+
+impl EntryState {
+    /// The state of an entry whose LRU clock starts at `last_hit_ms`, with `tried` set.
+    pub fn new(last_hit_ms: u64, tried: u8) -> Arc<EntryState> {
+        Arc::new(EntryState {
+            hits: AtomicU64::new(0),
+            last_hit_ms: AtomicU64::new(last_hit_ms),
+            compress_tried: AtomicU8::new(tried),
+        })
+    }
+}
 
 /// What an [`Entry`] is built from.
 pub struct EntryParts {
@@ -161,8 +185,10 @@ pub struct EntryParts {
     pub stored_at_ms: u128,
     pub gen_ms: u64,
     pub path: PathBuf,
-    /// Unix ms the LRU clock starts at.
-    pub last_hit_ms: u64,
+    /// Its hit counters and LRU clock (see [`EntryState::new`]).
+    pub state: Arc<EntryState>,
+    /// Its commit number: [`next_commit`] for a new one, the slot's for a stored one.
+    pub commit: u64,
 }
 
 /// A successful verification of an entry's content file.
@@ -201,7 +227,9 @@ impl Entry {
             stored_at_ms: parent.stored_at_ms,
             gen_ms: parent.gen_ms,
             path,
-            last_hit_ms: parent.last_hit_ms.load(Relaxed),
+            // A variant's own hits (its entry counts them too); judged with its entry's commit.
+            state: EntryState::new(parent.state.last_hit_ms.load(Relaxed), 0),
+            commit: parent.commit,
         };
         Entry::build(parts, Some(coding), Vec::new())
     }
@@ -210,6 +238,7 @@ impl Entry {
         let sha256 = sha256_of(&p.integrity)?;
         let (etag, repr_digest) = validators(&sha256, &p.integrity);
         let tried = variants.iter().filter_map(|v| v.coding).fold(0, |bits, c| bits | c.bit());
+        p.state.compress_tried.fetch_or(tried, Relaxed);
         Some(Entry {
             headers: hit_head(p.head, p.size, &etag, &repr_digest),
             etag,
@@ -224,34 +253,28 @@ impl Entry {
             stored_at_ms: p.stored_at_ms,
             gen_ms: p.gen_ms,
             path: p.path,
-            hits: Arc::new(AtomicU64::new(0)),
-            last_hit_ms: Arc::new(AtomicU64::new(p.last_hit_ms)),
+            state: p.state,
             verified: Default::default(),
             loading: Default::default(),
             coding,
             variants,
-            compress_tried: AtomicU8::new(tried),
-            commit: COMMITS.fetch_add(1, Relaxed),
+            commit: p.commit,
         })
     }
 
     /// This entry with `variants` as its variants (an entry just read from the index).
     pub fn with_variants(self, variants: Vec<Arc<Entry>>) -> Entry {
         let tried = variants.iter().filter_map(|v| v.coding).fold(0, |bits, c| bits | c.bit());
-        Entry { variants, compress_tried: AtomicU8::new(tried), ..self }
-    }
-
-    /// This entry without the variants `drop` selects.
-    pub fn without(self, drop: impl Fn(&Entry) -> bool) -> Entry {
-        let kept = self.variants.iter().filter(|v| !drop(v)).cloned().collect();
-        self.with_variants(kept)
+        self.state.compress_tried.fetch_or(tried, Relaxed);
+        Entry { variants, ..self }
     }
 
     /// The entry that replaces this live one when its variants change: the same body, head,
-    /// commit number and (shared) hit counters. Its verification is moved over when it is published (see
+    /// commit number and (shared) state, whose compressions tried become `tried`. Its verification is moved over when it is published (see
     /// `Store::reindex`), not here: a successor that is never published takes nothing.
     pub fn successor(&self, variants: Vec<Arc<Entry>>, tried: u8) -> Entry {
         let tried = variants.iter().filter_map(|v| v.coding).fold(tried, |bits, c| bits | c.bit());
+        self.state.compress_tried.store(tried, Relaxed);
         Entry {
             key: self.key.clone(),
             rule: self.rule.clone(),
@@ -266,13 +289,11 @@ impl Entry {
             path: self.path.clone(),
             etag: self.etag.clone(),
             repr_digest: self.repr_digest.clone(),
-            hits: self.hits.clone(),
-            last_hit_ms: self.last_hit_ms.clone(),
+            state: self.state.clone(),
             verified: Default::default(),
             loading: Default::default(),
             coding: self.coding,
             variants,
-            compress_tried: AtomicU8::new(tried),
             commit: self.commit,
         }
     }
@@ -321,8 +342,23 @@ impl Entry {
 
     /// Records a hit now.
     pub fn touch(&self) {
-        self.hits.fetch_add(1, Relaxed);
-        self.last_hit_ms.store(crate::clock::now_ms() as u64, Relaxed);
+        self.state.hits.fetch_add(1, Relaxed);
+        self.state.last_hit_ms.store(crate::clock::now_ms() as u64, Relaxed);
+    }
+
+    /// Hits served since the process started.
+    pub fn hits(&self) -> u64 {
+        self.state.hits.load(Relaxed)
+    }
+
+    /// Unix ms of the last hit (the commit time until the first).
+    pub fn last_hit_ms(&self) -> u64 {
+        self.state.last_hit_ms.load(Relaxed)
+    }
+
+    /// Codings a compression was started for (see [`EntryState::compress_tried`]).
+    pub fn compress_tried(&self) -> &AtomicU8 {
+        &self.state.compress_tried
     }
 }
 

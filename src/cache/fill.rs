@@ -517,7 +517,7 @@ async fn run(
     if let Some(shared) = &shared {
         if promote(shared, &store, &job.rule, &job.key, &job.lote_id, job.ttl, job.validation.as_ref()).await {
             // The shared store keeps identity only: this replica builds its own variants.
-            if let (Some(c), Some(entry)) = (&job.compress, store.get_for(&job.rule, &job.key)) {
+            if let (Some(c), Some(entry)) = (&job.compress, store.lookup_for(&job.rule, &job.key).await) {
                 c.submit(&entry);
             }
             fill.state.send_modify(|s| s.end = FillEnd::Promoted);

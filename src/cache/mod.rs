@@ -5,6 +5,7 @@ pub mod access;
 pub mod compress;
 pub mod entry;
 pub mod fill;
+pub mod index;
 pub mod negotiate;
 pub mod policy;
 pub mod range;
@@ -156,7 +157,7 @@ impl Cache {
         let is_fresh = |e: &Entry| target.is_fresh(e.stored_at_ms);
         // An expired entry is kept aside: it is served if the refetch fails (stale-if-error).
         let mut stale = None;
-        if let Some(entry) = self.store.get_for(&target.rule, &target.key) {
+        if let Some(entry) = self.store.lookup_for(&target.rule, &target.key).await {
             if !is_fresh(&entry) {
                 stale = target.stale_if_error.then_some(entry);
             } else {
@@ -177,6 +178,9 @@ impl Cache {
         // A few rounds at most: a stored entry may be evicted under us, and a fill past its
         // replay buffer is waited for, then looked up again.
         for _ in 0..3 {
+            // Brings the entry into memory (a file read, off this thread) so that the check
+            // under the fill registry's lock below finds it there.
+            let _ = self.store.lookup(&target.key).await;
             let lookup =
                 self.fills.join_or_start(&self.store, &self.origin, &target.rule, &target.key, is_fresh, || {
                     self.fill_job(&req, target, peer)
@@ -367,7 +371,8 @@ impl Cache {
     fn representation(&self, stored: &Arc<Entry>, cond: &HitConditions) -> Arc<Entry> {
         let Some(offer) = cond.offer.as_ref().filter(|o| !o.is_off()) else { return stored.clone() };
         let Some(accept) = cond.accept_encoding.as_ref() else { return stored.clone() };
-        let all_tried = stored.compress_tried.load(std::sync::atomic::Ordering::Relaxed) & offer.bits() == offer.bits();
+        let all_tried =
+            stored.compress_tried().load(std::sync::atomic::Ordering::Relaxed) & offer.bits() == offer.bits();
         if !all_tried && offer.offered().any(|c| stored.variant_in(c).is_none() && accept.accepts(c)) {
             self.compressor.submit(stored, offer);
         }
@@ -423,7 +428,7 @@ impl Cache {
             }
             Ok(()) => {
                 // Read to its end: the fill committed (or declined) the entry by now.
-                if let Some(entry) = self.store.get_for(&target.rule, &target.key) {
+                if let Some(entry) = self.store.lookup_for(&target.rule, &target.key).await {
                     if let Served::Response(mut hit) = self.serve_hit(entry, &HitConditions::default()).await {
                         if let Some(cs) = cs.filter(|_| hit.status().is_success()) {
                             cs.set_on(&mut hit);

@@ -115,12 +115,12 @@ pub async fn open(store: Arc<Store>, entry: Arc<Entry>) -> Result<Bytes, ReadErr
     let reading = store.reading(&entry.path);
     let (s, e) = (store.clone(), entry.clone());
     let opened = tokio::task::spawn_blocking(move || -> Result<Opened, ReadError> {
-        let (mut file, fp) = open_checked(&e)?;
+        let (mut file, fp) = open_checked(&e.path, e.size)?;
         let trusted = trusted(&e, &fp);
         if e.size > WHOLE_MAX && !to_memory {
             if !trusted {
                 // Hashed in full before the head: a bad file is never even partly sent.
-                hash_file(&mut file, &e, None)?;
+                hash_file(&mut file, e.size, &e.sha256, None)?;
                 s.record_verified(&e, fp, None);
             }
             return Ok(Opened::File { file, fp });
@@ -167,11 +167,11 @@ pub async fn verify(store: &Arc<Store>, entry: Arc<Entry>) -> Result<(), ReadErr
     let guard = store.reading(&entry.path);
     let s = store.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let (mut file, fp) = open_checked(&entry)?;
+        let (mut file, fp) = open_checked(&entry.path, entry.size)?;
         if trusted(&entry, &fp) {
             return Ok(());
         }
-        hash_file(&mut file, &entry, None)?;
+        hash_file(&mut file, entry.size, &entry.sha256, None)?;
         s.record_verified(&entry, fp, None);
         Ok(())
     })
@@ -183,16 +183,16 @@ pub async fn verify(store: &Arc<Store>, entry: Arc<Entry>) -> Result<(), ReadErr
 
 /// Hashes the whole content file and checks it, whatever was remembered (scrubs, tools).
 pub fn verify_sync(entry: &Entry) -> Result<(), ReadError> {
-    let (mut file, _) = open_checked(entry)?;
-    hash_file(&mut file, entry, None)
+    let (mut file, _) = open_checked(&entry.path, entry.size)?;
+    hash_file(&mut file, entry.size, &entry.sha256, None)
 }
 
 /// Hashes `file`; with `pace`, sleeps after each piece so that hashing runs at that many bytes
 /// per second (the scrubber: a smooth background load, never a burst).
-fn hash_file(file: &mut File, entry: &Entry, pace: Option<u64>) -> Result<(), ReadError> {
+fn hash_file(file: &mut File, size: u64, sha256: &[u8; 32], pace: Option<u64>) -> Result<(), ReadError> {
     let mut hasher = Sha256::new();
     // Sized to the file: a small entry does not pay for zeroing a large buffer.
-    let mut buf = vec![0u8; CHUNK.min(entry.size.max(1)) as usize];
+    let mut buf = vec![0u8; CHUNK.min(size.max(1)) as usize];
     let mut total = 0u64;
     loop {
         let n = file.read(&mut buf)?;
@@ -205,10 +205,10 @@ fn hash_file(file: &mut File, entry: &Entry, pace: Option<u64>) -> Result<(), Re
             std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
         }
     }
-    if total != entry.size {
-        return Err(ReadError::WrongSize { actual: total, expected: entry.size });
+    if total != size {
+        return Err(ReadError::WrongSize { actual: total, expected: size });
     }
-    if hasher.finalize().as_slice() != entry.sha256 {
+    if hasher.finalize().as_slice() != sha256 {
         return Err(ReadError::DigestMismatch);
     }
     Ok(())
@@ -219,14 +219,14 @@ enum Opened {
     File { file: File, fp: Fingerprint },
 }
 
-fn open_checked(e: &Entry) -> Result<(File, Fingerprint), ReadError> {
-    let file = File::open(&e.path).map_err(|err| match err.kind() {
+fn open_checked(path: &std::path::Path, size: u64) -> Result<(File, Fingerprint), ReadError> {
+    let file = File::open(path).map_err(|err| match err.kind() {
         io::ErrorKind::NotFound => ReadError::Missing,
         _ => ReadError::Io(err),
     })?;
     let meta = file.metadata()?;
-    if meta.len() != e.size {
-        return Err(ReadError::WrongSize { actual: meta.len(), expected: e.size });
+    if meta.len() != size {
+        return Err(ReadError::WrongSize { actual: meta.len(), expected: size });
     }
     Ok((file, Fingerprint::of(&meta)))
 }
@@ -239,36 +239,38 @@ pub async fn scrub_loop(store: Arc<Store>, bytes_per_sec: u64, mut stopped: toki
     }
     loop {
         let pass_started = tokio::time::Instant::now();
-        // Each entry's body, then each of its variants: a file of its own, evicted alone.
-        let entries: Vec<Arc<Entry>> =
-            store.entries().into_iter().flat_map(|e| [vec![e.clone()], e.variants.clone()].concat()).collect();
-        // An empty store is looked at again soon: the first entry is scrubbed within a second.
-        let min_pass = if entries.is_empty() { Duration::from_secs(1) } else { SCRUB_MIN_PASS };
-        for entry in &entries {
-            let e = entry.clone();
-            let scrub = tokio::task::spawn_blocking(move || {
-                let (mut file, _) = open_checked(&e)?;
-                hash_file(&mut file, &e, Some(bytes_per_sec))
-            });
-            // Shutdown does not wait for a paced hash (it only reads).
-            let result = tokio::select! {
-                r = scrub => r,
-                _ = stopped.changed() => return,
-            };
-            if let Ok(Err(err)) = result {
-                if !err.proves_bad_content() {
-                    tracing::warn!(key = %entry.key, error = %err, "scrub could not read an entry; kept, tried again next pass");
-                    store.metrics().read_errors.inc();
-                    continue;
-                }
-                if !matches!(err, ReadError::Missing) || store.is_live(entry) {
-                    let coding = entry.coding.map(|c| c.token());
-                    tracing::warn!(key = %entry.key, coding, reason = err.reason(), "scrub found a bad entry");
-                    store.metrics().integrity_failures.with_label_values(&[err.reason()]).inc();
-                    store.evict(entry, err.reason()).await;
+        // A 256th of the store at a time (by the body's digest), so that a pass over a million
+        // entries holds a few thousand of them in memory, not all; each entry's body, then
+        // each of its variants: a file of its own, evicted alone.
+        for shard in 0..=u8::MAX {
+            for file in store.files_in_shard(shard) {
+                let f = file.clone();
+                let scrub = tokio::task::spawn_blocking(move || {
+                    let (mut handle, _) = open_checked(&f.path, f.size)?;
+                    hash_file(&mut handle, f.size, &f.sha256, Some(bytes_per_sec))
+                });
+                // Shutdown does not wait for a paced hash (it only reads).
+                let result = tokio::select! {
+                    r = scrub => r,
+                    _ = stopped.changed() => return,
+                };
+                if let Ok(Err(err)) = result {
+                    if !err.proves_bad_content() {
+                        tracing::warn!(key = %file.key, error = %err, "scrub could not read an entry; kept, tried again next pass");
+                        store.metrics().read_errors.inc();
+                        continue;
+                    }
+                    if !matches!(err, ReadError::Missing) || store.is_current(&file) {
+                        let coding = file.coding.map(|c| c.token());
+                        tracing::warn!(key = %file.key, coding, reason = err.reason(), "scrub found a bad entry");
+                        store.metrics().integrity_failures.with_label_values(&[err.reason()]).inc();
+                        store.evict_file(&file, err.reason()).await;
+                    }
                 }
             }
         }
+        // An empty store is looked at again soon: the first entry is scrubbed within a second.
+        let min_pass = if store.is_empty() { Duration::from_secs(1) } else { SCRUB_MIN_PASS };
         // A small store would otherwise be re-hashed in a tight loop (each file costs an
         // open, a stat and a buffer besides its bytes): passes start at most this often.
         tokio::select! {

@@ -8,7 +8,9 @@
 //! Removing an entry writes a tombstone and keeps the content; the garbage collector here
 //! removes content no live entry references, and compacts buckets.
 
-use super::entry::{sha256_of, Entry, EntryMeta, EntryParts, META_VERSION};
+use super::entry::{next_commit, sha256_of, Entry, EntryMeta, EntryParts, EntryState, META_VERSION};
+pub use super::index::{bucket_path, content_path};
+use super::index::{integrity_of, KeyState, Slot, HOT_ENTRIES};
 use super::negotiate::Coding;
 use crate::metrics::Metrics;
 use ssri::{Algorithm, Integrity};
@@ -18,7 +20,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Mutex, RwLock,
+        Arc, Condvar, Mutex, RwLock, Weak,
     },
     time::{Duration, SystemTime},
 };
@@ -46,6 +48,8 @@ pub enum StoreError {
     TooLarge { size: u64, max: u64 },
     #[error("a purge covering this entry arrived while it was being fetched; not stored")]
     Purged,
+    #[error("the store's index is still loading; try again when /readyz says it is loaded")]
+    Loading,
     #[error("cache directory {dir} is in use by another lotecache process{holder}; stop it first or use another --cache-dir")]
     Locked { dir: String, holder: String },
 }
@@ -58,7 +62,18 @@ pub struct Store {
     dir: PathBuf,
     /// Held (flock) for the store's lifetime: one process owns a cache directory.
     _lock: std::fs::File,
-    index: RwLock<HashMap<String, Arc<Entry>>>,
+    /// Every live entry (loaded so far), compactly (see `cache::index`).
+    index: RwLock<HashMap<Box<str>, Box<Slot>>>,
+    /// Keys whose slot holds a materialized entry, oldest first, with the hit count they had
+    /// when they joined (an entry hit since gets a second chance): at most [`HOT_ENTRIES`].
+    hot: Mutex<VecDeque<(Box<str>, u64)>>,
+    /// [`HOT_ENTRIES`] (smaller in tests).
+    hot_max: std::sync::atomic::AtomicUsize,
+    /// One shared name per rule, for slots.
+    rule_names: Mutex<Vec<Arc<str>>>,
+    /// The background load of the index (see [`Store::open`]).
+    load: Mutex<LoadState>,
+    loaded: Condvar,
     /// Serializes index-file mutations with the matching in-memory update, so the two never
     /// disagree on which entry of a key is the latest.
     index_write: Mutex<()>,
@@ -83,6 +98,32 @@ pub struct Store {
     metrics: Arc<Metrics>,
 }
 
+/// Where the background load of the index is.
+#[derive(Default)]
+struct LoadState {
+    done: bool,
+    /// Purges made while loading: a line the loader (or a request) reads afterwards that one
+    /// covers was written before this process started, and is removed, not loaded.
+    purges: Vec<Purge>,
+    /// Entries the loader added, and first-level bucket directories done (of 256).
+    entries: u64,
+    dirs_done: u32,
+    started: Option<std::time::Instant>,
+    took_ms: u64,
+}
+
+/// Progress of the index load, for `/readyz` and the cache page.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct LoadProgress {
+    pub loaded: bool,
+    /// Entries in memory so far.
+    pub entries: usize,
+    /// Fraction of the index's buckets read (1 once loaded).
+    pub progress: f64,
+    /// How long the load took (once loaded), in milliseconds.
+    pub took_ms: Option<u64>,
+}
+
 /// The purges since the store opened: a counter (the epoch) and the most recent ones.
 #[derive(Default)]
 struct PurgeLog {
@@ -94,6 +135,10 @@ struct PurgeLog {
 /// Purges remembered individually; a fill older than all of them counts as purged.
 const PURGE_LOG: usize = 256;
 
+/// How long opening waits for a previous owner of the directory that is just closing (its
+/// index loader finishing a bucket) before saying it is in use.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// What a garbage collection did.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct GcReport {
@@ -102,11 +147,126 @@ pub struct GcReport {
     pub compacted_buckets: usize,
 }
 
+/// One content file of a live entry: its body or one of its variants, as the scrubber and
+/// `evict_file` name it.
+#[derive(Debug, Clone)]
+pub struct StoredFile {
+    pub key: String,
+    pub commit: u64,
+    /// None for the body.
+    pub coding: Option<Coding>,
+    pub sha256: [u8; 32],
+    pub size: u64,
+    pub path: PathBuf,
+}
+
+/// What the cache page and `/stats` show of one live entry (read from its slot, without
+/// reading its index line).
+#[derive(Debug, Clone)]
+pub struct EntrySummary {
+    pub key: String,
+    pub rule: Arc<str>,
+    pub lote_id: String,
+    pub status: u16,
+    pub size: u64,
+    pub stored_bytes: u64,
+    pub stored_at_ms: u64,
+    pub gen_ms: u64,
+    pub sha256: [u8; 32],
+    pub hits: u64,
+    pub last_hit_ms: u64,
+    pub variants: Vec<VariantSummary>,
+}
+
+/// One stored variant, as [`EntrySummary`] shows it.
+#[derive(Debug, Clone)]
+pub struct VariantSummary {
+    pub coding: Coding,
+    pub size: u64,
+    pub sha256: [u8; 32],
+    /// Hits on it since its entry was last brought into memory.
+    pub hits: u64,
+}
+
+/// How the cache page sorts entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortBy {
+    Key,
+    LoteId,
+    Size,
+    StoredAt,
+    Hits,
+    LastHit,
+    GenMs,
+}
+
+/// The summary of the slot of `key`.
+fn summary(key: &str, s: &Slot) -> EntrySummary {
+    EntrySummary {
+        key: key.to_string(),
+        rule: s.rule.clone(),
+        lote_id: s.lote.get(key).to_string(),
+        status: s.status,
+        size: s.size,
+        stored_bytes: s.stored_bytes(),
+        stored_at_ms: s.stored_at_ms,
+        gen_ms: s.gen_ms,
+        sha256: s.sha256,
+        hits: s.state.hits.load(Relaxed),
+        last_hit_ms: s.state.last_hit_ms.load(Relaxed),
+        variants: s
+            .variants
+            .iter()
+            .map(|v| VariantSummary {
+                coding: v.coding,
+                size: v.size,
+                sha256: v.sha256,
+                hits: s.hot.as_ref().and_then(|h| h.variant_in(v.coding)).map_or(0, |h| h.hits()),
+            })
+            .collect(),
+    }
+}
+
+impl From<&Entry> for EntrySummary {
+    fn from(e: &Entry) -> EntrySummary {
+        EntrySummary {
+            key: e.key.clone(),
+            rule: e.rule.as_str().into(),
+            lote_id: e.lote_id.clone(),
+            status: e.status.as_u16(),
+            size: e.size,
+            stored_bytes: e.stored_bytes(),
+            stored_at_ms: e.stored_at_ms as u64,
+            gen_ms: e.gen_ms,
+            sha256: e.sha256,
+            hits: e.hits(),
+            last_hit_ms: e.last_hit_ms(),
+            variants: e
+                .variants
+                .iter()
+                .filter_map(|v| {
+                    Some(VariantSummary { coding: v.coding?, size: v.size, sha256: v.sha256, hits: v.hits() })
+                })
+                .collect(),
+        }
+    }
+}
+
 impl Store {
-    /// Opens (creating if needed) the store at `dir`: takes its lock, sweeps temp files left
-    /// by a crash, loads the index into memory (dropping entries whose content is missing).
+    /// Opens (creating if needed) the store at `dir` and returns at once: takes its lock,
+    /// sweeps temp files left by a crash, and loads the index into memory on a background
+    /// thread. Until that ends, a request for a key not loaded yet reads its bucket (see
+    /// [`Store::get`]); the collector waits for it. [`Store::wait_loaded`] waits for it.
     pub async fn open(dir: PathBuf, max_size: u64, metrics: Arc<Metrics>) -> Result<Arc<Store>, StoreError> {
         tokio::task::spawn_blocking(move || Store::open_sync(dir, max_size, metrics)).await.map_err(io::Error::other)?
+    }
+
+    /// [`Store::open`], then waits until the whole index is in memory (offline commands).
+    pub async fn open_loaded(dir: PathBuf, max_size: u64, metrics: Arc<Metrics>) -> Result<Arc<Store>, StoreError> {
+        let store = Store::open(dir, max_size, metrics).await?;
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.wait_loaded()).await.map_err(io::Error::other)?;
+        Ok(store)
     }
 
     fn open_sync(dir: PathBuf, max_size: u64, metrics: Arc<Metrics>) -> Result<Arc<Store>, StoreError> {
@@ -114,43 +274,21 @@ impl Store {
         std::fs::create_dir_all(dir.join("index-v5"))?;
         let lock = lock_dir(&dir)?;
         let swept = sweep_tmp(&dir);
-        let loaded = load_entries(&dir);
-        let mut map = HashMap::new();
-        for entry in loaded.entries {
-            match std::fs::metadata(&entry.path) {
-                Ok(m) if m.len() == entry.size => {
-                    // A variant whose file is gone is left out, for good (a new index line
-                    // without it), and built again on demand.
-                    let entry = match entry.variants.iter().all(|v| file_has_size(&v.path, v.size)) {
-                        true => entry,
-                        false => {
-                            let entry = entry.without(|v| !file_has_size(&v.path, v.size));
-                            tracing::warn!(key = %entry.key, "a compressed variant's file is missing or wrong size; variant dropped");
-                            if let Err(e) = write_index_line(&dir, &entry) {
-                                tracing::warn!(key = %entry.key, error = %e, "could not record the dropped variant");
-                            }
-                            entry
-                        }
-                    };
-                    map.insert(entry.key.clone(), Arc::new(entry));
-                }
-                _ => {
-                    tracing::warn!(key = %entry.key, "content missing or wrong size; entry dropped");
-                    let _ = cacache::index::delete(&dir, &entry.key);
-                }
-            }
-        }
-        let bytes: u64 = map.values().map(|e| e.stored_bytes()).sum();
-        metrics.store_bytes.set(bytes as i64);
-        metrics.store_entries.set(map.len() as i64);
+        metrics.store_bytes.set(0);
+        metrics.store_entries.set(0);
         metrics.store_max_bytes.set(max_size as i64);
-        tracing::info!(dir = %dir.display(), entries = map.len(), bytes, skipped = loaded.skipped, swept, "store opened");
-        Ok(Arc::new(Store {
+        tracing::info!(dir = %dir.display(), swept, "store opened; loading its index in the background");
+        let store = Arc::new(Store {
             dir,
             _lock: lock,
-            index: RwLock::new(map),
+            index: RwLock::new(HashMap::new()),
+            hot: Mutex::default(),
+            hot_max: std::sync::atomic::AtomicUsize::new(HOT_ENTRIES),
+            rule_names: Mutex::default(),
+            load: Mutex::new(LoadState { started: Some(std::time::Instant::now()), ..LoadState::default() }),
+            loaded: Condvar::new(),
             index_write: Mutex::new(()),
-            bytes: AtomicU64::new(bytes),
+            bytes: AtomicU64::new(0),
             max_size: AtomicU64::new(max_size),
             min_free: AtomicU64::new(0),
             gc_grace_ms: AtomicU64::new(GC_GRACE.as_millis() as u64),
@@ -161,7 +299,82 @@ impl Store {
             memory_object_max: AtomicU64::new(0),
             purges: Mutex::default(),
             metrics,
-        }))
+        });
+        let weak = Arc::downgrade(&store);
+        std::thread::Builder::new().name("index-loader".into()).spawn(move || load_index(weak))?;
+        Ok(store)
+    }
+
+    /// Blocks until the index is fully in memory.
+    pub fn wait_loaded(&self) {
+        let mut load = self.load.lock().expect("load lock");
+        while !load.done {
+            load = self.loaded.wait(load).expect("load lock");
+        }
+    }
+
+    /// Whether the index is fully in memory.
+    pub fn is_loaded(&self) -> bool {
+        self.load.lock().expect("load lock").done
+    }
+
+    /// Where the index load is.
+    pub fn load_progress(&self) -> LoadProgress {
+        let load = self.load.lock().expect("load lock");
+        LoadProgress {
+            loaded: load.done,
+            entries: self.len(),
+            progress: if load.done { 1.0 } else { load.dirs_done as f64 / 256.0 },
+            took_ms: load.done.then_some(load.took_ms),
+        }
+    }
+
+    /// The shared name of rule `rule`.
+    fn rule_name(&self, rule: &str) -> Arc<str> {
+        let mut names = self.rule_names.lock().expect("rule names lock");
+        match names.iter().find(|n| &***n == rule) {
+            Some(n) => n.clone(),
+            None => {
+                let n: Arc<str> = rule.into();
+                names.push(n.clone());
+                n
+            }
+        }
+    }
+
+    /// Reads one bucket under `index_write` and adds the keys it holds that memory lacks (the
+    /// loader's step, and a request's for a key not loaded yet). A line a purge made during
+    /// the load covers is removed instead. Returns the entries added.
+    fn load_bucket(&self, bucket: &Path) -> io::Result<u64> {
+        let _w = self.index_write.lock().expect("index write lock");
+        let lines = super::index::read_bucket(bucket)?;
+        let purges = {
+            let load = self.load.lock().expect("load lock");
+            if load.done {
+                return Ok(0); // everything is in memory already: the bucket has nothing new
+            }
+            load.purges.clone()
+        };
+        let mut added = 0;
+        let mut index = self.index.write().expect("index lock");
+        for (key, state) in lines {
+            let KeyState::Live(line) = state else { continue };
+            if index.contains_key(key.as_str()) {
+                continue; // committed since this process started: memory is newer
+            }
+            if purges.iter().any(|p| p.covers(&key, &line.meta.lote_id)) {
+                tracing::info!(key = %key, "removed at load: a purge made while loading covers it");
+                cacache::index::delete(&self.dir, &key).map_err(io::Error::other)?;
+                continue;
+            }
+            let slot = line.slot(self.rule_name(&line.meta.rule));
+            self.bytes.fetch_add(slot.stored_bytes(), Relaxed);
+            index.insert(key.into_boxed_str(), Box::new(slot));
+            added += 1;
+        }
+        self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
+        self.metrics.store_entries.set(index.len() as i64);
+        Ok(added)
     }
 
     pub fn dir(&self) -> &Path {
@@ -172,30 +385,249 @@ impl Store {
         &self.metrics
     }
 
-    /// The live entry under `key`, from memory.
+    /// The live entry under `key`: its materialized entry if it is one of the hot ones, else
+    /// built from its slot and its index line (one bucket read). While the index loads, a key
+    /// not in memory yet is looked up in its bucket: never a false miss. May block on a file
+    /// read: async callers use [`Store::lookup`].
     pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
-        self.index.read().expect("index lock").get(key).cloned()
+        loop {
+            let commit = {
+                let index = self.index.read().expect("index lock");
+                match index.get(key) {
+                    Some(slot) => match &slot.hot {
+                        Some(hot) => return Some(hot.clone()),
+                        None => Some(slot.commit),
+                    },
+                    None => None,
+                }
+            };
+            match commit {
+                Some(commit) => return self.materialize(key, commit),
+                None => {
+                    if self.is_loaded() {
+                        return None;
+                    }
+                    match self.load_bucket(&super::index::bucket_path(&self.dir, key)) {
+                        // Loaded now (or by a commit meanwhile): look again. A key still absent is none.
+                        Ok(_) if self.index.read().expect("index lock").contains_key(key) => continue,
+                        Ok(_) => return None,
+                        Err(e) => {
+                            tracing::warn!(key, error = %e, "index bucket unreadable while the index loads; treated as a miss");
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Builds the entry of `key`'s slot (commit `commit`) from its index line and makes it
+    /// one of the hot ones. None if the line no longer says what the slot does (then a fill
+    /// stores the document again) or the slot changed meanwhile and is gone.
+    fn materialize(&self, key: &str, commit: u64) -> Option<Arc<Entry>> {
+        let line = match super::index::read_key(&self.dir, key) {
+            Ok(KeyState::Live(line)) => Some(line),
+            Ok(KeyState::Gone) => None,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "index bucket unreadable; treated as a miss");
+                return None;
+            }
+        };
+        let entry = {
+            let index = self.index.read().expect("index lock");
+            let slot = index.get(key)?;
+            if let Some(hot) = &slot.hot {
+                return Some(hot.clone());
+            }
+            if slot.commit != commit {
+                drop(index);
+                return self.get(key); // replaced meanwhile: the new one
+            }
+            match line.as_ref().filter(|l| slot.matches(l)).and_then(|l| slot.materialize(&self.dir, key, l)) {
+                Some(e) => Arc::new(e),
+                None => {
+                    tracing::warn!(key, "the index line no longer matches the entry in memory; treated as a miss");
+                    return None;
+                }
+            }
+        };
+        let mut index = self.index.write().expect("index lock");
+        let slot = index.get_mut(key).filter(|s| s.commit == commit)?;
+        match &slot.hot {
+            Some(hot) => Some(hot.clone()),
+            None => {
+                slot.hot = Some(entry.clone());
+                drop(index);
+                self.made_hot(key, entry.hits());
+                Some(entry)
+            }
+        }
+    }
+
+    /// Records that `key`'s slot holds a materialized entry now, and drops the oldest ones
+    /// beyond [`HOT_ENTRIES`] (one hit since it joined earns another round).
+    fn made_hot(&self, key: &str, hits: u64) {
+        let mut hot = self.hot.lock().expect("hot lock");
+        hot.push_back((key.into(), hits));
+        let mut budget = hot.len();
+        while hot.len() > self.hot_max.load(Relaxed) && budget > 0 {
+            budget -= 1;
+            let Some((k, seen)) = hot.pop_front() else { break };
+            let mut index = self.index.write().expect("index lock");
+            let Some(slot) = index.get_mut(&*k) else { continue };
+            let now = slot.state.hits.load(Relaxed);
+            if now > seen && slot.hot.is_some() {
+                drop(index);
+                hot.push_back((k, now));
+                continue;
+            }
+            if let Some(old) = slot.hot.take() {
+                drop(index);
+                self.forget_with_variants(&old);
+            }
+        }
+    }
+
+    /// Forgets the verification of `entry` and its variants (it leaves memory).
+    fn forget_with_variants(&self, entry: &Entry) {
+        for f in entry.files() {
+            self.forget_verified(f);
+        }
+    }
+
+    /// [`Store::get`] from async code: the file read, when one is needed, on a blocking thread.
+    pub async fn lookup(self: &Arc<Self>, key: &str) -> Option<Arc<Entry>> {
+        {
+            let index = self.index.read().expect("index lock");
+            match index.get(key) {
+                Some(slot) if slot.hot.is_some() => return slot.hot.clone(),
+                None if self.is_loaded() => return None,
+                _ => {}
+            }
+        }
+        let (this, key) = (self.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || this.get(&key)).await.ok().flatten()
     }
 
     /// The live entry under `key` if rule `rule` stored it: entries are namespaced by rule,
-    /// so two rules whose keys happen to coincide never serve each other's documents.
+    /// so two rules whose keys happen to coincide never serve each other's documents. May
+    /// block on a file read (see [`Store::get`]).
     pub fn get_for(&self, rule: &str, key: &str) -> Option<Arc<Entry>> {
         self.get(key).filter(|e| e.rule == rule)
     }
 
-    /// Every live entry, sorted by key.
+    /// [`Store::get_for`] from async code.
+    pub async fn lookup_for(self: &Arc<Self>, rule: &str, key: &str) -> Option<Arc<Entry>> {
+        self.lookup(key).await.filter(|e| e.rule == rule)
+    }
+
+    /// Every live entry in full, sorted by key: reads each one's index line unless it is in
+    /// memory. For tests and tools on small stores; the server works from slots.
     pub fn entries(&self) -> Vec<Arc<Entry>> {
-        let mut v = self.entries_unsorted();
-        v.sort_by(|a, b| a.key.cmp(&b.key));
-        v
+        let mut keys = Vec::new();
+        self.for_each(|key, _, _| keys.push(key.to_string()));
+        keys.sort();
+        keys.iter().filter_map(|k| self.get(k)).collect()
     }
 
-    /// Every live entry, in no order (cheaper: for totals).
-    pub fn entries_unsorted(&self) -> Vec<Arc<Entry>> {
-        self.index.read().expect("index lock").values().cloned().collect()
+    /// What the cache page shows of every live entry, sorted by key.
+    pub fn summaries(&self) -> Vec<EntrySummary> {
+        self.list(None, SortBy::Key, false, 0, usize::MAX).1
     }
 
-    /// Number of live entries.
+    /// A page of the live entries whose key or batch id contains `q` (any case), sorted by
+    /// `sort` (ties in key order; `descending` reverses both), and how many match. Sorted in
+    /// place under the index's read lock, so that a million entries cost no copy of their keys;
+    /// only the page's entries are built.
+    pub fn list(
+        &self,
+        q: Option<&str>,
+        sort: SortBy,
+        descending: bool,
+        offset: usize,
+        limit: usize,
+    ) -> (usize, Vec<EntrySummary>) {
+        let q = q.map(str::to_lowercase).filter(|q| !q.is_empty());
+        let index = self.index.read().expect("index lock");
+        let mut rows: Vec<(&str, &Slot)> = index
+            .iter()
+            .map(|(k, s)| (&**k, &**s))
+            .filter(|(k, s)| {
+                q.as_ref().is_none_or(|q| k.to_lowercase().contains(q) || s.lote.get(k).to_lowercase().contains(q))
+            })
+            .collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        // Counters that hits keep moving are read once each: a sort must see a fixed order.
+        match sort {
+            SortBy::Key => {}
+            SortBy::LoteId => rows.sort_by(|a, b| a.1.lote.get(a.0).cmp(b.1.lote.get(b.0))),
+            SortBy::Size => rows.sort_by_key(|r| r.1.size),
+            SortBy::StoredAt => rows.sort_by_key(|r| r.1.stored_at_ms),
+            SortBy::Hits => rows.sort_by_cached_key(|r| r.1.state.hits.load(Relaxed)),
+            SortBy::LastHit => rows.sort_by_cached_key(|r| r.1.state.last_hit_ms.load(Relaxed)),
+            SortBy::GenMs => rows.sort_by_key(|r| r.1.gen_ms),
+        }
+        if descending {
+            rows.reverse();
+        }
+        let page = rows.iter().skip(offset).take(limit).map(|(k, s)| summary(k, s)).collect();
+        (rows.len(), page)
+    }
+
+    /// Calls `f` with each live entry's key, batch id and slot, under the index's read lock
+    /// (keep `f` short: commits wait for it).
+    pub fn for_each(&self, mut f: impl FnMut(&str, &str, &Slot)) {
+        let index = self.index.read().expect("index lock");
+        for (key, slot) in index.iter() {
+            f(key, slot.lote.get(key), slot);
+        }
+    }
+
+    /// Keys of the live entries `which` selects.
+    pub fn keys_of(&self, which: &Purge) -> Vec<String> {
+        let mut keys = Vec::new();
+        self.for_each(|key, lote_id, _| {
+            if which.covers(key, lote_id) {
+                keys.push(key.to_string());
+            }
+        });
+        keys
+    }
+
+    /// The content files of the live entries whose body digest starts with byte `shard` (the
+    /// scrubber walks the store a 256th at a time).
+    pub fn files_in_shard(&self, shard: u8) -> Vec<StoredFile> {
+        let mut out = Vec::new();
+        self.for_each(|key, _, slot| {
+            if slot.sha256[0] != shard {
+                return;
+            }
+            let file = |coding, sha256: &[u8; 32], size| StoredFile {
+                key: key.to_string(),
+                commit: slot.commit,
+                coding,
+                sha256: *sha256,
+                size,
+                path: content_path(&self.dir, &integrity_of(sha256)),
+            };
+            out.push(file(None, &slot.sha256, slot.size));
+            out.extend(slot.variants.iter().map(|v| file(Some(v.coding), &v.sha256, v.size)));
+        });
+        out
+    }
+
+    /// Whether `file` is still a file of the live entry of its key.
+    pub fn is_current(&self, file: &StoredFile) -> bool {
+        self.index.read().expect("index lock").get(file.key.as_str()).is_some_and(|s| {
+            s.commit == file.commit
+                && match file.coding {
+                    None => s.sha256 == file.sha256,
+                    Some(c) => s.variants.iter().any(|v| v.coding == c && v.sha256 == file.sha256),
+                }
+        })
+    }
+
+    /// Number of live entries (loaded so far).
     pub fn len(&self) -> usize {
         self.index.read().expect("index lock").len()
     }
@@ -279,11 +711,18 @@ impl Store {
         }
     }
 
-    /// Whether `entry` is the live entry of its key, or a variant of it.
+    /// Whether `entry` is the live entry of its key in memory (its slot's materialized
+    /// entry), or a variant of it.
     pub fn is_live(&self, entry: &Entry) -> bool {
-        self.index.read().expect("index lock").get(&entry.key).is_some_and(|e| {
+        self.index.read().expect("index lock").get(entry.key.as_str()).and_then(|s| s.hot.as_ref()).is_some_and(|e| {
             std::ptr::eq(e.as_ref(), entry) || e.variants.iter().any(|v| std::ptr::eq(v.as_ref(), entry))
         })
+    }
+
+    /// Whether commit `commit` of `key` is still its live entry (a compression built from its
+    /// body is still worth storing).
+    pub fn is_current_commit(&self, key: &str, commit: u64) -> bool {
+        self.index.read().expect("index lock").get(key).is_some_and(|s| s.commit == commit)
     }
 
     /// Forgets `entry`'s verification (its file changed, or it is gone).
@@ -323,6 +762,12 @@ impl Store {
     /// published before it (and the purge removes the entry) or sees it (and stores nothing).
     pub fn record_purge(&self, which: &Purge) {
         let _w = self.index_write.lock().expect("index write lock");
+        {
+            let mut load = self.load.lock().expect("load lock");
+            if !load.done {
+                load.purges.push(which.clone());
+            }
+        }
         let mut log = self.purges.lock().expect("purge log lock");
         log.epoch += 1;
         let epoch = log.epoch;
@@ -368,31 +813,39 @@ impl Store {
         ReadGuard { store: self.clone(), path: path.to_path_buf() }
     }
 
-    /// Publishes `entry` in memory (caller holds `index_write`), keeping byte counts. The
-    /// entry it replaces is forgotten, but for the variants the new one carries over.
+    /// Publishes `entry` in memory (caller holds `index_write`), keeping byte counts: its slot
+    /// replaces the key's, with `entry` materialized. The entry it replaces is forgotten, but
+    /// for the variants the new one carries over.
     fn publish(&self, entry: Arc<Entry>) {
+        let mut slot = Slot::of(&entry, self.rule_name(&entry.rule));
+        slot.hot = Some(entry.clone());
+        let size = slot.stored_bytes();
         let mut index = self.index.write().expect("index lock");
-        let size = entry.stored_bytes();
-        if let Some(old) = index.insert(entry.key.clone(), entry.clone()) {
+        let old = index.insert(entry.key.as_str().into(), Box::new(slot));
+        self.bytes.fetch_add(size, Relaxed);
+        if let Some(old) = &old {
             self.bytes.fetch_sub(old.stored_bytes(), Relaxed);
+        }
+        self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
+        self.metrics.store_entries.set(index.len() as i64);
+        drop(index);
+        if let Some(old) = old.and_then(|o| o.hot) {
             self.forget_verified(&old);
             for v in old.variants.iter().filter(|v| !entry.variants.iter().any(|n| Arc::ptr_eq(n, v))) {
                 self.forget_verified(v);
             }
         }
-        self.bytes.fetch_add(size, Relaxed);
-        self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
-        self.metrics.store_entries.set(index.len() as i64);
+        self.made_hot(&entry.key, entry.hits());
     }
 
-    /// Removes `key` from memory and the index if its live entry is `expect` (or any, when
-    /// None). Runs blocking; the caller is on a blocking thread.
-    fn unpublish_sync(&self, key: &str, expect: Option<&Arc<Entry>>, reason: &'static str) -> Result<bool, StoreError> {
+    /// Removes `key` from memory and the index if its live entry is commit `expect` (or any,
+    /// when None). Runs blocking; the caller is on a blocking thread.
+    fn unpublish_sync(&self, key: &str, expect: Option<u64>, reason: &'static str) -> Result<bool, StoreError> {
         let _w = self.index_write.lock().expect("index write lock");
         let mut index = self.index.write().expect("index lock");
         // The judged entry, or a successor of it (same commit, other variants).
         let matches = match (index.get(key), expect) {
-            (Some(cur), Some(e)) => cur.commit == e.commit,
+            (Some(cur), Some(commit)) => cur.commit == commit,
             (Some(_), None) => true,
             (None, _) => false,
         };
@@ -401,14 +854,13 @@ impl Store {
         }
         let old = index.remove(key).expect("present");
         self.bytes.fetch_sub(old.stored_bytes(), Relaxed);
-        self.forget_verified(&old);
-        for v in &old.variants {
-            self.forget_verified(v);
-        }
         self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
         self.metrics.store_entries.set(index.len() as i64);
         self.metrics.evictions.with_label_values(&[reason]).inc();
         drop(index);
+        if let Some(hot) = &old.hot {
+            self.forget_with_variants(hot);
+        }
         cacache::index::delete(&self.dir, key)?;
         Ok(true)
     }
@@ -424,9 +876,11 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let next = {
             let _w = self.index_write.lock().expect("index write lock");
-            let live = self.index.read().expect("index lock").get(&parent.key).cloned();
             // Built from this commit's body: good for any successor of it.
-            let Some(live) = live.filter(|l| l.commit == parent.commit) else { return Ok(false) };
+            if !self.is_current_commit(&parent.key, parent.commit) {
+                return Ok(false);
+            }
+            let Some(live) = self.get(&parent.key).filter(|l| l.commit == parent.commit) else { return Ok(false) };
             let mut variants: Vec<Arc<Entry>> =
                 live.variants.iter().filter(|v| !built.iter().any(|(c, ..)| v.coding == Some(*c))).cloned().collect();
             for (coding, integrity, size) in built {
@@ -439,25 +893,35 @@ impl Store {
             if self.max_size().is_some_and(|max| total > max) {
                 return Ok(false);
             }
-            let next = Arc::new(live.successor(variants, live.compress_tried.load(Relaxed)));
+            let next = Arc::new(live.successor(variants, live.compress_tried().load(Relaxed)));
             self.reindex(&live, &next)?;
             next
         };
-        self.enforce_max_size_sync(&next)?;
+        self.enforce_max_size_sync(Some(&next))?;
         Ok(true)
     }
 
-    /// Drops `variant` from the live entry holding it (a new index line without it; the
-    /// entry stays), so that it is never served again and is built anew on a later request.
-    /// Whether it was live. Blocking.
-    fn drop_variant_sync(&self, variant: &Arc<Entry>, reason: &'static str) -> Result<bool, StoreError> {
+    /// Drops the variant in `coding` with digest `sha256` from commit `commit` of `key` (a
+    /// new index line without it; the entry stays), so that it is never served again and is
+    /// built anew on a later request. Whether it was live. Blocking.
+    fn drop_variant_sync(
+        &self,
+        key: &str,
+        commit: u64,
+        coding: Coding,
+        sha256: &[u8; 32],
+        reason: &'static str,
+    ) -> Result<bool, StoreError> {
         let _w = self.index_write.lock().expect("index write lock");
-        let live = self.index.read().expect("index lock").get(&variant.key).cloned();
-        let Some(live) = live.filter(|l| l.variants.iter().any(|v| Arc::ptr_eq(v, variant))) else {
+        let has_it = self.index.read().expect("index lock").get(key).is_some_and(|s| {
+            s.commit == commit && s.variants.iter().any(|v| v.coding == coding && v.sha256 == *sha256)
+        });
+        if !has_it {
             return Ok(false);
-        };
-        let kept = live.variants.iter().filter(|v| !Arc::ptr_eq(v, variant)).cloned().collect();
-        let tried = live.compress_tried.load(Relaxed) & !variant.coding.map_or(0, Coding::bit);
+        }
+        let Some(live) = self.get(key).filter(|l| l.commit == commit) else { return Ok(false) };
+        let kept = live.variants.iter().filter(|v| v.coding != Some(coding)).cloned().collect();
+        let tried = live.compress_tried().load(Relaxed) & !coding.bit();
         self.reindex(&live, &Arc::new(live.successor(kept, tried)))?;
         self.metrics.evictions.with_label_values(&[reason]).inc();
         Ok(true)
@@ -494,30 +958,43 @@ impl Store {
     }
 
     /// Removes `entry` because it can no longer be served (corrupt or missing content):
-    /// tombstones its key unless a newer entry replaced it, and deletes its content file
+    /// see [`Store::evict_file`].
+    pub async fn evict(self: &Arc<Self>, entry: &Arc<Entry>, reason: &'static str) {
+        let file = StoredFile {
+            key: entry.key.clone(),
+            commit: entry.commit,
+            coding: entry.coding,
+            sha256: entry.sha256,
+            size: entry.size,
+            path: entry.path.clone(),
+        };
+        self.evict_file(&file, reason).await
+    }
+
+    /// Removes the entry whose content `file` is because it can no longer be served:
+    /// tombstones its key unless a newer entry replaced it, and deletes the content file
     /// unless a live entry still references it (content is named by digest: a newer entry of
     /// this key, or another key, may hold the same bytes in a good file by now).
-    /// A variant (`entry.coding` set) is dropped from its entry, which stays, and is built
-    /// again on a later request.
-    pub async fn evict(self: &Arc<Self>, entry: &Arc<Entry>, reason: &'static str) {
-        let coding = entry.coding.map(Coding::token);
-        tracing::warn!(key = %entry.key, lote_id = %entry.lote_id, reason, coding, "evicting entry");
-        let (this, entry) = (self.clone(), entry.clone());
+    /// A variant (`coding` set) is dropped from its entry, which stays, and is built again on
+    /// a later request.
+    pub async fn evict_file(self: &Arc<Self>, file: &StoredFile, reason: &'static str) {
+        let coding = file.coding.map(Coding::token);
+        tracing::warn!(key = %file.key, reason, coding, "evicting entry");
+        let (this, file) = (self.clone(), file.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            let removed = match entry.coding {
-                Some(_) => this.drop_variant_sync(&entry, reason)?,
-                None => this.unpublish_sync(&entry.key, Some(&entry), reason)?,
+            let removed = match file.coding {
+                Some(c) => this.drop_variant_sync(&file.key, file.commit, c, &file.sha256, reason)?,
+                None => this.unpublish_sync(&file.key, Some(file.commit), reason)?,
             };
             if !removed {
                 return Ok(()); // another version is live now: not the one judged
             }
             let _w = this.index_write.lock().expect("index write lock");
-            let referenced = this.index.read().expect("index lock").values().any(|e| e.uses_path(&entry.path));
             // A commit of the same bytes may be about to index this very file.
-            if referenced || this.readers.lock().expect("readers lock").contains_key(&entry.path) {
+            if this.references(&file.sha256) || this.readers.lock().expect("readers lock").contains_key(&file.path) {
                 return Ok(());
             }
-            match std::fs::remove_file(&entry.path) {
+            match std::fs::remove_file(&file.path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
                 _ => Ok(()),
             }
@@ -528,20 +1005,25 @@ impl Store {
         }
     }
 
+    /// Whether a live entry (loaded, or not loaded yet) holds the content with this digest.
+    fn references(&self, sha256: &[u8; 32]) -> bool {
+        // While the index loads, an entry not in memory yet may: assume so (the collector
+        // removes the file later if none does).
+        !self.is_loaded() || self.index.read().expect("index lock").values().any(|s| s.digests().any(|d| d == sha256))
+    }
+
     /// Removes the entries selected by `which` (content is left to the collector). Returns
-    /// the removed keys.
+    /// the removed keys. While the index loads, the entries it has not reached yet are
+    /// removed as it reaches them (and a request for one meanwhile is a miss): a purge is
+    /// whole from the moment it returns.
     pub async fn purge(self: &Arc<Self>, which: Purge) -> Result<Vec<String>, StoreError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
+            if let Purge::Key(k) = &which {
+                let _ = this.get(k); // loads it from its bucket if the load has not reached it
+            }
             this.record_purge(&which);
-            let keys: Vec<String> = {
-                let index = this.index.read().expect("index lock");
-                match &which {
-                    Purge::All => index.keys().cloned().collect(),
-                    Purge::Key(k) => index.contains_key(k).then(|| k.clone()).into_iter().collect(),
-                    Purge::LoteId(id) => index.values().filter(|e| &e.lote_id == id).map(|e| e.key.clone()).collect(),
-                }
-            };
+            let keys = this.keys_of(&which);
             let mut removed = Vec::new();
             for k in keys {
                 if this.unpublish_sync(&k, None, "purge")? {
@@ -559,32 +1041,37 @@ impl Store {
 
     /// Keeps live bytes under `max_size` by removing least-recently-used entries; `keep` is
     /// the entry just committed, removed last (and only if it alone is over the cap).
-    fn enforce_max_size_sync(&self, keep: &Arc<Entry>) -> Result<(), StoreError> {
+    fn enforce_max_size_sync(&self, keep: Option<&Arc<Entry>>) -> Result<(), StoreError> {
         let max = self.max_size.load(Relaxed);
         if max == 0 {
             return Ok(());
         }
-        if keep.stored_bytes() > max {
+        if let Some(keep) = keep.filter(|k| k.stored_bytes() > max) {
             // Nothing is evicted to make room for an entry that cannot fit anyway.
             tracing::warn!(key = %keep.key, size = keep.size, max, "entry larger than max_size; not kept");
-            self.unpublish_sync(&keep.key, Some(keep), "too-large")?;
+            self.unpublish_sync(&keep.key, Some(keep.commit), "too-large")?;
             return Err(StoreError::TooLarge { size: keep.size, max });
         }
         while self.bytes.load(Relaxed) > max {
             let victim = {
                 let index = self.index.read().expect("index lock");
-                index.values().filter(|e| !Arc::ptr_eq(e, keep)).min_by_key(|e| e.last_hit_ms.load(Relaxed)).cloned()
+                index
+                    .iter()
+                    .filter(|(k, s)| keep.is_none_or(|keep| !(keep.key == ***k && keep.commit == s.commit)))
+                    .min_by_key(|(_, s)| s.state.last_hit_ms.load(Relaxed))
+                    .map(|(k, s)| (k.to_string(), s.commit, s.size))
             };
-            match victim {
-                Some(v) => {
-                    tracing::info!(key = %v.key, size = v.size, "evicting least recently used entry (max_size)");
-                    self.unpublish_sync(&v.key, Some(&v), "lru")?;
+            match (victim, keep) {
+                (Some((key, commit, size)), _) => {
+                    tracing::info!(key = %key, size, "evicting least recently used entry (max_size)");
+                    self.unpublish_sync(&key, Some(commit), "lru")?;
                 }
-                None => {
+                (None, Some(keep)) => {
                     tracing::warn!(key = %keep.key, size = keep.size, max, "entry larger than max_size; not kept");
-                    self.unpublish_sync(&keep.key, Some(keep), "too-large")?;
+                    self.unpublish_sync(&keep.key, Some(keep.commit), "too-large")?;
                     return Err(StoreError::TooLarge { size: keep.size, max });
                 }
+                (None, None) => break,
             }
         }
         Ok(())
@@ -598,18 +1085,35 @@ impl Store {
     }
 
     fn gc_sync(&self) -> Result<GcReport, StoreError> {
+        // What memory does not hold yet is live too: the collector waits for the whole index.
+        if !self.is_loaded() {
+            return Err(StoreError::Loading);
+        }
         let mut report = GcReport::default();
         {
             // Buckets change only under index_write: compact them there.
             let _w = self.index_write.lock().expect("index write lock");
             report.compacted_buckets = compact_buckets(&self.dir)?;
         }
-        let live: HashSet<PathBuf> =
-            self.index.read().expect("index lock").values().flat_map(|e| e.files().map(|f| f.path.clone())).collect();
+        // One digest per live content file (a single allocation, returned as the pass ends).
+        let live: HashSet<[u8; 32]> = {
+            let index = self.index.read().expect("index lock");
+            index.values().flat_map(|s| s.digests().copied()).collect()
+        };
+        let digest_of = |file: &Path| -> Option<[u8; 32]> {
+            let rel = file.strip_prefix(self.dir.join("content-v2").join("sha256")).ok()?;
+            let hex: String = rel.iter().map(|c| c.to_string_lossy()).collect();
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(hex, &mut out).ok()?;
+            Some(out)
+        };
         let now = SystemTime::now();
         let grace = Duration::from_millis(self.gc_grace_ms.load(Relaxed));
         for file in walk_files(&self.dir.join("content-v2")) {
-            if live.contains(&file) || self.readers.lock().expect("readers lock").contains_key(&file) {
+            let digest = digest_of(&file);
+            if digest.is_some_and(|d| live.contains(&d))
+                || self.readers.lock().expect("readers lock").contains_key(&file)
+            {
                 continue;
             }
             let Ok(meta) = std::fs::metadata(&file) else { continue };
@@ -619,7 +1123,7 @@ impl Store {
             }
             // Re-check under the write lock: an entry may have been committed meanwhile.
             let _w = self.index_write.lock().expect("index write lock");
-            let referenced = self.index.read().expect("index lock").values().any(|e| e.uses_path(&file));
+            let referenced = digest.is_some_and(|d| self.references(&d));
             if referenced || self.readers.lock().expect("readers lock").contains_key(&file) {
                 continue;
             }
@@ -769,7 +1273,8 @@ impl PendingWrite {
                 gen_ms: meta.gen_ms,
                 path,
                 // The LRU clock starts now, also for an entry copied with an older store time.
-                last_hit_ms: crate::clock::now_ms() as u64,
+                state: EntryState::new(crate::clock::now_ms() as u64, 0),
+                commit: next_commit(),
             };
             let entry = Arc::new(Entry::new(parts, Vec::new()).ok_or(StoreError::Algorithm)?);
             let opts = cacache::WriteOpts::new()
@@ -788,18 +1293,12 @@ impl PendingWrite {
                 store.publish(entry.clone());
             }
             store.metrics.stored.inc();
-            store.enforce_max_size_sync(&entry)?;
+            store.enforce_max_size_sync(Some(&entry))?;
             Ok(entry)
         })
         .await
         .map_err(|e| StoreError::Io(io::Error::other(e)))?
     }
-}
-
-/// Where cacache keeps the content of `sri` (its `content-v2` layout).
-pub fn content_path(dir: &Path, sri: &Integrity) -> PathBuf {
-    let (algo, hex) = sri.to_hex();
-    dir.join("content-v2").join(algo.to_string()).join(&hex[0..2]).join(&hex[2..4]).join(&hex[4..])
 }
 
 /// Appends `entry`'s index line (its body, time and variants) and fsyncs its bucket.
@@ -813,10 +1312,6 @@ fn write_index_line(dir: &Path, entry: &Entry) -> Result<(), StoreError> {
     cacache::index::insert(dir, &entry.key, opts)?;
     sync_file_and_dirs(&bucket_path(dir, &entry.key), dir)?;
     Ok(())
-}
-
-fn file_has_size(path: &Path, size: u64) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.len() == size)
 }
 
 /// Entries read from a cache directory's index, without touching anything.
@@ -842,12 +1337,124 @@ pub fn load_entries(dir: &Path) -> Loaded {
     out
 }
 
+/// Directories whose index load is held (see [`hold_index_load`]).
+static HELD_LOADS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Holds the background index load of the store at `dir` (opened now or later) before its
+/// next bucket directory until the returned guard drops: lets tests make requests, purges
+/// and commits while a store is still loading, deterministically. Not for production use.
+#[doc(hidden)]
+pub fn hold_index_load(dir: &Path) -> LoadHold {
+    HELD_LOADS.lock().expect("held loads lock").push(dir.to_path_buf());
+    LoadHold(dir.to_path_buf())
+}
+
+/// See [`hold_index_load`].
+#[doc(hidden)]
+pub struct LoadHold(PathBuf);
+
+impl Drop for LoadHold {
+    fn drop(&mut self) {
+        let mut held = HELD_LOADS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = held.iter().position(|d| *d == self.0) {
+            held.remove(i);
+        }
+    }
+}
+
+/// Waits while the load of `dir` is held; false if the store went away meanwhile.
+fn wait_while_held(store: &Weak<Store>, dir: &Path) -> bool {
+    while HELD_LOADS.lock().expect("held loads lock").iter().any(|d| d == dir) {
+        if store.strong_count() == 0 {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// Loads the index of the store `store` points to into memory, a bucket at a time, in the
+/// background (see [`Store::open`]); stops early if the store is dropped. Logs its progress.
+fn load_index(store: Weak<Store>) {
+    let Some(root) = store.upgrade().map(|s| s.dir.clone()) else { return };
+    let mut tops: Vec<PathBuf> = read_dirs(&root.join("index-v5"));
+    tops.sort();
+    let mut last_log = std::time::Instant::now();
+    let (mut added, mut failed) = (0u64, 0u64);
+    for top in tops {
+        if !wait_while_held(&store, &root) {
+            return;
+        }
+        for sub in read_dirs(&top) {
+            let Ok(read) = std::fs::read_dir(&sub) else { continue };
+            for bucket in read.flatten() {
+                let Some(store) = store.upgrade() else { return };
+                match store.load_bucket(&bucket.path()) {
+                    Ok(n) => added += n,
+                    Err(e) => {
+                        failed += 1;
+                        tracing::warn!(bucket = %bucket.path().display(), error = %e, "index bucket unreadable; its entries are not loaded");
+                    }
+                }
+            }
+        }
+        let Some(store) = store.upgrade() else { return };
+        let mut load = store.load.lock().expect("load lock");
+        load.dirs_done += 1;
+        load.entries = added;
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = std::time::Instant::now();
+            tracing::info!(
+                entries = store.len(),
+                progress = format!("{:.0}%", load.dirs_done as f64 / 2.56),
+                "loading the index"
+            );
+        }
+    }
+    if !wait_while_held(&store, &root) {
+        return;
+    }
+    let Some(store) = store.upgrade() else { return };
+    {
+        // Under index_write: a request or purge either saw the load running or sees it done.
+        let _w = store.index_write.lock().expect("index write lock");
+        let mut load = store.load.lock().expect("load lock");
+        load.done = true;
+        load.purges = Vec::new();
+        load.took_ms = load.started.map_or(0, |t| t.elapsed().as_millis() as u64);
+        tracing::info!(
+            entries = store.len(),
+            bytes = store.bytes(),
+            unreadable_buckets = failed,
+            took_ms = load.took_ms,
+            "index loaded"
+        );
+    }
+    store.loaded.notify_all();
+    // Entries the load added may take the store over its cap.
+    if let Err(e) = store.enforce_max_size_sync(None) {
+        tracing::warn!(error = %e, "keeping to max_size after the index load failed");
+    }
+}
+
+/// The subdirectories of `dir`.
+fn read_dirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(read) = std::fs::read_dir(dir) else { return Vec::new() };
+    read.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect()
+}
+
 /// Takes the directory's lock file, or says who holds it.
 fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
     use std::io::{Read, Seek, Write};
     let path = dir.join(LOCK_FILE);
     let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-    if let Err(e) = file.try_lock() {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut taken = file.try_lock();
+    while matches!(taken, Err(std::fs::TryLockError::WouldBlock)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        taken = file.try_lock();
+    }
+    if let Err(e) = taken {
         let mut pid = String::new();
         let _ = file.read_to_string(&mut pid);
         let holder = match pid.trim() {
@@ -878,13 +1485,6 @@ fn sweep_tmp(dir: &Path) -> usize {
         tracing::warn!(swept, "removed temp files left by an interrupted write");
     }
     swept
-}
-
-/// Where cacache keeps the index bucket of `key`.
-fn bucket_path(dir: &Path, key: &str) -> PathBuf {
-    use sha1::Digest as _;
-    let h = hex::encode(sha1::Sha1::digest(key.as_bytes()));
-    dir.join("index-v5").join(&h[0..2]).join(&h[2..4]).join(&h[4..])
 }
 
 /// Every regular file below `dir`.
@@ -960,7 +1560,8 @@ fn entry_from_index(dir: &Path, md: cacache::Metadata) -> Option<Entry> {
         size: md.size as u64,
         stored_at_ms: md.time,
         gen_ms: meta.gen_ms,
-        last_hit_ms: md.time as u64,
+        state: EntryState::new(md.time as u64, 0),
+        commit: next_commit(),
     };
     let entry = Entry::new(parts, Vec::new())?;
     let variants = meta
@@ -1150,8 +1751,8 @@ mod tests {
         assert!(store.add_variants_sync(&served, &[fake_variant(Coding::Br, b"br")]).unwrap());
         served.touch(); // a request that took the entry before the variant was added
         let live = store.get("k").unwrap();
-        assert_eq!(live.hits.load(Relaxed), 1);
-        assert_eq!(live.last_hit_ms.load(Relaxed), served.last_hit_ms.load(Relaxed));
+        assert_eq!(live.hits(), 1);
+        assert_eq!(live.last_hit_ms(), served.last_hit_ms());
     }
 
     #[tokio::test]
@@ -1165,7 +1766,7 @@ mod tests {
         let br = store.get("k").unwrap().variant_in(Coding::Br).unwrap().clone();
         store.evict(&br, "digest-mismatch").await;
         let building_on = store.get("k").unwrap();
-        assert_eq!(building_on.compress_tried.load(Relaxed), Coding::Gzip.bit(), "br may be built again");
+        assert_eq!(building_on.compress_tried().load(Relaxed), Coding::Gzip.bit(), "br may be built again");
         // ...then gzip is dropped too, before the br job ends.
         let gz = building_on.variant_in(Coding::Gzip).unwrap().clone();
         store.evict(&gz, "digest-mismatch").await;
@@ -1195,5 +1796,75 @@ mod tests {
         assert!(reopened.get("k").is_none());
         drop(reopened);
         assert!(Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap().get("k").is_none());
+    }
+
+    #[tokio::test]
+    async fn an_entry_dropped_from_memory_is_served_again_from_its_index_line_with_its_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_loaded(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        store.hot_max.store(1, Relaxed);
+        let first = committed(&store, "k1", b"first body").await;
+        first.touch();
+        first.touch();
+        let head = first.headers.clone();
+        // One hot entry at most: k1, hit since it joined, gets a second round (k2 leaves);
+        // not hit again, it leaves when k3 comes.
+        committed(&store, "k2", b"second body").await;
+        assert!(store.index.read().unwrap()["k2"].hot.is_none());
+        assert!(store.index.read().unwrap()["k1"].hot.is_some());
+        committed(&store, "k3", b"third body").await;
+        assert!(store.index.read().unwrap()["k1"].hot.is_none());
+        let again = store.get("k1").expect("still stored");
+        assert!(!Arc::ptr_eq(&again, &first), "built anew from its index line");
+        assert_eq!((again.commit, again.sha256, again.size), (first.commit, first.sha256, first.size));
+        assert_eq!(again.headers, head);
+        assert_eq!(again.hits(), 2, "its counters live in its slot");
+        assert_eq!(again.path, first.path);
+        // A judgment of the old snapshot still holds for the entry built anew (same commit).
+        store.evict(&first, "digest-mismatch").await;
+        assert!(store.get("k1").is_none());
+    }
+
+    #[tokio::test]
+    async fn an_index_line_that_no_longer_says_what_memory_does_is_a_miss_not_another_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_loaded(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        store.hot_max.store(1, Relaxed);
+        committed(&store, "k1", b"first body").await;
+        committed(&store, "k2", b"second body").await;
+        // Someone rewrites k1's line behind the store's back, naming other content.
+        let opts = cacache::WriteOpts::new()
+            .integrity(Integrity::from(b"other"))
+            .size(5)
+            .metadata(serde_json::to_value(meta()).unwrap());
+        cacache::index::insert(dir.path(), "k1", opts).unwrap();
+        assert!(store.get("k1").is_none());
+    }
+
+    #[tokio::test]
+    async fn keys_are_found_in_their_buckets_before_the_load_reaches_them_and_a_purge_meanwhile_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_loaded(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        for k in ["a", "b", "c"] {
+            committed(&store, k, k.as_bytes()).await;
+        }
+        drop(store);
+        let hold = hold_index_load(dir.path());
+        let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        assert_eq!(store.len(), 0, "the load is held");
+        assert!(!store.is_loaded());
+        assert_eq!(std::fs::read(&store.get("a").expect("read from its bucket").path).unwrap(), b"a");
+        assert!(store.get("never").is_none());
+        // meta() is batch L1: every entry is covered, "a" loaded, "b" and "c" not yet.
+        assert_eq!(store.purge(Purge::LoteId("L1".into())).await.unwrap(), ["a"]);
+        assert!(store.get("b").is_none(), "a purged entry is never served, loaded or not");
+        assert!(matches!(store.gc().await, Err(StoreError::Loading)));
+        drop(hold);
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.wait_loaded()).await.unwrap();
+        assert!(store.is_empty(), "the load brought back a purged entry");
+        drop(store);
+        let reopened = Store::open_loaded(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        assert!(reopened.is_empty(), "the purge is on disk");
     }
 }

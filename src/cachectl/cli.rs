@@ -150,7 +150,8 @@ pub async fn run(command: CacheCommand) -> ExitCode {
                 Err(code) => return code,
             };
             let entries = cachectl::ls(&dir);
-            let list: Vec<_> = entries.iter().map(crate::admin::entry_json).collect();
+            let list: Vec<_> =
+                entries.iter().map(|e| crate::admin::entry_json(&crate::cache::store::EntrySummary::from(e))).collect();
             output(store.json, &list, || {
                 println!(
                     "{:<48} {:<32} {:>12}  {:<24}  {:<16}  variants",

@@ -110,7 +110,7 @@ fn io_err(e: impl std::fmt::Display) -> store::StoreError {
 
 /// Opens the store for a change: takes its lock, so this fails while a server runs.
 async fn open_locked(dir: &Path) -> Result<Arc<store::Store>, store::StoreError> {
-    store::Store::open(dir.to_path_buf(), 0, Arc::default()).await
+    store::Store::open_loaded(dir.to_path_buf(), 0, Arc::default()).await
 }
 
 fn progress_bar(total: u64, show: bool) -> indicatif::ProgressBar {
@@ -333,7 +333,7 @@ pub async fn import(
             rule.name
         )));
     }
-    let store = store::Store::open(dir.to_path_buf(), max_size, Arc::default()).await?;
+    let store = store::Store::open_loaded(dir.to_path_buf(), max_size, Arc::default()).await?;
     store.set_min_free(min_free);
     let template = head_template(&store, rule);
     let mut files: Vec<(String, bool)> = std::fs::read_dir(from)
@@ -386,8 +386,13 @@ pub async fn import(
 /// The stored head of the newest entry of `rule` a fill stored (gen_ms > 0), less what is
 /// per-answer (`Date`, `Content-Disposition`), with its key.
 fn head_template(store: &Arc<store::Store>, rule: &crate::rules::RuleConfig) -> Option<(String, http::HeaderMap)> {
-    let filled = store.entries().into_iter().filter(|e| e.rule == rule.name && e.gen_ms > 0);
-    let newest = filled.max_by_key(|e| e.stored_at_ms)?;
+    let mut newest: Option<(u64, String)> = None;
+    store.for_each(|key, _, s| {
+        if *s.rule == rule.name && s.gen_ms > 0 && newest.as_ref().is_none_or(|(at, _)| s.stored_at_ms > *at) {
+            newest = Some((s.stored_at_ms, key.to_string()));
+        }
+    });
+    let newest = store.get(&newest?.1)?;
     let mut head = crate::cache::entry::stored_head(&newest.headers);
     head.remove(http::header::DATE);
     head.remove(http::header::CONTENT_DISPOSITION);

@@ -442,6 +442,10 @@ async fn gc_loop(store: Arc<Store>, interval: Duration, mut stopped: watch::Rece
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {
+                // Until the index is loaded the collector cannot tell what is live: next time.
+                if !store.is_loaded() {
+                    continue;
+                }
                 if let Err(e) = store.gc().await {
                     tracing::warn!(error = %e, "garbage collection failed");
                 }

@@ -9,6 +9,7 @@ mod compression;
 mod fault_model;
 mod faults;
 mod hardening;
+mod index_load;
 mod integrity;
 mod miss_hit;
 mod observability;
