@@ -4,8 +4,11 @@
 # import`), then measures, with the release build and its default settings:
 #   - import: time and files per second;
 #   - restart with the page cache dropped (when this machine lets us): time from start until
-#     the port accepts, and until the first hit answers;
-#   - resident memory once serving (RSS), per entry, beside the empty-store RSS;
+#     the port accepts, until the first hit answers (a key in the middle of the store, served
+#     while the index still loads in the background), and until `/readyz` says the index is
+#     loaded;
+#   - resident memory once the index is loaded (RSS), per entry, beside the empty-store RSS,
+#     and again after the random hits (their entries materialized, at most 16384);
 #   - disk used by the store, per entry, beside the documents' own bytes;
 #   - hits on random keys: oha at a fixed rate, p50 / p99 (uncompressed: --disable-compression);
 #   - the cache page's requests on the admin port: `GET /entries` sorted by hits (a page of 50)
@@ -13,11 +16,11 @@
 #   - `cache ls`, `cache verify` and `cache gc` times.
 # Prints one markdown table. Loopback only; every process it starts stops with it.
 #
-# Usage: bash bench/store-scale.sh [N ...]      (default: 10000 100000; powers of ten, so the
-# random keys cover the store exactly)
+# Usage: bash bench/store-scale.sh [N ...]      (default: 10000 100000 1000000; powers of ten,
+# so the random keys cover the store exactly). 1M takes ≈25 min and ≈16 GB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ $# -gt 0 ]; then SIZES=("$@"); else SIZES=(10000 100000); fi
+if [ $# -gt 0 ]; then SIZES=("$@"); else SIZES=(10000 100000 1000000); fi
 
 source bench/lib.sh
 bench_tools
@@ -58,8 +61,8 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null && echo yes 
 now_ms() { date +%s%3N; }
 rss_kib() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
 
-echo "| entries | import s (files/s) | page cache dropped | start → listening ms | start → first hit ms | RSS MiB (per entry B) | disk MiB (per entry KiB; documents KiB) | hit p50 / p99 ms | page: entries by hits / search / stats ms | ls s | verify s | gc s |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| entries | import s (files/s) | page cache dropped | start → listening ms | start → first hit ms | start → index loaded s | RSS loaded MiB (per entry B) | RSS after hits MiB | disk MiB (per entry KiB; documents KiB) | hit p50 / p99 ms | page: entries by hits / search / stats ms | ls s | verify s | gc s |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 EMPTY_RSS=
 for n in "${SIZES[@]}"; do
   saved="$W/saved-$n"; cache="$W/cache-$n"; mkdir -p "$saved"
@@ -69,10 +72,13 @@ out, n = sys.argv[1], int(sys.argv[2])
 words = ("factura importe total cliente fecha proveedor dirección código pago documento página firma "
          "contrato cláusula entrega pedido número cantidad descripción registro expediente").split()
 rng = random.Random(7)
+# 600 processed-file texts drawn once; each batch takes six of them (a million batches of
+# freshly drawn words would take longer to write than to import).
+texts = [" ".join(rng.choice(words) for _ in range(100)) for _ in range(600)]
 for i in range(n):
     lote = f"B-{i:07d}"
     files = [{"lote_id": lote, "nombre_archivo": f"doc_{j}.pdf", "paginas": rng.randint(1, 9),
-              "texto_extraido": " ".join(rng.choice(words) for _ in range(100)),
+              "texto_extraido": texts[rng.randrange(600)],
               "confianza": round(rng.uniform(0.8, 1), 3), "idioma": "es"} for j in range(6)]
     doc = {"metadata": {"lote_id": lote, "fecha_creacion": "2025-07-14T09:00:00", "estado": "completado",
                         "total_archivos": len(files)}, "archivos_procesados": files}
@@ -95,8 +101,11 @@ PY
   "$BIN" serve --config "$W/lc-$n.toml" 2>"$W/serve-$n.log" & pid=$!
   until (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; do sleep 0.005; done
   listening=$(( $(now_ms) - t0 ))
-  curl -s -o /dev/null "http://127.0.0.1:$PORT/download_batch_results/B-0000000"
-  first_hit=$(( $(now_ms) - t0 ))
+  first=$(curl -s -o /dev/null -D - "http://127.0.0.1:$PORT/download_batch_results/$(printf 'B-%07d' $((n / 2)))" \
+    | tr -d '\r' | awk -F'; ' 'tolower($0) ~ /^cache-status:/ {print $2}')
+  first_hit="$(( $(now_ms) - t0 )) ($first)"
+  until curl -s "http://127.0.0.1:$ADMIN/readyz" | jq -e '.index.loaded' >/dev/null; do sleep 0.1; done
+  loaded_s=$(python3 -c "print(round(($(now_ms) - $t0) / 1000, 1))")
   rss=$(rss_kib $pid)
   disk_kib=$(du -sk "$cache" | cut -f1)
   # Random existing keys B-0000000 .. B-(n-1) (n a power of ten): a regex over the id's digits.
@@ -105,6 +114,7 @@ PY
   oha -z 10s -q 2000 -c 8 --disable-compression --no-tui --output-format json --rand-regex-url "$regex" > "$W/oha-$n.json" 2>/dev/null || true
   page_ms() { curl -s -o /dev/null -w '%{time_total}' "http://127.0.0.1:$ADMIN$1" | awk '{printf "%.0f", $1 * 1000}'; }
   page="$(page_ms '/entries?sort=hits&order=desc&limit=50') / $(page_ms '/entries?q=B-00012&limit=50') / $(page_ms '/stats')"
+  rss_hits=$(rss_kib $pid)
   read -r p50 p99 ok < <(jq -r '[.latencyPercentiles.p50*1000, .latencyPercentiles.p99*1000, (.statusCodeDistribution["200"] // 0)] | @tsv' "$W/oha-$n.json")
   kill $pid; wait $pid 2>/dev/null || true
   t0=$(now_ms); "$BIN" cache ls --cache-dir "$cache" --json > /dev/null; ls_s=$(python3 -c "print(round(($(now_ms) - $t0) / 1000, 2))")
@@ -112,8 +122,8 @@ PY
   t0=$(now_ms); "$BIN" cache gc --cache-dir "$cache" > /dev/null; gc_s=$(python3 -c "print(round(($(now_ms) - $t0) / 1000, 2))")
   python3 - <<PY
 n, rss, empty, disk, docs = $n, $rss, $EMPTY_RSS, $disk_kib, $docs_kib
-print(f"| {n} | $import_s ({n / max($import_s, 0.001):.0f}) | $dropped | $listening | $first_hit | "
-      f"{rss / 1024:.0f} ({(rss - empty) * 1024 / n:.0f}) | {disk / 1024:.0f} ({disk / n:.1f}; {docs / n:.1f}) | "
+print(f"| {n} | $import_s ({n / max($import_s, 0.001):.0f}) | $dropped | $listening | $first_hit | $loaded_s | "
+      f"{rss / 1024:.0f} ({(rss - empty) * 1024 / n:.0f}) | {$rss_hits / 1024:.0f} | {disk / 1024:.0f} ({disk / n:.1f}; {docs / n:.1f}) | "
       f"{float('$p50'):.2f} / {float('$p99'):.2f} ($ok ok) | $page | $ls_s | $verify_s | $gc_s |")
 PY
   rm -rf "$cache"

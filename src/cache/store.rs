@@ -516,6 +516,12 @@ impl Store {
         self.get(key).filter(|e| e.rule == rule)
     }
 
+    /// Whether rule `rule` holds an entry under `key` in memory (no file read: for a loaded
+    /// index).
+    pub fn holds(&self, rule: &str, key: &str) -> bool {
+        self.index.read().expect("index lock").get(key).is_some_and(|s| *s.rule == *rule)
+    }
+
     /// [`Store::get_for`] from async code.
     pub async fn lookup_for(self: &Arc<Self>, rule: &str, key: &str) -> Option<Arc<Entry>> {
         self.lookup(key).await.filter(|e| e.rule == rule)

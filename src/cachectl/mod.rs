@@ -350,8 +350,11 @@ pub async fn import(
         ..ImportReport::default()
     };
     let head = template.map(|(_, head)| head).unwrap_or_else(|| minimal_head(rule));
+    use futures_util::StreamExt;
+    // Files named like a key of the rule are imported several at once: each one's time is
+    // mostly waiting for fsyncs, which a disk overlaps.
+    let mut todo = Vec::new();
     for (name, regular) in files {
-        bar.set_message(name.clone());
         let not = |reason: String| NotImported { file: name.clone(), reason };
         let id = name.strip_prefix(rule.key_prefix.as_str()).and_then(|r| r.strip_suffix(rule.key_suffix.as_str()));
         match id {
@@ -360,21 +363,42 @@ pub async fn import(
             Some(id) if id == "." || id == ".." || !rule.id_pattern.is_match(id) => {
                 report.failed.push(not(format!("the id {id:?} does not match the rule's id_pattern")))
             }
-            Some(id) => match import_one(&store, rule, &head, &from.join(&name), &name, id).await {
-                Ok(Imported::Stored) => report.imported.push(name.clone()),
-                Ok(Imported::AlreadyStored) => report.skipped.push(not("already stored, the same bytes".into())),
-                Ok(Imported::OtherStored) => report
-                    .skipped
-                    .push(not("another document is stored under this key (purge it to replace it)".into())),
-                Err(reason) => report.failed.push(not(reason)),
-            },
+            Some(id) => {
+                let id = id.to_string();
+                todo.push((name, id));
+                continue;
+            }
         }
         bar.inc(1);
     }
+    let (store_ref, head_ref) = (&store, &head);
+    let mut results = futures_util::stream::iter(todo)
+        .map(|(name, id)| async move {
+            let result = import_one(store_ref, rule, head_ref, &from.join(&name), &name, &id).await;
+            (name, result)
+        })
+        .buffer_unordered(IMPORT_AT_ONCE);
+    while let Some((name, result)) = results.next().await {
+        bar.set_message(name.clone());
+        let not = |reason: String| NotImported { file: name.clone(), reason };
+        match result {
+            Ok(Imported::Stored) => report.imported.push(name.clone()),
+            Ok(Imported::AlreadyStored) => report.skipped.push(not("already stored, the same bytes".into())),
+            Ok(Imported::OtherStored) => {
+                report.skipped.push(not("another document is stored under this key (purge it to replace it)".into()))
+            }
+            Err(reason) => report.failed.push(not(reason)),
+        }
+        bar.inc(1);
+    }
+    drop(results);
+    report.imported.sort();
+    report.skipped.sort_by(|a, b| a.file.cmp(&b.file));
+    report.failed.sort_by(|a, b| a.file.cmp(&b.file));
     bar.finish_and_clear();
     // Keeping to max_size may have evicted what this run stored earlier: say so.
     let (kept, evicted): (Vec<String>, Vec<String>) =
-        report.imported.drain(..).partition(|key| store.get_for(&rule.name, key).is_some());
+        report.imported.drain(..).partition(|key| store.holds(&rule.name, key));
     report.imported = kept;
     report.failed.extend(evicted.into_iter().map(|file| NotImported {
         file,
@@ -382,6 +406,9 @@ pub async fn import(
     }));
     Ok(report)
 }
+
+/// Files `cache import` reads and stores at once.
+const IMPORT_AT_ONCE: usize = 8;
 
 /// The stored head of the newest entry of `rule` a fill stored (gen_ms > 0), less what is
 /// per-answer (`Date`, `Content-Disposition`), with its key.
