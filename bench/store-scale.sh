@@ -104,7 +104,7 @@ PY
   first=$(curl -s -o /dev/null -D - "http://127.0.0.1:$PORT/download_batch_results/$(printf 'B-%07d' $((n / 2)))" \
     | tr -d '\r' | awk -F'; ' 'tolower($0) ~ /^cache-status:/ {print $2}')
   first_hit="$(( $(now_ms) - t0 )) ($first)"
-  until curl -s "http://127.0.0.1:$ADMIN/readyz" | jq -e '.index.loaded' >/dev/null; do sleep 0.1; done
+  until curl -s "http://127.0.0.1:$ADMIN/stats" | jq -e '.store.index.loaded' >/dev/null; do sleep 0.1; done
   loaded_s=$(python3 -c "print(round(($(now_ms) - $t0) / 1000, 1))")
   rss=$(rss_kib $pid)
   disk_kib=$(du -sk "$cache" | cut -f1)

@@ -375,6 +375,9 @@ impl Admin {
                 }
                 reply(status, body)
             }
+            Err(e @ StoreError::IndexIncomplete) => {
+                error(StatusCode::SERVICE_UNAVAILABLE, "purge incomplete", &e.to_string())
+            }
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "purge failed", &e.to_string()),
         }
     }

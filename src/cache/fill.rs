@@ -340,6 +340,8 @@ impl Fills {
     /// Joins the fill for `key`, or starts one. The store is checked under the registry
     /// lock: a fill publishes its entry before it ends, so a request never sees neither and
     /// starts a second generation. A fill older than `fill_timeout` is abandoned and replaced.
+    /// The caller looks the key up in the store first ([`Store::lookup`]): under the lock only
+    /// memory is checked, so a key the index load has not reached must be in memory by then.
     pub fn join_or_start(
         self: &Arc<Self>,
         store: &Arc<Store>,
@@ -351,7 +353,9 @@ impl Fills {
     ) -> Lookup {
         let config = self.config.load_full();
         let mut inflight = self.inflight.lock().expect("fills lock");
-        if let Some(entry) = store.get_for(rule, key).filter(|e| is_fresh(e)) {
+        // Memory only (no wait on a commit, no bucket read for an absent key, under this lock):
+        // the caller looked the key up first.
+        if let Some(entry) = store.get_loaded_for(rule, key).filter(|e| is_fresh(e)) {
             return Lookup::Stored(entry);
         }
         let fill_key = (rule.to_string(), key.to_string());

@@ -46,6 +46,8 @@ pub struct Slot {
     pub state: Arc<EntryState>,
     /// Its materialized entry, while it is one of the [`HOT_ENTRIES`].
     pub hot: Option<Arc<Entry>>,
+    /// Whether the store's queue of hot entries holds this slot (once at most).
+    pub queued: bool,
 }
 
 /// A slot's batch id: a span of its key when the key contains it (the usual case, as
@@ -101,6 +103,7 @@ impl Slot {
                 .collect(),
             state: entry.state.clone(),
             hot: None,
+            queued: false,
         }
     }
 
@@ -114,10 +117,15 @@ impl Slot {
         std::iter::once(&self.sha256).chain(self.variants.iter().map(|v| &v.sha256))
     }
 
-    /// Whether `line` (a bucket's latest line of this key) is the one this slot was built
-    /// from: same body, same variants.
-    pub fn matches(&self, line: &Line) -> bool {
+    /// Whether `line` (a bucket's latest line of `key`) is the one this slot was built from:
+    /// same body, time, rule, status, batch and variants.
+    pub fn matches(&self, key: &str, line: &Line) -> bool {
         line.sha256 == self.sha256
+            && line.size == self.size
+            && line.time as u64 == self.stored_at_ms
+            && line.meta.rule == *self.rule
+            && line.meta.status == self.status
+            && line.meta.lote_id == self.lote.get(key)
             && line.meta.variants.len() == self.variants.len()
             && line
                 .meta
@@ -192,6 +200,7 @@ impl Line {
                 .collect(),
             state: EntryState::new(self.time as u64, tried),
             hot: None,
+            queued: false,
         }
     }
 }

@@ -50,6 +50,8 @@ pub enum StoreError {
     Purged,
     #[error("the store's index is still loading; try again when /readyz says it is loaded")]
     Loading,
+    #[error("part of the store's index could not be read (see the log); fix the directory and restart")]
+    IndexIncomplete,
     #[error("cache directory {dir} is in use by another lotecache process{holder}; stop it first or use another --cache-dir")]
     Locked { dir: String, holder: String },
 }
@@ -64,15 +66,20 @@ pub struct Store {
     _lock: std::fs::File,
     /// Every live entry (loaded so far), compactly (see `cache::index`).
     index: RwLock<HashMap<Box<str>, Box<Slot>>>,
-    /// Keys whose slot holds a materialized entry, oldest first, with the hit count they had
-    /// when they joined (an entry hit since gets a second chance): at most [`HOT_ENTRIES`].
-    hot: Mutex<VecDeque<(Box<str>, u64)>>,
+    /// Keys whose slot holds a materialized entry, oldest first, with the slot's commit and
+    /// the hit count it had when it joined (an entry hit since gets a second chance): at most
+    /// [`HOT_ENTRIES`].
+    hot: Mutex<VecDeque<(Box<str>, u64, u64)>>,
     /// [`HOT_ENTRIES`] (smaller in tests).
     hot_max: std::sync::atomic::AtomicUsize,
     /// One shared name per rule, for slots.
     rule_names: Mutex<Vec<Arc<str>>>,
-    /// The background load of the index (see [`Store::open`]).
+    /// The background load of the index (see [`Store::open`]). A leaf lock: nothing else is
+    /// locked while it is held. Lock order: `index_write`, `hot`, `index`, then the leaves
+    /// (`load`, `purges`, `readers`, `rule_names`).
     load: Mutex<LoadState>,
+    /// `load.done`, readable without the lock (set under `index_write` and `index`).
+    is_loaded: std::sync::atomic::AtomicBool,
     loaded: Condvar,
     /// Serializes index-file mutations with the matching in-memory update, so the two never
     /// disagree on which entry of a key is the latest.
@@ -105,8 +112,9 @@ struct LoadState {
     /// Purges made while loading: a line the loader (or a request) reads afterwards that one
     /// covers was written before this process started, and is removed, not loaded.
     purges: Vec<Purge>,
-    /// Entries the loader added, and first-level bucket directories done (of 256).
-    entries: u64,
+    /// The load ended without reading everything (see `load_index`): it never counts as done.
+    gave_up: bool,
+    /// First-level bucket directories reached (of 256).
     dirs_done: u32,
     started: Option<std::time::Instant>,
     took_ms: u64,
@@ -145,6 +153,15 @@ pub struct GcReport {
     pub removed_files: usize,
     pub removed_bytes: u64,
     pub compacted_buckets: usize,
+}
+
+/// What building an entry from its slot and line found.
+enum Materialized {
+    Entry(Arc<Entry>),
+    /// No slot (or no line) for the key: not stored.
+    Gone,
+    /// The line and the slot disagree, or the slot changed meanwhile.
+    Mismatch,
 }
 
 /// One content file of a live entry: its body or one of its variants, as the scrubber and
@@ -265,8 +282,10 @@ impl Store {
     pub async fn open_loaded(dir: PathBuf, max_size: u64, metrics: Arc<Metrics>) -> Result<Arc<Store>, StoreError> {
         let store = Store::open(dir, max_size, metrics).await?;
         let s = store.clone();
-        tokio::task::spawn_blocking(move || s.wait_loaded()).await.map_err(io::Error::other)?;
-        Ok(store)
+        match tokio::task::spawn_blocking(move || s.wait_loaded()).await.map_err(io::Error::other)? {
+            true => Ok(store),
+            false => Err(StoreError::IndexIncomplete),
+        }
     }
 
     fn open_sync(dir: PathBuf, max_size: u64, metrics: Arc<Metrics>) -> Result<Arc<Store>, StoreError> {
@@ -287,6 +306,7 @@ impl Store {
             rule_names: Mutex::default(),
             load: Mutex::new(LoadState { started: Some(std::time::Instant::now()), ..LoadState::default() }),
             loaded: Condvar::new(),
+            is_loaded: std::sync::atomic::AtomicBool::new(false),
             index_write: Mutex::new(()),
             bytes: AtomicU64::new(0),
             max_size: AtomicU64::new(max_size),
@@ -305,25 +325,28 @@ impl Store {
         Ok(store)
     }
 
-    /// Blocks until the index is fully in memory.
-    pub fn wait_loaded(&self) {
+    /// Blocks until the index is fully in memory; false if the load ended without reading
+    /// all of it (see `load_index`).
+    pub fn wait_loaded(&self) -> bool {
         let mut load = self.load.lock().expect("load lock");
-        while !load.done {
+        while !load.done && !load.gave_up {
             load = self.loaded.wait(load).expect("load lock");
         }
+        load.done
     }
 
     /// Whether the index is fully in memory.
     pub fn is_loaded(&self) -> bool {
-        self.load.lock().expect("load lock").done
+        self.is_loaded.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Where the index load is.
     pub fn load_progress(&self) -> LoadProgress {
+        let entries = self.len(); // before the load lock: it is a leaf lock
         let load = self.load.lock().expect("load lock");
         LoadProgress {
             loaded: load.done,
-            entries: self.len(),
+            entries,
             progress: if load.done { 1.0 } else { load.dirs_done as f64 / 256.0 },
             took_ms: load.done.then_some(load.took_ms),
         }
@@ -344,33 +367,53 @@ impl Store {
 
     /// Reads one bucket under `index_write` and adds the keys it holds that memory lacks (the
     /// loader's step, and a request's for a key not loaded yet). A line a purge made during
-    /// the load covers is removed instead. Returns the entries added.
+    /// the load covers is removed instead, as is one whose content file is missing or has the
+    /// wrong size (a variant whose file is: left out of its entry, which stays, and a new
+    /// line records it). Returns the entries added.
     fn load_bucket(&self, bucket: &Path) -> io::Result<u64> {
         let _w = self.index_write.lock().expect("index write lock");
+        if self.is_loaded() {
+            return Ok(0); // everything is in memory already: the bucket has nothing new
+        }
         let lines = super::index::read_bucket(bucket)?;
-        let purges = {
-            let load = self.load.lock().expect("load lock");
-            if load.done {
-                return Ok(0); // everything is in memory already: the bucket has nothing new
-            }
-            load.purges.clone()
-        };
-        let mut added = 0;
-        let mut index = self.index.write().expect("index lock");
+        let purges = self.load.lock().expect("load lock").purges.clone();
+        let mut new = Vec::new();
         for (key, state) in lines {
-            let KeyState::Live(line) = state else { continue };
-            if index.contains_key(key.as_str()) {
+            let KeyState::Live(mut line) = state else { continue };
+            if self.index.read().expect("index lock").contains_key(key.as_str()) {
                 continue; // committed since this process started: memory is newer
             }
             if purges.iter().any(|p| p.covers(&key, &line.meta.lote_id)) {
                 tracing::info!(key = %key, "removed at load: a purge made while loading covers it");
-                cacache::index::delete(&self.dir, &key).map_err(io::Error::other)?;
+                tombstone(&self.dir, &key)?;
                 continue;
             }
-            let slot = line.slot(self.rule_name(&line.meta.rule));
+            if file_is_not(&content_path(&self.dir, &integrity_of(&line.sha256)), line.size) {
+                tracing::warn!(key = %key, "content missing or wrong size; entry dropped");
+                tombstone(&self.dir, &key)?;
+                continue;
+            }
+            let before = line.meta.variants.len();
+            line.meta.variants.retain(|v| {
+                v.integrity.parse().is_ok_and(|sri: Integrity| !file_is_not(&content_path(&self.dir, &sri), v.size))
+            });
+            if line.meta.variants.len() != before {
+                tracing::warn!(key = %key, "a compressed variant's file is missing or wrong size; variant dropped");
+                let opts = cacache::WriteOpts::new()
+                    .integrity(integrity_of(&line.sha256))
+                    .size(line.size as usize)
+                    .time(line.time)
+                    .metadata(serde_json::to_value(&line.meta).map_err(io::Error::other)?);
+                cacache::index::insert(&self.dir, &key, opts).map_err(io::Error::other)?;
+                sync_file_and_dirs(bucket, &self.dir)?;
+            }
+            new.push((key, line.slot(self.rule_name(&line.meta.rule))));
+        }
+        let added = new.len() as u64;
+        let mut index = self.index.write().expect("index lock");
+        for (key, slot) in new {
             self.bytes.fetch_add(slot.stored_bytes(), Relaxed);
             index.insert(key.into_boxed_str(), Box::new(slot));
-            added += 1;
         }
         self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
         self.metrics.store_entries.set(index.len() as i64);
@@ -390,6 +433,16 @@ impl Store {
     /// not in memory yet is looked up in its bucket: never a false miss. May block on a file
     /// read: async callers use [`Store::lookup`].
     pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        self.get_inner(key, false)
+    }
+
+    /// [`Store::get`] for a caller holding `index_write` (then the key's slot and bucket
+    /// cannot change meanwhile). Only for a key memory holds: a key not loaded yet is none.
+    fn get_locked(&self, key: &str) -> Option<Arc<Entry>> {
+        self.get_inner(key, true)
+    }
+
+    fn get_inner(&self, key: &str, write_held: bool) -> Option<Arc<Entry>> {
         loop {
             let commit = {
                 let index = self.index.read().expect("index lock");
@@ -398,89 +451,114 @@ impl Store {
                         Some(hot) => return Some(hot.clone()),
                         None => Some(slot.commit),
                     },
+                    // Read under the same lock: every key the load adds is in before it is
+                    // done, so an absent key of a loaded index is absent.
+                    None if self.is_loaded() || write_held => return None,
                     None => None,
                 }
             };
             match commit {
-                Some(commit) => return self.materialize(key, commit),
-                None => {
-                    if self.is_loaded() {
+                Some(commit) => return self.materialize(key, commit, write_held),
+                None => match self.load_bucket(&super::index::bucket_path(&self.dir, key)) {
+                    // Loaded now (or by a commit meanwhile): look again. A key still absent is none.
+                    Ok(_) if self.index.read().expect("index lock").contains_key(key) => continue,
+                    Ok(_) => return None,
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "index bucket unreadable while the index loads; treated as a miss");
                         return None;
                     }
-                    match self.load_bucket(&super::index::bucket_path(&self.dir, key)) {
-                        // Loaded now (or by a commit meanwhile): look again. A key still absent is none.
-                        Ok(_) if self.index.read().expect("index lock").contains_key(key) => continue,
-                        Ok(_) => return None,
-                        Err(e) => {
-                            tracing::warn!(key, error = %e, "index bucket unreadable while the index loads; treated as a miss");
-                            return None;
-                        }
-                    }
-                }
+                },
             }
         }
     }
 
     /// Builds the entry of `key`'s slot (commit `commit`) from its index line and makes it
-    /// one of the hot ones. None if the line no longer says what the slot does (then a fill
-    /// stores the document again) or the slot changed meanwhile and is gone.
-    fn materialize(&self, key: &str, commit: u64) -> Option<Arc<Entry>> {
+    /// one of the hot ones. The line is read without a lock first; if it does not say what the
+    /// slot does (a commit or re-index of the key between its line and its slot), again under
+    /// `index_write`, where the two agree. None if they still do not: the line was changed
+    /// behind the store's back (a fill then stores the document again).
+    fn materialize(&self, key: &str, commit: u64, write_held: bool) -> Option<Arc<Entry>> {
+        match self.try_materialize(key, commit) {
+            Materialized::Entry(e) => Some(e),
+            Materialized::Gone => None,
+            Materialized::Mismatch if write_held => {
+                tracing::warn!(key, "the index line no longer matches the entry in memory; treated as a miss");
+                None
+            }
+            Materialized::Mismatch => {
+                let _w = self.index_write.lock().expect("index write lock");
+                let commit = self.index.read().expect("index lock").get(key)?.commit;
+                match self.try_materialize(key, commit) {
+                    Materialized::Entry(e) => Some(e),
+                    Materialized::Gone => None,
+                    Materialized::Mismatch => {
+                        tracing::warn!(key, "the index line no longer matches the entry in memory; treated as a miss");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn try_materialize(&self, key: &str, commit: u64) -> Materialized {
         let line = match super::index::read_key(&self.dir, key) {
             Ok(KeyState::Live(line)) => Some(line),
             Ok(KeyState::Gone) => None,
             Err(e) => {
                 tracing::warn!(key, error = %e, "index bucket unreadable; treated as a miss");
-                return None;
+                return Materialized::Gone;
             }
         };
         let entry = {
             let index = self.index.read().expect("index lock");
-            let slot = index.get(key)?;
+            let Some(slot) = index.get(key) else { return Materialized::Gone };
             if let Some(hot) = &slot.hot {
-                return Some(hot.clone());
+                return Materialized::Entry(hot.clone());
             }
             if slot.commit != commit {
-                drop(index);
-                return self.get(key); // replaced meanwhile: the new one
+                return Materialized::Mismatch; // replaced meanwhile: look again
             }
-            match line.as_ref().filter(|l| slot.matches(l)).and_then(|l| slot.materialize(&self.dir, key, l)) {
+            match line.as_ref().filter(|l| slot.matches(key, l)).and_then(|l| slot.materialize(&self.dir, key, l)) {
                 Some(e) => Arc::new(e),
-                None => {
-                    tracing::warn!(key, "the index line no longer matches the entry in memory; treated as a miss");
-                    return None;
-                }
+                None => return Materialized::Mismatch,
             }
         };
         let mut index = self.index.write().expect("index lock");
-        let slot = index.get_mut(key).filter(|s| s.commit == commit)?;
+        let Some(slot) = index.get_mut(key).filter(|s| s.commit == commit) else { return Materialized::Mismatch };
         match &slot.hot {
-            Some(hot) => Some(hot.clone()),
+            Some(hot) => Materialized::Entry(hot.clone()),
             None => {
                 slot.hot = Some(entry.clone());
+                let queued = std::mem::replace(&mut slot.queued, true);
                 drop(index);
-                self.made_hot(key, entry.hits());
-                Some(entry)
+                if !queued {
+                    self.made_hot(key, commit, entry.hits());
+                }
+                Materialized::Entry(entry)
             }
         }
     }
 
-    /// Records that `key`'s slot holds a materialized entry now, and drops the oldest ones
-    /// beyond [`HOT_ENTRIES`] (one hit since it joined earns another round).
-    fn made_hot(&self, key: &str, hits: u64) {
+    /// Queues `key`'s slot (commit `commit`), which holds a materialized entry now, and drops
+    /// the oldest ones beyond [`HOT_ENTRIES`] (one hit since it joined earns another round).
+    /// Each slot is in the queue at most once (`Slot::queued`); an entry of a slot since
+    /// replaced by another commit, or removed, is passed over.
+    fn made_hot(&self, key: &str, commit: u64, hits: u64) {
         let mut hot = self.hot.lock().expect("hot lock");
-        hot.push_back((key.into(), hits));
+        hot.push_back((key.into(), commit, hits));
         let mut budget = hot.len();
         while hot.len() > self.hot_max.load(Relaxed) && budget > 0 {
             budget -= 1;
-            let Some((k, seen)) = hot.pop_front() else { break };
+            let Some((k, c, seen)) = hot.pop_front() else { break };
             let mut index = self.index.write().expect("index lock");
-            let Some(slot) = index.get_mut(&*k) else { continue };
+            let Some(slot) = index.get_mut(&*k).filter(|s| s.commit == c) else { continue };
             let now = slot.state.hits.load(Relaxed);
             if now > seen && slot.hot.is_some() {
                 drop(index);
-                hot.push_back((k, now));
+                hot.push_back((k, c, now));
                 continue;
             }
+            slot.queued = false;
             if let Some(old) = slot.hot.take() {
                 drop(index);
                 self.forget_with_variants(&old);
@@ -495,12 +573,35 @@ impl Store {
         }
     }
 
+    /// The live entry of rule `rule` under `key` if memory holds it, without waiting on
+    /// `index_write` or reading a bucket for a key memory lacks (an entry not among the hot
+    /// ones is still built from its line: rare right after a [`Store::lookup`]). For checks
+    /// under another lock; the caller looked the key up first, so that a key the index load
+    /// has not reached is in memory by then.
+    pub fn get_loaded_for(&self, rule: &str, key: &str) -> Option<Arc<Entry>> {
+        let commit = {
+            let index = self.index.read().expect("index lock");
+            let slot = index.get(key).filter(|s| *s.rule == *rule)?;
+            match &slot.hot {
+                Some(hot) => return Some(hot.clone()),
+                None => slot.commit,
+            }
+        };
+        match self.try_materialize(key, commit) {
+            Materialized::Entry(e) => Some(e).filter(|e| e.rule == rule),
+            // Changing right now: the full path, which waits for the change.
+            Materialized::Mismatch => self.get_for(rule, key),
+            Materialized::Gone => None,
+        }
+    }
+
     /// [`Store::get`] from async code: the file read, when one is needed, on a blocking thread.
     pub async fn lookup(self: &Arc<Self>, key: &str) -> Option<Arc<Entry>> {
         {
             let index = self.index.read().expect("index lock");
             match index.get(key) {
                 Some(slot) if slot.hot.is_some() => return slot.hot.clone(),
+                // Under the same lock as the look (see `get_inner`).
                 None if self.is_loaded() => return None,
                 _ => {}
             }
@@ -827,6 +928,10 @@ impl Store {
         slot.hot = Some(entry.clone());
         let size = slot.stored_bytes();
         let mut index = self.index.write().expect("index lock");
+        // A successor (same commit) keeps its place in the hot queue.
+        slot.queued = index.get(entry.key.as_str()).is_some_and(|o| o.queued && o.commit == slot.commit);
+        let queued = slot.queued;
+        slot.queued = true;
         let old = index.insert(entry.key.as_str().into(), Box::new(slot));
         self.bytes.fetch_add(size, Relaxed);
         if let Some(old) = &old {
@@ -841,7 +946,9 @@ impl Store {
                 self.forget_verified(v);
             }
         }
-        self.made_hot(&entry.key, entry.hits());
+        if !queued {
+            self.made_hot(&entry.key, entry.commit, entry.hits());
+        }
     }
 
     /// Removes `key` from memory and the index if its live entry is commit `expect` (or any,
@@ -867,7 +974,7 @@ impl Store {
         if let Some(hot) = &old.hot {
             self.forget_with_variants(hot);
         }
-        cacache::index::delete(&self.dir, key)?;
+        tombstone(&self.dir, key)?;
         Ok(true)
     }
 
@@ -886,7 +993,9 @@ impl Store {
             if !self.is_current_commit(&parent.key, parent.commit) {
                 return Ok(false);
             }
-            let Some(live) = self.get(&parent.key).filter(|l| l.commit == parent.commit) else { return Ok(false) };
+            let Some(live) = self.get_locked(&parent.key).filter(|l| l.commit == parent.commit) else {
+                return Ok(false);
+            };
             let mut variants: Vec<Arc<Entry>> =
                 live.variants.iter().filter(|v| !built.iter().any(|(c, ..)| v.coding == Some(*c))).cloned().collect();
             for (coding, integrity, size) in built {
@@ -925,7 +1034,7 @@ impl Store {
         if !has_it {
             return Ok(false);
         }
-        let Some(live) = self.get(key).filter(|l| l.commit == commit) else { return Ok(false) };
+        let Some(live) = self.get_locked(key).filter(|l| l.commit == commit) else { return Ok(false) };
         let kept = live.variants.iter().filter(|v| v.coding != Some(coding)).cloned().collect();
         let tried = live.compress_tried().load(Relaxed) & !coding.bit();
         self.reindex(&live, &Arc::new(live.successor(kept, tried)))?;
@@ -1019,9 +1128,11 @@ impl Store {
     }
 
     /// Removes the entries selected by `which` (content is left to the collector). Returns
-    /// the removed keys. While the index loads, the entries it has not reached yet are
-    /// removed as it reaches them (and a request for one meanwhile is a miss): a purge is
-    /// whole from the moment it returns.
+    /// the removed keys. While the index loads, a key is first looked up in its bucket; a
+    /// purge by batch or of everything removes what is loaded at once, makes the load (and
+    /// requests) remove what they reach that it covers, and returns once the load ended, so
+    /// that the purge is on disk when it returns (a restart would otherwise load the lines it
+    /// had not reached). The removed keys it names are those memory held when it started.
     pub async fn purge(self: &Arc<Self>, which: Purge) -> Result<Vec<String>, StoreError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -1029,12 +1140,16 @@ impl Store {
                 let _ = this.get(k); // loads it from its bucket if the load has not reached it
             }
             this.record_purge(&which);
-            let keys = this.keys_of(&which);
             let mut removed = Vec::new();
-            for k in keys {
+            for k in this.keys_of(&which) {
                 if this.unpublish_sync(&k, None, "purge")? {
                     removed.push(k);
                 }
+            }
+            // What the load reaches from here on it removes (durably) if the purge covers it;
+            // what memory holds of the batch by then was committed after the purge: kept.
+            if !matches!(which, Purge::Key(_)) && !this.is_loaded() && !this.wait_loaded() {
+                return Err(StoreError::IndexIncomplete);
             }
             if !removed.is_empty() {
                 tracing::info!(count = removed.len(), ?which, "purged");
@@ -1381,61 +1496,97 @@ fn wait_while_held(store: &Weak<Store>, dir: &Path) -> bool {
 
 /// Loads the index of the store `store` points to into memory, a bucket at a time, in the
 /// background (see [`Store::open`]); stops early if the store is dropped. Logs its progress.
+/// A directory or bucket that cannot be read is tried again a few times; if one still cannot,
+/// the load never counts as done: keys are still looked up in their buckets when memory lacks
+/// them, and the collector stays off (it would take their content for unreferenced).
 fn load_index(store: Weak<Store>) {
     let Some(root) = store.upgrade().map(|s| s.dir.clone()) else { return };
-    let mut tops: Vec<PathBuf> = read_dirs(&root.join("index-v5"));
-    tops.sort();
     let mut last_log = std::time::Instant::now();
-    let (mut added, mut failed) = (0u64, 0u64);
-    for top in tops {
-        if !wait_while_held(&store, &root) {
-            return;
+    // What could not be read: directories (to list) and buckets (to load).
+    let mut todo: Vec<(PathBuf, bool)> = vec![(root.join("index-v5"), true)];
+    let mut failed: Vec<(PathBuf, bool)> = Vec::new();
+    for attempt in 0..LOAD_ATTEMPTS {
+        if attempt > 0 {
+            tracing::warn!(unreadable = todo.len(), attempt, "index load: trying again what could not be read");
+            std::thread::sleep(LOAD_RETRY_PAUSE);
         }
-        for sub in read_dirs(&top) {
-            let Ok(read) = std::fs::read_dir(&sub) else { continue };
-            for bucket in read.flatten() {
-                let Some(store) = store.upgrade() else { return };
-                match store.load_bucket(&bucket.path()) {
-                    Ok(n) => added += n,
-                    Err(e) => {
-                        failed += 1;
-                        tracing::warn!(bucket = %bucket.path().display(), error = %e, "index bucket unreadable; its entries are not loaded");
-                    }
+        while let Some((path, is_dir)) = todo.pop() {
+            if !wait_while_held(&store, &root) {
+                return;
+            }
+            let Some(store) = store.upgrade() else { return };
+            if !is_dir {
+                if let Err(e) = store.load_bucket(&path) {
+                    tracing::warn!(bucket = %path.display(), error = %e, "index bucket unreadable");
+                    failed.push((path, false));
+                }
+                continue;
+            }
+            let first_level = path.parent() == Some(root.join("index-v5").as_path());
+            match std::fs::read_dir(&path).and_then(|r| r.collect::<io::Result<Vec<_>>>()) {
+                Ok(children) => {
+                    let mut children: Vec<(PathBuf, bool)> = children
+                        .into_iter()
+                        .map(|e| {
+                            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                            (e.path(), is_dir)
+                        })
+                        .collect();
+                    // Popped from the end: sorted backwards, the first directory goes first.
+                    children.sort_by(|a, b| b.0.cmp(&a.0));
+                    todo.extend(children);
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %path.display(), error = %e, "index directory unreadable");
+                    failed.push((path, true));
+                }
+            }
+            // A first-level directory (of 256) done: progress.
+            if first_level {
+                let entries = store.len();
+                let dirs_done = {
+                    let mut load = store.load.lock().expect("load lock");
+                    load.dirs_done += 1;
+                    load.dirs_done
+                };
+                if last_log.elapsed() >= Duration::from_secs(5) {
+                    last_log = std::time::Instant::now();
+                    tracing::info!(entries, progress = format!("{:.0}%", dirs_done as f64 / 2.56), "loading the index");
                 }
             }
         }
-        let Some(store) = store.upgrade() else { return };
-        let mut load = store.load.lock().expect("load lock");
-        load.dirs_done += 1;
-        load.entries = added;
-        if last_log.elapsed() >= Duration::from_secs(5) {
-            last_log = std::time::Instant::now();
-            tracing::info!(
-                entries = store.len(),
-                progress = format!("{:.0}%", load.dirs_done as f64 / 2.56),
-                "loading the index"
-            );
+        if failed.is_empty() {
+            break;
         }
-    }
-    if !wait_while_held(&store, &root) {
-        return;
+        todo = std::mem::take(&mut failed);
     }
     let Some(store) = store.upgrade() else { return };
-    {
-        // Under index_write: a request or purge either saw the load running or sees it done.
+    if !todo.is_empty() {
+        tracing::error!(
+            unreadable = todo.len(),
+            "index load incomplete: keys there are looked up in their buckets when asked for, and the collector stays off until a restart loads them"
+        );
+        store.load.lock().expect("load lock").gave_up = true;
+        store.loaded.notify_all();
+        return;
+    }
+    if !wait_while_held(&Arc::downgrade(&store), &root) {
+        return;
+    }
+    let took_ms = {
+        // Under index_write and the index lock: a request or purge either saw the load running
+        // or sees it done with every key in.
         let _w = store.index_write.lock().expect("index write lock");
+        let _index = store.index.write().expect("index lock");
         let mut load = store.load.lock().expect("load lock");
         load.done = true;
         load.purges = Vec::new();
+        load.dirs_done = 256;
         load.took_ms = load.started.map_or(0, |t| t.elapsed().as_millis() as u64);
-        tracing::info!(
-            entries = store.len(),
-            bytes = store.bytes(),
-            unreadable_buckets = failed,
-            took_ms = load.took_ms,
-            "index loaded"
-        );
-    }
+        store.is_loaded.store(true, std::sync::atomic::Ordering::Release);
+        load.took_ms
+    };
+    tracing::info!(entries = store.len(), bytes = store.bytes(), took_ms, "index loaded");
     store.loaded.notify_all();
     // Entries the load added may take the store over its cap.
     if let Err(e) = store.enforce_max_size_sync(None) {
@@ -1443,10 +1594,23 @@ fn load_index(store: Weak<Store>) {
     }
 }
 
-/// The subdirectories of `dir`.
-fn read_dirs(dir: &Path) -> Vec<PathBuf> {
-    let Ok(read) = std::fs::read_dir(dir) else { return Vec::new() };
-    read.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect()
+/// Appends a tombstone for `key` to its bucket and fsyncs it: a removal survives a crash.
+fn tombstone(dir: &Path, key: &str) -> io::Result<()> {
+    cacache::index::delete(dir, key).map_err(io::Error::other)?;
+    sync_file_and_dirs(&bucket_path(dir, key), dir)
+}
+
+/// How many times the load tries what it could not read, and the pause between tries.
+const LOAD_ATTEMPTS: usize = 5;
+const LOAD_RETRY_PAUSE: Duration = Duration::from_secs(2);
+
+/// Whether the file at `path` is provably not `size` bytes (missing, or another size); an
+/// error that proves nothing (a full file table) says it is.
+fn file_is_not(path: &Path, size: u64) -> bool {
+    match std::fs::metadata(path) {
+        Ok(m) => m.len() != size,
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
+    }
 }
 
 /// Takes the directory's lock file, or says who holds it.
@@ -1861,13 +2025,25 @@ mod tests {
         assert!(!store.is_loaded());
         assert_eq!(std::fs::read(&store.get("a").expect("read from its bucket").path).unwrap(), b"a");
         assert!(store.get("never").is_none());
-        // meta() is batch L1: every entry is covered, "a" loaded, "b" and "c" not yet.
-        assert_eq!(store.purge(Purge::LoteId("L1".into())).await.unwrap(), ["a"]);
+        // meta() is batch L1: every entry is covered, "a" loaded, "b" and "c" not yet. The
+        // purge removes "a" at once, and returns once the load has removed the others.
+        let purge = tokio::spawn({
+            let store = store.clone();
+            async move { store.purge(Purge::LoteId("L1".into())).await }
+        });
+        for _ in 0..500 {
+            if store.purge_epoch() > 0 && store.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(store.is_empty(), "the loaded entry was not removed at once");
         assert!(store.get("b").is_none(), "a purged entry is never served, loaded or not");
         assert!(matches!(store.gc().await, Err(StoreError::Loading)));
+        assert!(!purge.is_finished(), "the purge returned before the load ended");
         drop(hold);
-        let s = store.clone();
-        tokio::task::spawn_blocking(move || s.wait_loaded()).await.unwrap();
+        assert_eq!(purge.await.unwrap().unwrap(), ["a"]);
+        assert!(store.is_loaded());
         assert!(store.is_empty(), "the load brought back a purged entry");
         drop(store);
         let reopened = Store::open_loaded(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();

@@ -98,37 +98,59 @@ async fn a_purge_during_the_index_load_covers_entries_the_load_has_not_reached()
     let dir = tempfile::tempdir().unwrap();
     stored(&origin, dir.path(), &["IL-4", "IL-5", "IL-6"]).await;
 
+    // Both batches are processed again: their stored documents are old from here on.
+    let new = ["IL-4", "IL-5"].map(|id| (id, origin.bump_version(id)));
     let hold = hold_index_load(dir.path());
     let proxy = proxy_on(&origin, dir.path()).await;
-    // By batch id (not loaded: its bucket is read by the loader later), and by key.
-    let purged = admin(proxy.admin_addr(), Method::POST, "/purge", Some(TOKEN), r#"{"lote_id":"IL-4"}"#).await;
-    assert_eq!(purged.json()["removed"], serde_json::json!(["IL-4_resultados.json"]));
+    // By key: the key is read from its bucket and removed at once.
     let by_key = admin(proxy.admin_addr(), Method::DELETE, "/entries/IL-5_resultados.json", Some(TOKEN), "").await;
     assert_eq!(by_key.json()["removed"], serde_json::json!(["IL-5_resultados.json"]));
+    // By batch: what is loaded goes at once; the purge returns once the load ended, having
+    // removed what it reached, so that the purge is on disk when it returns. A copy stored
+    // after the purge started stays.
+    let admin_addr = proxy.admin_addr();
+    // Each purge records itself twice (the admin API, then the store): the batch purge has
+    // started removing once the epoch moved by two from here.
+    let before = proxy.store().purge_epoch();
+    let purge =
+        tokio::spawn(
+            async move { admin(admin_addr, Method::POST, "/purge", Some(TOKEN), r#"{"lote_id":"IL-4"}"#).await },
+        );
+    let store = proxy.store().clone();
+    let recorded = crate::support::wait_until(Duration::from_secs(10), || {
+        store.purge_epoch() >= before + 2 && !store.holds("batch-results", "IL-4_resultados.json")
+    })
+    .await;
+    drop(store); // (the restart below takes the directory's lock)
+    assert!(recorded, "the purge by batch did not start");
 
-    // Both are misses now, during the load: the origin generates them again.
-    for id in ["IL-4", "IL-5"] {
+    // Both are misses now, during the load: the origin generates the new documents.
+    for (id, version) in new {
         let got = get(proxy.local_addr(), &batch(id)).await;
-        assert_eq!(got.bytes(), &document(id));
+        assert_eq!(got.bytes(), &origin.document_version(id, version));
         assert!(got.cache_status().contains("fwd=uri-miss"), "{id}: {}", got.cache_status());
         assert_eq!(origin.generations(id), 2, "{id}");
     }
-    // A second purge of IL-4 removes the copy just stored; the load must not bring back the
-    // one stored before the restart either.
-    admin(proxy.admin_addr(), Method::POST, "/purge", Some(TOKEN), r#"{"lote_id":"IL-4"}"#).await;
-    drop(hold);
-    assert!(crate::support::wait_until(Duration::from_secs(10), || proxy.store().is_loaded()).await);
-    assert!(proxy.store().get("IL-4_resultados.json").is_none(), "the load resurrected a purged entry");
-    assert!(proxy.store().get("IL-5_resultados.json").is_some(), "the copy stored after the purge stays");
-    assert!(proxy.store().get("IL-6_resultados.json").is_some(), "an entry no purge covers is loaded");
-    proxy.shutdown(Duration::from_secs(1)).await;
-
-    // And the purge is on disk: a restart does not find the old entry either.
-    let proxy = proxy_on(&origin, dir.path()).await;
-    let got = get(proxy.local_addr(), &batch("IL-4")).await;
-    assert!(got.cache_status().contains("fwd=uri-miss"), "{}", got.cache_status());
-    assert_eq!(origin.generations("IL-4"), 3);
     let got = get(proxy.local_addr(), &batch("IL-6")).await;
     assert!(got.cache_status().starts_with("lotecache; hit"), "{}", got.cache_status());
-    assert_eq!(origin.generations("IL-6"), 1);
+    assert!(!purge.is_finished(), "the purge by batch returned before the load ended");
+
+    drop(hold);
+    let purged = purge.await.unwrap();
+    assert_eq!(purged.json()["removed"], serde_json::json!(["IL-4_resultados.json"]));
+    assert!(proxy.store().is_loaded());
+    // The copies stored after the purges stay, and so does the entry no purge covers.
+    for id in ["IL-4", "IL-5", "IL-6"] {
+        assert!(proxy.store().holds("batch-results", &format!("{id}_resultados.json")), "{id}");
+    }
+    proxy.shutdown(Duration::from_secs(1)).await;
+
+    // The purges are on disk: a restart serves the new documents, never the old ones.
+    let proxy = proxy_on(&origin, dir.path()).await;
+    for (id, version) in new {
+        let got = get(proxy.local_addr(), &batch(id)).await;
+        assert!(got.cache_status().starts_with("lotecache; hit"), "{id}: {}", got.cache_status());
+        assert_eq!(got.bytes(), &origin.document_version(id, version), "{id}: the old document came back");
+    }
+    assert_eq!((origin.generations("IL-4"), origin.generations("IL-5"), origin.generations("IL-6")), (2, 2, 1));
 }
