@@ -10,7 +10,9 @@
 #   - resident memory once the index is loaded (RSS), per entry, beside the empty-store RSS,
 #     and again after the random hits (their entries materialized, at most 16384);
 #   - disk used by the store, per entry, beside the documents' own bytes;
-#   - hits on random keys: oha at a fixed rate, p50 / p99 (uncompressed: --disable-compression);
+#   - hits on random keys: oha at a fixed rate, p50 / p99 (uncompressed: --disable-compression),
+#     over a working set of 10,000 keys spread over the store (warmed first), and over every
+#     key (nearly all read from disk for the first time);
 #   - the cache page's requests on the admin port: `GET /entries` sorted by hits (a page of 50)
 #     and searched, and `GET /stats`;
 #   - `cache ls`, `cache verify` and `cache gc` times.
@@ -61,8 +63,8 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null && echo yes 
 now_ms() { date +%s%3N; }
 rss_kib() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
 
-echo "| entries | import s (files/s) | page cache dropped | start → listening ms | start → first hit ms | start → index loaded s | RSS loaded MiB (per entry B) | RSS after hits MiB | disk MiB (per entry KiB; documents KiB) | hit p50 / p99 ms | page: entries by hits / search / stats ms | ls s | verify s | gc s |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| entries | import s (files/s) | page cache dropped | start → listening ms | start → first hit ms | start → index loaded s | RSS loaded MiB (per entry B) | RSS after hits MiB | disk MiB (per entry KiB; documents KiB) | hits, working set of 10k: p50 / p99 ms | hits, every key, cold: p50 / p99 ms | page: entries by hits / search / stats ms | ls s | verify s | gc s |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 EMPTY_RSS=
 for n in "${SIZES[@]}"; do
   saved="$W/saved-$n"; cache="$W/cache-$n"; mkdir -p "$saved"
@@ -108,14 +110,24 @@ PY
   loaded_s=$(python3 -c "print(round(($(now_ms) - $t0) / 1000, 1))")
   rss=$(rss_kib $pid)
   disk_kib=$(du -sk "$cache" | cut -f1)
-  # Random existing keys B-0000000 .. B-(n-1) (n a power of ten): a regex over the id's digits.
-  ids=$(python3 -c "d = len(str($n - 1)); print('0' * (7 - d) + '[0-9]' * d)")
-  regex="http://127[.]0[.]0[.]1:$PORT/download_batch_results/B-$ids"
-  oha -z 10s -q 2000 -c 8 --disable-compression --no-tui --output-format json --rand-regex-url "$regex" > "$W/oha-$n.json" 2>/dev/null || true
+  # Hits, two ways. Every key: random ids B-0000000 .. B-(n-1) (n a power of ten: a regex over
+  # the id's digits), nearly all of them read from disk for the first time since the page cache
+  # was dropped. A working set: 10,000 ids spread evenly over the store (every n/10000th),
+  # requested once to warm them, then measured: what the index costs as the store grows.
+  hits() { # REGEX OUT
+    oha -z 10s -q 2000 -c 8 --disable-compression --no-tui --output-format json --rand-regex-url "$1" > "$2" 2>/dev/null || true
+    jq -r '"\(.latencyPercentiles.p50*1000*100|round/100) / \(.latencyPercentiles.p99*1000*100|round/100) (\(.statusCodeDistribution["200"] // 0) ok)"' "$2"
+  }
+  d=${#n}; d=$((d - 1))  # digits of n - 1
+  every="http://127[.]0[.]0[.]1:$PORT/download_batch_results/B-$(printf '0%.0s' $(seq $((7 - d))))$(printf '[0-9]%.0s' $(seq $d))"
+  zeros=$((d - 4))
+  working="http://127[.]0[.]0[.]1:$PORT/download_batch_results/B-$(printf '0%.0s' $(seq $((7 - d))))[0-9][0-9][0-9][0-9]$(printf '0%.0s' $(seq $zeros) | head -c $zeros)"
+  cold=$(hits "$every" "$W/oha-every-$n.json")
+  oha -n 40000 -c 8 --disable-compression --no-tui --rand-regex-url "$working" > /dev/null 2>&1 || true
+  warm=$(hits "$working" "$W/oha-working-$n.json")
   page_ms() { curl -s -o /dev/null -w '%{time_total}' "http://127.0.0.1:$ADMIN$1" | awk '{printf "%.0f", $1 * 1000}'; }
   page="$(page_ms '/entries?sort=hits&order=desc&limit=50') / $(page_ms '/entries?q=B-00012&limit=50') / $(page_ms '/stats')"
   rss_hits=$(rss_kib $pid)
-  read -r p50 p99 ok < <(jq -r '[.latencyPercentiles.p50*1000, .latencyPercentiles.p99*1000, (.statusCodeDistribution["200"] // 0)] | @tsv' "$W/oha-$n.json")
   kill $pid; wait $pid 2>/dev/null || true
   t0=$(now_ms); "$BIN" cache ls --cache-dir "$cache" --json > /dev/null; ls_s=$(python3 -c "print(round(($(now_ms) - $t0) / 1000, 2))")
   t0=$(now_ms); "$BIN" cache verify --cache-dir "$cache" > /dev/null; verify_s=$(python3 -c "print(round(($(now_ms) - $t0) / 1000, 2))")
@@ -124,7 +136,7 @@ PY
 n, rss, empty, disk, docs = $n, $rss, $EMPTY_RSS, $disk_kib, $docs_kib
 print(f"| {n} | $import_s ({n / max($import_s, 0.001):.0f}) | $dropped | $listening | $first_hit | $loaded_s | "
       f"{rss / 1024:.0f} ({(rss - empty) * 1024 / n:.0f}) | {$rss_hits / 1024:.0f} | {disk / 1024:.0f} ({disk / n:.1f}; {docs / n:.1f}) | "
-      f"{float('$p50'):.2f} / {float('$p99'):.2f} ($ok ok) | $page | $ls_s | $verify_s | $gc_s |")
+      f"$warm | $cold | $page | $ls_s | $verify_s | $gc_s |")
 PY
   rm -rf "$cache"
 done

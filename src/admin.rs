@@ -79,8 +79,11 @@ impl Admin {
                 }
             }
             (&Method::GET, ["entries", key]) => match self.state.cache.store.lookup(&decode(key)).await {
-                Some(e) => reply(StatusCode::OK, entry_json(&EntrySummary::from(e.as_ref()))),
-                None => error(StatusCode::NOT_FOUND, "no such entry", &format!("no entry under key {:?}", decode(key))),
+                Ok(Some(e)) => reply(StatusCode::OK, entry_json(&EntrySummary::from(e.as_ref()))),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "store unreadable", &e.to_string()),
+                Ok(None) => {
+                    error(StatusCode::NOT_FOUND, "no such entry", &format!("no entry under key {:?}", decode(key)))
+                }
             },
             (&Method::DELETE, ["entries", key]) => {
                 if let Some(refusal) = self.refuse_unauthorized(&req) {
@@ -289,7 +292,7 @@ impl Admin {
             (_, false) | (Purge::All, _) => Vec::new(),
             (Purge::LoteId(id), true) => vec![id.clone()],
             (Purge::Key(k), true) => {
-                let stored = self.state.cache.store.lookup(k).await.map(|e| e.lote_id.clone());
+                let stored = self.state.cache.store.lookup(k).await.ok().flatten().map(|e| e.lote_id.clone());
                 stored.or_else(|| self.state.rules.load().lote_id_of_key(k)).into_iter().collect()
             }
         };
@@ -357,6 +360,10 @@ impl Admin {
             }
             Ok(removed) => {
                 let mut body = json!({ "removed": removed });
+                if !self.state.cache.store.is_loaded() {
+                    // `removed` names what memory held; the load removes the rest it covers.
+                    body["index_loading"] = json!(true);
+                }
                 // Not after a shared removal that failed: the warm would copy the old record
                 // straight back.
                 let shared_ok = shared_result.as_ref().is_none_or(|(_, failed)| failed.is_empty());
@@ -374,9 +381,6 @@ impl Admin {
                     }
                 }
                 reply(status, body)
-            }
-            Err(e @ StoreError::IndexIncomplete) => {
-                error(StatusCode::SERVICE_UNAVAILABLE, "purge incomplete", &e.to_string())
             }
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "purge failed", &e.to_string()),
         }

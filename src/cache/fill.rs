@@ -15,7 +15,7 @@ use super::entry::{Entry, EntryMeta};
 use super::policy::{storability, Storability};
 use super::shared::SharedStore;
 use super::status::{CacheStatus, NotStored};
-use super::store::{Expect, Store};
+use super::store::{Expect, InMemory, Store};
 use super::tier::{copy_in, Record, Tier, TierError};
 use super::validate::{OnFail, StreamingValidator, Verdict};
 use crate::body::{BoxError, ProxyBody};
@@ -280,6 +280,8 @@ pub enum Lookup {
     Closed(watch::Receiver<FillState>),
     /// No fill may start now: too many wait for a slot already.
     Busy(ProxyError),
+    /// The entry is stored but not built in memory: look it up, then call again.
+    LookAgain,
 }
 
 /// What a fill needs to run.
@@ -355,8 +357,10 @@ impl Fills {
         let mut inflight = self.inflight.lock().expect("fills lock");
         // Memory only (no wait on a commit, no bucket read for an absent key, under this lock):
         // the caller looked the key up first.
-        if let Some(entry) = store.get_loaded_for(rule, key).filter(|e| is_fresh(e)) {
-            return Lookup::Stored(entry);
+        match store.get_loaded_for(rule, key) {
+            InMemory::Entry(entry) if is_fresh(&entry) => return Lookup::Stored(entry),
+            InMemory::Entry(_) | InMemory::Absent => {}
+            InMemory::LookUp => return Lookup::LookAgain,
         }
         let fill_key = (rule.to_string(), key.to_string());
         if let Some(fill) = inflight.get(&fill_key) {
@@ -521,7 +525,8 @@ async fn run(
     if let Some(shared) = &shared {
         if promote(shared, &store, &job.rule, &job.key, &job.lote_id, job.ttl, job.validation.as_ref()).await {
             // The shared store keeps identity only: this replica builds its own variants.
-            if let (Some(c), Some(entry)) = (&job.compress, store.lookup_for(&job.rule, &job.key).await) {
+            if let (Some(c), Some(entry)) = (&job.compress, store.lookup_for(&job.rule, &job.key).await.ok().flatten())
+            {
                 c.submit(&entry);
             }
             fill.state.send_modify(|s| s.end = FillEnd::Promoted);

@@ -48,6 +48,9 @@ pub struct Slot {
     pub hot: Option<Arc<Entry>>,
     /// Whether the store's queue of hot entries holds this slot (once at most).
     pub queued: bool,
+    /// Which publication of the key this slot is (a successor with other variants is a new
+    /// one): an entry is made hot only in the slot it was built from.
+    pub generation: u32,
 }
 
 /// A slot's batch id: a span of its key when the key contains it (the usual case, as
@@ -104,6 +107,7 @@ impl Slot {
             state: entry.state.clone(),
             hot: None,
             queued: false,
+            generation: 0,
         }
     }
 
@@ -201,6 +205,7 @@ impl Line {
             state: EntryState::new(self.time as u64, tried),
             hot: None,
             queued: false,
+            generation: 0,
         }
     }
 }

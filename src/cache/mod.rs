@@ -78,29 +78,39 @@ impl Cache {
     /// (a refusal or an error from the backend is not).
     pub fn warm(&self, target: &CacheTarget) -> Warmed {
         let is_fresh = |e: &Entry| target.is_fresh(e.stored_at_ms);
-        if self.store.get_for(&target.rule, &target.key).is_some_and(|e| is_fresh(&e)) {
-            return Warmed::Stored;
+        // None: stored, and left memory meanwhile: look again.
+        (0..3).find_map(|_| self.warm_once(target, is_fresh)).unwrap_or(Warmed::Stored)
+    }
+
+    /// One round of [`Cache::warm`]; None: look again.
+    fn warm_once(&self, target: &CacheTarget, is_fresh: impl Fn(&Entry) -> bool) -> Option<Warmed> {
+        match self.store.get_for(&target.rule, &target.key) {
+            Ok(Some(e)) if is_fresh(&e) => return Some(Warmed::Stored),
+            Ok(_) => {}
+            // Unknown whether it is stored: not generated again on a guess.
+            Err(e) => return Some(Warmed::Busy(format!("the store's index could not be read: {e}"))),
         }
         // Warms take only free fill slots: they never queue ahead of users' clicks. They run
         // on the admin thread, whose own slots are `max_fills_per_worker`: the smaller bound.
         let config = self.fills.config();
         let free = config.max_fills.min(config.max_fills_per_worker);
         if self.fills.len() >= free {
-            return Warmed::Busy(format!(
+            return Some(Warmed::Busy(format!(
                 "{free} fills are under way (cache.max_fills = {}, cache.max_fills_per_worker = {}); a warm queues behind none: try again shortly",
                 config.max_fills, config.max_fills_per_worker
-            ));
+            )));
         }
         let lookup = self.fills.join_or_start(&self.store, &self.origin, &target.rule, &target.key, is_fresh, || {
             self.fill_job_for(None, target)
         });
-        match lookup {
+        Some(match lookup {
             Lookup::Stored(_) => Warmed::Stored,
             // The fill runs on without its subscriber (it is detached from every client).
             Lookup::Started(_) => Warmed::Started,
             Lookup::Joined(_) | Lookup::Closed(_) => Warmed::InFlight,
             Lookup::Busy(e) => Warmed::Busy(e.detail()),
-        }
+            Lookup::LookAgain => return None,
+        })
     }
 
     /// Stops the background work that holds the store: the compression pool.
@@ -157,7 +167,11 @@ impl Cache {
         let is_fresh = |e: &Entry| target.is_fresh(e.stored_at_ms);
         // An expired entry is kept aside: it is served if the refetch fails (stale-if-error).
         let mut stale = None;
-        if let Some(entry) = self.store.lookup_for(&target.rule, &target.key).await {
+        let stored = match self.store.lookup_for(&target.rule, &target.key).await {
+            Ok(stored) => stored,
+            Err(e) => return unreadable_index(e),
+        };
+        if let Some(entry) = stored {
             if !is_fresh(&entry) {
                 stale = target.stale_if_error.then_some(entry);
             } else {
@@ -180,7 +194,9 @@ impl Cache {
         for _ in 0..3 {
             // Brings the entry into memory (a file read, off this thread) so that the check
             // under the fill registry's lock below finds it there.
-            let _ = self.store.lookup(&target.key).await;
+            if let Err(e) = self.store.lookup(&target.key).await {
+                return unreadable_index(e);
+            }
             let lookup =
                 self.fills.join_or_start(&self.store, &self.origin, &target.rule, &target.key, is_fresh, || {
                     self.fill_job(&req, target, peer)
@@ -201,6 +217,7 @@ impl Cache {
                 }
                 Lookup::Started(sub) => (sub, None, true),
                 Lookup::Joined(sub) => (sub, Some(CacheStatus::Collapsed), false),
+                Lookup::LookAgain => continue,
                 Lookup::Busy(err) => {
                     // No fill may start: an expired entry kept for stale-if-error serves instead.
                     let resp = err.to_response(Some(CacheStatus::NotStored(NotStored::Failed(err.token()))));
@@ -428,7 +445,7 @@ impl Cache {
             }
             Ok(()) => {
                 // Read to its end: the fill committed (or declined) the entry by now.
-                if let Some(entry) = self.store.lookup_for(&target.rule, &target.key).await {
+                if let Ok(Some(entry)) = self.store.lookup_for(&target.rule, &target.key).await {
                     if let Served::Response(mut hit) = self.serve_hit(entry, &HitConditions::default()).await {
                         if let Some(cs) = cs.filter(|_| hit.status().is_success()) {
                             cs.set_on(&mut hit);
@@ -698,4 +715,11 @@ fn hit_headers(entry: &Entry) -> HeaderMap {
     let age_s = (crate::clock::now_ms().saturating_sub(entry.stored_at_ms) / 1000) as u64;
     h.insert(header::AGE, HeaderValue::from(age_s));
     h
+}
+
+/// The answer when the store's index could not be read for a request: `503`, never a fill (the
+/// batch may well be stored; generating it again on a guess is what the cache is for avoiding).
+fn unreadable_index(e: store::StoreError) -> Response<ProxyBody> {
+    let err = ProxyError::StoreUnavailable { detail: format!("the store's index could not be read: {e}") };
+    err.to_response(Some(CacheStatus::HitFailed(err.token())))
 }

@@ -59,6 +59,11 @@ pub enum StoreError {
 /// Name of the lock file that marks a cache directory as owned by one process.
 pub const LOCK_FILE: &str = "lotecache.lock";
 
+/// Purges made while the index was loading, one JSON line each (fsynced before the purge
+/// answers): the next load removes what they cover if this one did not finish. Removed when a
+/// load ends, having removed it all.
+const PENDING_PURGES: &str = "purges-pending.jsonl";
+
 /// The store of one cache directory.
 pub struct Store {
     dir: PathBuf,
@@ -162,7 +167,21 @@ enum Materialized {
     Gone,
     /// The line and the slot disagree, or the slot changed meanwhile.
     Mismatch,
+    /// The bucket could not be read: nothing is known.
+    Failed(io::Error),
 }
+
+/// What [`Store::get_loaded_for`] finds in memory.
+#[derive(Debug)]
+pub enum InMemory {
+    Entry(Arc<Entry>),
+    Absent,
+    /// Stored, but not built in memory (or changing): look it up, then check again.
+    LookUp,
+}
+
+/// Second chances [`Store::made_hot`] gives at most per call.
+const SECOND_CHANCES: usize = 8;
 
 /// One content file of a live entry: its body or one of its variants, as the scrubber and
 /// `evict_file` name it.
@@ -293,6 +312,13 @@ impl Store {
         std::fs::create_dir_all(dir.join("index-v5"))?;
         let lock = lock_dir(&dir)?;
         let swept = sweep_tmp(&dir);
+        let pending = read_pending_purges(&dir);
+        if !pending.is_empty() {
+            tracing::warn!(
+                purges = pending.len(),
+                "purges made during an unfinished index load: the load applies them"
+            );
+        }
         metrics.store_bytes.set(0);
         metrics.store_entries.set(0);
         metrics.store_max_bytes.set(max_size as i64);
@@ -304,7 +330,11 @@ impl Store {
             hot: Mutex::default(),
             hot_max: std::sync::atomic::AtomicUsize::new(HOT_ENTRIES),
             rule_names: Mutex::default(),
-            load: Mutex::new(LoadState { started: Some(std::time::Instant::now()), ..LoadState::default() }),
+            load: Mutex::new(LoadState {
+                started: Some(std::time::Instant::now()),
+                purges: pending,
+                ..LoadState::default()
+            }),
             loaded: Condvar::new(),
             is_loaded: std::sync::atomic::AtomicBool::new(false),
             index_write: Mutex::new(()),
@@ -378,34 +408,55 @@ impl Store {
         let lines = super::index::read_bucket(bucket)?;
         let purges = self.load.lock().expect("load lock").purges.clone();
         let mut new = Vec::new();
+        // A failed write (a tombstone, a line without a missing variant) leaves the entry out
+        // of memory, or in it without the variant, and is logged: the next load tries again.
+        // Only a bucket that cannot be read is an error.
+        let write_failed = |key: &str, e: &dyn std::fmt::Display| {
+            tracing::warn!(key, error = %e, "index write at load failed; tried again at the next load");
+        };
         for (key, state) in lines {
             let KeyState::Live(mut line) = state else { continue };
+            if bucket_path(&self.dir, &key) != bucket {
+                continue; // a stray file (a compaction's leftover): not this key's bucket
+            }
             if self.index.read().expect("index lock").contains_key(key.as_str()) {
                 continue; // committed since this process started: memory is newer
             }
             if purges.iter().any(|p| p.covers(&key, &line.meta.lote_id)) {
                 tracing::info!(key = %key, "removed at load: a purge made while loading covers it");
-                tombstone(&self.dir, &key)?;
+                if let Err(e) = tombstone(&self.dir, &key) {
+                    write_failed(&key, &e);
+                }
                 continue;
             }
             if file_is_not(&content_path(&self.dir, &integrity_of(&line.sha256)), line.size) {
                 tracing::warn!(key = %key, "content missing or wrong size; entry dropped");
-                tombstone(&self.dir, &key)?;
+                if let Err(e) = tombstone(&self.dir, &key) {
+                    write_failed(&key, &e);
+                }
                 continue;
             }
-            let before = line.meta.variants.len();
+            let before = line.meta.variants.clone();
             line.meta.variants.retain(|v| {
                 v.integrity.parse().is_ok_and(|sri: Integrity| !file_is_not(&content_path(&self.dir, &sri), v.size))
             });
-            if line.meta.variants.len() != before {
+            if line.meta.variants.len() != before.len() {
                 tracing::warn!(key = %key, "a compressed variant's file is missing or wrong size; variant dropped");
-                let opts = cacache::WriteOpts::new()
-                    .integrity(integrity_of(&line.sha256))
-                    .size(line.size as usize)
-                    .time(line.time)
-                    .metadata(serde_json::to_value(&line.meta).map_err(io::Error::other)?);
-                cacache::index::insert(&self.dir, &key, opts).map_err(io::Error::other)?;
-                sync_file_and_dirs(bucket, &self.dir)?;
+                let rewrite = || -> io::Result<()> {
+                    let opts = cacache::WriteOpts::new()
+                        .integrity(integrity_of(&line.sha256))
+                        .size(line.size as usize)
+                        .time(line.time)
+                        .metadata(serde_json::to_value(&line.meta).map_err(io::Error::other)?);
+                    cacache::index::insert(&self.dir, &key, opts).map_err(io::Error::other)?;
+                    sync_file_and_dirs(bucket, &self.dir)
+                };
+                if let Err(e) = rewrite() {
+                    write_failed(&key, &e);
+                    // The line still names the variant: memory says what the line says (see
+                    // `Slot::matches`); a request for it finds the file missing and drops it then.
+                    line.meta.variants = before;
+                }
             }
             new.push((key, line.slot(self.rule_name(&line.meta.rule))));
         }
@@ -430,44 +481,52 @@ impl Store {
 
     /// The live entry under `key`: its materialized entry if it is one of the hot ones, else
     /// built from its slot and its index line (one bucket read). While the index loads, a key
-    /// not in memory yet is looked up in its bucket: never a false miss. May block on a file
-    /// read: async callers use [`Store::lookup`].
-    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
+    /// not in memory yet is looked up in its bucket: never a false miss. An index file that
+    /// cannot be read is an error, never a miss (a miss would have the origin generate a
+    /// stored batch again). May block on a file read: async callers use [`Store::lookup`].
+    pub fn try_get(&self, key: &str) -> Result<Option<Arc<Entry>>, StoreError> {
         self.get_inner(key, false)
     }
 
-    /// [`Store::get`] for a caller holding `index_write` (then the key's slot and bucket
+    /// [`Store::try_get`], an unreadable index file taken for an absent entry (logged): for
+    /// tools and tests.
+    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        self.try_get(key).unwrap_or_else(|e| {
+            tracing::warn!(key, error = %e, "entry unreadable; taken as absent");
+            None
+        })
+    }
+
+    /// [`Store::try_get`] for a caller holding `index_write` (then the key's slot and bucket
     /// cannot change meanwhile). Only for a key memory holds: a key not loaded yet is none.
-    fn get_locked(&self, key: &str) -> Option<Arc<Entry>> {
+    fn get_locked(&self, key: &str) -> Result<Option<Arc<Entry>>, StoreError> {
         self.get_inner(key, true)
     }
 
-    fn get_inner(&self, key: &str, write_held: bool) -> Option<Arc<Entry>> {
+    fn get_inner(&self, key: &str, write_held: bool) -> Result<Option<Arc<Entry>>, StoreError> {
         loop {
             let commit = {
                 let index = self.index.read().expect("index lock");
                 match index.get(key) {
                     Some(slot) => match &slot.hot {
-                        Some(hot) => return Some(hot.clone()),
+                        Some(hot) => return Ok(Some(hot.clone())),
                         None => Some(slot.commit),
                     },
                     // Read under the same lock: every key the load adds is in before it is
                     // done, so an absent key of a loaded index is absent.
-                    None if self.is_loaded() || write_held => return None,
+                    None if self.is_loaded() || write_held => return Ok(None),
                     None => None,
                 }
             };
             match commit {
                 Some(commit) => return self.materialize(key, commit, write_held),
-                None => match self.load_bucket(&super::index::bucket_path(&self.dir, key)) {
+                None => {
+                    self.load_bucket(&bucket_path(&self.dir, key))?;
                     // Loaded now (or by a commit meanwhile): look again. A key still absent is none.
-                    Ok(_) if self.index.read().expect("index lock").contains_key(key) => continue,
-                    Ok(_) => return None,
-                    Err(e) => {
-                        tracing::warn!(key, error = %e, "index bucket unreadable while the index loads; treated as a miss");
-                        return None;
+                    if !self.index.read().expect("index lock").contains_key(key) {
+                        return Ok(None);
                     }
-                },
+                }
             }
         }
     }
@@ -477,59 +536,64 @@ impl Store {
     /// slot does (a commit or re-index of the key between its line and its slot), again under
     /// `index_write`, where the two agree. None if they still do not: the line was changed
     /// behind the store's back (a fill then stores the document again).
-    fn materialize(&self, key: &str, commit: u64, write_held: bool) -> Option<Arc<Entry>> {
-        match self.try_materialize(key, commit) {
-            Materialized::Entry(e) => Some(e),
-            Materialized::Gone => None,
-            Materialized::Mismatch if write_held => {
-                tracing::warn!(key, "the index line no longer matches the entry in memory; treated as a miss");
-                None
-            }
+    fn materialize(&self, key: &str, commit: u64, write_held: bool) -> Result<Option<Arc<Entry>>, StoreError> {
+        let mismatch = || {
+            tracing::warn!(key, "the index line no longer matches the entry in memory; treated as a miss");
+            Ok(None)
+        };
+        match self.try_materialize(key, Some(commit)) {
+            Materialized::Entry(e) => Ok(Some(e)),
+            Materialized::Gone => Ok(None),
+            Materialized::Failed(e) => Err(e.into()),
+            Materialized::Mismatch if write_held => mismatch(),
             Materialized::Mismatch => {
                 let _w = self.index_write.lock().expect("index write lock");
-                let commit = self.index.read().expect("index lock").get(key)?.commit;
-                match self.try_materialize(key, commit) {
-                    Materialized::Entry(e) => Some(e),
-                    Materialized::Gone => None,
-                    Materialized::Mismatch => {
-                        tracing::warn!(key, "the index line no longer matches the entry in memory; treated as a miss");
-                        None
-                    }
+                match self.try_materialize(key, None) {
+                    Materialized::Entry(e) => Ok(Some(e)),
+                    Materialized::Gone => Ok(None),
+                    Materialized::Failed(e) => Err(e.into()),
+                    Materialized::Mismatch => mismatch(),
                 }
             }
         }
     }
 
-    fn try_materialize(&self, key: &str, commit: u64) -> Materialized {
+    /// One try of [`Store::materialize`], for commit `commit` of the key (any, when None).
+    fn try_materialize(&self, key: &str, commit: Option<u64>) -> Materialized {
         let line = match super::index::read_key(&self.dir, key) {
             Ok(KeyState::Live(line)) => Some(line),
             Ok(KeyState::Gone) => None,
             Err(e) => {
-                tracing::warn!(key, error = %e, "index bucket unreadable; treated as a miss");
-                return Materialized::Gone;
+                tracing::warn!(key, error = %e, "index bucket unreadable");
+                return Materialized::Failed(e);
             }
         };
-        let entry = {
+        let (entry, generation) = {
             let index = self.index.read().expect("index lock");
             let Some(slot) = index.get(key) else { return Materialized::Gone };
             if let Some(hot) = &slot.hot {
                 return Materialized::Entry(hot.clone());
             }
-            if slot.commit != commit {
+            if commit.is_some_and(|c| c != slot.commit) {
                 return Materialized::Mismatch; // replaced meanwhile: look again
             }
             match line.as_ref().filter(|l| slot.matches(key, l)).and_then(|l| slot.materialize(&self.dir, key, l)) {
-                Some(e) => Arc::new(e),
+                Some(e) => (Arc::new(e), slot.generation),
                 None => return Materialized::Mismatch,
             }
         };
         let mut index = self.index.write().expect("index lock");
-        let Some(slot) = index.get_mut(key).filter(|s| s.commit == commit) else { return Materialized::Mismatch };
+        // The very slot it was built from: not a successor published meanwhile (same commit,
+        // other variants).
+        let Some(slot) = index.get_mut(key).filter(|s| s.generation == generation) else {
+            return Materialized::Mismatch;
+        };
         match &slot.hot {
             Some(hot) => Materialized::Entry(hot.clone()),
             None => {
                 slot.hot = Some(entry.clone());
                 let queued = std::mem::replace(&mut slot.queued, true);
+                let commit = slot.commit;
                 drop(index);
                 if !queued {
                     self.made_hot(key, commit, entry.hits());
@@ -540,20 +604,21 @@ impl Store {
     }
 
     /// Queues `key`'s slot (commit `commit`), which holds a materialized entry now, and drops
-    /// the oldest ones beyond [`HOT_ENTRIES`] (one hit since it joined earns another round).
-    /// Each slot is in the queue at most once (`Slot::queued`); an entry of a slot since
-    /// replaced by another commit, or removed, is passed over.
+    /// the oldest ones beyond [`HOT_ENTRIES`]: one hit since it joined earns another round, a
+    /// few per call at most (so that one call never walks the whole queue). Each slot is in the
+    /// queue at most once (`Slot::queued`); an item of a slot since replaced by another
+    /// commit, or removed, is passed over.
     fn made_hot(&self, key: &str, commit: u64, hits: u64) {
         let mut hot = self.hot.lock().expect("hot lock");
         hot.push_back((key.into(), commit, hits));
-        let mut budget = hot.len();
-        while hot.len() > self.hot_max.load(Relaxed) && budget > 0 {
-            budget -= 1;
+        let mut second_chances = SECOND_CHANCES;
+        while hot.len() > self.hot_max.load(Relaxed) {
             let Some((k, c, seen)) = hot.pop_front() else { break };
             let mut index = self.index.write().expect("index lock");
             let Some(slot) = index.get_mut(&*k).filter(|s| s.commit == c) else { continue };
             let now = slot.state.hits.load(Relaxed);
-            if now > seen && slot.hot.is_some() {
+            if now > seen && slot.hot.is_some() && second_chances > 0 {
+                second_chances -= 1;
                 drop(index);
                 hot.push_back((k, c, now));
                 continue;
@@ -573,48 +638,48 @@ impl Store {
         }
     }
 
-    /// The live entry of rule `rule` under `key` if memory holds it, without waiting on
-    /// `index_write` or reading a bucket for a key memory lacks (an entry not among the hot
-    /// ones is still built from its line: rare right after a [`Store::lookup`]). For checks
-    /// under another lock; the caller looked the key up first, so that a key the index load
-    /// has not reached is in memory by then.
-    pub fn get_loaded_for(&self, rule: &str, key: &str) -> Option<Arc<Entry>> {
-        let commit = {
-            let index = self.index.read().expect("index lock");
-            let slot = index.get(key).filter(|s| *s.rule == *rule)?;
-            match &slot.hot {
-                Some(hot) => return Some(hot.clone()),
-                None => slot.commit,
-            }
-        };
-        match self.try_materialize(key, commit) {
-            Materialized::Entry(e) => Some(e).filter(|e| e.rule == rule),
-            // Changing right now: the full path, which waits for the change.
-            Materialized::Mismatch => self.get_for(rule, key),
-            Materialized::Gone => None,
+    /// The live entry of rule `rule` under `key` if memory holds it built: a check for under
+    /// another lock (the fill registry's), which never waits on `index_write` nor reads a file.
+    /// The caller looked the key up first ([`Store::lookup`]), so that a key the index load
+    /// has not reached is in memory by then; [`InMemory::LookUp`] asks it to look again
+    /// (the entry is stored but not built, or is changing right now).
+    pub fn get_loaded_for(&self, rule: &str, key: &str) -> InMemory {
+        let index = self.index.read().expect("index lock");
+        match index.get(key) {
+            Some(slot) if *slot.rule != *rule => InMemory::Absent,
+            Some(slot) => match &slot.hot {
+                Some(hot) => InMemory::Entry(hot.clone()),
+                None => InMemory::LookUp,
+            },
+            None if self.is_loaded() => InMemory::Absent,
+            // Not loaded yet: looked up just before, so absent; unless the caller did not.
+            None => InMemory::Absent,
         }
     }
 
-    /// [`Store::get`] from async code: the file read, when one is needed, on a blocking thread.
-    pub async fn lookup(self: &Arc<Self>, key: &str) -> Option<Arc<Entry>> {
+    /// [`Store::try_get`] from async code: the file read, when one is needed, on a blocking
+    /// thread.
+    pub async fn lookup(self: &Arc<Self>, key: &str) -> Result<Option<Arc<Entry>>, StoreError> {
         {
             let index = self.index.read().expect("index lock");
             match index.get(key) {
-                Some(slot) if slot.hot.is_some() => return slot.hot.clone(),
+                Some(slot) if slot.hot.is_some() => return Ok(slot.hot.clone()),
                 // Under the same lock as the look (see `get_inner`).
-                None if self.is_loaded() => return None,
+                None if self.is_loaded() => return Ok(None),
                 _ => {}
             }
         }
         let (this, key) = (self.clone(), key.to_string());
-        tokio::task::spawn_blocking(move || this.get(&key)).await.ok().flatten()
+        tokio::task::spawn_blocking(move || this.try_get(&key))
+            .await
+            .map_err(|e| StoreError::Io(io::Error::other(e)))?
     }
 
     /// The live entry under `key` if rule `rule` stored it: entries are namespaced by rule,
     /// so two rules whose keys happen to coincide never serve each other's documents. May
-    /// block on a file read (see [`Store::get`]).
-    pub fn get_for(&self, rule: &str, key: &str) -> Option<Arc<Entry>> {
-        self.get(key).filter(|e| e.rule == rule)
+    /// block on a file read (see [`Store::try_get`]).
+    pub fn get_for(&self, rule: &str, key: &str) -> Result<Option<Arc<Entry>>, StoreError> {
+        Ok(self.try_get(key)?.filter(|e| e.rule == rule))
     }
 
     /// Whether rule `rule` holds an entry under `key` in memory (no file read: for a loaded
@@ -624,8 +689,8 @@ impl Store {
     }
 
     /// [`Store::get_for`] from async code.
-    pub async fn lookup_for(self: &Arc<Self>, rule: &str, key: &str) -> Option<Arc<Entry>> {
-        self.lookup(key).await.filter(|e| e.rule == rule)
+    pub async fn lookup_for(self: &Arc<Self>, rule: &str, key: &str) -> Result<Option<Arc<Entry>>, StoreError> {
+        Ok(self.lookup(key).await?.filter(|e| e.rule == rule))
     }
 
     /// Every live entry in full, sorted by key: reads each one's index line unless it is in
@@ -866,14 +931,18 @@ impl Store {
     }
 
     /// Records that `which` is being purged. Under `index_write`, so that a commit either
-    /// published before it (and the purge removes the entry) or sees it (and stores nothing).
+    /// published before it (and the purge removes the entry) or sees it (and stores nothing),
+    /// and that the index load either reads a line before it (and the purge finds the entry in
+    /// memory) or after (and removes it, see `load_bucket`).
     pub fn record_purge(&self, which: &Purge) {
         let _w = self.index_write.lock().expect("index write lock");
-        {
-            let mut load = self.load.lock().expect("load lock");
-            if !load.done {
-                load.purges.push(which.clone());
+        if !self.is_loaded() {
+            // Lines the load has not reached are removed as it reaches them; the journal keeps
+            // the purge for the next load should this one not finish.
+            if let Err(e) = append_pending_purge(&self.dir, which) {
+                tracing::error!(error = %e, ?which, "could not journal a purge made during the index load; it holds until this process stops");
             }
+            self.load.lock().expect("load lock").purges.push(which.clone());
         }
         let mut log = self.purges.lock().expect("purge log lock");
         log.epoch += 1;
@@ -928,8 +997,11 @@ impl Store {
         slot.hot = Some(entry.clone());
         let size = slot.stored_bytes();
         let mut index = self.index.write().expect("index lock");
-        // A successor (same commit) keeps its place in the hot queue.
-        slot.queued = index.get(entry.key.as_str()).is_some_and(|o| o.queued && o.commit == slot.commit);
+        // A successor (same commit) keeps its place in the hot queue; every publish is a new
+        // generation of the key's slot.
+        let previous = index.get(entry.key.as_str());
+        slot.queued = previous.is_some_and(|o| o.queued && o.commit == slot.commit);
+        slot.generation = previous.map_or(0, |o| o.generation.wrapping_add(1));
         let queued = slot.queued;
         slot.queued = true;
         let old = index.insert(entry.key.as_str().into(), Box::new(slot));
@@ -993,7 +1065,7 @@ impl Store {
             if !self.is_current_commit(&parent.key, parent.commit) {
                 return Ok(false);
             }
-            let Some(live) = self.get_locked(&parent.key).filter(|l| l.commit == parent.commit) else {
+            let Some(live) = self.get_locked(&parent.key)?.filter(|l| l.commit == parent.commit) else {
                 return Ok(false);
             };
             let mut variants: Vec<Arc<Entry>> =
@@ -1034,7 +1106,7 @@ impl Store {
         if !has_it {
             return Ok(false);
         }
-        let Some(live) = self.get_locked(key).filter(|l| l.commit == commit) else { return Ok(false) };
+        let Some(live) = self.get_locked(key)?.filter(|l| l.commit == commit) else { return Ok(false) };
         let kept = live.variants.iter().filter(|v| v.coding != Some(coding)).cloned().collect();
         let tried = live.compress_tried().load(Relaxed) & !coding.bit();
         self.reindex(&live, &Arc::new(live.successor(kept, tried)))?;
@@ -1129,10 +1201,9 @@ impl Store {
 
     /// Removes the entries selected by `which` (content is left to the collector). Returns
     /// the removed keys. While the index loads, a key is first looked up in its bucket; a
-    /// purge by batch or of everything removes what is loaded at once, makes the load (and
-    /// requests) remove what they reach that it covers, and returns once the load ended, so
-    /// that the purge is on disk when it returns (a restart would otherwise load the lines it
-    /// had not reached). The removed keys it names are those memory held when it started.
+    /// purge by batch or of everything removes what is loaded, and the load (or a request)
+    /// removes what it reaches later that the purge covers; the purge is journaled, so that a
+    /// restart before the load ends applies it again. The removed keys are those memory held.
     pub async fn purge(self: &Arc<Self>, which: Purge) -> Result<Vec<String>, StoreError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -1145,11 +1216,6 @@ impl Store {
                 if this.unpublish_sync(&k, None, "purge")? {
                     removed.push(k);
                 }
-            }
-            // What the load reaches from here on it removes (durably) if the purge covers it;
-            // what memory holds of the batch by then was committed after the purge: kept.
-            if !matches!(which, Purge::Key(_)) && !this.is_loaded() && !this.wait_loaded() {
-                return Err(StoreError::IndexIncomplete);
             }
             if !removed.is_empty() {
                 tracing::info!(count = removed.len(), ?which, "purged");
@@ -1262,7 +1328,7 @@ impl Store {
 }
 
 /// Which entries a purge removes.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Purge {
     All,
@@ -1525,11 +1591,16 @@ fn load_index(store: Weak<Store>) {
             let first_level = path.parent() == Some(root.join("index-v5").as_path());
             match std::fs::read_dir(&path).and_then(|r| r.collect::<io::Result<Vec<_>>>()) {
                 Ok(children) => {
+                    // Only cacache's names: directories of 2 hex digits, buckets of 36 (the
+                    // rest of a sha1); a leftover of an interrupted compaction is not a bucket.
+                    let hex = |name: &std::ffi::OsStr, len: usize| {
+                        name.to_str().is_some_and(|n| n.len() == len && n.bytes().all(|b| b.is_ascii_hexdigit()))
+                    };
                     let mut children: Vec<(PathBuf, bool)> = children
                         .into_iter()
-                        .map(|e| {
+                        .filter_map(|e| {
                             let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-                            (e.path(), is_dir)
+                            hex(&e.file_name(), if is_dir { 2 } else { 36 }).then(|| (e.path(), is_dir))
                         })
                         .collect();
                     // Popped from the end: sorted backwards, the first directory goes first.
@@ -1584,6 +1655,10 @@ fn load_index(store: Weak<Store>) {
         load.dirs_done = 256;
         load.took_ms = load.started.map_or(0, |t| t.elapsed().as_millis() as u64);
         store.is_loaded.store(true, std::sync::atomic::Ordering::Release);
+        // Every line a pending purge covers is removed by now: the journal has done its work.
+        if let Err(e) = remove_pending_purges(&store.dir) {
+            tracing::warn!(error = %e, "could not remove the journal of purges made during the load; the next load applies them again");
+        }
         load.took_ms
     };
     tracing::info!(entries = store.len(), bytes = store.bytes(), took_ms, "index loaded");
@@ -1591,6 +1666,30 @@ fn load_index(store: Weak<Store>) {
     // Entries the load added may take the store over its cap.
     if let Err(e) = store.enforce_max_size_sync(None) {
         tracing::warn!(error = %e, "keeping to max_size after the index load failed");
+    }
+}
+
+/// The purges journaled by an index load that did not finish (a torn last line, from a purge
+/// that never answered, is skipped).
+fn read_pending_purges(dir: &Path) -> Vec<Purge> {
+    let Ok(text) = std::fs::read_to_string(dir.join(PENDING_PURGES)) else { return Vec::new() };
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Journals `which` (see [`PENDING_PURGES`]), durably.
+fn append_pending_purge(dir: &Path, which: &Purge) -> io::Result<()> {
+    use std::io::Write;
+    let path = dir.join(PENDING_PURGES);
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    writeln!(file, "{}", serde_json::to_string(which).map_err(io::Error::other)?)?;
+    sync_file_and_dirs(&path, dir)
+}
+
+fn remove_pending_purges(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_file(dir.join(PENDING_PURGES)) {
+        Ok(()) => std::fs::File::open(dir)?.sync_all(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -1705,9 +1804,13 @@ fn compact_buckets(dir: &Path) -> io::Result<usize> {
             std::fs::remove_file(&bucket)?;
         } else {
             let tmp = bucket.with_extension("compact");
-            std::fs::write(&tmp, kept)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &bucket)?;
+            let replaced = std::fs::write(&tmp, kept)
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &bucket));
+            if let Err(e) = replaced {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
         }
         compacted += 1;
     }
@@ -2026,27 +2129,38 @@ mod tests {
         assert_eq!(std::fs::read(&store.get("a").expect("read from its bucket").path).unwrap(), b"a");
         assert!(store.get("never").is_none());
         // meta() is batch L1: every entry is covered, "a" loaded, "b" and "c" not yet. The
-        // purge removes "a" at once, and returns once the load has removed the others.
-        let purge = tokio::spawn({
-            let store = store.clone();
-            async move { store.purge(Purge::LoteId("L1".into())).await }
-        });
-        for _ in 0..500 {
-            if store.purge_epoch() > 0 && store.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(store.is_empty(), "the loaded entry was not removed at once");
+        // purge removes "a" at once and answers; the load removes the others as it reads them.
+        assert_eq!(store.purge(Purge::LoteId("L1".into())).await.unwrap(), ["a"]);
         assert!(store.get("b").is_none(), "a purged entry is never served, loaded or not");
         assert!(matches!(store.gc().await, Err(StoreError::Loading)));
-        assert!(!purge.is_finished(), "the purge returned before the load ended");
         drop(hold);
-        assert_eq!(purge.await.unwrap().unwrap(), ["a"]);
-        assert!(store.is_loaded());
+        let s = store.clone();
+        assert!(tokio::task::spawn_blocking(move || s.wait_loaded()).await.unwrap());
         assert!(store.is_empty(), "the load brought back a purged entry");
+        assert!(!dir.path().join(PENDING_PURGES).exists(), "the journal outlived the load");
         drop(store);
         let reopened = Store::open_loaded(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
         assert!(reopened.is_empty(), "the purge is on disk");
+    }
+
+    #[tokio::test]
+    async fn a_purge_made_during_a_load_that_never_ends_holds_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_loaded(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        for k in ["a", "b"] {
+            committed(&store, k, k.as_bytes()).await;
+        }
+        drop(store);
+        let hold = hold_index_load(dir.path());
+        let store = Store::open(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        assert!(store.purge(Purge::All).await.unwrap().is_empty(), "nothing was loaded yet");
+        assert!(store.get("a").is_none());
+        // The process stops before its load reaches "b".
+        drop(store);
+        drop(hold);
+        let reopened = Store::open_loaded(dir.path().to_path_buf(), 0, Arc::default()).await.unwrap();
+        assert!(reopened.get("b").is_none(), "a purge made during an unfinished load came back");
+        assert!(reopened.is_empty());
+        assert!(!dir.path().join(PENDING_PURGES).exists(), "applied by the load that finished");
     }
 }

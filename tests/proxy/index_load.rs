@@ -105,24 +105,11 @@ async fn a_purge_during_the_index_load_covers_entries_the_load_has_not_reached()
     // By key: the key is read from its bucket and removed at once.
     let by_key = admin(proxy.admin_addr(), Method::DELETE, "/entries/IL-5_resultados.json", Some(TOKEN), "").await;
     assert_eq!(by_key.json()["removed"], serde_json::json!(["IL-5_resultados.json"]));
-    // By batch: what is loaded goes at once; the purge returns once the load ended, having
-    // removed what it reached, so that the purge is on disk when it returns. A copy stored
-    // after the purge started stays.
-    let admin_addr = proxy.admin_addr();
-    // Each purge records itself twice (the admin API, then the store): the batch purge has
-    // started removing once the epoch moved by two from here.
-    let before = proxy.store().purge_epoch();
-    let purge =
-        tokio::spawn(
-            async move { admin(admin_addr, Method::POST, "/purge", Some(TOKEN), r#"{"lote_id":"IL-4"}"#).await },
-        );
-    let store = proxy.store().clone();
-    let recorded = crate::support::wait_until(Duration::from_secs(10), || {
-        store.purge_epoch() >= before + 2 && !store.holds("batch-results", "IL-4_resultados.json")
-    })
-    .await;
-    drop(store); // (the restart below takes the directory's lock)
-    assert!(recorded, "the purge by batch did not start");
+    // By batch: the rules' key for the batch is brought into memory and removed at once; the
+    // load removes what else it reaches that the purge covers.
+    let purged = admin(proxy.admin_addr(), Method::POST, "/purge", Some(TOKEN), r#"{"lote_id":"IL-4"}"#).await;
+    assert_eq!(purged.json()["removed"], serde_json::json!(["IL-4_resultados.json"]));
+    assert_eq!(purged.json()["index_loading"], true);
 
     // Both are misses now, during the load: the origin generates the new documents.
     for (id, version) in new {
@@ -133,12 +120,9 @@ async fn a_purge_during_the_index_load_covers_entries_the_load_has_not_reached()
     }
     let got = get(proxy.local_addr(), &batch("IL-6")).await;
     assert!(got.cache_status().starts_with("lotecache; hit"), "{}", got.cache_status());
-    assert!(!purge.is_finished(), "the purge by batch returned before the load ended");
 
     drop(hold);
-    let purged = purge.await.unwrap();
-    assert_eq!(purged.json()["removed"], serde_json::json!(["IL-4_resultados.json"]));
-    assert!(proxy.store().is_loaded());
+    assert!(crate::support::wait_until(Duration::from_secs(10), || proxy.store().is_loaded()).await);
     // The copies stored after the purges stay, and so does the entry no purge covers.
     for id in ["IL-4", "IL-5", "IL-6"] {
         assert!(proxy.store().holds("batch-results", &format!("{id}_resultados.json")), "{id}");
@@ -153,4 +137,22 @@ async fn a_purge_during_the_index_load_covers_entries_the_load_has_not_reached()
         assert_eq!(got.bytes(), &origin.document_version(id, version), "{id}: the old document came back");
     }
     assert_eq!((origin.generations("IL-4"), origin.generations("IL-5"), origin.generations("IL-6")), (2, 2, 1));
+}
+
+#[tokio::test]
+async fn an_index_file_that_cannot_be_read_answers_503_and_never_generates_the_batch_again() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    stored(&origin, dir.path(), &["IL-7"]).await;
+    let proxy = proxy_on(&origin, dir.path()).await;
+    assert!(crate::support::wait_until(Duration::from_secs(10), || proxy.store().is_loaded()).await);
+    // Loaded, not yet served (so not built in memory); then its bucket becomes unreadable.
+    let bucket = lotecache::cache::store::bucket_path(dir.path(), "IL-7_resultados.json");
+    std::fs::remove_file(&bucket).unwrap();
+    std::fs::create_dir(&bucket).unwrap();
+    let got = get(proxy.local_addr(), &batch("IL-7")).await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(got.json()["error"], "cache store temporarily unreadable", "{}", got.json());
+    assert!(got.json()["detail"].as_str().unwrap().contains("index could not be read"), "{}", got.json());
+    assert_eq!(origin.generations("IL-7"), 1, "a stored batch was generated again on a guess");
 }
