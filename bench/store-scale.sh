@@ -96,11 +96,11 @@ PY
   rm -rf "$saved"
   if [ -z "$EMPTY_RSS" ]; then  # the empty store's RSS, once
     config $(free_port) $(free_port) "$W/empty" > "$W/empty.toml"; EP=$(grep -o '127.0.0.1:[0-9]*' "$W/empty.toml" | head -1 | cut -d: -f2)
-    "$BIN" serve --config "$W/empty.toml" 2>/dev/null & pid=$!; wait_port $EP; EMPTY_RSS=$(rss_kib $pid); kill $pid; wait $pid 2>/dev/null || true
+    "$BIN" serve --config "$W/empty.toml" 2>/dev/null & pid=$!; PIDS+=($pid); wait_port $EP; EMPTY_RSS=$(rss_kib $pid); kill $pid; wait $pid 2>/dev/null || true
   fi
   dropped=$(drop_caches)
   t0=$(now_ms)
-  "$BIN" serve --config "$W/lc-$n.toml" 2>"$W/serve-$n.log" & pid=$!
+  "$BIN" serve --config "$W/lc-$n.toml" 2>"$W/serve-$n.log" & pid=$!; PIDS+=($pid)
   until (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; do sleep 0.005; done
   listening=$(( $(now_ms) - t0 ))
   first=$(curl -s -o /dev/null -D - "http://127.0.0.1:$PORT/download_batch_results/$(printf 'B-%07d' $((n / 2)))" \
@@ -118,10 +118,10 @@ PY
     oha -z 10s -q 2000 -c 8 --disable-compression --no-tui --output-format json --rand-regex-url "$1" > "$2" 2>/dev/null || true
     jq -r '"\(.latencyPercentiles.p50*1000*100|round/100) / \(.latencyPercentiles.p99*1000*100|round/100) (\(.statusCodeDistribution["200"] // 0) ok)"' "$2"
   }
-  d=${#n}; d=$((d - 1))  # digits of n - 1
-  every="http://127[.]0[.]0[.]1:$PORT/download_batch_results/B-$(printf '0%.0s' $(seq $((7 - d))))$(printf '[0-9]%.0s' $(seq $d))"
-  zeros=$((d - 4))
-  working="http://127[.]0[.]0[.]1:$PORT/download_batch_results/B-$(printf '0%.0s' $(seq $((7 - d))))[0-9][0-9][0-9][0-9]$(printf '0%.0s' $(seq $zeros) | head -c $zeros)"
+  read -r every working < <(python3 -c "
+d = len(str($n - 1))  # digits of n - 1
+base = 'http://127[.]0[.]0[.]1:$PORT/download_batch_results/B-' + '0' * (7 - d)
+print(base + '[0-9]' * d, base + '[0-9]' * 4 + '0' * (d - 4))")
   cold=$(hits "$every" "$W/oha-every-$n.json")
   oha -n 40000 -c 8 --disable-compression --no-tui --rand-regex-url "$working" > /dev/null 2>&1 || true
   warm=$(hits "$working" "$W/oha-working-$n.json")
