@@ -409,8 +409,8 @@ impl Store {
         let purges = self.load.lock().expect("load lock").purges.clone();
         let mut new = Vec::new();
         // A failed write (a tombstone, a line without a missing variant) leaves the entry out
-        // of memory, or in it without the variant, and is logged: the next load tries again.
-        // Only a bucket that cannot be read is an error.
+        // of memory, or in it as its line still says, and is logged: the next load tries
+        // again. Only a bucket that cannot be read is an error.
         let write_failed = |key: &str, e: &dyn std::fmt::Display| {
             tracing::warn!(key, error = %e, "index write at load failed; tried again at the next load");
         };
@@ -584,8 +584,8 @@ impl Store {
         };
         let mut index = self.index.write().expect("index lock");
         // The very slot it was built from: not a successor published meanwhile (same commit,
-        // other variants).
-        let Some(slot) = index.get_mut(key).filter(|s| s.generation == generation) else {
+        // other variants), nor another commit (whose generations start again at 0).
+        let Some(slot) = index.get_mut(key).filter(|s| s.generation == generation && s.commit == entry.commit) else {
             return Materialized::Mismatch;
         };
         match &slot.hot {
