@@ -19,7 +19,7 @@
 # Prints one markdown table. Loopback only; every process it starts stops with it.
 #
 # Usage: bash bench/store-scale.sh [N ...]      (default: 10000 100000 1000000; powers of ten,
-# so the random keys cover the store exactly). 1M takes ≈25 min and ≈16 GB of disk.
+# so the random keys cover the store exactly). 1M takes ≈50 min and ≈20 GB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then SIZES=("$@"); else SIZES=(10000 100000 1000000); fi

@@ -224,6 +224,14 @@ pub struct VariantSummary {
     pub hits: u64,
 }
 
+/// What [`Store::list`] sorts one entry by (then by key).
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum SortValue {
+    None,
+    Number(u64),
+    Text(Box<str>),
+}
+
 /// How the cache page sorts entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SortBy {
@@ -377,7 +385,8 @@ impl Store {
         LoadProgress {
             loaded: load.done,
             entries,
-            progress: if load.done { 1.0 } else { load.dirs_done as f64 / 256.0 },
+            // A directory read again after a failure counts twice: below 1 until done.
+            progress: if load.done { 1.0 } else { (load.dirs_done as f64 / 256.0).min(0.999) },
             took_ms: load.done.then_some(load.took_ms),
         }
     }
@@ -552,9 +561,29 @@ impl Store {
                     Materialized::Entry(e) => Ok(Some(e)),
                     Materialized::Gone => Ok(None),
                     Materialized::Failed(e) => Err(e.into()),
-                    Materialized::Mismatch => mismatch(),
+                    Materialized::Mismatch => {
+                        // Memory no longer says what the record of truth does: memory goes, so
+                        // that the miss that follows stores the batch again.
+                        self.forget_slot_locked(key);
+                        mismatch()
+                    }
                 }
             }
+        }
+    }
+
+    /// Removes `key`'s slot from memory only (caller holds `index_write`): its line is left
+    /// as it is.
+    fn forget_slot_locked(&self, key: &str) {
+        let mut index = self.index.write().expect("index lock");
+        let Some(old) = index.remove(key) else { return };
+        self.bytes.fetch_sub(old.stored_bytes(), Relaxed);
+        self.metrics.store_bytes.set(self.bytes.load(Relaxed) as i64);
+        self.metrics.store_entries.set(index.len() as i64);
+        self.metrics.evictions.with_label_values(&["index-mismatch"]).inc();
+        drop(index);
+        if let Some(hot) = &old.hot {
+            self.forget_with_variants(hot);
         }
     }
 
@@ -708,9 +737,10 @@ impl Store {
     }
 
     /// A page of the live entries whose key or batch id contains `q` (any case), sorted by
-    /// `sort` (ties in key order; `descending` reverses both), and how many match. Sorted in
-    /// place under the index's read lock, so that a million entries cost no copy of their keys;
-    /// only the page's entries are built.
+    /// `sort` (ties in key order; `descending` reverses both), and how many match. Under the
+    /// index's read lock only what the sort needs is copied out (a key and one value per
+    /// entry): the sort runs without it, so that a page over a million entries does not hold
+    /// stores and lookups up; the page's entries are then read again.
     pub fn list(
         &self,
         q: Option<&str>,
@@ -720,30 +750,42 @@ impl Store {
         limit: usize,
     ) -> (usize, Vec<EntrySummary>) {
         let q = q.map(str::to_lowercase).filter(|q| !q.is_empty());
-        let index = self.index.read().expect("index lock");
-        let mut rows: Vec<(&str, &Slot)> = index
-            .iter()
-            .map(|(k, s)| (&**k, &**s))
-            .filter(|(k, s)| {
-                q.as_ref().is_none_or(|q| k.to_lowercase().contains(q) || s.lote.get(k).to_lowercase().contains(q))
-            })
-            .collect();
-        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        // Counters that hits keep moving are read once each: a sort must see a fixed order.
-        match sort {
-            SortBy::Key => {}
-            SortBy::LoteId => rows.sort_by(|a, b| a.1.lote.get(a.0).cmp(b.1.lote.get(b.0))),
-            SortBy::Size => rows.sort_by_key(|r| r.1.size),
-            SortBy::StoredAt => rows.sort_by_key(|r| r.1.stored_at_ms),
-            SortBy::Hits => rows.sort_by_cached_key(|r| r.1.state.hits.load(Relaxed)),
-            SortBy::LastHit => rows.sort_by_cached_key(|r| r.1.state.last_hit_ms.load(Relaxed)),
-            SortBy::GenMs => rows.sort_by_key(|r| r.1.gen_ms),
-        }
+        let matches = |text: &str, q: &str| {
+            if text.is_ascii() && q.is_ascii() {
+                text.as_bytes().windows(q.len()).any(|w| w.eq_ignore_ascii_case(q.as_bytes()))
+            } else {
+                text.to_lowercase().contains(q)
+            }
+        };
+        let mut rows: Vec<(SortValue, Box<str>)> = {
+            let index = self.index.read().expect("index lock");
+            index
+                .iter()
+                .filter(|(k, s)| q.as_ref().is_none_or(|q| matches(k, q) || matches(s.lote.get(k), q)))
+                .map(|(k, s)| {
+                    // Counters that hits keep moving are read once each: a sort must see a fixed order.
+                    let value = match sort {
+                        SortBy::Key => SortValue::None,
+                        SortBy::LoteId => SortValue::Text(s.lote.get(k).into()),
+                        SortBy::Size => SortValue::Number(s.size),
+                        SortBy::StoredAt => SortValue::Number(s.stored_at_ms),
+                        SortBy::Hits => SortValue::Number(s.state.hits.load(Relaxed)),
+                        SortBy::LastHit => SortValue::Number(s.state.last_hit_ms.load(Relaxed)),
+                        SortBy::GenMs => SortValue::Number(s.gen_ms),
+                    };
+                    (value, k.clone())
+                })
+                .collect()
+        };
+        rows.sort_unstable();
         if descending {
             rows.reverse();
         }
-        let page = rows.iter().skip(offset).take(limit).map(|(k, s)| summary(k, s)).collect();
-        (rows.len(), page)
+        let total = rows.len();
+        let index = self.index.read().expect("index lock");
+        let page =
+            rows.iter().skip(offset).take(limit).filter_map(|(_, k)| index.get(k).map(|s| summary(k, s))).collect();
+        (total, page)
     }
 
     /// Calls `f` with each live entry's key, batch id and slot, under the index's read lock
@@ -2112,6 +2154,9 @@ mod tests {
             .metadata(serde_json::to_value(meta()).unwrap());
         cacache::index::insert(dir.path(), "k1", opts).unwrap();
         assert!(store.get("k1").is_none());
+        // Memory lets go too: the next request is a miss whose fill stores the batch again.
+        assert!(!store.holds("batch-results", "k1"));
+        assert!(matches!(store.get_loaded_for("batch-results", "k1"), InMemory::Absent));
     }
 
     #[tokio::test]

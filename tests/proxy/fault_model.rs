@@ -34,8 +34,9 @@
 //! - `head-length-of-no-version`: a `200` HEAD announces the length of a served version;
 //! - `hit-cut-without-damage-or-restart`: a verified hit is only cut if chaos damaged its
 //!   file or killed the proxy during it;
-//! - at the end: `live-entry-lost-its-content-file`, `temp-file-left-at-rest`,
-//!   `orphan-content-file-after-gc` (after a restart and a GC with zero grace), and
+//! - at the end: `fills-not-drained` (within 60 s), `live-entry-lost-its-content-file`,
+//!   `temp-file-left-at-rest`, `orphan-content-file-after-gc` (after a restart and a GC with
+//!   zero grace), and
 //!   `origin-generations-over-bound` (see [`oracle_generations`]).
 //!
 //! Not covered yet: the real binary killed with SIGKILL (restarts here drop the in-process
@@ -1279,14 +1280,25 @@ fn oracle_store_at_rest(ctx: &Ctx, proxy: &RunningProxy) {
     }
 }
 
-async fn wait_fills_drained(proxy: &RunningProxy) {
-    for _ in 0..500 {
-        // Fills, and the compressions of what they stored.
+/// Waits until no fill runs and no compression of what they stored is pending (up to 60 s:
+/// the machine may be busy with other tests); says so if they did not drain, since the
+/// at-rest oracles would then see their files being written.
+async fn wait_fills_drained(ctx: &Ctx, proxy: &RunningProxy) {
+    for _ in 0..3000 {
         if proxy.cache().fills.is_empty() && proxy.cache().compressions_pending() == 0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    ctx.fail(
+        "fills-not-drained",
+        "store",
+        format!(
+            "{} fills and {} compressions still running after 60 s",
+            proxy.cache().fills.len(),
+            proxy.cache().compressions_pending()
+        ),
+    );
 }
 
 /// After the traffic: origin back to normal, entries checked, a final download of every
@@ -1303,7 +1315,7 @@ async fn check_at_rest(ctx: &Arc<Ctx>) {
     {
         let live = ctx.live.lock().await;
         let proxy = &live.as_ref().unwrap().proxy;
-        wait_fills_drained(proxy).await;
+        wait_fills_drained(ctx, proxy).await;
         oracle_live_entries_have_content(ctx, proxy);
     }
     // Restart, and download every batch once: served from the reopened store or refetched.
@@ -1326,7 +1338,14 @@ async fn check_at_rest(ctx: &Arc<Ctx>) {
     }
     let live = ctx.live.lock().await;
     let proxy = &live.as_ref().unwrap().proxy;
-    wait_fills_drained(proxy).await;
+    wait_fills_drained(ctx, proxy).await;
+    // The collector runs once the index has loaded after the restart.
+    for _ in 0..3000 {
+        if proxy.store().is_loaded() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // cache.gc_grace must be > 0 in the config: zero is set on the store directly.
     proxy.store().set_gc_grace(Duration::ZERO);
     if let Err(e) = proxy.store().gc().await {
