@@ -314,11 +314,6 @@ impl Entry {
         std::iter::once(self).chain(self.variants.iter().map(|v| v.as_ref()))
     }
 
-    /// Whether `path` is the content file of this entry or of one of its variants.
-    pub fn uses_path(&self, path: &std::path::Path) -> bool {
-        self.files().any(|f| f.path == path)
-    }
-
     /// The entry's metadata as stored in its index line, variants included.
     pub fn meta(&self) -> EntryMeta {
         let mut meta = EntryMeta::new(&self.rule, &self.lote_id, self.status, &stored_head(&self.headers), self.gen_ms);

@@ -731,11 +731,6 @@ impl Store {
         keys.iter().filter_map(|k| self.get(k)).collect()
     }
 
-    /// What the cache page shows of every live entry, sorted by key.
-    pub fn summaries(&self) -> Vec<EntrySummary> {
-        self.list(None, SortBy::Key, false, 0, usize::MAX).1
-    }
-
     /// A page of the live entries whose key or batch id contains `q` (any case), sorted by
     /// `sort` (ties in key order; `descending` reverses both), and how many match. Under the
     /// index's read lock only what the sort needs is copied out (a key and one value per
